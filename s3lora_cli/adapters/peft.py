@@ -1,0 +1,240 @@
+"""Reader for PEFT LoRA adapters as ``save_pretrained`` writes them: adapter_config.json beside
+adapter_model.safetensors (read lazily, one tensor at a time) or adapter_model.bin (weights_only)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from s3lora_cli.adapters.base import LayerKind, LoraLayer, SkippedTensor
+from s3lora_cli.adapters.config import CONFIG_NAME, AdapterConfig, read_config
+from s3lora_cli.errors import AdapterInputError
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# <module>.<role>[.<adapter name>][.weight|.bias]; PEFT omits the adapter name when it saves, but
+# state dicts taken from a live model (or old tools) keep it, e.g. "q_proj.lora_A.default.weight".
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<role>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
+)
+
+
+def module_name(key_module: str) -> str:
+    """PEFT's module path without the ``base_model.model.`` prefix."""
+    return key_module[len(PEFT_PREFIX):] if key_module.startswith(PEFT_PREFIX) else key_module
+
+
+class _SafetensorsSource:
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            self.keys = list(self._file.keys())
+            self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self.keys}
+            self.dtypes = {k: self._file.get_slice(k).get_dtype() for k in self.keys}
+        except Exception as exc:  # safetensors raises its own error types, and OSError
+            raise AdapterInputError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+        self.path = path
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)
+        except Exception as exc:
+            raise AdapterInputError(f"{self.path}: tensor {key!r} cannot be read ({_one_line(exc)})") from None
+
+    def close(self) -> None:
+        self._file = None
+
+
+class _PickleSource:
+    """adapter_model.bin, loaded only with ``torch.load(weights_only=True)``: plain tensors, no code."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise AdapterInputError(
+                    f"{path}: refused; it is not a plain tensor checkpoint that loads with weights_only=True "
+                    f"({_one_line(exc)}). Convert it to safetensors with a tool you trust."
+                ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterInputError(f"{path}: expected a mapping of names to tensors")
+        self._state = state
+        self.path = path
+        self.keys = [str(k) for k in state]
+        self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+        self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def locate(path: Path) -> tuple[Path, Path]:
+    """(weights file, config file) of an adapter given as a directory or as its weights file."""
+    if not path.exists():
+        raise AdapterInputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        for name in (SAFETENSORS_NAME, BIN_NAME):
+            if (path / name).is_file():
+                return path / name, path / CONFIG_NAME
+        raise AdapterInputError(
+            f"{path}: no {SAFETENSORS_NAME} (or {BIN_NAME}) in this directory; point s3lora at a PEFT adapter "
+            "directory as written by save_pretrained"
+        )
+    if path.suffix not in (".safetensors", ".bin"):
+        raise AdapterInputError(f"{path}: expected an adapter directory or a .safetensors / .bin weights file")
+    return path, path.parent / CONFIG_NAME
+
+
+@dataclass
+class _Parts:
+    keys: dict[str, str]
+    adapter_names: set
+    embedding: bool = False
+
+
+class PeftAdapter:
+    """A PEFT LoRA adapter opened for reading; see ``s3lora_cli.adapters.base.Adapter``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.weights_path, config_path = locate(path)
+        self.config: AdapterConfig = read_config(config_path)
+        self.format = "peft-safetensors" if self.weights_path.suffix == ".safetensors" else "peft-bin"
+        if self.format == "peft-bin":
+            self._source = _PickleSource(self.weights_path)
+        else:
+            self._source = _SafetensorsSource(self.weights_path)
+        self.layers, self.skipped = self._index()
+
+    def _index(self) -> tuple[tuple[LoraLayer, ...], tuple[SkippedTensor, ...]]:
+        parts: dict[str, _Parts] = {}
+        skipped = []
+        src = self._source
+        for key in src.keys:
+            m = _KEY.match(key)
+            if m is None:
+                skipped.append(SkippedTensor(key, module_name(key.rsplit(".", 1)[0]), _skip_reason(key, self.config),
+                                             src.shapes[key]))
+                continue
+            role = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+                    "lora_magnitude_vector": "magnitude"}[m["role"]]
+            if m["param"] == "bias":
+                role += ".bias"
+            entry = parts.setdefault(m["module"], _Parts({}, set()))
+            if m["adapter"]:
+                entry.adapter_names.add(m["adapter"])
+            if role in entry.keys:
+                raise AdapterInputError(
+                    f"{self.weights_path}: module {module_name(m['module'])!r} has two {m['role']} tensors "
+                    f"({entry.keys[role]!r} and {key!r}); several adapters in one file are not supported"
+                )
+            entry.keys[role] = key
+            entry.embedding |= m["role"].startswith("lora_embedding")
+        layers = [self._layer(module_name(mod), entry) for mod, entry in parts.items()]
+        if not layers:
+            raise AdapterInputError(
+                f"{self.weights_path}: no LoRA tensors (lora_A / lora_B) found among {len(src.keys)} tensors"
+            )
+        layers.sort(key=lambda layer: layer.module)
+        return tuple(layers), tuple(sorted(skipped, key=lambda s: s.key))
+
+    def _layer(self, module: str, entry: _Parts) -> LoraLayer:
+        keys, embedding = dict(entry.keys), entry.embedding
+        where = f"{self.weights_path}: module {module!r}"
+        if "A" not in keys or "B" not in keys:
+            have, missing = ("lora_A", "lora_B") if "A" in keys else ("lora_B", "lora_A")
+            raise AdapterInputError(f"{where} has {have} but no {missing}; the file is incomplete")
+        a_shape, b_shape = self._source.shapes[keys["A"]], self._source.shapes[keys["B"]]
+        if embedding:
+            kind = LayerKind.EMBEDDING
+            ok = len(a_shape) == 2 and len(b_shape) == 2
+            rank, rank_b = (a_shape[0], b_shape[1]) if ok else (0, -1)
+            shape = (a_shape[1], b_shape[0]) if ok else (0, 0)
+        else:
+            ok = len(a_shape) >= 2 and len(b_shape) == len(a_shape) and all(s == 1 for s in b_shape[2:])
+            kind = LayerKind.LINEAR if len(a_shape) == 2 else LayerKind.CONV
+            rank, rank_b = (a_shape[0], b_shape[1]) if ok else (0, -1)
+            shape = (b_shape[0], math.prod(a_shape[1:])) if ok else (0, 0)
+        if not ok:
+            raise AdapterInputError(f"{where}: lora_A {list(a_shape)} and lora_B {list(b_shape)} are not LoRA factor shapes")
+        if rank != rank_b:
+            raise AdapterInputError(
+                f"{where}: inner ranks disagree, lora_A has {rank} rows but lora_B has {rank_b} columns"
+            )
+        if rank == 0 or 0 in shape:
+            raise AdapterInputError(f"{where}: empty tensors (lora_A {list(a_shape)}, lora_B {list(b_shape)})")
+        r_config, alpha = self.config.rank_and_alpha(module)
+        if r_config != rank:
+            raise AdapterInputError(
+                f"{where}: the tensors have rank {rank} but adapter_config.json gives r={r_config} for it "
+                "(r / rank_pattern); the config does not belong to these weights"
+            )
+        notes = []
+        if "magnitude" in keys:
+            notes.append("DoRA: scored the low-rank update B@A; the magnitude vector is not analysed")
+        if "B.bias" in keys:
+            notes.append("lora_B.bias present: a bias update, not part of dW, not analysed")
+        if "A.bias" in keys:
+            notes.append("lora_A.bias present: not part of dW, not analysed")
+        if entry.adapter_names:
+            notes.append(f"adapter name in keys: {', '.join(sorted(entry.adapter_names))}")
+        dtype = self._source.dtypes[keys["B"]]
+        scaling = self.config.scaling(module)
+        return LoraLayer(module, kind, shape, rank, alpha, scaling, str(dtype).lower(), keys, tuple(notes))
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.weights_path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def load_factors(self, layer: LoraLayer, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left [d, r], right [r, k]) with dW = left @ right = scaling * B @ A in the spec's orientation."""
+        a = self._source.get(layer.keys["A"]).to(device=device, dtype=dtype)
+        b = self._source.get(layer.keys["B"]).to(device=device, dtype=dtype)
+        if layer.kind is LayerKind.EMBEDDING:  # dW = scaling * (B @ A)^T = (scaling * A^T) @ B^T
+            return layer.scaling * a.T, b.T.contiguous()
+        return layer.scaling * b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self) -> PeftAdapter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _skip_reason(key: str, config: AdapterConfig) -> str:
+    saved = config.modules_to_save or []
+    if isinstance(saved, str):
+        saved = [saved]
+    parts = module_name(key).split(".")
+    if any(name in parts for name in saved):
+        return "modules_to_save: a full trained copy of the module, not a LoRA update"
+    if ".base_layer." in key or key.endswith(".base_layer.weight"):
+        return "full base weights shipped with the adapter (e.g. resized embeddings), not a LoRA update"
+    return "not a LoRA factor (full weights shipped in the adapter file)"

@@ -1,0 +1,183 @@
+"""Scoring an adapter: resolves the device, walks the layers one at a time, and returns per-layer results."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from s3lora_cli import __version__
+from s3lora_cli.adapters import Adapter, LoraLayer, SkippedTensor, open_adapter
+from s3lora_cli.errors import RuntimeProblem, UsageError
+from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, EPS_SSI, Method, Pick, mas_svd
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = spec.partition(":")[2]
+        if index and not index.isdigit():
+            raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            raise RuntimeProblem(f"--device {spec}: CUDA is not available here; use --device cpu (or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise RuntimeProblem(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device(spec)
+    raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How to score. components (M) and top_h (h) default per layer to min(8, r) and M."""
+
+    method: Method = Method.MAS_SVD
+    components: int | None = None
+    top_h: int | None = None
+    exhaustive: bool = False
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.components is not None and self.components < 1:
+            raise UsageError(f"--components must be at least 1, got {self.components}")
+        if self.top_h is not None and self.top_h < 1:
+            raise UsageError(f"--top-h must be at least 1, got {self.top_h}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """The result for one LoRA layer. ``ssi`` is None when the layer could not be scored (see ``error``)."""
+
+    layer: LoraLayer
+    ssi: float | None
+    sigma: tuple[float, ...]
+    components: int
+    top_h: int
+    picks: tuple[Pick, ...] = ()
+    candidates: tuple[int, int] = (0, 0)
+    pairs_exact: int = 0
+    pairs_total: int = 0
+    notes: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def module(self) -> str:
+        return self.layer.module
+
+    @property
+    def sigma_1(self) -> float | None:
+        return self.sigma[0] if self.sigma else (None if self.ssi is None else 0.0)
+
+    @property
+    def sigma_sum(self) -> float | None:
+        return None if self.ssi is None else float(sum(self.sigma))
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: str
+    weights_file: str
+    sha256: str
+    format: str
+    base_model_name_or_path: str | None
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    target_modules: object
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    """Everything ``score`` found: the adapter, the parameters, the layers ranked by SSI (highest
+    first, then by module name; unscored layers last), and the tensors that were not analysed."""
+
+    adapter: AdapterInfo
+    options: ScoreOptions
+    device: str
+    layers: tuple[LayerScore, ...]
+    not_analysed: tuple[SkippedTensor, ...]
+    tool_version: str = __version__
+    parameters: dict = field(default_factory=dict)
+
+
+def rank_key(score: LayerScore) -> tuple:
+    """Sort key: SSI descending, then module name; unscored layers after all scored ones."""
+    return (score.ssi is None, -(score.ssi or 0.0), score.module)
+
+
+def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, options: ScoreOptions) -> LayerScore:
+    """Score one layer from its factors (dW = left @ right)."""
+    m = min(options.components or DEFAULT_COMPONENTS, layer.r)
+    h = options.top_h or m
+    notes = list(layer.notes)
+    for name, tensor in (("lora_B", left), ("lora_A", right)):
+        if not bool(torch.isfinite(tensor).all()):
+            return LayerScore(layer, None, (), m, h, notes=tuple(notes),
+                              error=f"non-finite values (NaN or Inf) in {name}; not scored")
+    spectrum = mas_svd(left, right, components=m, top_h=h, method=options.method, exhaustive=options.exhaustive)
+    if options.method is not Method.SVD and spectrum.candidates != (m, m):
+        rank_note = f"dW has rank below M={m}: {min(spectrum.candidates)} candidate direction(s) used"
+        notes.append("all-zero update: SSI is 0" if spectrum.candidates == (0, 0) else rank_note)
+    elif options.method is Method.SVD and not any(spectrum.sigma):
+        notes.append("all-zero update: SSI is 0")
+    return LayerScore(layer, spectrum.ssi, spectrum.sigma, m, h, spectrum.picks, spectrum.candidates,
+                      spectrum.pairs_exact, spectrum.pairs_total, tuple(notes))
+
+
+def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device) -> Iterator[LayerScore]:
+    """Score the adapter's layers one at a time, in file order (only one layer's tensors in memory)."""
+    dtype = DTYPES[options.dtype]
+    for layer in adapter.layers:
+        left, right = adapter.load_factors(layer, dtype, device)
+        yield score_layer(left, right, layer, options)
+        del left, right
+
+
+def score_adapter(path: str | Path, options: ScoreOptions | None = None,
+                  progress: Callable[[int, int, LoraLayer], None] | None = None) -> ScoreReport:
+    """Score every LoRA layer of the adapter at ``path``; returns a ScoreReport, prints nothing.
+
+    ``progress(done, total, layer)`` is called after each layer.
+    """
+    options = options or ScoreOptions()
+    device = resolve_device(options.device)
+    with closing(open_adapter(path)) as adapter:
+        scores = []
+        total = len(adapter.layers)
+        for done, score in enumerate(iter_scores(adapter, options, device), start=1):
+            scores.append(score)
+            if progress is not None:
+                progress(done, total, score.layer)
+        cfg = adapter.config
+        info = AdapterInfo(str(path), str(adapter.weights_path), adapter.sha256(), adapter.format,
+                           cfg.base_model_name_or_path, cfg.peft_type, cfg.r, cfg.lora_alpha, cfg.use_rslora,
+                           cfg.use_dora, cfg.target_modules)
+        skipped = adapter.skipped
+    parameters = {
+        "method": options.method.value,
+        "components": options.components,
+        "top_h": options.top_h,
+        "exhaustive": options.exhaustive,
+        "eps_norm": EPS_NORM,
+        "eps_ssi": EPS_SSI,
+        "device": str(device),
+        "dtype": options.dtype,
+    }
+    return ScoreReport(info, options, str(device), tuple(sorted(scores, key=rank_key)), skipped,
+                       parameters=parameters)
+
+

@@ -1,0 +1,364 @@
+"""Pure tensor math of S3LoRA: MAS-SVD with its exact L1 rank-1 fit, SSI, and the ablation spectra.
+
+Everything here works on the low-rank factors of a LoRA update, dW = left @ right with left: [d, q] and
+right: [q, k] (q is small), and never forms a d x k matrix except one bounded chunk of rows at a time.
+The functions take tensors and return tensors or frozen dataclasses; they run on whatever device their
+inputs live on. Equation numbers refer to the paper; step numbers to ``shared/spec/MAS-SVD.md``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+EPS_NORM = 1e-8
+"""eps_n: added to every row and column norm before dividing (paper Eq. 1-2)."""
+
+EPS_SSI = 1e-6
+"""eps_s: added to the denominator of SSI (paper Eq. 4)."""
+
+DEFAULT_COMPONENTS = 8
+"""M defaults to min(8, r) for a layer of rank r; h defaults to M."""
+
+CHUNK_ENTRIES = 1 << 20
+"""Entries of the residual materialised at once by the L1 fit: bounds its working set."""
+
+SAMPLE_SIZE = 1 << 14
+"""Entries drawn (weighted by |u_i v_j|) to bracket each weighted median before the exact pass."""
+
+_BRACKET_WIDTHS = (3.5, 8.0)
+"""Half-widths of the sampled bracket, in standard deviations of the sample median's rank; then all entries."""
+
+
+class Method(str, enum.Enum):
+    """Which singular values feed SSI (paper Table 5)."""
+
+    MAS_SVD = "mas-svd"
+    SPSVD = "spsvd"
+    SVD = "svd"
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One greedy step of the L1 fit: candidate pair (a, b), 1-based as in the spec, and its scalar delta."""
+
+    a: int
+    b: int
+    delta: float
+    objective: float
+    """sum over all i, j of |R[i,j] - delta u_i v_j| at the time of the pick."""
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The spectral analysis of one LoRA update.
+
+    sigma: the singular values S' that enter SSI, largest first ([h] at most).
+    ssi: S'_1 / (S'_1 + ... + S'_h + eps_s) (paper Eq. 4).
+    picks: the greedy L1 picks (empty for ``svd``).
+    candidates: (number of left candidates, number of right candidates) actually used; fewer than M when
+        dW has rank below M (directions with zero singular value are not unique and are left out).
+    pairs_exact: how many (pair, step) objectives were evaluated over every entry; the others were ruled
+        out by a certified lower bound.
+    """
+
+    sigma: tuple[float, ...]
+    ssi: float
+    picks: tuple[Pick, ...]
+    candidates: tuple[int, int]
+    pairs_exact: int
+    pairs_total: int
+
+
+def ssi(sigma: torch.Tensor, top_h: int) -> float:
+    """SSI = sigma_1 / (sigma_1 + ... + sigma_h + eps_s) (paper Eq. 4); sigma sorted descending."""
+    s = sigma.to(torch.float64)[:top_h]
+    if s.numel() == 0:
+        return 0.0
+    return float(s[0] / (s.sum() + EPS_SSI))
+
+
+def lowrank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of X = left @ right (left: [d, q], right: [q, k]) without forming X.
+
+    Returns U: [d, p], S: [p], V: [k, p] with X = U diag(S) V^T, S descending, p = min(d, k, q).
+    """
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    u_core, s, vh_core = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    return q_left @ u_core, s, q_right @ vh_core.T
+
+
+def row_norms(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """||X[i, :]||_2 for X = left @ right: [d], from the factors."""
+    _, r_right = torch.linalg.qr(right.T)
+    return torch.linalg.vector_norm(left @ r_right.T, dim=1)
+
+
+def col_norms(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """||X[:, j]||_2 for X = left @ right: [k], from the factors."""
+    _, r_left = torch.linalg.qr(left)
+    return torch.linalg.vector_norm(r_left @ right, dim=0)
+
+
+def _numerical_rank(s: torch.Tensor, q: int) -> int:
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    tol = float(s[0]) * max(q, 1) * 10.0 * torch.finfo(s.dtype).eps
+    return int((s > tol).sum())
+
+
+def svd_spectrum(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Singular values of dW = left @ right, largest first (the ``svd`` ablation)."""
+    return lowrank_svd(left, right)[1]
+
+
+def mas_svd_candidates(left: torch.Tensor, right: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3: Uc, the top left singular vectors of Wh: [d, <=M], and Vc, the top right singular
+    vectors of Wt: [k, <=M], where Wt is dW with unit rows (Eq. 1) and Wh is Wt with unit columns (Eq. 2).
+
+    Directions whose singular value is numerically zero are dropped (they are not unique).
+    """
+    left_t = left / (row_norms(left, right) + EPS_NORM)[:, None]  # Wt = left_t @ right
+    right_h = right / (col_norms(left_t, right) + EPS_NORM)[None, :]  # Wh = left_t @ right_h
+    _, s_t, v_t = lowrank_svd(left_t, right)
+    u_h, s_h, _ = lowrank_svd(left_t, right_h)
+    q = left.shape[1]
+    n_v = min(components, _numerical_rank(s_t, q))
+    n_u = min(components, _numerical_rank(s_h, q))
+    return u_h[:, :n_u], v_t[:, :n_v]
+
+
+def magnitude(left: torch.Tensor, right: torch.Tensor) -> float:
+    """Step 6: rbar * cbar, the mean row norm times the mean column norm of dW itself (paper Eq. 3)."""
+    return float(row_norms(left, right).mean(dtype=torch.float64) * col_norms(left, right).mean(dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------
+# The exact L1 rank-1 fit (step 4)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PairPass:
+    """Accumulators of one exact pass of one pair (a, b) over all entries, with a bracket [lo, hi]."""
+
+    lo: float
+    hi: float
+    w_below: float = 0.0
+    t_below: float = 0.0
+    w_above: float = 0.0
+    t_above: float = 0.0
+    zero_weight_abs: float = 0.0
+    ratios: list | None = None
+    weights: list | None = None
+
+    def __post_init__(self) -> None:
+        self.ratios, self.weights = [], []
+
+
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, CHUNK_ENTRIES // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: float, gen: torch.Generator) -> tuple[float, float]:
+    """A range likely to hold the weighted median of R/(u v^T): quantiles of a sample drawn with
+    probability proportional to |u_i v_j| (rows and columns drawn independently)."""
+    if width == math.inf:
+        return -math.inf, math.inf
+    n = SAMPLE_SIZE
+    i = torch.multinomial(u.abs().to(torch.float64), n, replacement=True, generator=gen)
+    j = torch.multinomial(v.abs().to(torch.float64), n, replacement=True, generator=gen)
+    ratios = ((p[i] * q[j]).sum(1) / (u[i] * v[j])).sort().values
+    half = width * math.sqrt(n) / 2
+    k_lo, k_hi = math.floor(n / 2 - half), math.ceil(n / 2 + half)
+    lo = float(ratios[k_lo]) if k_lo >= 0 else -math.inf
+    hi = float(ratios[k_hi]) if k_hi < n else math.inf
+    return lo, hi
+
+
+def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
+                 gen: torch.Generator) -> dict[tuple[int, int], tuple[float, float]]:
+    """(delta, objective) of each pair over every entry of R = p @ q^T, exactly.
+
+    delta is the lower weighted median of R[i,j] / (u_i v_j) with weights |u_i v_j|; the objective is
+    sum |R - delta u v^T| over all entries. One pass over R serves all pairs: entries below / above a
+    sampled bracket are summed, those inside it are kept and sorted. A bracket that misses the median is
+    widened and the pass repeated, so the result never depends on the sample.
+    """
+    result: dict[tuple[int, int], tuple[float, float]] = {}
+    widths = (*_BRACKET_WIDTHS, math.inf)
+    # Small matrices: keeping every entry costs less than drawing the sample.
+    first = 0 if p.shape[0] * q.shape[0] > 4 * SAMPLE_SIZE else len(_BRACKET_WIDTHS)
+    todo = {pair: first for pair in pairs}  # pair -> index into widths
+    while todo:
+        passes = {pair: _PairPass(*_bracket(p, q, us[:, pair[0]], vs[:, pair[1]], widths[level], gen))
+                  for pair, level in todo.items()}
+        _accumulate(p, q, us, vs, passes)
+        for pair, acc in passes.items():
+            found = _select(acc)
+            if found is None:
+                todo[pair] += 1
+            else:
+                result[pair] = found
+                del todo[pair]
+    return result
+
+
+def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, passes: dict) -> None:
+    f64 = torch.float64
+    by_a: dict[int, list[int]] = {}
+    for a, b in passes:
+        by_a.setdefault(a, []).append(b)
+    has_zero_u = {a: bool((us[:, a] == 0).any()) for a in by_a}
+    has_zero_v = {b: bool((vs[:, b] == 0).any()) for _, b in passes}
+    for rows in _row_chunks(p.shape[0], q.shape[0]):
+        r_chunk = p[rows] @ q.T  # [c, k]: the only place entries of R are formed
+        for a, bs in by_a.items():
+            u = us[rows, a]
+            u_abs = u.abs()
+            signed_rows = r_chunk * u.sign()[:, None]
+            for b in bs:
+                acc = passes[(a, b)]
+                v = vs[:, b]
+                t = signed_rows * v.sign()[None, :]  # t = w * ratio
+                w = u_abs[:, None] * v.abs()[None, :]  # w = |u_i v_j|
+                ratio = t / w  # = R / (u_i v_j), bit for bit; NaN where w = 0
+                below = ratio < acc.lo
+                above = ratio > acc.hi
+                acc.w_below += float((w * below).sum(dtype=f64))
+                acc.t_below += float((t * below).sum(dtype=f64))
+                acc.w_above += float((w * above).sum(dtype=f64))
+                acc.t_above += float((t * above).sum(dtype=f64))
+                inside = ~(below | above) & (w > 0)
+                acc.ratios.append(ratio[inside].to(f64))
+                acc.weights.append(w[inside].to(f64))
+                if has_zero_u[a] or has_zero_v[b]:  # entries with u_i v_j = 0 count |R_ij|
+                    acc.zero_weight_abs += float((r_chunk.abs() * (w == 0)).sum(dtype=f64))
+
+
+def _select(acc: _PairPass) -> tuple[float, float] | None:
+    """The lower weighted median and the objective from one pass, or None if the bracket missed."""
+    ratios = torch.cat(acc.ratios)
+    weights = torch.cat(acc.weights)
+    order = torch.argsort(ratios, stable=True)
+    ratios, weights = ratios[order], weights[order]
+    cum = acc.w_below + torch.cumsum(weights, 0)
+    total = float(cum[-1]) + acc.w_above if cum.numel() else acc.w_below + acc.w_above
+    if total == 0.0:  # every weight is zero: the objective does not depend on delta
+        return 0.0, acc.zero_weight_abs
+    half = total / 2
+    if acc.w_below >= half or cum.numel() == 0 or float(cum[-1]) < half:
+        return None
+    idx = int(torch.searchsorted(cum, torch.tensor([half], dtype=cum.dtype, device=cum.device)))
+    delta = float(ratios[idx])
+    inside = float((weights * (ratios - delta).abs()).sum())
+    objective = (delta * acc.w_below - acc.t_below) + (acc.t_above - delta * acc.w_above) + inside + acc.zero_weight_abs
+    return delta, objective
+
+
+def _lower_bounds(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Certified lower bounds on every pair's objective, from one pass over R.
+
+    By L1 duality, min_delta ||R - delta u v^T||_1 >= <W, R> for any W with |W_ij| <= 1 and <W, u v^T> = 0.
+    W = (sign(R) - tau sign(u) sign(v)^T) / (1 + |tau|), tau = u^T sign(R) v / (||u||_1 ||v||_1), is one:
+    bound(a, b) = (||R||_1 - tau * sign(u)^T R sign(v)) / (1 + |tau|). Returns ([Mu, Mv] bounds, ||R||_1).
+    """
+    f64 = torch.float64
+    corr = torch.zeros(us.shape[1], vs.shape[1], dtype=f64, device=p.device)
+    l1 = 0.0
+    for rows in _row_chunks(p.shape[0], q.shape[0]):
+        r_chunk = p[rows] @ q.T
+        l1 += float(r_chunk.abs().sum(dtype=f64))
+        corr += (us[rows].T @ (r_chunk.sign() @ vs)).to(f64)
+    signed = ((us.sign().T @ p).to(f64)) @ ((q.T @ vs.sign()).to(f64))  # sign(u)^T R sign(v), from factors
+    tau = corr / (us.abs().sum(0).to(f64)[:, None] * vs.abs().sum(0).to(f64)[None, :])
+    return (l1 - tau * signed) / (1 + tau.abs()), l1
+
+
+def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, steps: int,
+           exhaustive: bool = False, seed: int = 0) -> tuple[list[Pick], int, int]:
+    """Step 4: greedy L1 rank-1 fitting of dW = left @ right with pairs (us[:, a], vs[:, b]).
+
+    At each of ``steps`` steps every pair's delta (lower weighted median) and objective are those over all
+    entries; the smallest objective wins, exact ties to the smallest a, then b; R is deflated by the pick.
+    Unless ``exhaustive``, a pair is evaluated only if its certified lower bound does not already exceed
+    the best objective found (bounds within a relative 1e-6 of it are evaluated too), which leaves the
+    pick unchanged. Returns (picks, pairs evaluated exactly, pairs in all).
+    """
+    n_u, n_v = us.shape[1], vs.shape[1]
+    if n_u == 0 or n_v == 0:
+        return [], 0, 0
+    gen = torch.Generator(device=left.device)
+    gen.manual_seed(seed)
+    p, q = left, right.T  # R = p @ q^T, deflated by appending columns
+    picks: list[Pick] = []
+    exact_count = 0
+    all_pairs = [(a, b) for a in range(n_u) for b in range(n_v)]
+    for _ in range(steps):
+        if exhaustive:
+            evaluated = _exact_pairs(p, q, us, vs, all_pairs, gen)
+        else:
+            evaluated = _screened(p, q, us, vs, all_pairs, gen)
+        exact_count += len(evaluated)
+        (a, b), (delta, objective) = min(evaluated.items(), key=lambda item: (item[1][1], item[0]))
+        picks.append(Pick(a + 1, b + 1, delta, objective))
+        p = torch.cat([p, -delta * us[:, a : a + 1]], dim=1)
+        q = torch.cat([q, vs[:, b : b + 1]], dim=1)
+    return picks, exact_count, steps * len(all_pairs)
+
+
+def _screened(p, q, us, vs, pairs, gen) -> dict[tuple[int, int], tuple[float, float]]:
+    """Exact objectives of the pairs that the lower bounds cannot rule out, best candidates first."""
+    bounds, l1 = _lower_bounds(p, q, us, vs)
+    slack = 1e-6 * l1 + 1e-300
+    order = sorted(pairs, key=lambda pair: (float(bounds[pair]), pair))
+    evaluated: dict[tuple[int, int], tuple[float, float]] = {}
+    batch = 1
+    while True:
+        best = min((obj for _, obj in evaluated.values()), default=math.inf)
+        open_pairs = [pr for pr in order if pr not in evaluated and float(bounds[pr]) <= best + slack]
+        if not open_pairs:
+            return evaluated
+        evaluated.update(_exact_pairs(p, q, us, vs, open_pairs[:batch], gen))
+        batch *= 2
+
+
+def mas_svd(left: torch.Tensor, right: torch.Tensor, components: int | None = None, top_h: int | None = None,
+            method: Method = Method.MAS_SVD, exhaustive: bool = False) -> Spectrum:
+    """The spectrum and SSI of one LoRA update dW = left @ right (left: [d, q], right: [q, k]).
+
+    ``components`` is M (default min(8, q)), ``top_h`` is h (default M). The computation runs in the
+    dtype and on the device of ``left`` / ``right``.
+    """
+    rank = left.shape[1]
+    m = min(components if components is not None else DEFAULT_COMPONENTS, rank)
+    h = top_h if top_h is not None else m
+    if method is Method.SVD:
+        sigma = svd_spectrum(left, right)
+        return Spectrum(_as_tuple(sigma[:h]), ssi(sigma, h), (), (0, 0), 0, 0)
+    us, vs = mas_svd_candidates(left, right, m)
+    picks, exact, total = l1_fit(left, right, us, vs, m, exhaustive=exhaustive)
+    sigma = fit_spectrum(us, vs, picks)
+    if method is Method.MAS_SVD:
+        sigma = sigma * magnitude(left, right)
+    return Spectrum(_as_tuple(sigma[:h]), ssi(sigma, h), tuple(picks), (us.shape[1], vs.shape[1]), exact, total)
+
+
+def fit_spectrum(us: torch.Tensor, vs: torch.Tensor, picks: list[Pick]) -> torch.Tensor:
+    """Step 5: singular values of F = sum_m delta_m u_{a_m} v_{b_m}^T, largest first, via its factors."""
+    if not picks:
+        return torch.zeros(0, dtype=torch.float64)
+    idx_a = torch.tensor([pk.a - 1 for pk in picks], device=us.device)
+    idx_b = torch.tensor([pk.b - 1 for pk in picks], device=vs.device)
+    deltas = torch.tensor([pk.delta for pk in picks], dtype=us.dtype, device=us.device)
+    return svd_spectrum(us[:, idx_a] * deltas[None, :], vs[:, idx_b].T).to(torch.float64).cpu()
+
+
+def _as_tuple(t: torch.Tensor) -> tuple[float, ...]:
+    return tuple(float(x) for x in t.to(torch.float64).cpu())
