@@ -1,10 +1,10 @@
-"""The s3lora command line: parses options, calls the library, renders, and maps errors to exit codes."""
+"""The s3lora command line: the Typer app, the error boundary that maps errors to exit codes, and the
+helpers the commands share. Each command lives in its own module of this package."""
 
 from __future__ import annotations
 
 import enum
 import functools
-import io
 import os
 import sys
 import tempfile
@@ -16,14 +16,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from s3lora_cli import __version__, report
+from s3lora_cli import __version__
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError
-from s3lora_cli.policy import DEFAULT_TAU, top_tau
-from s3lora_cli.scoring import ScoreOptions, score_adapter
-from s3lora_cli.spectral import Method
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3, 4
-DEMO_ADAPTER = Path(__file__).parent / "demo"
+DEMO_ADAPTER = Path(__file__).resolve().parent.parent / "demo"
 
 app = typer.Typer(
     name="s3lora",
@@ -42,12 +39,12 @@ class Format(str, enum.Enum):
     csv = "csv"
 
 
-def _stderr() -> Console:
+def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
 def _fail(code: int, message: str) -> typer.Exit:
-    _stderr().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -109,7 +106,7 @@ def progress_bar(quiet: bool):
         yield None
         return
     bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), console=_stderr(), transient=True)
+                   TextColumn("{task.description}"), console=stderr_console(), transient=True)
     with bar:
         task = bar.add_task("", total=None)
 
@@ -132,60 +129,10 @@ def main(
     """Audit LoRA adapters for sharp, risky updates."""
 
 
-@app.command()
-@error_boundary
-def score(
-    adapter: Optional[Path] = typer.Argument(None, help="Adapter directory, or its adapter_model.safetensors."),
-    demo: bool = typer.Option(False, "--demo", help="Score the small demo adapter bundled with s3lora."),
-    fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
-    method: Method = typer.Option(Method.MAS_SVD, "--method", help="Spectral method (paper Table 5)."),
-    components: Optional[int] = typer.Option(None, "--components", "-M", help="M, rank-1 components [default: min(8, r)]."),
-    top_h: Optional[int] = typer.Option(None, "--top-h", help="h, singular values in SSI's denominator [default: M]."),
-    exhaustive: bool = typer.Option(False, "--exhaustive", help="Evaluate every candidate pair exactly (no screening)."),
-    tau: int = typer.Option(DEFAULT_TAU, "--tau", help="Mark the top-tau layers by SSI (what prune would remove)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
-) -> None:
-    """Rank every LoRA layer of an adapter by its Spectral Sharpness Index (highest first)."""
-    path = _adapter_path(adapter, demo)
-    check_output(output, force)
-    options = ScoreOptions(method=method, components=components, top_h=top_h, exhaustive=exhaustive,
-                           device=device, dtype=dtype)
-    with progress_bar(quiet) as progress:
-        result = score_adapter(path, options, progress=progress)
-    flagged = {s.module for s in top_tau(result, tau)}
-    if fmt is Format.json:
-        write_output(report.render_json(report.report_dict(result, flagged, tau)), output, force)
-    elif fmt is Format.markdown:
-        write_output(report.render_markdown(result, flagged, tau), output, force)
-    elif fmt is Format.csv:
-        write_output(report.render_csv(result, flagged), output, force)
-    elif output is None:  # a pipe gets full lines rather than a table folded to 80 columns
-        Console(width=None if sys.stdout.isatty() else 200).print(report.render_table(result, flagged, tau))
-    else:
-        recorder = Console(record=True, width=160, file=io.StringIO())
-        recorder.print(report.render_table(result, flagged, tau))
-        write_output(recorder.export_text(), output, force)
-    if not quiet:
-        _stderr().print(report.summary_line(result, flagged, tau), soft_wrap=True)
-        for s in result.layers:
-            if s.error:
-                _stderr().print(f"warning: {s.module}: {s.error}", soft_wrap=True)
-
-
-def _adapter_path(adapter: Optional[Path], demo: bool) -> Path:
-    if demo and adapter is not None:
-        raise UsageError("give an adapter path or --demo, not both")
-    if demo:
-        return DEMO_ADAPTER
-    if adapter is None:
-        raise UsageError("missing the adapter path (or pass --demo to score the bundled demo adapter)")
-    return adapter
-
-
 def run() -> None:
     """Console-script entry point."""
     app()
+
+
+# The commands register themselves on ``app`` when imported.
+from s3lora_cli.cli import score as _score  # noqa: E402,F401
