@@ -333,20 +333,22 @@ def mas_svd(left: torch.Tensor, right: torch.Tensor, components: int | None = No
             method: Method = Method.MAS_SVD, exhaustive: bool = False) -> Spectrum:
     """The spectrum and SSI of one LoRA update dW = left @ right (left: [d, q], right: [q, k]).
 
-    ``components`` is M (default min(8, q)), ``top_h`` is h (default M). The computation runs in the
-    dtype and on the device of ``left`` / ``right``.
+    ``components`` is M (default min(8, q)), ``top_h`` is h (default M). The L1 fit, the only work on
+    d x k entries, runs in the dtype of ``left`` / ``right``; the small-factor work (norms, the three
+    SVDs) always runs in float64, where it costs nothing and keeps the candidates accurate.
     """
     rank = left.shape[1]
     m = min(components if components is not None else DEFAULT_COMPONENTS, rank)
     h = top_h if top_h is not None else m
+    left64, right64 = left.to(torch.float64), right.to(torch.float64)
     if method is Method.SVD:
-        sigma = svd_spectrum(left, right)
+        sigma = svd_spectrum(left64, right64)
         return Spectrum(_as_tuple(sigma[:h]), ssi(sigma, h), (), (0, 0), 0, 0)
-    us, vs = mas_svd_candidates(left, right, m)
-    picks, exact, total = l1_fit(left, right, us, vs, m, exhaustive=exhaustive)
+    us, vs = mas_svd_candidates(left64, right64, m)
+    picks, exact, total = l1_fit(left, right, us.to(left.dtype), vs.to(left.dtype), m, exhaustive=exhaustive)
     sigma = fit_spectrum(us, vs, picks)
     if method is Method.MAS_SVD:
-        sigma = sigma * magnitude(left, right)
+        sigma = sigma * magnitude(left64, right64)
     return Spectrum(_as_tuple(sigma[:h]), ssi(sigma, h), tuple(picks), (us.shape[1], vs.shape[1]), exact, total)
 
 

@@ -21,6 +21,7 @@ class Reference:
     picks: list  # [(a, b, delta, objective)], 1-based
     objectives: list  # per step: the [Mu, Mv] matrix of every pair's objective
     candidates: tuple
+    margins: list  # per pick: median_margin of the picked pair
 
 
 def _rank(s: np.ndarray) -> int:
@@ -37,6 +38,13 @@ def weighted_lower_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][idx])
 
 
+def median_margin(values: np.ndarray, weights: np.ndarray) -> float:
+    """How far (relative to the total weight) every cumulative weight stays from exactly half; near 0 the
+    lower and upper weighted medians swap under rounding, and any minimiser in between is as good."""
+    cum = np.cumsum(weights[np.argsort(values, kind="stable")])
+    return float(np.min(np.abs(cum - cum[-1] / 2)) / cum[-1])
+
+
 def reference(dW: np.ndarray, components: int | None = None, top_h: int | None = None, method: str = "mas-svd",
               rank: int | None = None) -> Reference:
     dW = np.asarray(dW, dtype=np.float64)
@@ -46,7 +54,7 @@ def reference(dW: np.ndarray, components: int | None = None, top_h: int | None =
     h = top_h if top_h is not None else M
     if method == "svd":
         s = np.linalg.svd(dW, compute_uv=False)[:r]
-        return Reference(s, float(s[0] / (s[:h].sum() + EPS_S)), [], [], (0, 0))
+        return Reference(s, float(s[0] / (s[:h].sum() + EPS_S)), [], [], (0, 0), [])
 
     # steps 1-2
     Wt = dW / (np.linalg.norm(dW, axis=1) + EPS_N)[:, None]
@@ -58,7 +66,7 @@ def reference(dW: np.ndarray, components: int | None = None, top_h: int | None =
     Uc = u_h[:, : min(M, _rank(s_h))]
     # step 4
     R = dW.copy()
-    picks, objectives = [], []
+    picks, objectives, margins = [], [], []
     if Uc.shape[1] and Vc.shape[1]:
         for _ in range(M):
             objs = np.zeros((Uc.shape[1], Vc.shape[1]))
@@ -76,6 +84,9 @@ def reference(dW: np.ndarray, components: int | None = None, top_h: int | None =
             flat = int(np.argmin(objs))  # first minimum in row-major order: smallest a, then smallest b
             a, b = divmod(flat, objs.shape[1])
             picks.append((a + 1, b + 1, deltas[a, b], objs[a, b]))
+            uv = np.outer(Uc[:, a], Vc[:, b])
+            nz = uv != 0
+            margins.append(median_margin(R[nz] / uv[nz], np.abs(uv[nz])) if nz.any() else 1.0)
             objectives.append(objs)
             R = R - deltas[a, b] * np.outer(Uc[:, a], Vc[:, b])
     # step 5
@@ -86,4 +97,4 @@ def reference(dW: np.ndarray, components: int | None = None, top_h: int | None =
     if method == "mas-svd":  # step 6
         S = S * np.linalg.norm(dW, axis=1).mean() * np.linalg.norm(dW, axis=0).mean()
     ssi = float(S[0] / (S[:h].sum() + EPS_S)) if S.size else 0.0
-    return Reference(S, ssi, picks, objectives, (Uc.shape[1], Vc.shape[1]))
+    return Reference(S, ssi, picks, objectives, (Uc.shape[1], Vc.shape[1]), margins)

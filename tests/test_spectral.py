@@ -1,0 +1,314 @@
+"""The fast MAS-SVD / SSI path against the dense, literal float64 reference in tests/reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from reference import reference, weighted_lower_median
+
+from s3lora_cli import spectral
+from s3lora_cli.spectral import Method, l1_fit, mas_svd, ssi
+
+B_CHECK = [[2, 1], [1, -1], [0, 3], [-1, 2], [4, 0.5]]
+A_CHECK = [[1, 0, -2, 1], [0.5, 1, 1, -1]]
+
+
+# ---------------------------------------------------------------------------------------------- worked check
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_worked_check_float64(exhaustive):
+    b, a = torch.tensor(B_CHECK, dtype=torch.float64), torch.tensor(A_CHECK, dtype=torch.float64)
+    s = mas_svd(b, a, components=2, top_h=2, exhaustive=exhaustive)
+    assert [(p.a, p.b) for p in s.picks] == [(1, 1), (2, 2)]
+    assert s.sigma == pytest.approx((331.5348535575, 161.5729241058), rel=1e-9)
+    assert s.ssi == pytest.approx(0.6723375049, abs=1e-9)
+    assert mas_svd(b, a, components=2, top_h=2, method=Method.SVD).ssi == pytest.approx(0.6872004952, abs=1e-9)
+
+
+def test_worked_check_float32():
+    b, a = torch.tensor(B_CHECK, dtype=torch.float32), torch.tensor(A_CHECK, dtype=torch.float32)
+    s = mas_svd(b, a)
+    assert [(p.a, p.b) for p in s.picks] == [(1, 1), (2, 2)]
+    assert s.sigma == pytest.approx((331.5348535575, 161.5729241058), rel=1e-5)
+    assert s.ssi == pytest.approx(0.6723375049, rel=1e-5)
+    assert mas_svd(b, a, method=Method.SVD).ssi == pytest.approx(0.6872004952, rel=1e-5)
+
+
+def test_reference_reproduces_worked_check():
+    ref = reference(np.array(B_CHECK) @ np.array(A_CHECK), rank=2)
+    assert [p[:2] for p in ref.picks] == [(1, 1), (2, 2)]
+    assert ref.ssi == pytest.approx(0.6723375049, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@st.composite
+def lora_factors(draw, max_dim: int = 14, max_rank: int = 5):
+    """(B [d, r], A [r, k]) from families: gaussian, heavy-tailed, outliers, integer-valued, sparse,
+    low-rank (dependent columns of B), and any storage dtype (values rounded to it)."""
+    d = draw(st.integers(1, max_dim))
+    k = draw(st.integers(1, max_dim))
+    r = draw(st.integers(1, max_rank))
+    seed = draw(st.integers(0, 2**32 - 1))
+    family = draw(st.sampled_from(["gaussian", "heavy", "outliers", "integers", "sparse", "lowrank", "scaled"]))
+    rng = np.random.default_rng(seed)
+    b, a = rng.standard_normal((d, r)), rng.standard_normal((r, k))
+    if family == "heavy":
+        b, a = rng.standard_t(1.5, (d, r)), rng.standard_t(1.5, (r, k))
+    elif family == "outliers":
+        b[rng.integers(d), rng.integers(r)] *= 1e3
+        a[rng.integers(r), rng.integers(k)] *= -1e3
+    elif family == "integers":
+        b, a = rng.integers(-3, 4, (d, r)).astype(float), rng.integers(-3, 4, (r, k)).astype(float)
+    elif family == "sparse":
+        b *= rng.random((d, r)) < 0.5
+        a *= rng.random((r, k)) < 0.5
+    elif family == "lowrank" and r > 1:
+        b[:, -1] = b[:, 0] * 0.5  # rank r - 1
+    elif family == "scaled":
+        b *= 10.0 ** rng.integers(-4, 4)
+    storage = DTYPES[draw(st.sampled_from(list(DTYPES)))]
+    b = torch.tensor(b).to(storage).to(torch.float64)
+    a = torch.tensor(a).to(storage).to(torch.float64)
+    return b, a, family
+
+
+def _well_posed(ref, dw: np.ndarray, rel_gap: float) -> bool:
+    """The spec's result is unique: candidate singular values distinct (and clearly zero or not), and
+    each step's best objective beats the runner-up by a relative margin."""
+    if not np.all(np.isfinite(dw)) or np.abs(dw).max() > 1e12:
+        return False
+    wt = dw / (np.linalg.norm(dw, axis=1) + 1e-8)[:, None]
+    wh = wt / (np.linalg.norm(wt, axis=0) + 1e-8)[None, :]
+    for mat in (wt, wh):
+        s = np.linalg.svd(mat, compute_uv=False)
+        if s.size == 0 or s[0] == 0:
+            continue
+        rel = s / s[0]
+        if np.any((rel > 1e-12) & (rel < 1e-6)):
+            return False
+        kept = rel[rel > 1e-6]
+        if kept.size > 1 and np.min(-np.diff(kept)) < rel_gap:
+            return False
+    if any(m < rel_gap for m in ref.margins):
+        return False
+    for objs in ref.objectives:
+        flat = np.sort(objs.ravel())
+        if flat.size > 1 and flat[1] - flat[0] <= rel_gap * max(flat[0], 1e-300) + 1e-12 * np.abs(dw).sum():
+            return False
+    return True
+
+
+def _check_against_reference(b, a, compute_dtype, rel_gap, tol, **kw):
+    dw = (b @ a).numpy()
+    r = b.shape[1]
+    ref = reference(dw, rank=r, **kw)
+    kw["method"] = Method(kw.get("method", "mas-svd"))
+    assume(_well_posed(ref, dw, rel_gap))
+    fast = mas_svd(b.to(compute_dtype), a.to(compute_dtype), **kw)
+    assert [(p.a, p.b) for p in fast.picks] == [p[:2] for p in ref.picks]
+    assert fast.ssi == pytest.approx(ref.ssi, rel=tol, abs=1e-12)
+    scale = max(ref.sigma.max(initial=0.0), 1e-300)
+    assert np.allclose(fast.sigma, ref.sigma[: len(fast.sigma)], rtol=tol, atol=tol * scale)
+    return fast, ref
+
+
+COMMON = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+                                                                        HealthCheck.too_slow])
+
+
+@COMMON
+@given(lora_factors())
+def test_fast_path_matches_reference_float64(case):
+    b, a, _ = case
+    fast, ref = _check_against_reference(b, a, torch.float64, 1e-9, 1e-8)
+    for p, q in zip(fast.picks, ref.picks):
+        # delta is relative to u and v, whose signs are arbitrary: compare magnitudes
+        assert abs(p.delta) == pytest.approx(abs(q[2]), rel=1e-8, abs=1e-12 * np.abs(ref.sigma).max(initial=1))
+
+
+@COMMON
+@given(lora_factors())
+def test_fast_path_matches_reference_float32(case):
+    b, a, _ = case
+    _check_against_reference(b, a, torch.float32, 1e-3, 1e-5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(lora_factors(), st.sampled_from(["spsvd", "svd"]), st.integers(1, 6), st.integers(1, 6))
+def test_ablations_and_parameters_match_reference(case, method, m, h):
+    b, a, _ = case
+    _check_against_reference(b, a, torch.float64, 1e-9, 1e-8, method=method, components=m, top_h=h)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(lora_factors(max_dim=12))
+def test_sampled_bracket_and_chunking_match_reference(case):
+    """Tiny samples and chunks force the sampled bracket, its misses and its widening on small inputs."""
+    b, a, _ = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spectral, "SAMPLE_SIZE", 8)
+        mp.setattr(spectral, "CHUNK_ENTRIES", 5)
+        _check_against_reference(b, a, torch.float64, 1e-9, 1e-8)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(lora_factors())
+def test_screening_never_changes_the_result(case):
+    b, a, _ = case
+    screened = mas_svd(b, a)
+    exhaustive = mas_svd(b, a, exhaustive=True)
+    assert screened.picks == exhaustive.picks
+    assert screened.ssi == exhaustive.ssi
+    assert screened.pairs_exact <= exhaustive.pairs_exact == exhaustive.pairs_total
+
+
+# ---------------------------------------------------------------------------------------------- invariances
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(lora_factors(), st.integers(0, 2**32 - 1))
+def test_invariances(case, seed):
+    """Row and column permutations and a global sign change leave picks, S' and SSI unchanged; scaling
+    dW by c scales S' by c^3 (the fit, rbar and cbar each scale by c)."""
+    b, a, family = case
+    dw = (b @ a).numpy()
+    ref = reference(dw, rank=b.shape[1])
+    assume(_well_posed(ref, dw, 1e-9))
+    base = mas_svd(b, a)
+    rng = np.random.default_rng(seed)
+    rows, cols = torch.tensor(rng.permutation(b.shape[0])), torch.tensor(rng.permutation(a.shape[1]))
+    for variant in (mas_svd(b[rows], a[:, cols]), mas_svd(-b, a)):
+        assert [(p.a, p.b) for p in variant.picks] == [(p.a, p.b) for p in base.picks]
+        assert variant.ssi == pytest.approx(base.ssi, rel=1e-8, abs=1e-12)
+    norms_b = torch.linalg.norm(b @ a, dim=1)
+    norms_c = torch.linalg.norm(b @ a, dim=0)
+    assume(bool((norms_b[norms_b > 0] > 1e-3).all()) and bool((norms_c[norms_c > 0] > 1e-3).all()))
+    scaled = mas_svd(2.0 * b, a)
+    expected = 8.0 * np.array(base.sigma)
+    assert np.allclose(scaled.sigma, expected, rtol=1e-5, atol=1e-9 * expected.max(initial=0.0))
+
+
+# ---------------------------------------------------------------------------------------------- the fit's rules
+
+
+def test_weighted_lower_median_rule():
+    assert weighted_lower_median(np.array([4.0, 1.0, 3.0, 2.0]), np.ones(4)) == 2.0  # cum 2/4 reaches half at 2
+    assert weighted_lower_median(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 3.0])) == 3.0
+
+
+def test_fit_ties_go_to_smallest_pair_and_pairs_repeat():
+    dw_left = torch.tensor([[3.0], [1.0], [-2.0]], dtype=torch.float64)
+    dw_right = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    u = torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64)
+    us = torch.cat([u, u], dim=1)  # two identical candidates: identical objectives, (1, 1) must win
+    vs = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    for exhaustive in (False, True):
+        picks, _, _ = l1_fit(dw_left, dw_right, us, vs, steps=3, exhaustive=exhaustive)
+        assert [(p.a, p.b) for p in picks] == [(1, 1), (1, 1), (1, 1)]
+        assert picks[0].delta == 3.0 and picks[1].delta == 0.0
+
+
+def test_fit_objective_and_delta_are_literal():
+    rng = np.random.default_rng(7)
+    left, right = rng.standard_normal((6, 2)), rng.standard_normal((2, 5))
+    us, vs = np.linalg.qr(rng.standard_normal((6, 3)))[0], np.linalg.qr(rng.standard_normal((5, 2)))[0]
+    picks, _, _ = l1_fit(torch.tensor(left), torch.tensor(right), torch.tensor(us), torch.tensor(vs), steps=2)
+    R = left @ right
+    for p in picks:
+        u, v = us[:, p.a - 1], vs[:, p.b - 1]
+        uv = np.outer(u, v)
+        assert p.delta == pytest.approx(weighted_lower_median((R / uv).ravel(), np.abs(uv).ravel()), rel=1e-12)
+        assert p.objective == pytest.approx(np.abs(R - p.delta * uv).sum(), rel=1e-10)
+        best = min(np.abs(R - weighted_lower_median((R / np.outer(us[:, i], vs[:, j])).ravel(),
+                                                     np.abs(np.outer(us[:, i], vs[:, j])).ravel())
+                          * np.outer(us[:, i], vs[:, j])).sum()
+                   for i in range(us.shape[1]) for j in range(vs.shape[1]))
+        assert p.objective == pytest.approx(best, rel=1e-10)
+        R = R - p.delta * uv
+
+
+@settings(max_examples=80, deadline=None)
+@given(lora_factors(), st.integers(0, 2**32 - 1))
+def test_lower_bounds_are_lower_bounds(case, seed):
+    b, a, _ = case
+    rng = np.random.default_rng(seed)
+    us = torch.tensor(np.linalg.qr(rng.standard_normal((b.shape[0], min(3, b.shape[0]))))[0])
+    vs = torch.tensor(np.linalg.qr(rng.standard_normal((a.shape[1], min(3, a.shape[1]))))[0])
+    bounds, l1 = spectral._lower_bounds(b, a.T, us, vs)
+    R = (b @ a).numpy()
+    assert l1 == pytest.approx(np.abs(R).sum(), rel=1e-12, abs=1e-300)
+    for i in range(us.shape[1]):
+        for j in range(vs.shape[1]):
+            uv = np.outer(us[:, i].numpy(), vs[:, j].numpy())
+            nz = uv != 0
+            delta = weighted_lower_median(R[nz] / uv[nz], np.abs(uv[nz])) if nz.any() else 0.0
+            exact = np.abs(R - delta * uv).sum()
+            assert float(bounds[i, j]) <= exact * (1 + 1e-9) + 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+
+
+def test_all_zero_update_has_ssi_zero():
+    b, a = torch.zeros(5, 3), torch.randn(3, 4)
+    for method in Method:
+        s = mas_svd(b, a, method=method)
+        assert s.ssi == 0.0
+        assert all(x == 0 for x in s.sigma)
+
+
+def test_rank_deficient_update_uses_only_unique_directions():
+    b = torch.randn(6, 1, dtype=torch.float64).repeat(1, 4)  # rank 1, r = 4
+    a = torch.randn(4, 5, dtype=torch.float64)
+    s = mas_svd(b, a)
+    assert s.candidates == (1, 1)
+    ref = reference((b @ a).numpy(), rank=4)
+    assert s.ssi == pytest.approx(ref.ssi, rel=1e-9)
+
+
+def test_ssi_formula():
+    assert ssi(torch.tensor([3.0, 1.0]), 2) == pytest.approx(3.0 / (4.0 + 1e-6))
+    assert ssi(torch.tensor([3.0, 1.0, 1.0]), 1) == pytest.approx(3.0 / (3.0 + 1e-6))
+    assert ssi(torch.tensor([]), 3) == 0.0
+
+
+def test_default_components_and_top_h():
+    b, a = torch.randn(20, 12, dtype=torch.float64), torch.randn(12, 20, dtype=torch.float64)
+    s = mas_svd(b, a)
+    assert len(s.picks) == 8 and len(s.sigma) == 8  # M = min(8, r)
+    s = mas_svd(b[:, :3], a[:3])
+    assert len(s.picks) == 3 and len(s.sigma) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(0)
+    b, a = torch.randn(300, 8, generator=gen), torch.randn(8, 200, generator=gen)
+    cpu = mas_svd(b, a)
+    gpu = mas_svd(b.cuda(), a.cuda())
+    assert [(p.a, p.b) for p in gpu.picks] == [(p.a, p.b) for p in cpu.picks]
+    assert math.isclose(gpu.ssi, cpu.ssi, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_fit_takes_the_lower_weighted_median(dtype):
+    """R = [1, 2, 3, 4], u = [1], v = [1/2] * 4: ratios 2, 4, 6, 8 with equal weights; the cumulative
+    weight reaches exactly half at the second, so delta is 4 (the upper median would be 6)."""
+    left = torch.tensor([[1.0]], dtype=dtype)
+    right = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=dtype)
+    us = torch.tensor([[1.0]], dtype=dtype)
+    vs = torch.full((4, 1), 0.5, dtype=dtype)
+    picks, _, _ = l1_fit(left, right, us, vs, steps=1)
+    assert picks[0].delta == 4.0
+    assert picks[0].objective == pytest.approx(abs(1 - 2) + abs(2 - 2) + abs(3 - 2) + abs(4 - 2))
