@@ -15,8 +15,10 @@ SCHEMA_VERSION = 1
 TOOL_NAME = "s3lora"
 
 
-def _finite(x: float | None, digits: int = 10) -> float | None:
-    return None if x is None else round(float(x), digits)
+def _finite(x: float | None, digits: int = 12) -> float | None:
+    """A float rounded to ``digits`` significant digits, so that the last bits of a platform's BLAS do not
+    change the document; None stays None (JSON null)."""
+    return None if x is None else float(format(float(x), f".{digits}g"))
 
 
 def layer_dict(rank: int, score: LayerScore, flagged: bool) -> dict[str, Any]:
@@ -36,7 +38,7 @@ def layer_dict(rank: int, score: LayerScore, flagged: bool) -> dict[str, Any]:
         "sigma_sum": _finite(score.sigma_sum),
         "components": score.components,
         "top_h": score.top_h,
-        "picks": [{"a": p.a, "b": p.b, "delta": _finite(p.delta, 12)} for p in score.picks],
+        "picks": [{"a": p.a, "b": p.b, "delta": _finite(p.delta)} for p in score.picks],
         "flagged": flagged,
         "notes": list(score.notes),
         "error": score.error,

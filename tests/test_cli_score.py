@@ -67,7 +67,7 @@ def test_json_is_deterministic_and_matches_the_api(adapter):
     report = score_adapter(adapter, ScoreOptions())
     doc = json.loads(first.stdout)
     assert [s.module for s in report.layers] == [layer["module"] for layer in doc["layers"]]
-    assert [round(s.ssi, 10) for s in report.layers] == [layer["ssi"] for layer in doc["layers"]]
+    assert [layer["ssi"] for layer in doc["layers"]] == pytest.approx([s.ssi for s in report.layers], rel=1e-11)
 
 
 def test_markdown_and_csv(adapter):

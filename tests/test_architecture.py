@@ -1,0 +1,60 @@
+"""Imports point one way: cli -> report, policy, scoring -> spectral, adapters -> errors."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "s3lora_cli"
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def modules() -> dict[str, set[str]]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(p for p in rel.parts if p != "__init__")
+        found[name] = imports_of(path)
+    return found
+
+
+def _uses(imported: set[str], prefix: str) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for name in imported)
+
+
+def test_only_the_cli_imports_typer():
+    for name, imported in modules().items():
+        if not name.startswith("s3lora_cli.cli"):
+            assert not _uses(imported, "typer"), name
+
+
+def test_the_math_imports_no_io_or_rendering():
+    imported = modules()["s3lora_cli.spectral"]
+    for forbidden in ("safetensors", "typer", "rich", "s3lora_cli.adapters", "s3lora_cli.scoring", "json"):
+        assert not _uses(imported, forbidden), forbidden
+    assert {name for name in imported if name.startswith("s3lora_cli")} == set()
+
+
+def test_layers_point_one_way():
+    rules = {
+        "s3lora_cli.adapters": ("s3lora_cli.scoring", "s3lora_cli.policy", "s3lora_cli.report", "s3lora_cli.cli",
+                                "s3lora_cli.spectral", "rich"),
+        "s3lora_cli.scoring": ("s3lora_cli.policy", "s3lora_cli.report", "s3lora_cli.cli", "rich"),
+        "s3lora_cli.policy": ("s3lora_cli.report", "s3lora_cli.cli", "rich"),
+        "s3lora_cli.report": ("s3lora_cli.cli",),
+        "s3lora_cli.errors": ("s3lora_cli.",),
+    }
+    for name, imported in modules().items():
+        for owner, forbidden in rules.items():
+            if name == owner or name.startswith(owner + "."):
+                for bad in forbidden:
+                    assert not any(i.startswith(bad) for i in imported if i != name), (name, bad)

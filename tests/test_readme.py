@@ -1,0 +1,92 @@
+"""The README stays true: its commands and options exist, its exit codes match, its examples run."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import typer.main
+from typer.testing import CliRunner
+
+from s3lora_cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def code_lines() -> list[str]:
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line:
+                lines.append(line)
+    return lines
+
+
+def s3lora_invocations() -> list[list[str]]:
+    calls = []
+    for line in code_lines():
+        for part in line.split("&&"):
+            words = shlex.split(part.strip())
+            if words and words[0] == "s3lora":
+                calls.append(words[1:])
+    return calls
+
+
+def command_params(name: str) -> set[str]:
+    group = typer.main.get_command(cli.app)
+    command = group.commands[name]
+    return {opt for p in command.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+
+
+def test_readme_commands_and_options_exist():
+    group = typer.main.get_command(cli.app)
+    calls = s3lora_invocations()
+    assert calls, "the README shows no s3lora command"
+    for words in calls:
+        assert words[0] in group.commands, words
+        known = command_params(words[0])
+        for word in words[1:]:
+            if word.startswith("-"):
+                assert word.split("=")[0] in known, (words, word)
+
+
+def test_option_tables_name_real_options():
+    for name in ("score",):
+        known = command_params(name)
+        for option in re.findall(r"^\| `(--[a-z-]+)`", README, flags=re.M):
+            if option in known or option == "--output":
+                continue
+            assert any(option in command_params(other) for other in typer.main.get_command(cli.app).commands), option
+
+
+def test_every_score_option_is_documented():
+    for option in command_params("score"):
+        if option.startswith("--") and option != "--help":
+            assert f"`{option}" in README, option
+
+
+def test_exit_code_table_matches_the_cli():
+    table = dict(re.findall(r"^\| (\d) \| (.+?) \|$", README, flags=re.M))
+    assert set(table) == {"0", "1", "2", "3", "4"}
+    assert (cli.EXIT_OK, cli.EXIT_GATE_FAILED, cli.EXIT_USAGE, cli.EXIT_INPUT, cli.EXIT_RUNTIME) == (0, 1, 2, 3, 4)
+    assert "gate" in table["1"] and "usage" in table["2"] and "input" in table["3"] and "runtime" in table["4"]
+
+
+def test_readme_demo_commands_run():
+    runner = CliRunner()
+    demo_calls = [words for words in s3lora_invocations() if "--demo" in words]
+    assert demo_calls
+    for words in demo_calls:
+        result = runner.invoke(cli.app, words)
+        assert result.exit_code == 0, (words, result.stderr)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = "pip install -e '.[test]' && python -m pytest -q"
+    assert test_command in README
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+    assert "pip install --quiet torch==2.13.0" in (ROOT / ".ci" / "run").read_text()
+    assert test_command in (ROOT / ".github" / "workflows" / "ci.yml").read_text()
