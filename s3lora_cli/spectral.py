@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from s3lora_cli import kernels
 
 EPS_NORM = 1e-8
 """eps_n: added to every row and column norm before dividing (paper Eq. 1-2)."""
@@ -28,6 +30,18 @@ CHUNK_ENTRIES = 1 << 20
 
 SAMPLE_SIZE = 1 << 14
 """Entries drawn (weighted by |u_i v_j|) to bracket each weighted median before the exact pass."""
+
+ESTIMATE_SAMPLE = 1 << 12
+"""Entries drawn uniformly to estimate every pair's objective, which orders the exact work."""
+
+ESTIMATE_MARGIN = 0.1
+"""Pairs whose estimate is within this relative margin of the best estimate are evaluated first."""
+
+SCREEN_MIN_ENTRIES = 1 << 14
+"""Below this many entries every pair is evaluated in one pass: screening would cost more than it saves."""
+
+KERNEL_MIN_ENTRIES = 1 << 16
+"""Chunks at least this large use the compiled CPU kernel (when numba is available)."""
 
 _BRACKET_WIDTHS = (3.5, 8.0)
 """Half-widths of the sampled bracket, in standard deviations of the sample median's rank; then all entries."""
@@ -93,15 +107,27 @@ def lowrank_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def row_norms(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """||X[i, :]||_2 for X = left @ right: [d], from the factors."""
+    """||X[i, :]||_2 for X = left @ right: [d], from the factors.
+
+    A row that is zero in exact arithmetic (left[i] orthogonal to the row space of right) comes out as
+    rounding noise; norms below that noise floor are returned as exactly 0.
+    """
     _, r_right = torch.linalg.qr(right.T)
-    return torch.linalg.vector_norm(left @ r_right.T, dim=1)
+    norms = torch.linalg.vector_norm(left @ r_right.T, dim=1)
+    return _zero_below_noise(norms, torch.linalg.vector_norm(left, dim=1), r_right)
 
 
 def col_norms(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """||X[:, j]||_2 for X = left @ right: [k], from the factors."""
+    """||X[:, j]||_2 for X = left @ right: [k], from the factors (noise floor as in ``row_norms``)."""
     _, r_left = torch.linalg.qr(left)
-    return torch.linalg.vector_norm(r_left @ right, dim=0)
+    norms = torch.linalg.vector_norm(r_left @ right, dim=0)
+    return _zero_below_noise(norms, torch.linalg.vector_norm(right, dim=0), r_left)
+
+
+def _zero_below_noise(norms: torch.Tensor, factor_norms: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    scale = float(torch.linalg.matrix_norm(core, ord=2)) if core.numel() else 0.0
+    floor = 4 * max(core.shape[-1], 1) * torch.finfo(norms.dtype).eps * scale * factor_norms
+    return torch.where(norms > floor, norms, torch.zeros_like(norms))
 
 
 def _numerical_rank(s: torch.Tensor, q: int) -> int:
@@ -122,8 +148,11 @@ def mas_svd_candidates(left: torch.Tensor, right: torch.Tensor, components: int)
 
     Directions whose singular value is numerically zero are dropped (they are not unique).
     """
-    left_t = left / (row_norms(left, right) + EPS_NORM)[:, None]  # Wt = left_t @ right
-    right_h = right / (col_norms(left_t, right) + EPS_NORM)[None, :]  # Wh = left_t @ right_h
+    # Wt = left_t @ right and Wh = left_t @ right_h; rows / columns of dW that are zero stay zero
+    rn = row_norms(left, right)
+    left_t = torch.where(rn[:, None] > 0, left / (rn + EPS_NORM)[:, None], torch.zeros_like(left))
+    cn = col_norms(left_t, right)
+    right_h = torch.where(cn[None, :] > 0, right / (cn + EPS_NORM)[None, :], torch.zeros_like(right))
     _, s_t, v_t = lowrank_svd(left_t, right)
     u_h, s_h, _ = lowrank_svd(left_t, right_h)
     q = left.shape[1]
@@ -153,11 +182,25 @@ class _PairPass:
     w_above: float = 0.0
     t_above: float = 0.0
     zero_weight_abs: float = 0.0
-    ratios: list | None = None
-    weights: list | None = None
+    ratios: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.ratios, self.weights = [], []
+    def add(self, sums, ratios, weights) -> None:
+        self.w_below += float(sums[0])
+        self.t_below += float(sums[1])
+        self.w_above += float(sums[2])
+        self.t_above += float(sums[3])
+        self.zero_weight_abs += float(sums[4])
+        self.ratios.append(torch.as_tensor(ratios))
+        self.weights.append(torch.as_tensor(weights))
+
+
+@dataclass
+class _BoundSums:
+    """What the dual lower bounds need from a pass: ||R||_1 and u_a^T sign(R) v_b for every pair."""
+
+    l1: float = 0.0
+    corr: torch.Tensor | None = None
 
 
 def _row_chunks(n_rows: int, n_cols: int):
@@ -166,7 +209,8 @@ def _row_chunks(n_rows: int, n_cols: int):
         yield slice(start, min(n_rows, start + step))
 
 
-def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: float, gen: torch.Generator) -> tuple[float, float]:
+def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: float,
+             gen: torch.Generator) -> tuple[float, float]:
     """A range likely to hold the weighted median of R/(u v^T): quantiles of a sample drawn with
     probability proportional to |u_i v_j| (rows and columns drawn independently)."""
     if width == math.inf:
@@ -183,8 +227,9 @@ def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
 
 
 def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
-                 gen: torch.Generator) -> dict[tuple[int, int], tuple[float, float]]:
-    """(delta, objective) of each pair over every entry of R = p @ q^T, exactly.
+                 gen: torch.Generator, bounds: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """(delta, objective) of each pair over every entry of R = p @ q^T, exactly; and, if asked, every
+    pair's dual lower bound (see ``_lower_bounds``) from the same pass.
 
     delta is the lower weighted median of R[i,j] / (u_i v_j) with weights |u_i v_j|; the objective is
     sum |R - delta u v^T| over all entries. One pass over R serves all pairs: entries below / above a
@@ -196,10 +241,14 @@ def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.T
     # Small matrices: keeping every entry costs less than drawing the sample.
     first = 0 if p.shape[0] * q.shape[0] > 4 * SAMPLE_SIZE else len(_BRACKET_WIDTHS)
     todo = {pair: first for pair in pairs}  # pair -> index into widths
-    while todo:
+    bound_sums = _BoundSums() if bounds else None
+    while todo or bound_sums is not None:
         passes = {pair: _PairPass(*_bracket(p, q, us[:, pair[0]], vs[:, pair[1]], widths[level], gen))
                   for pair, level in todo.items()}
-        _accumulate(p, q, us, vs, passes)
+        _accumulate(p, q, us, vs, passes, bound_sums)
+        if bound_sums is not None:
+            lower = _lower_bounds_from(bound_sums, p, q, us, vs)
+            bound_sums = None
         for pair, acc in passes.items():
             found = _select(acc)
             if found is None:
@@ -207,18 +256,35 @@ def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.T
             else:
                 result[pair] = found
                 del todo[pair]
-    return result
+    return result, (lower if bounds else None)
 
 
-def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, passes: dict) -> None:
+def _use_kernel(r_chunk: torch.Tensor) -> bool:
+    return kernels.available and r_chunk.device.type == "cpu" and r_chunk.numel() >= KERNEL_MIN_ENTRIES
+
+
+def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, passes: dict,
+                bound_sums: _BoundSums | None = None) -> None:
+    """One pass over R = p @ q^T, a chunk of rows at a time, feeding every pair's accumulators."""
     f64 = torch.float64
     by_a: dict[int, list[int]] = {}
     for a, b in passes:
         by_a.setdefault(a, []).append(b)
     has_zero_u = {a: bool((us[:, a] == 0).any()) for a in by_a}
     has_zero_v = {b: bool((vs[:, b] == 0).any()) for _, b in passes}
+    scratch: dict = {}
+    if bound_sums is not None:
+        bound_sums.corr = torch.zeros(us.shape[1], vs.shape[1], dtype=f64, device=p.device)
     for rows in _row_chunks(p.shape[0], q.shape[0]):
         r_chunk = p[rows] @ q.T  # [c, k]: the only place entries of R are formed
+        if bound_sums is not None:
+            bound_sums.l1 += float(r_chunk.abs().sum(dtype=f64))
+            bound_sums.corr += (us[rows].T @ (r_chunk.sign() @ vs)).to(f64)
+        if _use_kernel(r_chunk):
+            r_np = r_chunk.numpy()
+            for (a, b), acc in passes.items():
+                acc.add(*kernels.bracket_pass(r_np, us[rows, a].numpy(), vs[:, b].numpy(), acc.lo, acc.hi, scratch))
+            continue
         for a, bs in by_a.items():
             u = us[rows, a]
             u_abs = u.abs()
@@ -231,21 +297,18 @@ def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Te
                 ratio = t / w  # = R / (u_i v_j), bit for bit; NaN where w = 0
                 below = ratio < acc.lo
                 above = ratio > acc.hi
-                acc.w_below += float((w * below).sum(dtype=f64))
-                acc.t_below += float((t * below).sum(dtype=f64))
-                acc.w_above += float((w * above).sum(dtype=f64))
-                acc.t_above += float((t * above).sum(dtype=f64))
                 inside = ~(below | above) & (w > 0)
-                acc.ratios.append(ratio[inside].to(f64))
-                acc.weights.append(w[inside].to(f64))
+                zero = 0.0
                 if has_zero_u[a] or has_zero_v[b]:  # entries with u_i v_j = 0 count |R_ij|
-                    acc.zero_weight_abs += float((r_chunk.abs() * (w == 0)).sum(dtype=f64))
+                    zero = (r_chunk.abs() * (w == 0)).sum(dtype=f64)
+                sums = ((w * below).sum(dtype=f64), (t * below).sum(dtype=f64), (w * above).sum(dtype=f64),
+                        (t * above).sum(dtype=f64), zero)
+                acc.add(sums, ratio[inside].to(f64), w[inside].to(f64))
 
 
 def _select(acc: _PairPass) -> tuple[float, float] | None:
     """The lower weighted median and the objective from one pass, or None if the bracket missed."""
-    ratios = torch.cat(acc.ratios)
-    weights = torch.cat(acc.weights)
+    ratios, weights = torch.cat(acc.ratios), torch.cat(acc.weights)
     order = torch.argsort(ratios, stable=True)
     ratios, weights = ratios[order], weights[order]
     cum = acc.w_below + torch.cumsum(weights, 0)
@@ -263,22 +326,40 @@ def _select(acc: _PairPass) -> tuple[float, float] | None:
 
 
 def _lower_bounds(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Certified lower bounds on every pair's objective, from one pass over R.
+    """Certified lower bounds on every pair's objective, from one pass over R; returns ([Mu, Mv], ||R||_1).
 
     By L1 duality, min_delta ||R - delta u v^T||_1 >= <W, R> for any W with |W_ij| <= 1 and <W, u v^T> = 0.
     W = (sign(R) - tau sign(u) sign(v)^T) / (1 + |tau|), tau = u^T sign(R) v / (||u||_1 ||v||_1), is one:
-    bound(a, b) = (||R||_1 - tau * sign(u)^T R sign(v)) / (1 + |tau|). Returns ([Mu, Mv] bounds, ||R||_1).
+    bound(a, b) = (||R||_1 - tau * sign(u)^T R sign(v)) / (1 + |tau|).
     """
+    sums = _BoundSums()
+    _accumulate(p, q, us, vs, {}, sums)
+    return _lower_bounds_from(sums, p, q, us, vs), sums.l1
+
+
+def _lower_bounds_from(sums: _BoundSums, p, q, us, vs) -> torch.Tensor:
     f64 = torch.float64
-    corr = torch.zeros(us.shape[1], vs.shape[1], dtype=f64, device=p.device)
-    l1 = 0.0
-    for rows in _row_chunks(p.shape[0], q.shape[0]):
-        r_chunk = p[rows] @ q.T
-        l1 += float(r_chunk.abs().sum(dtype=f64))
-        corr += (us[rows].T @ (r_chunk.sign() @ vs)).to(f64)
     signed = ((us.sign().T @ p).to(f64)) @ ((q.T @ vs.sign()).to(f64))  # sign(u)^T R sign(v), from factors
-    tau = corr / (us.abs().sum(0).to(f64)[:, None] * vs.abs().sum(0).to(f64)[None, :])
-    return (l1 - tau * signed) / (1 + tau.abs()), l1
+    tau = sums.corr / (us.abs().sum(0).to(f64)[:, None] * vs.abs().sum(0).to(f64)[None, :])
+    bounds = (sums.l1 - tau * signed) / (1 + tau.abs())
+    return bounds.cpu()
+
+
+def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> torch.Tensor:
+    """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]); only orders the work."""
+    n = ESTIMATE_SAMPLE
+    i = torch.randint(p.shape[0], (n,), generator=gen, device=p.device)
+    j = torch.randint(q.shape[0], (n,), generator=gen, device=p.device)
+    r = (p[i] * q[j]).sum(1).to(torch.float64)  # [n]
+    uv = (us[i].to(torch.float64)[:, :, None] * vs[j].to(torch.float64)[:, None, :]).reshape(n, -1).T  # [pairs, n]
+    w = uv.abs()
+    ratio = torch.where(w > 0, r[None, :] / uv, torch.zeros_like(uv))
+    order = ratio.argsort(dim=1)
+    ratio, w_sorted = ratio.gather(1, order), w.gather(1, order)
+    cum = w_sorted.cumsum(1)
+    idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=n - 1)
+    delta = ratio.gather(1, idx)
+    return (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
 
 
 def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, steps: int,
@@ -300,11 +381,12 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
     picks: list[Pick] = []
     exact_count = 0
     all_pairs = [(a, b) for a in range(n_u) for b in range(n_v)]
+    screen = not exhaustive and p.shape[0] * q.shape[0] >= SCREEN_MIN_ENTRIES
     for _ in range(steps):
-        if exhaustive:
-            evaluated = _exact_pairs(p, q, us, vs, all_pairs, gen)
-        else:
+        if screen:
             evaluated = _screened(p, q, us, vs, all_pairs, gen)
+        else:
+            evaluated = _exact_pairs(p, q, us, vs, all_pairs, gen)[0]
         exact_count += len(evaluated)
         (a, b), (delta, objective) = min(evaluated.items(), key=lambda item: (item[1][1], item[0]))
         picks.append(Pick(a + 1, b + 1, delta, objective))
@@ -314,19 +396,22 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
 
 
 def _screened(p, q, us, vs, pairs, gen) -> dict[tuple[int, int], tuple[float, float]]:
-    """Exact objectives of the pairs that the lower bounds cannot rule out, best candidates first."""
-    bounds, l1 = _lower_bounds(p, q, us, vs)
-    slack = 1e-6 * l1 + 1e-300
-    order = sorted(pairs, key=lambda pair: (float(bounds[pair]), pair))
-    evaluated: dict[tuple[int, int], tuple[float, float]] = {}
-    batch = 1
-    while True:
-        best = min((obj for _, obj in evaluated.values()), default=math.inf)
-        open_pairs = [pr for pr in order if pr not in evaluated and float(bounds[pr]) <= best + slack]
-        if not open_pairs:
-            return evaluated
-        evaluated.update(_exact_pairs(p, q, us, vs, open_pairs[:batch], gen))
-        batch *= 2
+    """Exact objectives of the pairs that the certified lower bounds cannot rule out.
+
+    The first pass evaluates the pairs whose estimate (on a sample) is near the best estimate, and computes
+    every pair's bound; a second pass evaluates the pairs whose bound does not exceed the best exact
+    objective found. Estimates only decide what the first pass does, never the result.
+    """
+    estimates = _sample_objectives(p, q, us, vs, gen)
+    cutoff = float(estimates.min()) * (1 + ESTIMATE_MARGIN)
+    first = [pair for pair in pairs if float(estimates[pair]) <= cutoff] or [min(pairs, key=lambda pr: float(estimates[pr]))]
+    evaluated, bounds = _exact_pairs(p, q, us, vs, first, gen, bounds=True)
+    best = min(obj for _, obj in evaluated.values())
+    slack = 1e-6 * abs(best) + 1e-300
+    rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best + slack]
+    if rest:
+        evaluated.update(_exact_pairs(p, q, us, vs, rest, gen)[0])
+    return evaluated
 
 
 def mas_svd(left: torch.Tensor, right: torch.Tensor, components: int | None = None, top_h: int | None = None,

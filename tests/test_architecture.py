@@ -38,10 +38,13 @@ def test_only_the_cli_imports_typer():
 
 
 def test_the_math_imports_no_io_or_rendering():
-    imported = modules()["s3lora_cli.spectral"]
-    for forbidden in ("safetensors", "typer", "rich", "s3lora_cli.adapters", "s3lora_cli.scoring", "json"):
-        assert not _uses(imported, forbidden), forbidden
-    assert {name for name in imported if name.startswith("s3lora_cli")} == set()
+    for module in ("s3lora_cli.spectral", "s3lora_cli.kernels"):
+        imported = modules()[module]
+        for forbidden in ("safetensors", "typer", "rich", "s3lora_cli.adapters", "s3lora_cli.scoring", "json"):
+            assert not _uses(imported, forbidden), (module, forbidden)
+    # the math's only own import is its compiled kernel
+    assert {name for name in modules()["s3lora_cli.spectral"] if name.startswith("s3lora_cli")} <= {"s3lora_cli"}
+    assert "from s3lora_cli import kernels" in (PACKAGE / "spectral.py").read_text()
 
 
 def test_layers_point_one_way():

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference import reference, weighted_lower_median
 
-from s3lora_cli import spectral
+from s3lora_cli import kernels, spectral
 from s3lora_cli.spectral import Method, l1_fit, mas_svd, ssi
 
 B_CHECK = [[2, 1], [1, -1], [0, 3], [-1, 2], [4, 0.5]]
@@ -44,6 +44,39 @@ def test_reference_reproduces_worked_check():
     ref = reference(np.array(B_CHECK) @ np.array(A_CHECK), rank=2)
     assert [p[:2] for p in ref.picks] == [(1, 1), (2, 2)]
     assert ref.ssi == pytest.approx(0.6723375049, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+ENGINES = {
+    # the defaults: small inputs take the one-pass path without screening
+    "default": {},
+    # screening on every input, the tensor implementation of the pass
+    "torch": {"SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
+    # screening on every input, the compiled kernel on every chunk
+    "kernel": {"SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0},
+    # tiny samples and chunks: sampled brackets, their misses and widening, many chunks per pass
+    "tiny": {"SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "SAMPLE_SIZE": 8, "CHUNK_ENTRIES": 5,
+             "ESTIMATE_SAMPLE": 4},
+}
+
+
+class engine:
+    """Run the fast path with one engine's settings (a context manager, so hypothesis can use it)."""
+
+    def __init__(self, name: str) -> None:
+        self.settings = ENGINES[name]
+        self.mp = pytest.MonkeyPatch()
+
+    def __enter__(self):
+        if self.settings.get("KERNEL_MIN_ENTRIES") == 0 and not kernels.available:
+            pytest.skip("numba is not available")
+        for key, value in self.settings.items():
+            self.mp.setattr(spectral, key, value)
+        return self
+
+    def __exit__(self, *exc):
+        self.mp.undo()
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -122,51 +155,47 @@ def _check_against_reference(b, a, compute_dtype, rel_gap, tol, **kw):
     return fast, ref
 
 
-COMMON = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
+COMMON = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
                                                                         HealthCheck.too_slow])
 
 
+@pytest.mark.parametrize("name", list(ENGINES))
 @COMMON
-@given(lora_factors())
-def test_fast_path_matches_reference_float64(case):
+@given(case=lora_factors())
+def test_fast_path_matches_reference_float64(name, case):
     b, a, _ = case
-    fast, ref = _check_against_reference(b, a, torch.float64, 1e-9, 1e-8)
+    with engine(name):
+        fast, ref = _check_against_reference(b, a, torch.float64, 1e-9, 1e-8)
     for p, q in zip(fast.picks, ref.picks):
         # delta is relative to u and v, whose signs are arbitrary: compare magnitudes
         assert abs(p.delta) == pytest.approx(abs(q[2]), rel=1e-8, abs=1e-12 * np.abs(ref.sigma).max(initial=1))
 
 
+@pytest.mark.parametrize("name", list(ENGINES))
 @COMMON
-@given(lora_factors())
-def test_fast_path_matches_reference_float32(case):
+@given(case=lora_factors())
+def test_fast_path_matches_reference_float32(name, case):
     b, a, _ = case
-    _check_against_reference(b, a, torch.float32, 1e-3, 1e-5)
+    with engine(name):
+        _check_against_reference(b, a, torch.float32, 1e-3, 1e-5)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(lora_factors(), st.sampled_from(["spsvd", "svd"]), st.integers(1, 6), st.integers(1, 6))
 def test_ablations_and_parameters_match_reference(case, method, m, h):
     b, a, _ = case
     _check_against_reference(b, a, torch.float64, 1e-9, 1e-8, method=method, components=m, top_h=h)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(lora_factors(max_dim=12))
-def test_sampled_bracket_and_chunking_match_reference(case):
-    """Tiny samples and chunks force the sampled bracket, its misses and its widening on small inputs."""
+@pytest.mark.parametrize("name", ["torch", "kernel", "tiny"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(case=lora_factors())
+def test_screening_never_changes_the_result(name, dtype, case):
     b, a, _ = case
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spectral, "SAMPLE_SIZE", 8)
-        mp.setattr(spectral, "CHUNK_ENTRIES", 5)
-        _check_against_reference(b, a, torch.float64, 1e-9, 1e-8)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(lora_factors())
-def test_screening_never_changes_the_result(case):
-    b, a, _ = case
-    screened = mas_svd(b, a)
-    exhaustive = mas_svd(b, a, exhaustive=True)
+    with engine(name):
+        screened = mas_svd(b.to(dtype), a.to(dtype))
+        exhaustive = mas_svd(b.to(dtype), a.to(dtype), exhaustive=True)
     assert screened.picks == exhaustive.picks
     assert screened.ssi == exhaustive.ssi
     assert screened.pairs_exact <= exhaustive.pairs_exact == exhaustive.pairs_total
@@ -175,7 +204,7 @@ def test_screening_never_changes_the_result(case):
 # ---------------------------------------------------------------------------------------------- invariances
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(lora_factors(), st.integers(0, 2**32 - 1))
 def test_invariances(case, seed):
     """Row and column permutations and a global sign change leave picks, S' and SSI unchanged; scaling
@@ -237,7 +266,7 @@ def test_fit_objective_and_delta_are_literal():
         R = R - p.delta * uv
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(lora_factors(), st.integers(0, 2**32 - 1))
 def test_lower_bounds_are_lower_bounds(case, seed):
     b, a, _ = case
