@@ -28,6 +28,9 @@ class LoraLayer:
     r: the rank read from the tensors. lora_alpha and scaling: from the config, patterns applied.
     keys: the tensor names in the weights file, by role: "A", "B", and where present "B.bias",
         "magnitude" (DoRA).
+    groups: for a LoRA conv on a grouped convolution (PEFT gives lora_B the base layer's ``groups``), the
+        number of groups G: lora_B is stored [out, r / G, 1...] and acts as a block-diagonal [out, r] matrix.
+        1 for every other layer.
     """
 
     module: str
@@ -39,6 +42,7 @@ class LoraLayer:
     dtype: str
     keys: dict[str, str]
     notes: tuple[str, ...] = ()
+    groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class Adapter(Protocol):
     def sha256(self) -> str:
         """Hex sha256 of the weights file."""
 
-    def load_factors(self, layer: LoraLayer, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d, r], right [r, k]) with dW = left @ right, scaling included, in ``dtype`` on ``device``."""
 
     def close(self) -> None:

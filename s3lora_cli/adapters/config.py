@@ -125,5 +125,7 @@ def read_config(path: Path) -> AdapterConfig:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise AdapterInputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        raise AdapterInputError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
     return parse_config(raw, path)

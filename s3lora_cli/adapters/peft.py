@@ -40,7 +40,7 @@ class _SafetensorsSource:
             self._file = safe_open(str(path), framework="pt", device="cpu")
             self.keys = list(self._file.keys())
             self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self.keys}
-            self.dtypes = {k: self._file.get_slice(k).get_dtype() for k in self.keys}
+            self.dtypes = {k: _dtype_name(self._file.get_slice(k).get_dtype()) for k in self.keys}
         except Exception as exc:  # safetensors raises its own error types, and OSError
             raise AdapterInputError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
         self.path = path
@@ -84,6 +84,14 @@ class _PickleSource:
         self._state = {}
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _dtype_name(safetensors_dtype: str) -> str:
+    """torch's name of a safetensors dtype ("BF16" -> "bfloat16"), the spelling the .bin reader gives too."""
+    return _SAFETENSORS_DTYPES.get(safetensors_dtype, safetensors_dtype.lower())
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -97,6 +105,15 @@ def locate(path: Path) -> tuple[Path, Path]:
         for name in (SAFETENSORS_NAME, BIN_NAME):
             if (path / name).is_file():
                 return path / name, path / CONFIG_NAME
+        nested = sorted(sub.name for sub in path.iterdir()
+                        if sub.is_dir() and (sub / CONFIG_NAME).is_file()
+                        and any((sub / name).is_file() for name in (SAFETENSORS_NAME, BIN_NAME)))
+        if nested:
+            raise AdapterInputError(
+                f"{path}: no {SAFETENSORS_NAME} (or {BIN_NAME}) here, but adapters in subdirectories "
+                f"{', '.join(nested)}: PEFT saves an adapter whose adapter_name is not 'default' under "
+                f"<directory>/<adapter_name>; point s3lora at {path / nested[0]}"
+            )
         raise AdapterInputError(
             f"{path}: no {SAFETENSORS_NAME} (or {BIN_NAME}) in this directory; point s3lora at a PEFT adapter "
             "directory as written by save_pretrained"
@@ -134,8 +151,8 @@ class PeftAdapter:
         for key in src.keys:
             m = _KEY.match(key)
             if m is None:
-                skipped.append(SkippedTensor(key, module_name(key.rsplit(".", 1)[0]), _skip_reason(key, self.config),
-                                             src.shapes[key]))
+                owner = _owner(key)
+                skipped.append(SkippedTensor(key, owner, _skip_reason(key, owner, self.config), src.shapes[key]))
                 continue
             role = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
                     "lora_magnitude_vector": "magnitude"}[m["role"]]
@@ -151,13 +168,42 @@ class PeftAdapter:
                 )
             entry.keys[role] = key
             entry.embedding |= m["role"].startswith("lora_embedding")
-        layers = [self._layer(module_name(mod), entry) for mod, entry in parts.items()]
+        layers = []
+        for mod, entry in parts.items():
+            packed = self._packed_experts(module_name(mod), entry)
+            if packed:
+                skipped.extend(packed)
+            else:
+                layers.append(self._layer(module_name(mod), entry))
+        if not layers and parts:
+            reasons = sorted({item.reason for item in skipped if item.reason.startswith("target_parameters")})
+            raise AdapterInputError(f"{self.weights_path}: no LoRA layer that s3lora can analyse: {'; '.join(reasons)}")
         if not layers:
             raise AdapterInputError(
                 f"{self.weights_path}: no LoRA tensors (lora_A / lora_B) found among {len(src.keys)} tensors"
             )
         layers.sort(key=lambda layer: layer.module)
         return tuple(layers), tuple(sorted(skipped, key=lambda s: s.key))
+
+    def _packed_experts(self, module: str, entry: _Parts) -> list[SkippedTensor]:
+        """The tensors of a ``target_parameters`` LoRA on a 3-d (mixture-of-experts) parameter, to be listed as
+        skipped: PEFT's ParamWrapper packs one rank-r update per expert into lora_A [E*r, in] / lora_B [out, E*r],
+        E matrices rather than one dW. Empty for every other module."""
+        targets = self.config.raw.get("target_parameters")
+        if not isinstance(targets, list) or entry.embedding or not {"A", "B"} <= set(entry.keys):
+            return []
+        # PEFT nests one ParamWrapper per targeted parameter of a module: "experts", "experts.base_layer", ...
+        owner = "." + re.sub(r"(\.base_layer)+$", "", module)
+        parents = [t.rpartition(".")[0] for t in targets if isinstance(t, str)]
+        if not any(not parent or owner.endswith("." + parent) for parent in parents):
+            return []
+        a_shape, b_shape = self._source.shapes[entry.keys["A"]], self._source.shapes[entry.keys["B"]]
+        r, _ = self.config.rank_and_alpha(module)
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] <= r or a_shape[0] % r:
+            return []
+        reason = (f"target_parameters ({', '.join(map(str, targets))}): {a_shape[0] // r} experts' rank-{r} "
+                  "updates packed in one lora_A / lora_B pair, not one dW; not analysed")
+        return [SkippedTensor(key, module, reason, self._source.shapes[key]) for key in entry.keys.values()]
 
     def _layer(self, module: str, entry: _Parts) -> LoraLayer:
         keys, embedding = dict(entry.keys), entry.embedding
@@ -177,7 +223,13 @@ class PeftAdapter:
             rank, rank_b = (a_shape[0], b_shape[1]) if ok else (0, -1)
             shape = (b_shape[0], math.prod(a_shape[1:])) if ok else (0, 0)
         if not ok:
-            raise AdapterInputError(f"{where}: lora_A {list(a_shape)} and lora_B {list(b_shape)} are not LoRA factor shapes")
+            raise AdapterInputError(
+                f"{where}: lora_A {list(a_shape)} and lora_B {list(b_shape)} are not LoRA factor shapes"
+            )
+        groups = 1
+        if kind is LayerKind.CONV and 0 < rank_b < rank and rank % rank_b == 0 and b_shape[0] % (rank // rank_b) == 0:
+            # PEFT builds lora_B of a grouped ConvNd with the base layer's groups: [out, r / groups, 1...]
+            groups, rank_b = rank // rank_b, rank
         if rank != rank_b:
             raise AdapterInputError(
                 f"{where}: inner ranks disagree, lora_A has {rank} rows but lora_B has {rank_b} columns"
@@ -197,11 +249,14 @@ class PeftAdapter:
             notes.append("lora_B.bias present: a bias update, not part of dW, not analysed")
         if "A.bias" in keys:
             notes.append("lora_A.bias present: not part of dW, not analysed")
+        if groups > 1:
+            notes.append(f"grouped convolution (groups={groups}): lora_B is block diagonal over the groups; "
+                         "dW maps all input channels, so it does not merge into the base weight")
         if entry.adapter_names:
             notes.append(f"adapter name in keys: {', '.join(sorted(entry.adapter_names))}")
         dtype = self._source.dtypes[keys["B"]]
         scaling = self.config.scaling(module)
-        return LoraLayer(module, kind, shape, rank, alpha, scaling, str(dtype).lower(), keys, tuple(notes))
+        return LoraLayer(module, kind, shape, rank, alpha, scaling, dtype, keys, tuple(notes), groups)
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
@@ -210,13 +265,17 @@ class PeftAdapter:
                 digest.update(block)
         return digest.hexdigest()
 
-    def load_factors(self, layer: LoraLayer, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d, r], right [r, k]) with dW = left @ right = scaling * B @ A in the spec's orientation."""
         a = self._source.get(layer.keys["A"]).to(device=device, dtype=dtype)
         b = self._source.get(layer.keys["B"]).to(device=device, dtype=dtype)
         if layer.kind is LayerKind.EMBEDDING:  # dW = scaling * (B @ A)^T = (scaling * A^T) @ B^T
             return layer.scaling * a.T, b.T.contiguous()
-        return layer.scaling * b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+        b = b.reshape(b.shape[0], -1)
+        if layer.groups > 1:  # group g's outputs read only channels g * r/G .. (g+1) * r/G - 1 of lora_A's output
+            b = torch.block_diag(*b.chunk(layer.groups, dim=0))
+        return layer.scaling * b, a.reshape(a.shape[0], -1)
 
     def close(self) -> None:
         self._source.close()
@@ -228,13 +287,30 @@ class PeftAdapter:
         self.close()
 
 
-def _skip_reason(key: str, config: AdapterConfig) -> str:
+# Wrappers PEFT puts between a module and its parameters; a raw model.state_dict() keeps them in the keys:
+# "<module>.base_layer.weight" (a LoRA-wrapped layer's own weights), "<module>.modules_to_save.<adapter>.weight"
+# and "<module>.original_module.weight" (modules_to_save), "<module>.token_adapter.trainable_tokens_delta".
+_WRAPPER = re.compile(r"\.(?:base_layer|modules_to_save|original_module|token_adapter)(?:\.|$)")
+
+
+def _owner(key: str) -> str:
+    """The module a non-LoRA tensor belongs to, by PEFT's module path: the key without its parameter name,
+    PEFT's wrappers and ``base_model.model.``."""
+    wrapped = _WRAPPER.search(key)
+    return module_name(key[:wrapped.start()] if wrapped else key.rpartition(".")[0])
+
+
+def _skip_reason(key: str, owner: str, config: AdapterConfig) -> str:
     saved = config.modules_to_save or []
     if isinstance(saved, str):
         saved = [saved]
-    parts = module_name(key).split(".")
-    if any(name in parts for name in saved):
+    if ".trainable_tokens_delta" in key:
+        return "trainable_token_indices: trained rows of selected token embeddings, not a LoRA update"
+    if ".original_module." in key:
+        return "modules_to_save: the base model's original copy of the module, not a LoRA update"
+    # PEFT's _set_trainable picks modules_to_save by a plain suffix test on the module path
+    if ".modules_to_save." in key or any(owner.endswith(name) for name in saved if isinstance(name, str)):
         return "modules_to_save: a full trained copy of the module, not a LoRA update"
-    if ".base_layer." in key or key.endswith(".base_layer.weight"):
+    if ".base_layer." in key:
         return "full base weights shipped with the adapter (e.g. resized embeddings), not a LoRA update"
     return "not a LoRA factor (full weights shipped in the adapter file)"
