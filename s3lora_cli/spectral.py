@@ -34,11 +34,15 @@ SAMPLE_SIZE = 1 << 14
 ESTIMATE_SAMPLE = 1 << 12
 """Entries drawn uniformly to estimate every pair's objective, which orders the exact work."""
 
-ESTIMATE_MARGIN = 0.1
-"""Pairs whose estimate is within this relative margin of the best estimate are evaluated first."""
+ESTIMATE_MARGIN = 0.25
+"""The first pass evaluates the pairs whose estimated gain (||R||_1 minus the objective) is within this
+fraction of the best estimated gain."""
 
 SCREEN_MIN_ENTRIES = 1 << 14
 """Below this many entries every pair is evaluated in one pass: screening would cost more than it saves."""
+
+BATCHED_MAX_ENTRIES = 1 << 21
+"""Small layers: when entries x pairs is at most this, every ratio of every pair is sorted in one batch."""
 
 KERNEL_MIN_ENTRIES = 1 << 16
 """Chunks at least this large use the compiled CPU kernel (when numba is available)."""
@@ -259,6 +263,25 @@ def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.T
     return result, (lower if bounds else None)
 
 
+def _exact_pairs_batched(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor,
+                         pairs: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, float]]:
+    """The same as ``_exact_pairs`` for a small R, all pairs at once: every ratio of every pair is sorted."""
+    f64 = torch.float64
+    r = (p @ q.T).reshape(1, -1)  # [1, n]
+    ia = torch.tensor([a for a, _ in pairs], device=p.device)
+    ib = torch.tensor([b for _, b in pairs], device=p.device)
+    uv = (us.T[ia][:, :, None] * vs.T[ib][:, None, :]).reshape(len(pairs), -1)  # [pairs, n]
+    w = uv.abs()
+    ratio = torch.where(w > 0, r / uv, torch.full_like(uv, math.inf))  # zero weights sort last, count nothing
+    ratio, order = ratio.sort(dim=1, stable=True)
+    w = w.gather(1, order).to(f64)
+    cum = w.cumsum(1)
+    idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=r.shape[1] - 1)
+    delta = torch.where(cum[:, -1:] > 0, ratio.gather(1, idx), torch.zeros_like(idx, dtype=ratio.dtype))
+    objective = (r.to(f64) - delta.to(f64) * uv.to(f64)).abs().sum(1)
+    return {pair: (float(delta[i, 0]), float(objective[i])) for i, pair in enumerate(pairs)}
+
+
 def _use_kernel(r_chunk: torch.Tensor) -> bool:
     return kernels.available and r_chunk.device.type == "cpu" and r_chunk.numel() >= KERNEL_MIN_ENTRIES
 
@@ -273,6 +296,8 @@ def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Te
     has_zero_u = {a: bool((us[:, a] == 0).any()) for a in by_a}
     has_zero_v = {b: bool((vs[:, b] == 0).any()) for _, b in passes}
     scratch: dict = {}
+    if kernels.available and p.device.type == "cpu":  # contiguous candidate vectors for the kernel
+        us_rows, vs_cols = us.T.contiguous().numpy(), vs.T.contiguous().numpy()
     if bound_sums is not None:
         bound_sums.corr = torch.zeros(us.shape[1], vs.shape[1], dtype=f64, device=p.device)
     for rows in _row_chunks(p.shape[0], q.shape[0]):
@@ -283,7 +308,7 @@ def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Te
         if _use_kernel(r_chunk):
             r_np = r_chunk.numpy()
             for (a, b), acc in passes.items():
-                acc.add(*kernels.bracket_pass(r_np, us[rows, a].numpy(), vs[:, b].numpy(), acc.lo, acc.hi, scratch))
+                acc.add(*kernels.bracket_pass(r_np, us_rows[a, rows], vs_cols[b], acc.lo, acc.hi, scratch))
             continue
         for a, bs in by_a.items():
             u = us[rows, a]
@@ -303,14 +328,13 @@ def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Te
                     zero = (r_chunk.abs() * (w == 0)).sum(dtype=f64)
                 sums = ((w * below).sum(dtype=f64), (t * below).sum(dtype=f64), (w * above).sum(dtype=f64),
                         (t * above).sum(dtype=f64), zero)
-                acc.add(sums, ratio[inside].to(f64), w[inside].to(f64))
+                acc.add(sums, ratio[inside], w[inside])
 
 
 def _select(acc: _PairPass) -> tuple[float, float] | None:
     """The lower weighted median and the objective from one pass, or None if the bracket missed."""
-    ratios, weights = torch.cat(acc.ratios), torch.cat(acc.weights)
-    order = torch.argsort(ratios, stable=True)
-    ratios, weights = ratios[order], weights[order]
+    ratios, order = torch.cat(acc.ratios).sort(stable=True)  # in the compute dtype
+    weights = torch.cat(acc.weights)[order].to(torch.float64)
     cum = acc.w_below + torch.cumsum(weights, 0)
     total = float(cum[-1]) + acc.w_above if cum.numel() else acc.w_below + acc.w_above
     if total == 0.0:  # every weight is zero: the objective does not depend on delta
@@ -320,7 +344,7 @@ def _select(acc: _PairPass) -> tuple[float, float] | None:
         return None
     idx = int(torch.searchsorted(cum, torch.tensor([half], dtype=cum.dtype, device=cum.device)))
     delta = float(ratios[idx])
-    inside = float((weights * (ratios - delta).abs()).sum())
+    inside = float((weights * (ratios.to(torch.float64) - delta).abs()).sum())
     objective = (delta * acc.w_below - acc.t_below) + (acc.t_above - delta * acc.w_above) + inside + acc.zero_weight_abs
     return delta, objective
 
@@ -345,8 +369,9 @@ def _lower_bounds_from(sums: _BoundSums, p, q, us, vs) -> torch.Tensor:
     return bounds.cpu()
 
 
-def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> torch.Tensor:
-    """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]); only orders the work."""
+def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]), and the sample's
+    ||R||_1 on the same scale; they only decide which pairs the first pass evaluates."""
     n = ESTIMATE_SAMPLE
     i = torch.randint(p.shape[0], (n,), generator=gen, device=p.device)
     j = torch.randint(q.shape[0], (n,), generator=gen, device=p.device)
@@ -359,7 +384,8 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> torch.Tensor:
     cum = w_sorted.cumsum(1)
     idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=n - 1)
     delta = ratio.gather(1, idx)
-    return (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
+    objectives = (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
+    return objectives, float(r.abs().sum())
 
 
 def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, steps: int,
@@ -383,7 +409,9 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
     all_pairs = [(a, b) for a in range(n_u) for b in range(n_v)]
     screen = not exhaustive and p.shape[0] * q.shape[0] >= SCREEN_MIN_ENTRIES
     for _ in range(steps):
-        if screen:
+        if p.shape[0] * q.shape[0] * len(all_pairs) <= BATCHED_MAX_ENTRIES:
+            evaluated = _exact_pairs_batched(p, q, us, vs, all_pairs)
+        elif screen:
             evaluated = _screened(p, q, us, vs, all_pairs, gen)
         else:
             evaluated = _exact_pairs(p, q, us, vs, all_pairs, gen)[0]
@@ -402,9 +430,11 @@ def _screened(p, q, us, vs, pairs, gen) -> dict[tuple[int, int], tuple[float, fl
     every pair's bound; a second pass evaluates the pairs whose bound does not exceed the best exact
     objective found. Estimates only decide what the first pass does, never the result.
     """
-    estimates = _sample_objectives(p, q, us, vs, gen)
-    cutoff = float(estimates.min()) * (1 + ESTIMATE_MARGIN)
-    first = [pair for pair in pairs if float(estimates[pair]) <= cutoff] or [min(pairs, key=lambda pr: float(estimates[pr]))]
+    estimates, sample_l1 = _sample_objectives(p, q, us, vs, gen)
+    best_estimate = float(estimates.min())
+    # objectives differ by the gains of the pairs, which are small next to ||R||_1: the margin is on the gain
+    cutoff = best_estimate + ESTIMATE_MARGIN * max(sample_l1 - best_estimate, 0.0)
+    first = [pair for pair in pairs if float(estimates[pair]) <= cutoff] or pairs[:1]
     evaluated, bounds = _exact_pairs(p, q, us, vs, first, gen, bounds=True)
     best = min(obj for _, obj in evaluated.values())
     slack = 1e-6 * abs(best) + 1e-300
