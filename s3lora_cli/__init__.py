@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from s3lora_cli.adapters import open_adapter  # noqa: E402
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError  # noqa: E402
+from s3lora_cli.pruning import PruneMode, PruneResult, prune_adapter  # noqa: E402
+from s3lora_cli.policy import Selection  # noqa: E402
 from s3lora_cli.scoring import LayerScore, ScoreOptions, ScoreReport, score_adapter  # noqa: E402
 from s3lora_cli.spectral import Method, Spectrum, mas_svd, ssi  # noqa: E402
 
@@ -18,6 +20,9 @@ __all__ = [
     "AdapterInputError",
     "LayerScore",
     "Method",
+    "PruneMode",
+    "PruneResult",
+    "Selection",
     "RuntimeProblem",
     "S3LoraError",
     "ScoreOptions",
@@ -26,6 +31,7 @@ __all__ = [
     "UsageError",
     "mas_svd",
     "open_adapter",
+    "prune_adapter",
     "score_adapter",
     "ssi",
 ]

@@ -1,14 +1,20 @@
-"""Renderers of a ScoreReport: the JSON document, Markdown, CSV and the Rich table; pure functions."""
+"""Renderers of a ScoreReport (JSON, Markdown, CSV, the Rich table) and of the gate's GateResults (JSON, Markdown,
+SARIF 2.1.0, the Rich verdict); pure functions."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import quote
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
+from s3lora_cli.gate import RULE_HELP, GateResult, Rule, Violation
 from s3lora_cli.scoring import LayerScore, ScoreReport
 
 SCHEMA_VERSION = 1
@@ -151,3 +157,246 @@ def summary_line(report: ScoreReport, flagged=(), tau: int | None = None) -> str
     if report.not_analysed:
         parts.append(f"{len(report.not_analysed)} non-LoRA tensors not analysed")
     return "; ".join(parts)
+
+
+# --- the gate (s3lora check): JSON, Markdown, SARIF 2.1.0 and the Rich verdict -------------------------------
+
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+SARIF_VERSION = "2.1.0"
+
+
+def _fmt_value(v: Violation) -> str:
+    if v.value is None:
+        return "NaN/Inf" if v.rule is Rule.NON_FINITE else "-"
+    return f"{v.value:+.4f}" if v.rule is Rule.MAX_INCREASE else f"{v.value:.4f}"
+
+
+def _fmt_limit(limit: float | None) -> str:
+    return "-" if limit is None else f"{limit:g}"
+
+
+def _verdict_word(v: Violation, result: GateResult) -> str:
+    """'fails', 'tolerated' (within max-flagged) or 'reported' (new or missing layers without strict-layers)."""
+    if v.fails:
+        return "fails"
+    outcome = next(o for o in result.rules if o.rule is v.rule)
+    return "reported" if outcome.allowed is None else "tolerated"
+
+
+def _allowed_text(allowed: int | None) -> str:
+    return "any" if allowed is None else str(allowed)
+
+
+def gate_dict(result: GateResult) -> dict[str, Any]:
+    """The ``gate`` object of ``check --format json`` (documented in README.md)."""
+    doc: dict[str, Any] = {
+        "passed": result.passed,
+        "rules": [
+            {"rule": o.rule.value, "limit": _finite(o.limit), "allowed": o.allowed, "violations": o.violations,
+             "passed": o.passed, "source": o.source}
+            for o in result.rules
+        ],
+        "violations": [
+            {"module": v.module, "rule": v.rule.value, "value": _finite(v.value), "limit": _finite(v.limit),
+             "ssi": _finite(v.ssi), "baseline_ssi": _finite(v.baseline_ssi), "fails": v.fails, "message": v.message}
+            for v in result.violations
+        ],
+        "baseline": None,
+    }
+    if result.baseline is not None:
+        b = result.baseline.adapter
+        doc["baseline"] = {
+            "path": b.path,
+            "sha256": b.sha256,
+            "new_layers": sorted(result.new_layers),
+            "missing_layers": sorted(result.missing_layers),
+            "changes": [{"module": c.module, "ssi": _finite(c.ssi), "baseline_ssi": _finite(c.baseline_ssi),
+                         "increase": _finite(c.increase)} for c in result.changes],
+        }
+    return doc
+
+
+def check_dict(results: tuple[GateResult, ...] | list[GateResult]) -> dict[str, Any]:
+    """``check --format json``: for one adapter, its score report (as ``score --format json``) plus ``gate``;
+    for several, {schema_version, tool, passed, adapters: [that document for each adapter]}."""
+    docs = []
+    for result in results:
+        docs.append({**report_dict(result.report, _violating(result)), "gate": gate_dict(result)})
+    if len(docs) == 1:
+        return docs[0]
+    return {"schema_version": SCHEMA_VERSION, "tool": {"name": TOOL_NAME, "version": results[0].report.tool_version},
+            "passed": all(r.passed for r in results), "adapters": docs}
+
+
+def _violating(result: GateResult) -> set[str]:
+    """The candidate's modules listed among the violations (a missing layer is not one of its modules)."""
+    return {v.module for v in result.violations if v.rule is not Rule.MISSING_LAYER}
+
+
+def _rule_text(o) -> str:
+    limit = "" if o.limit is None else f" {o.limit:g}"
+    allowed = "" if not o.allowed else f", {o.allowed} allowed"
+    return f"{o.rule.value}{limit}{allowed}"
+
+
+def gate_summary_line(result: GateResult) -> str:
+    """One line for stderr and the table verdict, e.g. 'FAILED adapters/new: 2 violations of max-ssi 0.6'."""
+    failing = result.failing
+    word = "passed" if result.passed else "FAILED"
+    rules = "; ".join(_rule_text(o) for o in result.rules if o.allowed is not None)
+    if failing:
+        return f"{word} {result.report.adapter.path}: {len(failing)} failing layer(s) ({rules})"
+    others = len(result.violations)
+    extra = f", {others} tolerated or reported" if others else ""
+    return f"{word} {result.report.adapter.path}: no failing layer{extra} ({rules})"
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_gate_markdown(results: tuple[GateResult, ...] | list[GateResult]) -> str:
+    """A short Markdown report for $GITHUB_STEP_SUMMARY or a pull-request comment: the overall verdict, then
+    per adapter its rules, its violating layers and (folded) all its layers by SSI."""
+    failed = [r for r in results if not r.passed]
+    title = "passed" if not failed else "failed"
+    lines = [f"### s3lora check: {title}", ""]
+    if len(results) == 1:
+        lines.append(f"The adapter {'failed' if failed else 'passed'} the gate.")
+    else:
+        lines.append(f"{len(failed)} of {len(results)} adapters failed the gate." if failed
+                     else f"All {len(results)} adapters passed the gate.")
+    for result in results:
+        mark = "✅" if result.passed else "❌"
+        lines += ["", f"#### {mark} `{_md(result.report.adapter.path)}`: {'passed' if result.passed else 'failed'}", ""]
+        lines += ["| rule | limit | allowed | found | result | set by |", "|---|---:|---:|---:|---|---|"]
+        for o in result.rules:
+            lines.append(f"| {o.rule.value} | {_fmt_limit(o.limit)} | {_allowed_text(o.allowed)} | {o.violations} "
+                         f"| {'passed' if o.passed else '**failed**'} | {_md(o.source)} |")
+        if result.violations:
+            lines += ["", "| layer | rule | value | limit | verdict |", "|---|---|---:|---:|---|"]
+            for v in result.violations:
+                lines.append(f"| `{_md(v.module)}` | {v.rule.value} | {_fmt_value(v)} | {_fmt_limit(v.limit)} "
+                             f"| {_verdict_word(v, result)} |")
+        if result.baseline is not None:
+            lines += ["", f"Compared with `{_md(result.baseline.adapter.path)}` by module name: "
+                      f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing."]
+        lines += ["", f"<details><summary>All {len(result.report.layers)} layers by SSI</summary>", ""]
+        lines += _ranked_markdown(result)
+        lines += ["", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def _ranked_markdown(result: GateResult) -> list[str]:
+    base = {c.module: c for c in result.changes}
+    severity = {"fails": 0, "tolerated": 1, "reported": 2}
+    verdicts: dict[str, str] = {}
+    for v in result.violations:  # the worst verdict among each module's violations
+        word = _verdict_word(v, result)
+        if severity[word] < severity.get(verdicts.get(v.module, ""), 3):
+            verdicts[v.module] = word
+    header = ["rank", "module", "ssi"] + (["baseline", "change"] if result.baseline is not None else []) + ["gate"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if h in ("module", "gate") else "---:" for h in header) + "|"]
+    for i, s in enumerate(result.report.layers, start=1):
+        row = [str(i), f"`{_md(s.module)}`", _fmt(s.ssi, ".4f")]
+        if result.baseline is not None:
+            c = base.get(s.module)
+            row += [_fmt(c.baseline_ssi if c else None, ".4f"), _fmt(c.increase if c else None, "+.4f")]
+        row.append(verdicts.get(s.module, ""))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _sarif_uri(path: str, root: Path | None) -> tuple[str, str | None]:
+    """(uri, uriBaseId) of a file: relative to ``root`` (the repository root in CI) when it lies under it."""
+    p = Path(path)
+    if p.is_absolute() and root is not None:
+        try:
+            p = p.relative_to(root)
+        except ValueError:
+            pass
+    if p.is_absolute():
+        return p.as_uri(), None
+    return quote(str(PurePosixPath(*p.parts))), "%SRCROOT%"
+
+
+def _sarif_rule(rule: Rule) -> dict[str, Any]:
+    name = "".join(part.capitalize() for part in rule.value.split("-"))
+    return {
+        "id": rule.value,
+        "name": name,
+        "shortDescription": {"text": RULE_HELP[rule].split(";")[0].split(" (")[0].rstrip(".") + "."},
+        "fullDescription": {"text": RULE_HELP[rule]},
+        "help": {"text": RULE_HELP[rule] + " Layers are scored with S3LoRA's MAS-SVD Spectral Sharpness Index."},
+        "defaultConfiguration": {"level": "error"},
+        "properties": {"tags": ["lora", "s3lora"]},
+    }
+
+
+def sarif_dict(results: tuple[GateResult, ...] | list[GateResult], root: Path | None = None) -> dict[str, Any]:
+    """SARIF 2.1.0: one run, one result per violating layer, located in the adapter's weights file (relative to
+    ``root`` when under it) with the module as the logical location. level: error when the layer fails the
+    gate, warning when max-flagged tolerates it, note for a new or missing layer without strict-layers."""
+    rules = list(Rule)
+    out = []
+    for result in results:
+        a = result.report.adapter
+        uri, base = _sarif_uri(a.weights_file, root)
+        artifact = {"uri": uri, **({"uriBaseId": base} if base else {})}
+        for v in result.violations:
+            verdict = _verdict_word(v, result)
+            out.append({
+                "ruleId": v.rule.value,
+                "ruleIndex": rules.index(v.rule),
+                "level": {"fails": "error", "tolerated": "warning", "reported": "note"}[verdict],
+                "message": {"text": f"{v.module} ({a.path}): {v.message}"},
+                "locations": [{
+                    "physicalLocation": {"artifactLocation": artifact, "region": {"startLine": 1}},
+                    "logicalLocations": [{"name": v.module.rsplit(".", 1)[-1], "fullyQualifiedName": v.module,
+                                          "kind": "module"}],
+                }],
+                "partialFingerprints": {"s3loraLayer/v1": f"{a.path}:{v.module}:{v.rule.value}"},
+                "properties": {"adapter": a.path, "module": v.module, "value": _finite(v.value),
+                               "limit": _finite(v.limit), "ssi": _finite(v.ssi),
+                               "baseline_ssi": _finite(v.baseline_ssi), "verdict": verdict},
+            })
+    version = results[0].report.tool_version if results else ""
+    return {
+        "$schema": SARIF_SCHEMA,
+        "version": SARIF_VERSION,
+        "runs": [{
+            "tool": {"driver": {"name": TOOL_NAME, "version": version, "rules": [_sarif_rule(r) for r in rules]}},
+            "results": out,
+            "properties": {"passed": all(r.passed for r in results)},
+        }],
+    }
+
+
+def render_gate_table(result: GateResult) -> Group:
+    """The verdict, the rules and the violating layers first, then the ranked table (those layers starred)."""
+    style = "bold green" if result.passed else "bold red"
+    parts: list[Any] = [Text(gate_summary_line(result), style=style)]
+    rules = Table(box=None, pad_edge=False, show_edge=False)
+    for h in ("rule", "limit", "allowed", "found", "result", "set by"):
+        rules.add_column(h, justify="right" if h in ("limit", "allowed", "found") else "left", no_wrap=True)
+    for o in result.rules:
+        cells = (o.rule.value, _fmt_limit(o.limit), _allowed_text(o.allowed), str(o.violations),
+                 "passed" if o.passed else "FAILED", o.source)
+        rules.add_row(*map(Text, cells), style=None if o.passed else "red")
+    parts.append(rules)
+    if result.violations:
+        table = Table(box=None, pad_edge=False, show_edge=False)
+        for h in ("layer", "rule", "value", "limit", "verdict", "detail"):
+            table.add_column(h, justify="right" if h in ("value", "limit") else "left", no_wrap=h != "detail")
+        for v in result.violations:
+            cells = (v.module, v.rule.value, _fmt_value(v), _fmt_limit(v.limit), _verdict_word(v, result), v.message)
+            table.add_row(*map(Text, cells), style="red" if v.fails else None)  # Text: no markup in names
+        parts += [Text(""), table]
+    if result.baseline is not None:
+        parts.append(Text(f"\ncompared with {result.baseline.adapter.path} by module name: "
+                          f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing"))
+    ranked = render_table(result.report, _violating(result))
+    ranked.caption = "* = listed among the violations above"
+    parts += [Text(""), ranked]
+    return Group(*parts)

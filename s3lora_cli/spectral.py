@@ -135,11 +135,15 @@ def _zero_below_noise(norms: torch.Tensor, factor_norms: torch.Tensor, core: tor
     return torch.where(norms > floor, norms, torch.zeros_like(norms))
 
 
-def _numerical_rank(s: torch.Tensor, q: int) -> int:
+RANK_RTOL = 1e-10
+"""A singular value below RANK_RTOL times the largest (of the float64 small-factor SVD) counts as zero:
+well above the rounding noise of a rank-deficient product of factors, far below any real direction."""
+
+
+def _numerical_rank(s: torch.Tensor) -> int:
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
-    tol = float(s[0]) * max(q, 1) * 10.0 * torch.finfo(s.dtype).eps
-    return int((s > tol).sum())
+    return int((s > float(s[0]) * RANK_RTOL).sum())
 
 
 def svd_spectrum(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -160,9 +164,8 @@ def mas_svd_candidates(left: torch.Tensor, right: torch.Tensor, components: int)
     right_h = torch.where(cn[None, :] > 0, right / (cn + EPS_NORM)[None, :], torch.zeros_like(right))
     _, s_t, v_t = lowrank_svd(left_t, right)
     u_h, s_h, _ = lowrank_svd(left_t, right_h)
-    q = left.shape[1]
-    n_v = min(components, _numerical_rank(s_t, q))
-    n_u = min(components, _numerical_rank(s_h, q))
+    n_v = min(components, _numerical_rank(s_t))
+    n_u = min(components, _numerical_rank(s_h))
     return u_h[:, :n_u], v_t[:, :n_v]
 
 

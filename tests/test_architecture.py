@@ -53,6 +53,8 @@ def test_layers_point_one_way():
                                 "s3lora_cli.spectral", "rich"),
         "s3lora_cli.scoring": ("s3lora_cli.policy", "s3lora_cli.report", "s3lora_cli.cli", "rich"),
         "s3lora_cli.policy": ("s3lora_cli.report", "s3lora_cli.cli", "rich"),
+        "s3lora_cli.gate": ("s3lora_cli.report", "s3lora_cli.cli", "rich"),
+        "s3lora_cli.pruning": ("s3lora_cli.report", "s3lora_cli.cli", "rich"),
         "s3lora_cli.report": ("s3lora_cli.cli",),
         "s3lora_cli.errors": ("s3lora_cli.",),
     }

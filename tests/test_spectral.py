@@ -49,15 +49,17 @@ def test_reference_reproduces_worked_check():
 # ---------------------------------------------------------------------------------------------- engines
 
 ENGINES = {
-    # the defaults: small inputs take the one-pass path without screening
+    # the defaults: small inputs sort every ratio of every pair in one batch
     "default": {},
+    # one pass per step over all pairs, without screening
+    "unscreened": {"BATCHED_MAX_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
     # screening on every input, the tensor implementation of the pass
-    "torch": {"SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
+    "torch": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
     # screening on every input, the compiled kernel on every chunk
-    "kernel": {"SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0},
+    "kernel": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0},
     # tiny samples and chunks: sampled brackets, their misses and widening, many chunks per pass
-    "tiny": {"SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "SAMPLE_SIZE": 8, "CHUNK_ENTRIES": 5,
-             "ESTIMATE_SAMPLE": 4},
+    "tiny": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "SAMPLE_SIZE": 8,
+             "CHUNK_ENTRIES": 5, "ESTIMATE_SAMPLE": 4},
 }
 
 
@@ -187,7 +189,7 @@ def test_ablations_and_parameters_match_reference(case, method, m, h):
     _check_against_reference(b, a, torch.float64, 1e-9, 1e-8, method=method, components=m, top_h=h)
 
 
-@pytest.mark.parametrize("name", ["torch", "kernel", "tiny"])
+@pytest.mark.parametrize("name", ["default", "torch", "kernel", "tiny"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(case=lora_factors())
@@ -235,35 +237,39 @@ def test_weighted_lower_median_rule():
     assert weighted_lower_median(np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 3.0])) == 3.0
 
 
-def test_fit_ties_go_to_smallest_pair_and_pairs_repeat():
-    dw_left = torch.tensor([[3.0], [1.0], [-2.0]], dtype=torch.float64)
-    dw_right = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
-    u = torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64)
-    us = torch.cat([u, u], dim=1)  # two identical candidates: identical objectives, (1, 1) must win
-    vs = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
-    for exhaustive in (False, True):
-        picks, _, _ = l1_fit(dw_left, dw_right, us, vs, steps=3, exhaustive=exhaustive)
-        assert [(p.a, p.b) for p in picks] == [(1, 1), (1, 1), (1, 1)]
-        assert picks[0].delta == 3.0 and picks[1].delta == 0.0
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_fit_ties_go_to_smallest_pair_and_pairs_repeat(name):
+    with engine(name):
+        dw_left = torch.tensor([[3.0], [1.0], [-2.0]], dtype=torch.float64)
+        dw_right = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+        u = torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64)
+        us = torch.cat([u, u], dim=1)  # two identical candidates: identical objectives, (1, 1) must win
+        vs = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+        for exhaustive in (False, True):
+            picks, _, _ = l1_fit(dw_left, dw_right, us, vs, steps=3, exhaustive=exhaustive)
+            assert [(p.a, p.b) for p in picks] == [(1, 1), (1, 1), (1, 1)]
+            assert picks[0].delta == 3.0 and picks[1].delta == 0.0
 
 
-def test_fit_objective_and_delta_are_literal():
-    rng = np.random.default_rng(7)
-    left, right = rng.standard_normal((6, 2)), rng.standard_normal((2, 5))
-    us, vs = np.linalg.qr(rng.standard_normal((6, 3)))[0], np.linalg.qr(rng.standard_normal((5, 2)))[0]
-    picks, _, _ = l1_fit(torch.tensor(left), torch.tensor(right), torch.tensor(us), torch.tensor(vs), steps=2)
-    R = left @ right
-    for p in picks:
-        u, v = us[:, p.a - 1], vs[:, p.b - 1]
-        uv = np.outer(u, v)
-        assert p.delta == pytest.approx(weighted_lower_median((R / uv).ravel(), np.abs(uv).ravel()), rel=1e-12)
-        assert p.objective == pytest.approx(np.abs(R - p.delta * uv).sum(), rel=1e-10)
-        best = min(np.abs(R - weighted_lower_median((R / np.outer(us[:, i], vs[:, j])).ravel(),
-                                                     np.abs(np.outer(us[:, i], vs[:, j])).ravel())
-                          * np.outer(us[:, i], vs[:, j])).sum()
-                   for i in range(us.shape[1]) for j in range(vs.shape[1]))
-        assert p.objective == pytest.approx(best, rel=1e-10)
-        R = R - p.delta * uv
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_fit_objective_and_delta_are_literal(name):
+    with engine(name):
+        rng = np.random.default_rng(7)
+        left, right = rng.standard_normal((6, 2)), rng.standard_normal((2, 5))
+        us, vs = np.linalg.qr(rng.standard_normal((6, 3)))[0], np.linalg.qr(rng.standard_normal((5, 2)))[0]
+        picks, _, _ = l1_fit(torch.tensor(left), torch.tensor(right), torch.tensor(us), torch.tensor(vs), steps=2)
+        R = left @ right
+        for p in picks:
+            u, v = us[:, p.a - 1], vs[:, p.b - 1]
+            uv = np.outer(u, v)
+            assert p.delta == pytest.approx(weighted_lower_median((R / uv).ravel(), np.abs(uv).ravel()), rel=1e-12)
+            assert p.objective == pytest.approx(np.abs(R - p.delta * uv).sum(), rel=1e-10)
+            best = min(np.abs(R - weighted_lower_median((R / np.outer(us[:, i], vs[:, j])).ravel(),
+                                                         np.abs(np.outer(us[:, i], vs[:, j])).ravel())
+                              * np.outer(us[:, i], vs[:, j])).sum()
+                       for i in range(us.shape[1]) for j in range(vs.shape[1]))
+            assert p.objective == pytest.approx(best, rel=1e-10)
+            R = R - p.delta * uv
 
 
 @settings(max_examples=40, deadline=None)
@@ -330,14 +336,16 @@ def test_cuda_matches_cpu():
     assert math.isclose(gpu.ssi, cpu.ssi, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(ENGINES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_fit_takes_the_lower_weighted_median(dtype):
+def test_fast_fit_takes_the_lower_weighted_median(name, dtype):
     """R = [1, 2, 3, 4], u = [1], v = [1/2] * 4: ratios 2, 4, 6, 8 with equal weights; the cumulative
     weight reaches exactly half at the second, so delta is 4 (the upper median would be 6)."""
-    left = torch.tensor([[1.0]], dtype=dtype)
-    right = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=dtype)
-    us = torch.tensor([[1.0]], dtype=dtype)
-    vs = torch.full((4, 1), 0.5, dtype=dtype)
-    picks, _, _ = l1_fit(left, right, us, vs, steps=1)
-    assert picks[0].delta == 4.0
-    assert picks[0].objective == pytest.approx(abs(1 - 2) + abs(2 - 2) + abs(3 - 2) + abs(4 - 2))
+    with engine(name):
+        left = torch.tensor([[1.0]], dtype=dtype)
+        right = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=dtype)
+        us = torch.tensor([[1.0]], dtype=dtype)
+        vs = torch.full((4, 1), 0.5, dtype=dtype)
+        picks, _, _ = l1_fit(left, right, us, vs, steps=1)
+        assert picks[0].delta == 4.0
+        assert picks[0].objective == pytest.approx(abs(1 - 2) + abs(2 - 2) + abs(3 - 2) + abs(4 - 2))

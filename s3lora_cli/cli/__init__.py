@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from s3lora_cli import __version__
@@ -32,6 +33,15 @@ app = typer.Typer(
 )
 
 
+# Options shared by the commands that score (one definition each).
+COMPONENTS = typer.Option(None, "--components", "-M", help="M, rank-1 components (default: min(8, r)).")
+TOP_H = typer.Option(None, "--top-h", help="h, singular values in SSI's denominator (default: M).")
+EXHAUSTIVE = typer.Option(False, "--exhaustive", help="Evaluate every candidate pair exactly (no screening).")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DTYPE = typer.Option("float32", "--dtype", help="Compute dtype of the L1 fit: float32 or float64.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")
+
+
 class Format(str, enum.Enum):
     table = "table"
     json = "json"
@@ -44,7 +54,7 @@ def stderr_console() -> Console:
 
 
 def _fail(code: int, message: str) -> typer.Exit:
-    stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    stderr_console().print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -134,5 +144,7 @@ def run() -> None:
     app()
 
 
-# The commands register themselves on ``app`` when imported.
-from s3lora_cli.cli import score as _score  # noqa: E402,F401
+# The commands register themselves on ``app`` when imported, in the order --help lists them.
+from s3lora_cli.cli import score as _score  # noqa: E402,F401,I001
+from s3lora_cli.cli import prune as _prune  # noqa: E402,F401
+from s3lora_cli.cli import check as _check  # noqa: E402,F401

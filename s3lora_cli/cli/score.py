@@ -12,7 +12,13 @@ from rich.console import Console
 
 from s3lora_cli import report
 from s3lora_cli.cli import (
+    COMPONENTS,
     DEMO_ADAPTER,
+    DEVICE,
+    DTYPE,
+    EXHAUSTIVE,
+    QUIET,
+    TOP_H,
     Format,
     app,
     check_output,
@@ -36,13 +42,13 @@ def score(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
     method: Method = typer.Option(Method.MAS_SVD, "--method", help="Spectral method (paper Table 5)."),
-    components: Optional[int] = typer.Option(None, "--components", "-M", help="M, rank-1 components [default: min(8, r)]."),
-    top_h: Optional[int] = typer.Option(None, "--top-h", help="h, singular values in SSI's denominator [default: M]."),
-    exhaustive: bool = typer.Option(False, "--exhaustive", help="Evaluate every candidate pair exactly (no screening)."),
+    components: Optional[int] = COMPONENTS,
+    top_h: Optional[int] = TOP_H,
+    exhaustive: bool = EXHAUSTIVE,
     tau: int = typer.Option(DEFAULT_TAU, "--tau", help="Mark the top-tau layers by SSI (what prune would remove)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32 or float64."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    quiet: bool = QUIET,
 ) -> None:
     """Rank every LoRA layer of an adapter by its Spectral Sharpness Index (highest first)."""
     path = _adapter_path(adapter, demo)

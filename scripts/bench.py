@@ -1,0 +1,189 @@
+"""Benchmark s3lora score on generated Llama-shaped adapters; prints times, memory and ratios side by side.
+
+    python scripts/bench.py                       # demo, 7B-qkvo (and its ratios)
+    python scripts/bench.py --cases 7B-qkvo 7B-all 70B-all --device cpu
+    python scripts/bench.py --cases 7B-qkvo --device cuda
+
+Adapters are generated deterministically into a temporary directory (nothing large is committed), written
+one tensor at a time, so that even the 1.7 GB 70B adapter never sits in memory. Their updates have the
+decaying spectra of trained adapters: lora_B's r columns are scaled by 1/(1+i), and every eighth layer is
+sharp (one direction 20x stronger).
+
+Per case: the wall time of the whole `s3lora score` process (start-up included), the time per layer, the
+peak resident memory of that process, and, measured in the same run on a sample of layers:
+- default (screened) against --exhaustive, with the picks compared;
+- default against the dense float64 reference of the tests, on layers it can finish;
+- --method svd against --method mas-svd (whole adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+CASES = {
+    # name: (blocks, {proj: (out, in)}, r)
+    "7B-qkvo": (32, {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+                     "o_proj": (4096, 4096)}, 8),
+    "7B-all": (32, {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
+                    "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
+                    "down_proj": (4096, 11008)}, 16),
+    "70B-all": (80, {"q_proj": (8192, 8192), "k_proj": (1024, 8192), "v_proj": (1024, 8192),
+                     "o_proj": (8192, 8192), "gate_proj": (28672, 8192), "up_proj": (28672, 8192),
+                     "down_proj": (8192, 28672)}, 16),
+}
+MLP = {"gate_proj", "up_proj", "down_proj"}
+
+
+def layer_factors(index: int, out: int, inp: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + index)
+    a = torch.randn(r, inp, generator=gen) / inp**0.5
+    b = torch.randn(out, r, generator=gen) * 1e-2 / torch.arange(1, r + 1, dtype=torch.float32)
+    if index % 8 == 0:
+        b[:, 0] *= 20.0
+    return a.to(torch.bfloat16), b.to(torch.bfloat16)
+
+
+def write_adapter(path: Path, case: str) -> Path:
+    """A PEFT adapter directory, its safetensors file written tensor by tensor."""
+    blocks, projs, r = CASES[case]
+    path.mkdir(parents=True, exist_ok=True)
+    entries, offset = [], 0
+    for block in range(blocks):
+        for proj, (out, inp) in projs.items():
+            part = "mlp" if proj in MLP else "self_attn"
+            stem = f"base_model.model.model.layers.{block}.{part}.{proj}"
+            for name, shape in (("lora_A", [r, inp]), ("lora_B", [out, r])):
+                size = shape[0] * shape[1] * 2
+                entries.append((f"{stem}.{name}.weight", shape, offset, offset + size))
+                offset += size
+    header = {"__metadata__": {"format": "pt"}}
+    header.update({key: {"dtype": "BF16", "shape": shape, "data_offsets": [lo, hi]} for key, shape, lo, hi in entries})
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path / "adapter_model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        index = 0
+        for block in range(blocks):
+            for proj, (out, inp) in projs.items():
+                a, b = layer_factors(index, out, inp, r)
+                index += 1
+                fh.write(a.contiguous().view(torch.int16).numpy().tobytes())
+                fh.write(b.contiguous().view(torch.int16).numpy().tobytes())
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": sorted(projs),
+              "base_model_name_or_path": f"bench/{case}", "task_type": "CAUSAL_LM"}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def run_score(adapter: Path, *extra: str) -> tuple[float, float, dict]:
+    """Wall seconds, peak RSS (MiB) and the JSON report of one `s3lora score` process."""
+    cmd = [sys.executable, "-m", "s3lora_cli", "score", str(adapter), "--format", "json", "--quiet", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 1024, json.loads(out.stdout)
+
+
+def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
+    """On a sample of layers: default vs exhaustive vs the dense float64 reference, timed in-process."""
+    from reference import reference
+
+    from s3lora_cli import open_adapter
+    from s3lora_cli.scoring import ScoreOptions, resolve_device, score_layer
+
+    dev = resolve_device(device)
+    timings = {"default": 0.0, "exhaustive": 0.0, "reference": 0.0, "default_on_reference_layers": 0.0}
+    same_picks, compared, ref_layers, ssi_err, same_picks_ref = 0, 0, 0, 0.0, 0
+    with open_adapter(adapter) as opened:
+        chosen = opened.layers[:: max(1, len(opened.layers) // layers)][:layers]
+        for layer in chosen:
+            left, right = opened.load_factors(layer, torch.float32, dev)
+            start = time.perf_counter()
+            fast = score_layer(left, right, layer, ScoreOptions())
+            t_fast = time.perf_counter() - start
+            timings["default"] += t_fast
+            start = time.perf_counter()
+            full = score_layer(left, right, layer, ScoreOptions(exhaustive=True))
+            timings["exhaustive"] += time.perf_counter() - start
+            compared += 1
+            same_picks += [(p.a, p.b) for p in fast.picks] == [(p.a, p.b) for p in full.picks]
+            # The dense reference cannot finish a 4096 x 4096 layer: it runs on the layer's top-left block
+            # (rows and columns cropped to at most `crop`), and so does the default path it is compared with.
+            rows, cols = min(layer.shape[0], crop), min(layer.shape[1], crop)
+            sub_left, sub_right = left[:rows].contiguous(), right[:, :cols].contiguous()
+            start = time.perf_counter()
+            sub = score_layer(sub_left, sub_right, layer, ScoreOptions())
+            timings["default_on_reference_layers"] += time.perf_counter() - start
+            dw = (sub_left.double() @ sub_right.double()).cpu().numpy()
+            start = time.perf_counter()
+            ref = reference(dw, rank=layer.r)
+            timings["reference"] += time.perf_counter() - start
+            ref_layers += 1
+            same_picks_ref += [(p.a, p.b) for p in sub.picks] == [p[:2] for p in ref.picks]
+            ssi_err = max(ssi_err, abs(ref.ssi - sub.ssi) / max(abs(ref.ssi), 1e-300))
+    return {"layers": compared, "same_picks": same_picks, "reference_layers": ref_layers,
+            "max_rel_ssi_error_vs_reference": ssi_err, "same_picks_reference": same_picks_ref, **timings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["demo", "7B-qkvo"], choices=["demo", *CASES])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sample-layers", type=int, default=4, help="layers for the exhaustive/reference ratios")
+    parser.add_argument("--crop", type=int, default=256,
+                        help="rows and columns of each sampled layer that the dense reference runs on")
+    parser.add_argument("--skip-ratios", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"device {args.device}")
+    with tempfile.TemporaryDirectory(prefix="s3lora-bench-") as tmp:
+        for case in args.cases:
+            if case == "demo":
+                adapter = ROOT / "s3lora_cli" / "demo"
+            else:
+                start = time.perf_counter()
+                adapter = write_adapter(Path(tmp) / case, case)
+                size = (adapter / "adapter_model.safetensors").stat().st_size / 2**20
+                print(f"\n[{case}] generated {size:.0f} MiB in {time.perf_counter() - start:.1f} s")
+            wall, rss, doc = run_score(adapter, "--device", args.device)
+            n = len(doc["layers"])
+            print(f"[{case}] mas-svd: {wall:.1f} s wall for {n} layers ({wall / n * 1000:.0f} ms/layer incl. start-up), "
+                  f"peak RSS {rss:.0f} MiB, max SSI {doc['summary']['max_ssi']:.4f}")
+            wall_svd, rss_svd, _ = run_score(adapter, "--device", args.device, "--method", "svd")
+            print(f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
+                  f"mas-svd / svd = {wall / wall_svd:.1f}x")
+            if not args.skip_ratios:
+                r = sample_ratios(adapter, args.sample_layers, args.crop, args.device)
+                line = (f"[{case}] on {r['layers']} sampled layers: default {r['default']:.2f} s, exhaustive "
+                        f"{r['exhaustive']:.2f} s (exhaustive / default = {r['exhaustive'] / r['default']:.1f}x), "
+                        f"same picks on {r['same_picks']}/{r['layers']}")
+                print(line)
+                print(f"[{case}] dense float64 reference on the same layers cropped to at most {args.crop}x{args.crop}: "
+                      f"{r['reference']:.2f} s vs default {r['default_on_reference_layers']:.3f} s (reference / default = "
+                      f"{r['reference'] / r['default_on_reference_layers']:.0f}x), same picks on "
+                      f"{r['same_picks_reference']}/{r['reference_layers']}, max relative SSI difference "
+                      f"{r['max_rel_ssi_error_vs_reference']:.1e}")
+
+
+if __name__ == "__main__":
+    main()

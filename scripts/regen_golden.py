@@ -1,0 +1,37 @@
+"""Regenerate the golden files of `s3lora check` (tests/golden/check-*.md, check-*.sarif).
+
+Writes the tiny test adapters into a temporary directory, runs each scenario of tests/test_check.py from there
+(so no absolute path enters the files), and writes the Markdown and SARIF outputs. Review the diff before
+committing:  python scripts/regen_golden.py && git diff tests/golden
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import test_check  # noqa: E402
+
+
+def main() -> None:
+    here = Path.cwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        test_check.write_adapters(Path(tmp))
+        os.chdir(tmp)
+        try:
+            rendered = {name: text for scenario in test_check.SCENARIOS
+                        for name, text in test_check.render_golden(scenario).items()}
+        finally:
+            os.chdir(here)
+    for name, text in rendered.items():
+        (test_check.GOLDEN / name).write_text(text)
+        print(f"wrote {test_check.GOLDEN / name}")
+
+
+if __name__ == "__main__":
+    main()
