@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 from s3lora_cli.adapters import open_adapter  # noqa: E402
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError  # noqa: E402
-from s3lora_cli.pruning import PruneMode, PruneResult, prune_adapter  # noqa: E402
 from s3lora_cli.policy import Selection  # noqa: E402
+from s3lora_cli.pruning import PruneMode, PruneResult, prune_adapter  # noqa: E402
 from s3lora_cli.scoring import LayerScore, ScoreOptions, ScoreReport, score_adapter  # noqa: E402
 from s3lora_cli.spectral import Method, Spectrum, mas_svd, ssi  # noqa: E402
 

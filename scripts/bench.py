@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +78,8 @@ def write_adapter(path: Path, case: str) -> Path:
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         index = 0
-        for block in range(blocks):
-            for proj, (out, inp) in projs.items():
+        for _ in range(blocks):
+            for out, inp in projs.values():
                 a, b = layer_factors(index, out, inp, r)
                 index += 1
                 fh.write(a.contiguous().view(torch.int16).numpy().tobytes())
@@ -167,8 +166,9 @@ def main() -> None:
                 print(f"\n[{case}] generated {size:.0f} MiB in {time.perf_counter() - start:.1f} s")
             wall, rss, doc = run_score(adapter, "--device", args.device)
             n = len(doc["layers"])
-            print(f"[{case}] mas-svd: {wall:.1f} s wall for {n} layers ({wall / n * 1000:.0f} ms/layer incl. start-up), "
-                  f"peak RSS {rss:.0f} MiB, max SSI {doc['summary']['max_ssi']:.4f}")
+            print(f"[{case}] mas-svd: {wall:.1f} s wall for {n} layers "
+                  f"({wall / n * 1000:.0f} ms/layer incl. start-up), peak RSS {rss:.0f} MiB, "
+                  f"max SSI {doc['summary']['max_ssi']:.4f}")
             wall_svd, rss_svd, _ = run_score(adapter, "--device", args.device, "--method", "svd")
             print(f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
                   f"mas-svd / svd = {wall / wall_svd:.1f}x")
@@ -178,9 +178,10 @@ def main() -> None:
                         f"{r['exhaustive']:.2f} s (exhaustive / default = {r['exhaustive'] / r['default']:.1f}x), "
                         f"same picks on {r['same_picks']}/{r['layers']}")
                 print(line)
-                print(f"[{case}] dense float64 reference on the same layers cropped to at most {args.crop}x{args.crop}: "
-                      f"{r['reference']:.2f} s vs default {r['default_on_reference_layers']:.3f} s (reference / default = "
-                      f"{r['reference'] / r['default_on_reference_layers']:.0f}x), same picks on "
+                speedup = r["reference"] / r["default_on_reference_layers"]
+                print(f"[{case}] dense float64 reference on the same layers cropped to at most "
+                      f"{args.crop}x{args.crop}: {r['reference']:.2f} s vs default "
+                      f"{r['default_on_reference_layers']:.3f} s (reference / default = {speedup:.0f}x), same picks on "
                       f"{r['same_picks_reference']}/{r['reference_layers']}, max relative SSI difference "
                       f"{r['max_rel_ssi_error_vs_reference']:.1e}")
 

@@ -105,7 +105,7 @@ def test_methods_and_options(adapter):
     small = json.loads(run("score", adapter, "-f", "json", "-q", "--components", "2", "--top-h", "1").stdout)
     assert all(x["components"] == 2 and x["top_h"] == 1 and len(x["sigma"]) == 1 for x in small["layers"])
     f64 = json.loads(run("score", adapter, "-f", "json", "-q", "--dtype", "float64", "--device", "cpu").stdout)
-    for a, b in zip(base["layers"], f64["layers"]):
+    for a, b in zip(base["layers"], f64["layers"], strict=True):
         assert a["module"] == b["module"] and math.isclose(a["ssi"], b["ssi"], rel_tol=1e-5)
 
 
@@ -286,3 +286,19 @@ def test_installed_entry_point(adapter):
     assert json.loads(out.stdout)["layers"]
     bad = subprocess.run(["s3lora", "score", str(adapter / "missing")], capture_output=True, text=True)
     assert bad.returncode == EXIT_INPUT and "Traceback" not in bad.stderr
+
+
+def test_worked_check_end_to_end(tmp_path):
+    """The spec's worked check through the whole tool: a PEFT file with B (5 x 2), A (2 x 4), r = 2 and
+    lora_alpha = 2 (scaling 1)."""
+    b = torch.tensor([[2, 1], [1, -1], [0, 3], [-1, 2], [4, 0.5]], dtype=torch.float64)
+    a = torch.tensor([[1, 0, -2, 1], [0.5, 1, 1, -1]], dtype=torch.float64)
+    write_adapter(tmp_path, layer_tensors("model.layers.0.self_attn.q_proj", a, b), config_dict(r=2, lora_alpha=2),
+                  dtype=torch.float64)
+    doc = json.loads(run("score", tmp_path, "-f", "json", "-q", "--dtype", "float64").stdout)
+    layer = doc["layers"][0]
+    assert [(p["a"], p["b"]) for p in layer["picks"]] == [(1, 1), (2, 2)]
+    assert layer["sigma"] == pytest.approx([331.5348535575, 161.5729241058], rel=1e-9)
+    assert layer["ssi"] == pytest.approx(0.6723375049, abs=1e-9)
+    svd = json.loads(run("score", tmp_path, "-f", "json", "-q", "--method", "svd").stdout)["layers"][0]
+    assert svd["ssi"] == pytest.approx(0.6872004952, rel=1e-5)

@@ -168,7 +168,7 @@ def test_fast_path_matches_reference_float64(name, case):
     b, a, _ = case
     with engine(name):
         fast, ref = _check_against_reference(b, a, torch.float64, 1e-9, 1e-8)
-    for p, q in zip(fast.picks, ref.picks):
+    for p, q in zip(fast.picks, ref.picks, strict=True):
         # delta is relative to u and v, whose signs are arbitrary: compare magnitudes
         assert abs(p.delta) == pytest.approx(abs(q[2]), rel=1e-8, abs=1e-12 * np.abs(ref.sigma).max(initial=1))
 
