@@ -65,6 +65,105 @@ def _bracket_pass(r, u, v, lo, hi, sums, counts, ratios, weights):  # pragma: no
         counts[i] = n
 
 
+def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
+    """The smallest ratio whose cumulative weight (in ascending ratio order) reaches ``half``, and the sum
+    of weight * |ratio - it| over all entries; (nan, 0) if the total weight is below ``half``.
+
+    Quickselect on (ratio, weight) pairs, expected linear time; equal ratios are interchangeable, so no
+    order among them is needed. ``ratios`` and ``weights`` are permuted in place.
+    """
+    n = ratios.shape[0]
+    lo = 0
+    hi = n  # the answer is in [lo, hi); weight of entries before lo (all smaller) is below_w
+    below_w = 0.0
+    seed = 12345
+    while hi - lo > 0:
+        seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+        pivot = ratios[lo + seed % (hi - lo)]
+        # three-way partition of [lo, hi) around pivot: < pivot | == pivot | > pivot
+        lt = lo
+        gt = hi
+        i = lo
+        while i < gt:
+            x = ratios[i]
+            if x < pivot:
+                ratios[lt], ratios[i] = ratios[i], ratios[lt]
+                weights[lt], weights[i] = weights[i], weights[lt]
+                lt += 1
+                i += 1
+            elif x > pivot:
+                gt -= 1
+                ratios[gt], ratios[i] = ratios[i], ratios[gt]
+                weights[gt], weights[i] = weights[i], weights[gt]
+            else:
+                i += 1
+        w_less = 0.0
+        for m in range(lo, lt):
+            w_less += weights[m]
+        w_equal = 0.0
+        for m in range(lt, gt):
+            w_equal += weights[m]
+        if below_w + w_less >= half:
+            hi = lt
+        elif below_w + w_less + w_equal >= half:
+            delta = pivot
+            total = 0.0
+            for m in range(n):
+                total += np.float64(weights[m]) * abs(np.float64(ratios[m]) - np.float64(delta))
+            return np.float64(delta), total
+        else:
+            below_w += w_less + w_equal
+            lo = gt
+    return np.nan, 0.0
+
+
+def _pair_sums(r, u, v, lo, hi, out):  # pragma: no cover - compiled
+    """Every pair's partial sums over one residual chunk, without forming a ratio (no division).
+
+    r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; lo, hi: [P].
+    out: [P, c, 7], per pair and row: weight and signed residual below lo, the same above hi, the same over
+    all entries, and |r| where u_i v_j = 0 (see ``spectral._tangent_bounds`` for what they give). An entry is
+    below lo when its signed residual t = r * sign(u v) is below lo * |u v|, i.e. its ratio is below lo.
+    """
+    c, k = r.shape
+    n_pairs = u.shape[0]
+    for i in numba.prange(c):
+        for p in range(n_pairs):
+            ui = u[p, i]
+            lo_p = lo[p]
+            hi_p = hi[p]
+            w_below = 0.0
+            t_below = 0.0
+            w_above = 0.0
+            t_above = 0.0
+            w_all = 0.0
+            t_all = 0.0
+            zero = 0.0
+            for j in range(k):
+                x = r[i, j]
+                uv = ui * v[p, j]
+                w = abs(uv)
+                t = x * ((uv > 0) - (uv < 0))
+                below = t < lo_p * w
+                above = t > hi_p * w
+                w64 = np.float64(w)
+                t64 = np.float64(t)
+                w_below += w64 * below
+                t_below += t64 * below
+                w_above += w64 * above
+                t_above += t64 * above
+                w_all += w64
+                t_all += t64
+                zero += abs(np.float64(x)) * (uv == 0)
+            out[p, i, 0] = w_below
+            out[p, i, 1] = t_below
+            out[p, i, 2] = w_above
+            out[p, i, 3] = t_above
+            out[p, i, 4] = w_all
+            out[p, i, 5] = t_all
+            out[p, i, 6] = zero
+
+
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
     pos = 0
     for i in range(counts.shape[0]):
@@ -80,6 +179,9 @@ if available:
     _bracket_pass = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
+    _weighted_select = numba.njit(cache=True, nogil=True)(_weighted_select)
+    _pair_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
+                            fastmath={"reassoc"})(_pair_sums)
 
 
 def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: float,
@@ -99,6 +201,20 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
     out_ratios, out_weights = np.empty(n, r.dtype), np.empty(n, r.dtype)
     _compact(scratch["ratios"], scratch["weights"], counts, out_ratios, out_weights)
     return sums.sum(axis=0), out_ratios, out_weights
+
+
+def pair_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Run ``_pair_sums`` on one chunk; returns [P, 7] float64 (the per-row sums added up)."""
+    out = np.empty((u.shape[0], r.shape[0], 7), np.float64)
+    _pair_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), out)
+    return out.sum(axis=1)
+
+
+def weighted_select(ratios: np.ndarray, weights: np.ndarray, half: float) -> tuple[float, float]:
+    """The lower weighted median of ``ratios`` once ``half`` of the total weight is known, and the sum of
+    weight * |ratio - median| over them (see ``_weighted_select``); the arrays are reordered in place."""
+    delta, spread = _weighted_select(ratios, weights, half)
+    return float(delta), float(spread)
 
 
 def set_threads(n: int) -> None:

@@ -12,7 +12,6 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from s3lora_cli import kernels
@@ -35,6 +34,10 @@ SAMPLE_SIZE = 1 << 14
 ESTIMATE_SAMPLE = 1 << 12
 """Entries drawn uniformly to estimate every pair's objective, which orders the exact work."""
 
+BRACKET_Z = 3.0
+"""Half-width, in standard errors of the sample's weighted median, of the range where the tangent bounds
+are taken (see ``_tangent_bounds``)."""
+
 ESTIMATE_MARGIN = 0.25
 """The first pass evaluates the pairs whose estimated gain (||R||_1 minus the objective) is within this
 fraction of the best estimated gain."""
@@ -44,6 +47,10 @@ SCREEN_MIN_ENTRIES = 1 << 14
 
 BATCHED_MAX_ENTRIES = 1 << 21
 """Small layers: when entries x pairs is at most this, every ratio of every pair is sorted in one batch."""
+
+CACHE_ENTRIES = 1 << 26
+"""Residuals with at most this many entries (256 MiB in float32) are formed once per step of the fit, not
+once per pass."""
 
 KERNEL_MIN_ENTRIES = 1 << 16
 """Chunks at least this large use the compiled CPU kernel (when numba is available)."""
@@ -203,18 +210,72 @@ class _PairPass:
         self.weights.append(torch.as_tensor(weights))
 
 
+BOUND_POWERS = (0, 1, 2)
+"""The dual certificates tried for every pair (see ``_lower_bounds``): the correction direction
+E = sign(u v^T) |u|^alpha |v^T|^alpha for each alpha here; each pair keeps its best bound."""
+
+
 @dataclass
 class _BoundSums:
-    """What the dual lower bounds need from a pass: ||R||_1 and u_a^T sign(R) v_b for every pair."""
+    """What the dual lower bounds need from a pass over R: ||R||_1, and for every alpha in BOUND_POWERS
+    sign(R) and |R| projected on the candidates' powers (see ``_lower_bounds``)."""
 
     l1: float = 0.0
-    corr: torch.Tensor | None = None
+    signed: list = field(default_factory=list)
+    """[alpha]: [Mu, Mv], sum_ij sign(R_ij) u_i |u_i|^alpha v_j |v_j|^alpha."""
+    absolute: list = field(default_factory=list)
+    """[alpha]: [Mu, Mv], sum_ij |R_ij| |u_i|^alpha |v_j|^alpha (|x|^0 is 1 for x != 0, else 0)."""
+
+    def add(self, r_chunk: torch.Tensor, us: torch.Tensor, vs: torch.Tensor) -> None:
+        f64 = torch.float64
+        n = len(BOUND_POWERS)
+        sign, magnitude = r_chunk.sign(), r_chunk.abs()
+        v_pow = torch.cat([_power(vs, alpha) for alpha in BOUND_POWERS], dim=1)  # [k, n * Mv]
+        u_pow = [_power(us, alpha) for alpha in BOUND_POWERS]
+        s_proj = (sign @ (vs.repeat(1, n) * v_pow)).split(vs.shape[1], 1)
+        a_proj = (magnitude @ v_pow).split(vs.shape[1], 1)
+        if not self.signed:
+            self.signed = [0.0] * n
+            self.absolute = [0.0] * n
+        self.l1 += float(magnitude.sum(1).to(f64).sum())
+        for k, u in enumerate(u_pow):
+            self.signed[k] = self.signed[k] + ((us * u).T @ s_proj[k]).to(f64)
+            self.absolute[k] = self.absolute[k] + (u.T @ a_proj[k]).to(f64)
+
+
+def _power(x: torch.Tensor, alpha: int) -> torch.Tensor:
+    """|x|^alpha elementwise, with |x|^0 = 1 where x != 0 and 0 where x = 0."""
+    return (x != 0).to(x.dtype) if alpha == 0 else x.abs() ** alpha
 
 
 def _row_chunks(n_rows: int, n_cols: int):
     step = max(1, CHUNK_ENTRIES // max(n_cols, 1))
     for start in range(0, n_rows, step):
         yield slice(start, min(n_rows, start + step))
+
+
+class _Residual:
+    """R = p @ q^T (p: [d, s], q: [k, s]) at one step of the fit, handed out a chunk of rows at a time.
+
+    The chunks are the only place entries of R are formed. Every pass of a step sees the same values: when
+    R has at most CACHE_ENTRIES entries its chunks are kept after the first pass, otherwise they are formed
+    again in the same way (a bounded working set either way).
+    """
+
+    def __init__(self, p: torch.Tensor, q: torch.Tensor) -> None:
+        self.p, self.q = p, q
+        self._cache: list | None = [] if p.shape[0] * q.shape[0] <= CACHE_ENTRIES else None
+
+    def chunks(self):
+        if self._cache:
+            yield from self._cache
+            return
+        keep = self._cache is not None
+        for rows in _row_chunks(self.p.shape[0], self.q.shape[0]):
+            chunk = (rows, self.p[rows] @ self.q.T)  # [c, k]
+            if keep:
+                self._cache.append(chunk)
+            yield chunk
 
 
 def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: float,
@@ -234,9 +295,9 @@ def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     return lo, hi
 
 
-def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
+def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
                  gen: torch.Generator, bounds: bool = False) -> tuple[dict, torch.Tensor | None]:
-    """(delta, objective) of each pair over every entry of R = p @ q^T, exactly; and, if asked, every
+    """(delta, objective) of each pair over every entry of R, exactly; and, if asked, every
     pair's dual lower bound (see ``_lower_bounds``) from the same pass.
 
     delta is the lower weighted median of R[i,j] / (u_i v_j) with weights |u_i v_j|; the objective is
@@ -244,6 +305,7 @@ def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.T
     sampled bracket are summed, those inside it are kept and sorted. A bracket that misses the median is
     widened and the pass repeated, so the result never depends on the sample.
     """
+    p, q = res.p, res.q
     result: dict[tuple[int, int], tuple[float, float]] = {}
     widths = (*_BRACKET_WIDTHS, math.inf)
     # Small matrices: keeping every entry costs less than drawing the sample.
@@ -253,7 +315,7 @@ def _exact_pairs(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.T
     while todo or bound_sums is not None:
         passes = {pair: _PairPass(*_bracket(p, q, us[:, pair[0]], vs[:, pair[1]], widths[level], gen))
                   for pair, level in todo.items()}
-        _accumulate(p, q, us, vs, passes, bound_sums)
+        _accumulate(res, us, vs, passes, bound_sums)
         if bound_sums is not None:
             lower = _lower_bounds_from(bound_sums, p, q, us, vs)
             bound_sums = None
@@ -290,9 +352,10 @@ def _use_kernel(r_chunk: torch.Tensor) -> bool:
     return kernels.available and r_chunk.device.type == "cpu" and r_chunk.numel() >= KERNEL_MIN_ENTRIES
 
 
-def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, passes: dict,
+def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict,
                 bound_sums: _BoundSums | None = None) -> None:
-    """One pass over R = p @ q^T, a chunk of rows at a time, feeding every pair's accumulators."""
+    """One pass over R, a chunk of rows at a time, feeding every pair's accumulators."""
+    p = res.p
     f64 = torch.float64
     by_a: dict[int, list[int]] = {}
     for a, b in passes:
@@ -302,13 +365,9 @@ def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Te
     scratch: dict = {}
     if kernels.available and p.device.type == "cpu":  # contiguous candidate vectors for the kernel
         us_rows, vs_cols = us.T.contiguous().numpy(), vs.T.contiguous().numpy()
-    if bound_sums is not None:
-        bound_sums.corr = torch.zeros(us.shape[1], vs.shape[1], dtype=f64, device=p.device)
-    for rows in _row_chunks(p.shape[0], q.shape[0]):
-        r_chunk = p[rows] @ q.T  # [c, k]: the only place entries of R are formed
+    for rows, r_chunk in res.chunks():
         if bound_sums is not None:
-            bound_sums.l1 += float(r_chunk.abs().sum(dtype=f64))
-            bound_sums.corr += (us[rows].T @ (r_chunk.sign() @ vs)).to(f64)
+            bound_sums.add(r_chunk, us[rows], vs)
         if _use_kernel(r_chunk):
             r_np = r_chunk.numpy()
             for (a, b), acc in passes.items():
@@ -338,50 +397,73 @@ def _accumulate(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Te
 def _select(acc: _PairPass) -> tuple[float, float] | None:
     """The lower weighted median and the objective from one pass, or None if the bracket missed."""
     ratios, weights = torch.cat(acc.ratios), torch.cat(acc.weights)
-    # Equal ratios are interchangeable (delta is a ratio's value), so any sort order will do; NumPy's
-    # quicksort is several times faster than torch's sort on the CPU.
-    if ratios.device.type == "cpu":
-        order = torch.from_numpy(np.argsort(ratios.numpy(), kind="quicksort"))
-    else:
-        order = torch.argsort(ratios)
-    ratios, weights = ratios[order], weights[order].to(torch.float64)
-    cum = acc.w_below + torch.cumsum(weights, 0)
-    total = float(cum[-1]) + acc.w_above if cum.numel() else acc.w_below + acc.w_above
+    inside_weight = float(weights.sum(dtype=torch.float64))
+    total = acc.w_below + inside_weight + acc.w_above
     if total == 0.0:  # every weight is zero: the objective does not depend on delta
         return 0.0, acc.zero_weight_abs
     half = total / 2
-    if acc.w_below >= half or cum.numel() == 0 or float(cum[-1]) < half:
+    if acc.w_below >= half or acc.w_below + inside_weight < half:
         return None
-    idx = int(torch.searchsorted(cum, torch.tensor([half], dtype=cum.dtype, device=cum.device)))
-    delta = float(ratios[idx])
-    inside = float((weights * (ratios.to(torch.float64) - delta).abs()).sum())
+    delta = math.nan
+    if ratios.device.type == "cpu" and kernels.available:
+        delta, inside = kernels.weighted_select(ratios.numpy(), weights.numpy(), half - acc.w_below)
+    if math.isnan(delta):  # no kernel, or a total that rounding put a hair above the kernel's own sum
+        delta, inside = _sorted_select(ratios, weights, half - acc.w_below)
     objective = (delta * acc.w_below - acc.t_below) + (acc.t_above - delta * acc.w_above) + inside + acc.zero_weight_abs
     return delta, objective
+
+
+def _sorted_select(ratios: torch.Tensor, weights: torch.Tensor, half: float) -> tuple[float, float]:
+    """The first ratio in ascending order whose cumulative weight reaches ``half``, and the sum of
+    weight * |ratio - it|."""
+    order = torch.argsort(ratios)
+    ratios, weights = ratios[order], weights[order].to(torch.float64)
+    cum = torch.cumsum(weights, 0)
+    idx = int(torch.searchsorted(cum, torch.tensor([half], dtype=cum.dtype, device=cum.device)))
+    delta = float(ratios[min(idx, ratios.numel() - 1)])
+    return delta, float((weights * (ratios.to(torch.float64) - delta).abs()).sum())
 
 
 def _lower_bounds(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Certified lower bounds on every pair's objective, from one pass over R; returns ([Mu, Mv], ||R||_1).
 
     By L1 duality, min_delta ||R - delta u v^T||_1 >= <W, R> for any W with |W_ij| <= 1 and <W, u v^T> = 0.
-    W = (sign(R) - tau sign(u) sign(v)^T) / (1 + |tau|), tau = u^T sign(R) v / (||u||_1 ||v||_1), is one:
-    bound(a, b) = (||R||_1 - tau * sign(u)^T R sign(v)) / (1 + |tau|).
+    For a correction direction E with sign(E_ij) = sign(u_i v_j) and max |E_ij| = 1,
+    W = sign(R) (1 - |tau| |E|) - tau E is one whenever |tau| <= 1, with tau from <W, u v^T> = 0:
+    tau = c1 / (c3 + sign(c1) c2), c1 = <sign(R), u v^T>, c2 = <sign(R) |E|, u v^T>, c3 = <E, u v^T>;
+    then bound = ||R||_1 - |tau| <|E|, |R|> - tau <E, R>. E = sign(u v^T) |u|^alpha |v^T|^alpha / norm for
+    alpha in BOUND_POWERS (alpha = 0 spreads the correction evenly; larger alpha puts it on the entries
+    with large |u_i v_j|, which are the ones whose sign a small delta flips); each pair keeps its best bound.
     """
     sums = _BoundSums()
-    _accumulate(p, q, us, vs, {}, sums)
+    _accumulate(_Residual(p, q), us, vs, {}, sums)
     return _lower_bounds_from(sums, p, q, us, vs), sums.l1
 
 
 def _lower_bounds_from(sums: _BoundSums, p, q, us, vs) -> torch.Tensor:
     f64 = torch.float64
-    signed = ((us.sign().T @ p).to(f64)) @ ((q.T @ vs.sign()).to(f64))  # sign(u)^T R sign(v), from factors
-    tau = sums.corr / (us.abs().sum(0).to(f64)[:, None] * vs.abs().sum(0).to(f64)[None, :])
-    bounds = (sums.l1 - tau * signed) / (1 + tau.abs())
-    return bounds.cpu()
+    us64, vs64, p64, q64 = us.to(f64), vs.to(f64), p.to(f64), q.to(f64)
+    best = torch.full((us.shape[1], vs.shape[1]), -math.inf, dtype=f64, device=us.device)
+    c1 = sums.signed[BOUND_POWERS.index(0)]
+    for k, alpha in enumerate(BOUND_POWERS):
+        u_pow, v_pow = _power(us64, alpha), _power(vs64, alpha)
+        norm = u_pow.amax(0)[:, None] * v_pow.amax(0)[None, :]  # max |E| = 1
+        c2 = sums.signed[k] / norm
+        c3 = ((us64.abs() * u_pow).sum(0)[:, None] * (vs64.abs() * v_pow).sum(0)[None, :]) / norm
+        e_r = ((us64.sign() * u_pow).T @ p64) @ (q64.T @ (vs64.sign() * v_pow)) / norm  # <E, R>, from factors
+        e_abs_r = sums.absolute[k] / norm
+        tau = c1 / (c3 + c1.sign() * c2)
+        bound = sums.l1 - tau.abs() * e_abs_r - tau * e_r
+        valid = (tau.abs() <= 1) & (norm > 0) & (c3 > 0)
+        best = torch.maximum(best, torch.where(valid, bound, torch.full_like(bound, -math.inf)))
+    return best.cpu()
 
 
-def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor, float]:
-    """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]), and the sample's
-    ||R||_1 on the same scale; they only decide which pairs the first pass evaluates."""
+def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]), the sample's ||R||_1 on
+    the same scale, and a range likely to hold each pair's delta ([Mu, Mv, 2]: the sample's weighted
+    quantiles BRACKET_Z standard errors either side of its median). They only decide which pairs are
+    evaluated and where the bounds are taken, never the result."""
     n = ESTIMATE_SAMPLE
     i = torch.randint(p.shape[0], (n,), generator=gen, device=p.device)
     j = torch.randint(q.shape[0], (n,), generator=gen, device=p.device)
@@ -392,10 +474,60 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor
     order = ratio.argsort(dim=1)
     ratio, w_sorted = ratio.gather(1, order), w.gather(1, order)
     cum = w_sorted.cumsum(1)
-    idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=n - 1)
+    total = cum[:, -1:]
+    idx = (cum < total / 2).sum(1, keepdim=True).clamp(max=n - 1)
     delta = ratio.gather(1, idx)
     objectives = (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
-    return objectives, float(r.abs().sum())
+    # the weighted median's standard error in probability: sqrt(sum w^2) / (2 sum w)
+    spread = BRACKET_Z * (w * w).sum(1, keepdim=True).sqrt() / 2
+    lo = (cum < total / 2 - spread).sum(1, keepdim=True).clamp(max=n - 1)
+    hi = (cum < total / 2 + spread).sum(1, keepdim=True).clamp(max=n - 1)
+    brackets = torch.cat([ratio.gather(1, lo), ratio.gather(1, hi)], 1).reshape(us.shape[1], vs.shape[1], 2).cpu()
+    return objectives, float(r.abs().sum()), brackets
+
+
+def _tangent_bounds(res: _Residual, us, vs, pairs: list[tuple[int, int]],
+                    brackets: torch.Tensor) -> tuple[dict, dict]:
+    """Certified lower and upper bounds on the objectives of ``pairs`` from one pass that forms no ratio.
+
+    A pair's objective f(delta) = sum |R - delta u v^T| is convex in delta. The pass gives f and a
+    subgradient g at both ends of the pair's bracket [lo, hi]; if g(lo) <= 0 <= g(hi), the minimum lies in
+    [lo, hi] and is at least where the two tangent lines cross. Otherwise the bound is -inf (the pair must
+    be evaluated). The bound is tight when the bracket is narrow around the minimum. The upper bound is the
+    smaller of f(lo) and f(hi).
+    """
+    f64 = torch.float64
+    p = res.p
+    ia = torch.tensor([a for a, _ in pairs], device=p.device)
+    ib = torch.tensor([b for _, b in pairs], device=p.device)
+    u, v = us.T[ia].contiguous(), vs.T[ib].contiguous()  # [P, d], [P, k]
+    lo = torch.stack([brackets[pair][0] for pair in pairs]).to(f64)
+    hi = torch.stack([brackets[pair][1] for pair in pairs]).to(f64)
+    sums = torch.zeros(len(pairs), 7, dtype=f64)
+    for rows, r_chunk in res.chunks():
+        if _use_kernel(r_chunk):
+            sums += torch.from_numpy(kernels.pair_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v.numpy(),
+                                                       lo.numpy(), hi.numpy()))
+            continue
+        for k in range(len(pairs)):
+            uv = u[k, rows][:, None] * v[k][None, :]
+            w, t = uv.abs(), r_chunk * uv.sign()
+            below, above = t < lo[k].to(t.dtype) * w, t > hi[k].to(t.dtype) * w
+            sums[k] += torch.stack([(w * below).sum(dtype=f64), (t * below).sum(dtype=f64),
+                                    (w * above).sum(dtype=f64), (t * above).sum(dtype=f64),
+                                    w.sum(dtype=f64), t.sum(dtype=f64), (r_chunk.abs() * (uv == 0)).sum(dtype=f64)])
+    w_b, t_b, w_a, t_a, w_all, t_all, zero = sums.unbind(1)
+    w_in, t_in = w_all - w_b - w_a, t_all - t_b - t_a
+    f_lo = lo * w_b - t_b + (t_in + t_a) - lo * (w_in + w_a) + zero
+    f_hi = hi * (w_b + w_in) - (t_b + t_in) + t_a - hi * w_a + zero
+    g_lo, g_hi = w_b - (w_in + w_a), (w_b + w_in) - w_a
+    cross = torch.where(g_hi > g_lo, (f_hi - f_lo + g_lo * lo - g_hi * hi) / (g_lo - g_hi).where(g_hi > g_lo, 1.0),
+                        lo)
+    bound = torch.where(g_hi > g_lo, f_lo + g_lo * (cross - lo), torch.minimum(f_lo, f_hi))
+    bound = torch.where((g_lo <= 0) & (g_hi >= 0), bound, torch.full_like(bound, -math.inf))
+    upper = torch.minimum(f_lo, f_hi)
+    return ({pair: float(bound[k]) for k, pair in enumerate(pairs)},
+            {pair: float(upper[k]) for k, pair in enumerate(pairs)})
 
 
 def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, steps: int,
@@ -422,9 +554,9 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
         if p.shape[0] * q.shape[0] * len(all_pairs) <= BATCHED_MAX_ENTRIES:
             evaluated = _exact_pairs_batched(p, q, us, vs, all_pairs)
         elif screen:
-            evaluated = _screened(p, q, us, vs, all_pairs, gen)
+            evaluated = _screened(_Residual(p, q), us, vs, all_pairs, gen)
         else:
-            evaluated = _exact_pairs(p, q, us, vs, all_pairs, gen)[0]
+            evaluated = _exact_pairs(_Residual(p, q), us, vs, all_pairs, gen)[0]
         exact_count += len(evaluated)
         (a, b), (delta, objective) = min(evaluated.items(), key=lambda item: (item[1][1], item[0]))
         picks.append(Pick(a + 1, b + 1, delta, objective))
@@ -433,24 +565,44 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
     return picks, exact_count, steps * len(all_pairs)
 
 
-def _screened(p, q, us, vs, pairs, gen) -> dict[tuple[int, int], tuple[float, float]]:
+def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple[float, float]]:
     """Exact objectives of the pairs that the certified lower bounds cannot rule out.
 
-    The first pass evaluates the pairs whose estimate (on a sample) is near the best estimate, and computes
-    every pair's bound; a second pass evaluates the pairs whose bound does not exceed the best exact
-    objective found. Estimates only decide what the first pass does, never the result.
+    1. The pairs whose estimate (on a sample) is near the best estimate are evaluated exactly, in a pass
+       that also gives every pair's dual bound (``_lower_bounds``).
+    2. The pairs whose dual bound does not exceed the best objective so far get tangent bounds and upper
+       bounds (``_tangent_bounds``) from one cheaper pass.
+    3. Of the pairs whose tangent bound does not exceed the best upper bound, the most promising is
+       evaluated; then the rest of those whose bound does not exceed the best exact objective.
+    Bounds within a relative 1e-6 of the best count as not exceeding it. Estimates and brackets decide
+    only the order of the work, never the result.
     """
-    estimates, sample_l1 = _sample_objectives(p, q, us, vs, gen)
+    p, q = res.p, res.q
+    estimates, sample_l1, brackets = _sample_objectives(p, q, us, vs, gen)
     best_estimate = float(estimates.min())
     # objectives differ by the gains of the pairs, which are small next to ||R||_1: the margin is on the gain
     cutoff = best_estimate + ESTIMATE_MARGIN * max(sample_l1 - best_estimate, 0.0)
     first = [pair for pair in pairs if float(estimates[pair]) <= cutoff] or pairs[:1]
-    evaluated, bounds = _exact_pairs(p, q, us, vs, first, gen, bounds=True)
-    best = min(obj for _, obj in evaluated.values())
-    slack = 1e-6 * abs(best) + 1e-300
-    rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best + slack]
+    evaluated, bounds = _exact_pairs(res, us, vs, first, gen, bounds=True)
+
+    def best() -> float:
+        return min(obj for _, obj in evaluated.values())
+
+    def slack(value: float) -> float:
+        return 1e-6 * abs(value) + 1e-300
+
+    rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best() + slack(best())]
+    if not rest:
+        return evaluated
+    lower, upper = _tangent_bounds(res, us, vs, rest, brackets)
+    ceiling = min(best(), *upper.values())
+    rest = sorted((pair for pair in rest if lower[pair] <= ceiling + slack(ceiling)), key=lambda pair: upper[pair])
+    if rest and upper[rest[0]] < best():
+        evaluated.update(_exact_pairs(res, us, vs, rest[:1], gen)[0])
+        rest = rest[1:]
+    rest = [pair for pair in rest if lower[pair] <= best() + slack(best())]
     if rest:
-        evaluated.update(_exact_pairs(p, q, us, vs, rest, gen)[0])
+        evaluated.update(_exact_pairs(res, us, vs, rest, gen)[0])
     return evaluated
 
 

@@ -291,6 +291,61 @@ def test_lower_bounds_are_lower_bounds(case, seed):
             assert float(bounds[i, j]) <= exact * (1 + 1e-9) + 1e-12
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
+@settings(max_examples=40, deadline=None)
+@given(lora_factors(), st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(0, 3))
+def test_tangent_bounds_are_lower_bounds(use_kernel, case, seed, centre, width):
+    """Whatever bracket it is given, a tangent bound never exceeds the pair's exact objective nor the upper
+    bound falls below it, and the lower bound is finite whenever the bracket holds the weighted median
+    (float32, as the L1 fit runs)."""
+    if use_kernel and not kernels.available:
+        pytest.skip("numba is not available")
+    b, a, _ = case
+    rng = np.random.default_rng(seed)
+    us = torch.tensor(np.linalg.qr(rng.standard_normal((b.shape[0], min(3, b.shape[0]))))[0])
+    vs = torch.tensor(np.linalg.qr(rng.standard_normal((a.shape[1], min(3, a.shape[1]))))[0])
+    R = (b @ a).numpy()
+    pairs = [(i, j) for i in range(us.shape[1]) for j in range(vs.shape[1])]
+    exact, medians = {}, {}
+    for i, j in pairs:
+        uv = np.outer(us[:, i].numpy(), vs[:, j].numpy())
+        nz = uv != 0
+        medians[i, j] = weighted_lower_median(R[nz] / uv[nz], np.abs(uv[nz])) if nz.any() else 0.0
+        exact[i, j] = np.abs(R - medians[i, j] * uv).sum()
+    scale = max(abs(m) for m in medians.values()) + 1e-12
+    brackets = torch.tensor([[[medians[i, j] + (centre - width) * scale, medians[i, j] + (centre + width) * scale]
+                              for j in range(vs.shape[1])] for i in range(us.shape[1])])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+        mp.setattr(spectral, "CHUNK_ENTRIES", 7)
+        residual = spectral._Residual(b.float(), a.T.float())
+        bounds, upper = spectral._tangent_bounds(residual, us.float(), vs.float(), pairs, brackets)
+    for pair in pairs:
+        assert bounds[pair] <= exact[pair] * (1 + 1e-5) + 1e-5 * np.abs(R).sum() + 1e-30
+        assert upper[pair] >= exact[pair] * (1 - 1e-5) - 1e-5 * np.abs(R).sum() - 1e-30
+        lo, hi = (float(x) for x in brackets[pair])
+        tol = 1e-5 * abs(medians[pair]) + 1e-6
+        if lo < medians[pair] - tol and hi > medians[pair] + tol:
+            assert bounds[pair] > -math.inf
+
+
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 4)), min_size=1, max_size=40), st.floats(0.01, 0.99))
+def test_weighted_select_is_the_lower_weighted_median(items, fraction):
+    """The compiled quickselect against the literal rule, on ratios with many ties and zero weights."""
+    ratios = np.array([float(x) for x, _ in items], dtype=np.float32)
+    weights = np.array([float(w) for _, w in items], dtype=np.float32)
+    assume(weights.sum() > 0)
+    half = fraction * float(weights.sum())
+    order = np.argsort(ratios, kind="stable")
+    cum = np.cumsum(weights[order].astype(np.float64))
+    expected = float(ratios[order][np.searchsorted(cum, half)])
+    delta, spread = kernels.weighted_select(ratios.copy(), weights.copy(), half)
+    assert delta == expected
+    assert spread == pytest.approx(float((weights.astype(np.float64) * np.abs(ratios - expected)).sum()))
+
+
 # ---------------------------------------------------------------------------------------------- edge cases
 
 
