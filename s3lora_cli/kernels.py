@@ -117,51 +117,64 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
     return np.nan, 0.0
 
 
+SUM_BLOCK = 64
+"""``_pair_sums`` adds up runs of this many entries in the residual's dtype (fast, vectorised) before adding
+them to float64 totals: each total is off by at most SUM_BLOCK * eps(dtype) times the sum of its terms'
+magnitudes (see ``spectral._tangent_bounds``, which widens its bounds by that much)."""
+
+
 def _pair_sums(r, u, v, lo, hi, out):  # pragma: no cover - compiled
     """Every pair's partial sums over one residual chunk, without forming a ratio (no division).
 
-    r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; lo, hi: [P].
-    out: [P, c, 7], per pair and row: weight and signed residual below lo, the same above hi, the same over
-    all entries, and |r| where u_i v_j = 0 (see ``spectral._tangent_bounds`` for what they give). An entry is
-    below lo when its signed residual t = r * sign(u v) is below lo * |u v|, i.e. its ratio is below lo.
+    r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; lo, hi: [P] in r's dtype.
+    out: [P, c, 8], per pair and row: weight and signed residual below lo, the same above hi, the same over
+    all entries, |r| where u_i v_j = 0, and |r| over all entries. An entry is below lo when its signed
+    residual t = r * sign(u v) is below lo * |u v|, i.e. its ratio is below lo.
     """
     c, k = r.shape
     n_pairs = u.shape[0]
+    zero_t = r.dtype.type(0)
     for i in numba.prange(c):
         for p in range(n_pairs):
             ui = u[p, i]
             lo_p = lo[p]
             hi_p = hi[p]
-            w_below = 0.0
-            t_below = 0.0
-            w_above = 0.0
-            t_above = 0.0
-            w_all = 0.0
-            t_all = 0.0
-            zero = 0.0
-            for j in range(k):
-                x = r[i, j]
-                uv = ui * v[p, j]
-                w = abs(uv)
-                t = x * ((uv > 0) - (uv < 0))
-                below = t < lo_p * w
-                above = t > hi_p * w
-                w64 = np.float64(w)
-                t64 = np.float64(t)
-                w_below += w64 * below
-                t_below += t64 * below
-                w_above += w64 * above
-                t_above += t64 * above
-                w_all += w64
-                t_all += t64
-                zero += abs(np.float64(x)) * (uv == 0)
-            out[p, i, 0] = w_below
-            out[p, i, 1] = t_below
-            out[p, i, 2] = w_above
-            out[p, i, 3] = t_above
-            out[p, i, 4] = w_all
-            out[p, i, 5] = t_all
-            out[p, i, 6] = zero
+            acc = np.zeros(8, np.float64)
+            for start in range(0, k, SUM_BLOCK):
+                w_below = zero_t
+                t_below = zero_t
+                w_above = zero_t
+                t_above = zero_t
+                w_all = zero_t
+                t_all = zero_t
+                zero = zero_t
+                a_all = zero_t
+                for j in range(start, min(k, start + SUM_BLOCK)):
+                    x = r[i, j]
+                    uv = ui * v[p, j]
+                    w = abs(uv)
+                    t = x if uv > 0 else -x
+                    t = t if uv != 0 else zero_t
+                    lw = lo_p * w
+                    hw = hi_p * w
+                    w_below += w if t < lw else zero_t
+                    t_below += t if t < lw else zero_t
+                    w_above += w if t > hw else zero_t
+                    t_above += t if t > hw else zero_t
+                    w_all += w
+                    t_all += t
+                    zero += abs(x) if uv == 0 else zero_t
+                    a_all += abs(x)
+                acc[0] += w_below
+                acc[1] += t_below
+                acc[2] += w_above
+                acc[3] += t_above
+                acc[4] += w_all
+                acc[5] += t_all
+                acc[6] += zero
+                acc[7] += a_all
+            for m in range(8):
+                out[p, i, m] = acc[m]
 
 
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
@@ -204,8 +217,8 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
 
 
 def pair_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Run ``_pair_sums`` on one chunk; returns [P, 7] float64 (the per-row sums added up)."""
-    out = np.empty((u.shape[0], r.shape[0], 7), np.float64)
+    """Run ``_pair_sums`` on one chunk; returns [P, 8] float64 (the per-row sums added up)."""
+    out = np.empty((u.shape[0], r.shape[0], 8), np.float64)
     _pair_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), out)
     return out.sum(axis=1)
 

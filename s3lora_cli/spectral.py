@@ -501,9 +501,10 @@ def _tangent_bounds(res: _Residual, us, vs, pairs: list[tuple[int, int]],
     ia = torch.tensor([a for a, _ in pairs], device=p.device)
     ib = torch.tensor([b for _, b in pairs], device=p.device)
     u, v = us.T[ia].contiguous(), vs.T[ib].contiguous()  # [P, d], [P, k]
-    lo = torch.stack([brackets[pair][0] for pair in pairs]).to(f64)
-    hi = torch.stack([brackets[pair][1] for pair in pairs]).to(f64)
-    sums = torch.zeros(len(pairs), 7, dtype=f64)
+    # the ends are taken in the compute dtype, where the pass compares against them
+    lo = torch.stack([brackets[pair][0] for pair in pairs]).to(p.dtype).to(f64)
+    hi = torch.stack([brackets[pair][1] for pair in pairs]).to(p.dtype).to(f64)
+    sums = torch.zeros(len(pairs), 8, dtype=f64)
     for rows, r_chunk in res.chunks():
         if _use_kernel(r_chunk):
             sums += torch.from_numpy(kernels.pair_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v.numpy(),
@@ -515,8 +516,9 @@ def _tangent_bounds(res: _Residual, us, vs, pairs: list[tuple[int, int]],
             below, above = t < lo[k].to(t.dtype) * w, t > hi[k].to(t.dtype) * w
             sums[k] += torch.stack([(w * below).sum(dtype=f64), (t * below).sum(dtype=f64),
                                     (w * above).sum(dtype=f64), (t * above).sum(dtype=f64),
-                                    w.sum(dtype=f64), t.sum(dtype=f64), (r_chunk.abs() * (uv == 0)).sum(dtype=f64)])
-    w_b, t_b, w_a, t_a, w_all, t_all, zero = sums.unbind(1)
+                                    w.sum(dtype=f64), t.sum(dtype=f64), (r_chunk.abs() * (uv == 0)).sum(dtype=f64),
+                                    r_chunk.abs().sum(dtype=f64)])
+    w_b, t_b, w_a, t_a, w_all, t_all, zero, r_abs = sums.unbind(1)
     w_in, t_in = w_all - w_b - w_a, t_all - t_b - t_a
     f_lo = lo * w_b - t_b + (t_in + t_a) - lo * (w_in + w_a) + zero
     f_hi = hi * (w_b + w_in) - (t_b + t_in) + t_a - hi * w_a + zero
@@ -525,7 +527,11 @@ def _tangent_bounds(res: _Residual, us, vs, pairs: list[tuple[int, int]],
                         lo)
     bound = torch.where(g_hi > g_lo, f_lo + g_lo * (cross - lo), torch.minimum(f_lo, f_hi))
     bound = torch.where((g_lo <= 0) & (g_hi >= 0), bound, torch.full_like(bound, -math.inf))
-    upper = torch.minimum(f_lo, f_hi)
+    # every sum is within SUM_BLOCK * eps of its terms' magnitudes (the kernel adds runs in the compute dtype):
+    # f(lo), f(hi) by err, the tangents' slopes by err / max(|lo|, |hi|) over a run of at most hi - lo
+    err = kernels.SUM_BLOCK * torch.finfo(p.dtype).eps * (torch.maximum(lo.abs(), hi.abs()) * w_all + r_abs)
+    bound = bound - 3 * err
+    upper = torch.minimum(f_lo, f_hi) + err
     return ({pair: float(bound[k]) for k, pair in enumerate(pairs)},
             {pair: float(upper[k]) for k, pair in enumerate(pairs)})
 
