@@ -46,6 +46,8 @@ CASES = {
                      "down_proj": (8192, 28672)}, 16),
 }
 MLP = {"gate_proj", "up_proj", "down_proj"}
+THREAD_ENV = dict(os.environ)
+"""The environment of the `s3lora score` processes (``--threads`` sets the thread counts here)."""
 
 
 def layer_factors(index: int, out: int, inp: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +97,7 @@ def run_score(adapter: Path, *extra: str) -> tuple[float, float, dict]:
     cmd = [sys.executable, "-m", "s3lora_cli", "score", str(adapter), "--format", "json", "--quiet", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=THREAD_ENV)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
@@ -152,7 +154,16 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256,
                         help="rows and columns of each sampled layer that the dense reference runs on")
     parser.add_argument("--skip-ratios", action="store_true")
+    parser.add_argument("--threads", type=int, help="threads for torch, BLAS and the compiled kernels "
+                        "(default: what they choose, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            THREAD_ENV[name] = str(args.threads)
+        torch.set_num_threads(args.threads)
+        from s3lora_cli import kernels
+
+        kernels.set_threads(args.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}")
     with tempfile.TemporaryDirectory(prefix="s3lora-bench-") as tmp:
