@@ -38,6 +38,15 @@ BRACKET_Z = 3.0
 """Half-width, in standard errors of the sample's weighted median, of the range where the tangent bounds
 are taken (see ``_tangent_bounds``)."""
 
+TANGENT_ROUNDS = 4
+"""Passes of tangent bounds per step at most (see ``_screened``)."""
+
+TANGENT_SHRINK = 8.0
+"""Each tangent round narrows a pair's bracket by this factor around the minimum."""
+
+TANGENT_MIN_GAIN = 0.25
+"""Tangent rounds stop once a round rules out fewer than this fraction of the pairs left."""
+
 ESTIMATE_MARGIN = 0.25
 """The first pass evaluates the pairs whose estimated gain (||R||_1 minus the objective) is within this
 fraction of the best estimated gain."""
@@ -486,15 +495,25 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor
     return objectives, float(r.abs().sum()), brackets
 
 
-def _tangent_bounds(res: _Residual, us, vs, pairs: list[tuple[int, int]],
-                    brackets: torch.Tensor) -> tuple[dict, dict]:
-    """Certified lower and upper bounds on the objectives of ``pairs`` from one pass that forms no ratio.
+@dataclass(frozen=True)
+class _Tangent:
+    """f(theta) and a subgradient g(theta) of a pair's objective f(delta) = sum |R - delta u v^T|, with err,
+    a bound on the rounding in f (and in g times any distance the envelope spans)."""
 
-    A pair's objective f(delta) = sum |R - delta u v^T| is convex in delta. The pass gives f and a
-    subgradient g at both ends of the pair's bracket [lo, hi]; if g(lo) <= 0 <= g(hi), the minimum lies in
-    [lo, hi] and is at least where the two tangent lines cross. Otherwise the bound is -inf (the pair must
-    be evaluated). The bound is tight when the bracket is narrow around the minimum. The upper bound is the
-    smaller of f(lo) and f(hi).
+    theta: float
+    f: float
+    g: float
+    err: float
+
+
+def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
+              brackets: dict[tuple[int, int], tuple[float, float]]) -> dict[tuple[int, int], list[_Tangent]]:
+    """f and a subgradient at both ends of each pair's bracket, from one pass that forms no ratio.
+
+    f(delta) is convex and piecewise linear: with the weights w = |u_i v_j| and signed residuals t = R_ij
+    sign(u_i v_j) of the entries below, inside and above [lo, hi], f(lo) and f(hi) are sums of w * lo - t
+    or t - w * lo, and the subgradients are the weight below minus the weight at or above (at lo), the
+    weight at or below minus the weight above (at hi).
     """
     f64 = torch.float64
     p = res.p
@@ -502,8 +521,8 @@ def _tangent_bounds(res: _Residual, us, vs, pairs: list[tuple[int, int]],
     ib = torch.tensor([b for _, b in pairs], device=p.device)
     u, v = us.T[ia].contiguous(), vs.T[ib].contiguous()  # [P, d], [P, k]
     # the ends are taken in the compute dtype, where the pass compares against them
-    lo = torch.stack([brackets[pair][0] for pair in pairs]).to(p.dtype).to(f64)
-    hi = torch.stack([brackets[pair][1] for pair in pairs]).to(p.dtype).to(f64)
+    lo = torch.tensor([brackets[pair][0] for pair in pairs], dtype=f64).to(p.dtype).to(f64)
+    hi = torch.tensor([brackets[pair][1] for pair in pairs], dtype=f64).to(p.dtype).to(f64)
     sums = torch.zeros(len(pairs), 8, dtype=f64)
     for rows, r_chunk in res.chunks():
         if _use_kernel(r_chunk):
@@ -523,17 +542,38 @@ def _tangent_bounds(res: _Residual, us, vs, pairs: list[tuple[int, int]],
     f_lo = lo * w_b - t_b + (t_in + t_a) - lo * (w_in + w_a) + zero
     f_hi = hi * (w_b + w_in) - (t_b + t_in) + t_a - hi * w_a + zero
     g_lo, g_hi = w_b - (w_in + w_a), (w_b + w_in) - w_a
-    cross = torch.where(g_hi > g_lo, (f_hi - f_lo + g_lo * lo - g_hi * hi) / (g_lo - g_hi).where(g_hi > g_lo, 1.0),
-                        lo)
-    bound = torch.where(g_hi > g_lo, f_lo + g_lo * (cross - lo), torch.minimum(f_lo, f_hi))
-    bound = torch.where((g_lo <= 0) & (g_hi >= 0), bound, torch.full_like(bound, -math.inf))
-    # every sum is within SUM_BLOCK * eps of its terms' magnitudes (the kernel adds runs in the compute dtype):
-    # f(lo), f(hi) by err, the tangents' slopes by err / max(|lo|, |hi|) over a run of at most hi - lo
+    # every sum is within SUM_BLOCK * eps of its terms' magnitudes (the kernel adds runs in the compute dtype)
     err = kernels.SUM_BLOCK * torch.finfo(p.dtype).eps * (torch.maximum(lo.abs(), hi.abs()) * w_all + r_abs)
-    bound = bound - 3 * err
-    upper = torch.minimum(f_lo, f_hi) + err
-    return ({pair: float(bound[k]) for k, pair in enumerate(pairs)},
-            {pair: float(upper[k]) for k, pair in enumerate(pairs)})
+    return {pair: [_Tangent(float(lo[k]), float(f_lo[k]), float(g_lo[k]), float(err[k])),
+                   _Tangent(float(hi[k]), float(f_hi[k]), float(g_hi[k]), float(err[k]))]
+            for k, pair in enumerate(pairs)}
+
+
+def _envelope_bounds(tangents: list[_Tangent]) -> tuple[float, float, tuple[float, float] | None]:
+    """(lower, upper, bracket) for min f from tangents of f: lower is the minimum of their upper envelope
+    (a convex function below f), -inf if every slope has the same sign; upper the smallest f(theta);
+    bracket the tightest [theta_a, theta_b] known to hold a minimiser, or None if none is known. Both
+    bounds are widened by the rounding the tangents allow (a slope's error over the envelope's span is
+    at most err, as |theta| <= the largest end)."""
+    err = max(t.err for t in tangents)
+    upper = min(t.f for t in tangents) + err
+    falling = [t for t in tangents if t.g <= 0]
+    rising = [t for t in tangents if t.g >= 0]
+    if not falling or not rising:
+        return -math.inf, upper, None
+    left = max(falling, key=lambda t: t.theta)
+    right = min(rising, key=lambda t: t.theta)
+    if left.theta > right.theta:  # inconsistent by rounding: a slope's sign flipped at a tie
+        return -math.inf, upper, None
+    lower = math.inf
+    for a in falling:
+        for b in rising:
+            if b.g > a.g:
+                x = (b.f - a.f + a.g * a.theta - b.g * b.theta) / (a.g - b.g)
+            else:  # both slopes zero: f is flat there
+                x = a.theta
+            lower = min(lower, max(t.f + t.g * (x - t.theta) for t in tangents))
+    return lower - 3 * err, upper, (left.theta, right.theta)
 
 
 def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, steps: int,
@@ -577,14 +617,16 @@ def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple
     1. The pairs whose estimate (on a sample) is near the best estimate are evaluated exactly, in a pass
        that also gives every pair's dual bound (``_lower_bounds``).
     2. The pairs whose dual bound does not exceed the best objective so far get tangent bounds and upper
-       bounds (``_tangent_bounds``) from one cheaper pass.
-    3. Of the pairs whose tangent bound does not exceed the best upper bound, the most promising is
-       evaluated; then the rest of those whose bound does not exceed the best exact objective.
+       bounds (``_tangents``, ``_envelope_bounds``) from cheaper passes that form no ratio: first at the
+       ends of the sampled bracket, then (up to TANGENT_ROUNDS times) in a bracket narrowed around the
+       minimum, as long as that rules out pairs. After the first round the pair with the best upper
+       bound is evaluated, if it can beat the best objective.
+    3. The pairs left are evaluated.
     Bounds within a relative 1e-6 of the best count as not exceeding it. Estimates and brackets decide
     only the order of the work, never the result.
     """
     p, q = res.p, res.q
-    estimates, sample_l1, brackets = _sample_objectives(p, q, us, vs, gen)
+    estimates, sample_l1, sampled = _sample_objectives(p, q, us, vs, gen)
     best_estimate = float(estimates.min())
     # objectives differ by the gains of the pairs, which are small next to ||R||_1: the margin is on the gain
     cutoff = best_estimate + ESTIMATE_MARGIN * max(sample_l1 - best_estimate, 0.0)
@@ -598,18 +640,46 @@ def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple
         return 1e-6 * abs(value) + 1e-300
 
     rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best() + slack(best())]
-    if not rest:
-        return evaluated
-    lower, upper = _tangent_bounds(res, us, vs, rest, brackets)
-    ceiling = min(best(), *upper.values())
-    rest = sorted((pair for pair in rest if lower[pair] <= ceiling + slack(ceiling)), key=lambda pair: upper[pair])
-    if rest and upper[rest[0]] < best():
-        evaluated.update(_exact_pairs(res, us, vs, rest[:1], gen)[0])
-        rest = rest[1:]
-    rest = [pair for pair in rest if lower[pair] <= best() + slack(best())]
+    brackets = {pair: (float(sampled[pair][0]), float(sampled[pair][1])) for pair in rest}
+    tangents: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in rest}
+    for round_ in range(TANGENT_ROUNDS):
+        if not rest:
+            break
+        for pair, found in _tangents(res, us, vs, rest, brackets).items():
+            tangents[pair] += found
+        envelopes = {pair: _envelope_bounds(tangents[pair]) for pair in rest}
+        ceiling = min(best(), *(upper for _, upper, _ in envelopes.values()))
+        before = len(rest)
+        rest = sorted((pair for pair in rest if envelopes[pair][0] <= ceiling + slack(ceiling)),
+                      key=lambda pair: envelopes[pair][1])
+        if round_ == 0 and rest and envelopes[rest[0]][1] < best():
+            evaluated.update(_exact_pairs(res, us, vs, rest[:1], gen)[0])
+            rest = rest[1:]
+        rest = [pair for pair in rest if envelopes[pair][0] <= best() + slack(best())]
+        if round_ > 0 and len(rest) > before * (1 - TANGENT_MIN_GAIN):
+            break
+        brackets = {pair: _narrowed(tangents[pair], envelopes[pair][2]) for pair in rest}
     if rest:
         evaluated.update(_exact_pairs(res, us, vs, rest, gen)[0])
     return evaluated
+
+
+def _narrowed(tangents: list[_Tangent], known: tuple[float, float] | None) -> tuple[float, float]:
+    """The next bracket for a pair's tangents: TANGENT_SHRINK times narrower than the interval known to hold
+    the minimum, around where the two tangents that bound it cross; or, when no such interval is known,
+    the side of the tangents where the minimum is, as wide again as they span."""
+    thetas = [t.theta for t in tangents]
+    span = max(thetas) - min(thetas) or 1.0
+    if known is None:
+        if all(t.g > 0 for t in tangents):  # f rises everywhere seen: the minimum is further left
+            return min(thetas) - 2 * span, min(thetas)
+        return max(thetas), max(thetas) + 2 * span
+    a, b = known
+    left = next(t for t in tangents if t.theta == a)
+    right = next(t for t in tangents if t.theta == b)
+    centre = a if right.g <= left.g else (right.f - left.f + left.g * a - right.g * b) / (left.g - right.g)
+    half = (b - a) / (2 * TANGENT_SHRINK)
+    return max(a, centre - half), min(b, centre + half)
 
 
 def mas_svd(left: torch.Tensor, right: torch.Tensor, components: int | None = None, top_h: int | None = None,

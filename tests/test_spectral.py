@@ -313,20 +313,30 @@ def test_tangent_bounds_are_lower_bounds(use_kernel, case, seed, centre, width):
         medians[i, j] = weighted_lower_median(R[nz] / uv[nz], np.abs(uv[nz])) if nz.any() else 0.0
         exact[i, j] = np.abs(R - medians[i, j] * uv).sum()
     scale = max(abs(m) for m in medians.values()) + 1e-12
-    brackets = torch.tensor([[[medians[i, j] + (centre - width) * scale, medians[i, j] + (centre + width) * scale]
-                              for j in range(vs.shape[1])] for i in range(us.shape[1])])
+    brackets = {(i, j): (medians[i, j] + (centre - width) * scale, medians[i, j] + (centre + width) * scale)
+                for i, j in pairs}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
         mp.setattr(spectral, "CHUNK_ENTRIES", 7)
         residual = spectral._Residual(b.float(), a.T.float())
-        bounds, upper = spectral._tangent_bounds(residual, us.float(), vs.float(), pairs, brackets)
+        tangents = spectral._tangents(residual, us.float(), vs.float(), pairs, brackets)
+        # a second round in a narrowed bracket, as the screening does
+        first = {pair: spectral._envelope_bounds(tangents[pair]) for pair in pairs}
+        narrowed = {pair: spectral._narrowed(tangents[pair], first[pair][2]) for pair in pairs}
+        for pair, found in spectral._tangents(residual, us.float(), vs.float(), pairs, narrowed).items():
+            tangents[pair] += found
     for pair in pairs:
-        assert bounds[pair] <= exact[pair] * (1 + 1e-5) + 1e-5 * np.abs(R).sum() + 1e-30
-        assert upper[pair] >= exact[pair] * (1 - 1e-5) - 1e-5 * np.abs(R).sum() - 1e-30
-        lo, hi = (float(x) for x in brackets[pair])
-        tol = 1e-5 * abs(medians[pair]) + 1e-6
-        if lo < medians[pair] - tol and hi > medians[pair] + tol:
-            assert bounds[pair] > -math.inf
+        tol = 1e-5 * exact[pair] + 1e-5 * np.abs(R).sum() + 1e-30
+        for found in (tangents[pair][:2], tangents[pair]):
+            lower, upper, known = spectral._envelope_bounds(found)
+            assert lower <= exact[pair] + tol
+            assert upper >= exact[pair] - tol
+            if known is not None:
+                assert known[0] - 1e-6 * (1 + abs(known[0])) <= medians[pair] <= known[1] + 1e-6 * (1 + abs(known[1]))
+        lo, hi = brackets[pair]
+        mtol = 1e-5 * abs(medians[pair]) + 1e-6
+        if lo < medians[pair] - mtol and hi > medians[pair] + mtol:
+            assert spectral._envelope_bounds(tangents[pair][:2])[0] > -math.inf
 
 
 @pytest.mark.skipif(not kernels.available, reason="numba is not available")
