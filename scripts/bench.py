@@ -116,7 +116,8 @@ def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
     timings = {"default": 0.0, "exhaustive": 0.0, "reference": 0.0, "default_on_reference_layers": 0.0}
     same_picks, compared, ref_layers, ssi_err, same_picks_ref = 0, 0, 0, 0.0, 0
     with open_adapter(adapter) as opened:
-        chosen = opened.layers[:: max(1, len(opened.layers) // layers)][:layers]
+        n = len(opened.layers)  # spread over the adapter, first and last included
+        chosen = [opened.layers[round(i * (n - 1) / max(layers - 1, 1))] for i in range(min(layers, n))]
         for layer in chosen:
             left, right = opened.load_factors(layer, torch.float32, dev)
             start = time.perf_counter()
