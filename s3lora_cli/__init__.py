@@ -14,6 +14,7 @@ from s3lora_cli.policy import Selection  # noqa: E402
 from s3lora_cli.pruning import PruneMode, PruneResult, prune_adapter  # noqa: E402
 from s3lora_cli.scoring import LayerScore, ScoreOptions, ScoreReport, score_adapter  # noqa: E402
 from s3lora_cli.spectral import Method, Spectrum, mas_svd, ssi  # noqa: E402
+from s3lora_cli.store import admit_adapter, scan_store  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -29,9 +30,11 @@ __all__ = [
     "ScoreReport",
     "Spectrum",
     "UsageError",
+    "admit_adapter",
     "mas_svd",
     "open_adapter",
     "prune_adapter",
+    "scan_store",
     "score_adapter",
     "ssi",
 ]

@@ -7,7 +7,7 @@ import enum
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -346,10 +346,12 @@ def evaluate(report: ScoreReport, policy: GatePolicy, baseline: ScoreReport | No
 
 
 def check_adapters(paths: Sequence[str | Path], policy: GatePolicy, device: str = "auto",
-                   progress: Callable[[int, int, LoraLayer], None] | None = None) -> tuple[GateResult, ...]:
+                   progress: Callable[[int, int, LoraLayer], None] | None = None, *, input_format: str | None = None,
+                   adapter_name: str | None = None) -> tuple[GateResult, ...]:
     """Score the baseline (once, when the policy has one) and each adapter with the policy's scoring options,
-    and apply the gate to each; returns one GateResult per path, in the order given."""
-    options = policy.score_options(device)
+    and apply the gate to each; returns one GateResult per path, in the order given. ``input_format`` and
+    ``adapter_name`` (see ScoreOptions) apply to the adapters and the baseline alike."""
+    options = replace(policy.score_options(device), input_format=input_format, adapter_name=adapter_name)
     baseline = score_adapter(policy.baseline, options, progress) if policy.baseline is not None else None
     return tuple(evaluate(score_adapter(path, options, progress), policy, baseline) for path in paths)
 

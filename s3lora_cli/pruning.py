@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from s3lora_cli import __version__, report
-from s3lora_cli.adapters import LoraLayer
+from s3lora_cli.adapters import LoraLayer, open_adapter
 from s3lora_cli.adapters.writer import (
     LayerEdit,
+    Layout,
     PruneMode,
-    adapter_dir,
     check_destination,
+    check_file_destination,
     default_destination,
+    default_file_destination,
+    layout_for,
     write_pruned_adapter,
 )
 from s3lora_cli.errors import UsageError
@@ -65,20 +69,29 @@ def prune_adapter(path: str | Path, output: str | Path | None = None, selection:
                   dry_run: bool = False,
                   progress: Callable[[int, int, LoraLayer], None] | None = None) -> PruneResult:
     """Score the adapter at ``path``, select layers with ``selection`` (default: the top-10 by SSI) and write
-    the pruned adapter to ``output`` (default: the sibling directory ``<adapter>-pruned``).
+    the pruned adapter to ``output`` in the input's format (default: the sibling directory ``<adapter>-pruned``,
+    or ``<name>-pruned.safetensors`` beside a single-file kohya / diffusers adapter).
 
-    ``mode`` zero sets the pruned layers' lora_B to zeros (paper Eq. 5: their dW becomes 0); drop removes their
-    tensors and lists them in ``exclude_modules``. DoRA layers are dropped in either mode. With ``dry_run``
-    nothing is written; the destination is still checked, so a dry run fails where the real run would.
+    ``mode`` zero sets the pruned layers' lora_B (lora_up, lora_b) to zeros (paper Eq. 5: their dW becomes 0);
+    drop removes their tensors (PEFT: and lists them in ``exclude_modules``; MLX-LM cannot drop). DoRA layers are
+    dropped in either mode. With ``dry_run`` nothing is written; the destination is still checked, so a dry run
+    fails where the real run would. ``options.input_format`` and ``options.adapter_name`` choose what is read.
     """
     path = Path(path)
     selection = selection or Selection.of()
-    source_dir = adapter_dir(path)
-    destination = Path(output) if output is not None else default_destination(source_dir)
-    check_destination(source_dir, destination, force)
+    options = options or ScoreOptions()
+    layout, weights_path = _layout(path, options)
+    if layout.single_file:
+        destination = Path(output) if output is not None else default_file_destination(weights_path)
+        check_file_destination(weights_path, destination, force)
+    else:
+        destination = Path(output) if output is not None else default_destination(weights_path.parent)
+        check_destination(weights_path.parent, destination, force)
     scores = score_adapter(path, options, progress=progress)
     pruned = tuple(_plan(score, mode) for score in select_layers(scores, selection))
     dropped = sum(p.action is PruneMode.DROP for p in pruned)
+    if dropped and layout.drop:
+        raise UsageError(layout.drop)
     if dropped and dropped == len(scores.layers):
         raise UsageError(f"this would drop all {dropped} LoRA layers, and PEFT refuses to load an adapter whose "
                          "modules are all excluded; use --mode zero (DoRA layers are always dropped) or prune fewer")
@@ -87,8 +100,14 @@ def prune_adapter(path: str | Path, output: str | Path | None = None, selection:
         edits = [LayerEdit(p.score.layer, p.action) for p in pruned]
         write_pruned_adapter(Path(scores.adapter.weights_file), destination, edits, metadata=provenance(result),
                              report_text=report.render_json(prune_document(result)), force=force,
-                             expected_sha256=scores.adapter.sha256)
+                             expected_sha256=scores.adapter.sha256, layout=layout)
     return result
+
+
+def _layout(path: Path, options: ScoreOptions) -> tuple[Layout, Path]:
+    """How the adapter at ``path`` is written back, and its weights file (reading only its header)."""
+    with closing(open_adapter(path, options.input_format, options.adapter_name)) as adapter:
+        return layout_for(adapter.format, adapter.weights_path, path), adapter.weights_path
 
 
 def _plan(score: LayerScore, mode: PruneMode) -> PrunedLayer:

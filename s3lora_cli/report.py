@@ -400,3 +400,140 @@ def render_gate_table(result: GateResult) -> Group:
     ranked.caption = "* = listed among the violations above"
     parts += [Text(""), ranked]
     return Group(*parts)
+
+
+# --- adapter stores (s3lora scan, s3lora admit): JSON, JSON lines and the Rich tables -----------------------
+
+from s3lora_cli import __version__  # noqa: E402
+from s3lora_cli.store import AdmitResult, Neighbour, ScanResult, ScanRow, ScanSettings  # noqa: E402
+
+
+def _neighbour_dict(n: Neighbour) -> dict[str, Any]:
+    return {"path": n.path, "cosine": _finite(n.cosine), "shared_modules": n.shared_modules,
+            "duplicate": n.duplicate}
+
+
+def scan_row_dict(row: ScanRow, similar: bool = False) -> dict[str, Any]:
+    """One adapter of ``scan --format json|jsonl`` (documented in README.md); ``neighbours`` is null unless
+    ``similar``."""
+    return {
+        "path": row.path,
+        "verdict": row.verdict,
+        "sha256": row.sha256,
+        "max_ssi": _finite(row.max_ssi),
+        "over_threshold": row.over_threshold,
+        "layers": row.layers,
+        "scored": row.scored,
+        "top_layers": [{"module": t.module, "ssi": _finite(t.ssi)} for t in row.top_layers],
+        "failing": list(row.failing),
+        "cached": row.cached,
+        "error": row.error,
+        "neighbours": [_neighbour_dict(n) for n in row.neighbours] if similar else None,
+    }
+
+
+def render_jsonl_line(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, allow_nan=False) + "\n"
+
+
+def _scan_parameters(settings: ScanSettings) -> dict[str, Any]:
+    o = settings.options
+    policy = settings.policy
+    return {"method": o.method.value, "components": o.components, "top_h": o.top_h, "dtype": o.dtype,
+            "max_ssi": None if policy is None else policy.max_ssi,
+            "max_flagged": None if policy is None else policy.max_flagged,
+            "max_increase": None if policy is None else policy.max_increase,
+            "baseline": None if policy is None or policy.baseline is None else str(policy.baseline)}
+
+
+def scan_summary(rows: tuple[ScanRow, ...] | list[ScanRow]) -> dict[str, int]:
+    verdicts = [r.verdict for r in rows]
+    return {"adapters": len(rows), "passed": verdicts.count("passed"), "failed": verdicts.count("failed"),
+            "errors": verdicts.count("error"), "cached": sum(r.cached for r in rows),
+            "with_duplicates": sum(any(n.duplicate for n in r.neighbours) for r in rows)}
+
+
+def scan_dict(result: ScanResult, similar: bool = False) -> dict[str, Any]:
+    """``scan --format json``: the store, the parameters, a summary and the rows ranked by risk."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": TOOL_NAME, "version": __version__},
+        "store": str(result.root),
+        "parameters": _scan_parameters(result.settings),
+        "summary": scan_summary(result.rows),
+        "adapters": [scan_row_dict(r, similar) for r in result.rows],
+    }
+
+
+def scan_summary_line(rows: tuple[ScanRow, ...] | list[ScanRow], cache_dir: Path | None = None) -> str:
+    s = scan_summary(rows)
+    parts = [f"{s['adapters']} adapter(s) scanned"]
+    if s["passed"] or s["failed"]:
+        parts.append(f"{s['failed']} failed the gate, {s['passed']} passed")
+    if s["errors"]:
+        parts.append(f"{s['errors']} could not be read")
+    if cache_dir is not None:
+        parts.append(f"{s['cached']} from the cache in {cache_dir}")
+    if s["with_duplicates"]:
+        parts.append(f"{s['with_duplicates']} with near-duplicates")
+    return "; ".join(parts)
+
+
+def _neighbours_text(row: ScanRow) -> str:
+    return ", ".join(f"{n.path} {n.cosine:.3f}{' DUP' if n.duplicate else ''}" for n in row.neighbours)
+
+
+def render_scan_table(result: ScanResult, similar: bool = False) -> Table:
+    """The store's adapters ranked by risk: verdict, max SSI, layers over the threshold, the top layers."""
+    threshold = None if result.settings.policy is None else result.settings.policy.max_ssi
+    over = "over" if threshold is None else f"> {threshold:g}"
+    table = Table(title=f"s3lora scan: {result.root}")
+    headers = ["rank", "adapter", "verdict", "max ssi", over, "layers", "top layers"]
+    headers += ["nearest (cosine)"] if similar else []
+    headers += ["detail"]
+    for h in headers:
+        table.add_column(h, justify="right" if h in ("rank", "max ssi", over, "layers") else "left",
+                         no_wrap=h in ("rank", "verdict", "max ssi", over, "layers"), overflow="fold")
+    styles = {"failed": "bold red", "error": "yellow"}
+    for i, row in enumerate(result.rows, start=1):
+        top = ", ".join(f"{t.module} {_fmt(t.ssi, '.3f')}" for t in row.top_layers)
+        detail = row.error or "; ".join(row.failing[:3]) + (" ..." if len(row.failing) > 3 else "")
+        cells = [str(i), row.path, row.verdict, _fmt(row.max_ssi, ".4f"),
+                 "-" if row.over_threshold is None else str(row.over_threshold), str(row.layers), top]
+        cells += [_neighbours_text(row)] if similar else []
+        cells += [detail]
+        table.add_row(*map(Text, cells), style=styles.get(row.verdict))
+    return table
+
+
+def admit_dict(result: AdmitResult) -> dict[str, Any]:
+    """``admit --format json``: the ``check --format json`` document plus an ``admit`` object."""
+    return {
+        **check_dict((result.gate,)),
+        "admit": {"admitted": result.admitted, "name": result.name, "sha256": result.sha256,
+                  "destination": str(result.destination), "already_present": result.already_present,
+                  "audit_log": str(result.audit_log), "neighbours": [_neighbour_dict(n) for n in result.neighbours]},
+    }
+
+
+def admit_summary_line(result: AdmitResult) -> str:
+    where = "already in" if result.already_present else "copied to"
+    word = "admitted" if result.admitted else "REFUSED"
+    dup = [n for n in result.neighbours if n.duplicate]
+    extra = f"; near-duplicate of {', '.join(f'{n.path} ({n.cosine:.3f})' for n in dup)}" if dup else ""
+    return f"{word} {result.gate.report.adapter.path}: {where} {result.destination}{extra}"
+
+
+def render_admit_table(result: AdmitResult) -> Group:
+    """The decision, the gate's verdict and table, and the nearest adapters of the store."""
+    parts: list[Any] = [Text(admit_summary_line(result), style="bold green" if result.admitted else "bold red"),
+                        render_gate_table(result.gate)]
+    if result.neighbours:
+        table = Table(title="nearest adapters in the store", box=None, pad_edge=False, show_edge=False)
+        for h in ("adapter", "cosine", "shared modules", "duplicate"):
+            table.add_column(h, justify="right" if h in ("cosine", "shared modules") else "left")
+        for n in result.neighbours:
+            table.add_row(Text(n.path), f"{n.cosine:.4f}", str(n.shared_modules), "yes" if n.duplicate else "",
+                          style="red" if n.duplicate else None)
+        parts += [Text(""), table]
+    return Group(*parts)

@@ -11,6 +11,7 @@ import torch
 
 from s3lora_cli import __version__
 from s3lora_cli.adapters import Adapter, LoraLayer, SkippedTensor, open_adapter
+from s3lora_cli.adapters.detect import check_adapter_name, check_format_name
 from s3lora_cli.errors import RuntimeProblem, UsageError
 from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, EPS_SSI, Method, Pick, mas_svd
 
@@ -38,7 +39,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """How to score. components (M) and top_h (h) default per layer to min(8, r) and M."""
+    """How to score. components (M) and top_h (h) default per layer to min(8, r) and M. input_format (None:
+    detect; else "peft", "kohya", "diffusers" or "mlx") and adapter_name (one of several PEFT adapters saved in
+    one directory) say what to read."""
 
     method: Method = Method.MAS_SVD
     components: int | None = None
@@ -46,8 +49,17 @@ class ScoreOptions:
     exhaustive: bool = False
     device: str = "auto"
     dtype: str = "float32"
+    input_format: str | None = None
+    adapter_name: str | None = None
 
     def __post_init__(self) -> None:
+        try:  # the API takes the method's name too ("svd"), as the CLI does
+            object.__setattr__(self, "method", Method(self.method))
+        except ValueError:
+            raise UsageError(f"method must be one of {', '.join(m.value for m in Method)}, "
+                             f"got {self.method!r}") from None
+        check_format_name(self.input_format)
+        check_adapter_name(self.adapter_name)
         if self.components is not None and self.components < 1:
             raise UsageError(f"--components must be at least 1, got {self.components}")
         if self.top_h is not None and self.top_h < 1:
@@ -155,7 +167,7 @@ def score_adapter(path: str | Path, options: ScoreOptions | None = None,
     """
     options = options or ScoreOptions()
     device = resolve_device(options.device)
-    with closing(open_adapter(path)) as adapter:
+    with closing(open_adapter(path, options.input_format, options.adapter_name)) as adapter:
         scores = []
         total = len(adapter.layers)
         for done, score in enumerate(iter_scores(adapter, options, device), start=1):

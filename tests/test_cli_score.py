@@ -302,3 +302,13 @@ def test_worked_check_end_to_end(tmp_path):
     assert layer["ssi"] == pytest.approx(0.6723375049, abs=1e-9)
     svd = json.loads(run("score", tmp_path, "-f", "json", "-q", "--method", "svd").stdout)["layers"][0]
     assert svd["ssi"] == pytest.approx(0.6872004952, rel=1e-5)
+
+
+def test_score_options_take_the_method_by_name(adapter):
+    from s3lora_cli import Method, UsageError
+
+    assert ScoreOptions(method="svd").method is Method.SVD
+    with pytest.raises(UsageError, match="method must be one of"):
+        ScoreOptions(method="fancy")
+    report = score_adapter(adapter, ScoreOptions(method="spsvd", device="cpu"))
+    assert report.options.method is Method.SPSVD

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -10,6 +14,7 @@ from typing import Protocol
 import torch
 
 from s3lora_cli.adapters.config import AdapterConfig
+from s3lora_cli.errors import AdapterInputError
 
 
 class LayerKind(str, enum.Enum):
@@ -56,7 +61,10 @@ class SkippedTensor:
 
 
 class Adapter(Protocol):
-    """What scoring needs from an opened adapter; a reader for a new format implements this."""
+    """What scoring needs from an opened adapter; a reader for a new format implements this.
+
+    format: "peft-safetensors", "peft-bin", "kohya", "diffusers" or "mlx" (the JSON report's adapter.format).
+    """
 
     path: Path
     weights_path: Path
@@ -74,3 +82,77 @@ class Adapter(Protocol):
 
     def close(self) -> None:
         """Release the file."""
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def lowrank_factors(down: torch.Tensor, up: torch.Tensor, scaling: float, dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left [d, r], right [r, k]) with dW = left @ right = scaling * up @ down, for a LoRA stored the PEFT way
+    round: ``down`` (lora_A, lora_down) [r, in] or [r, in, kh, kw], ``up`` (lora_B, lora_up) [out, r] or
+    [out, r, 1, 1]. A convolution's kernel is flattened into the columns: k = in * kh * kw."""
+    down = down.to(device=device, dtype=dtype)
+    up = up.to(device=device, dtype=dtype)
+    return scaling * up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+
+
+def lowrank_layer(module: str, keys: dict[str, str], down_shape: tuple[int, ...], up_shape: tuple[int, ...],
+                  lora_alpha: float, scaling: float, dtype: str, where: str, notes: tuple[str, ...] = ()) -> LoraLayer:
+    """A LoraLayer from the shapes of a down (lora_A) [r, in] / [r, in, kh, kw] and up (lora_B) [out, r] /
+    [out, r, 1, 1] pair, validated; ``where`` starts the error message (file and module)."""
+    ok = (len(down_shape) in (2, 3, 4, 5) and len(up_shape) == len(down_shape)
+          and all(s == 1 for s in up_shape[2:]) and down_shape[0] == up_shape[1])
+    if not ok:
+        raise AdapterInputError(f"{where}: down {list(down_shape)} and up {list(up_shape)} are not LoRA factor "
+                                "shapes (down [r, in(, kh, kw)], up [out, r(, 1, 1)])")
+    if 0 in down_shape or 0 in up_shape:
+        raise AdapterInputError(f"{where}: empty tensors (down {list(down_shape)}, up {list(up_shape)})")
+    kind = LayerKind.LINEAR if len(down_shape) == 2 else LayerKind.CONV
+    shape = (up_shape[0], math.prod(down_shape[1:]))
+    return LoraLayer(module, kind, shape, down_shape[0], lora_alpha, scaling, dtype, keys, notes)
+
+
+def summary_config(layers: Sequence[LoraLayer], raw: dict | None = None,
+                   base_model: str | None = None) -> AdapterConfig:
+    """An AdapterConfig describing a format without PEFT's config file: r and lora_alpha are the most common over
+    the layers (every layer keeps its own); ``raw`` keeps the format's own settings verbatim."""
+    ranks = Counter(layer.r for layer in layers)
+    alphas = Counter(layer.lora_alpha for layer in layers)
+    r = ranks.most_common(1)[0][0] if ranks else 1
+    alpha = alphas.most_common(1)[0][0] if alphas else float(r)
+    return AdapterConfig(peft_type="LORA", r=r, lora_alpha=alpha, use_dora=any("magnitude" in la.keys for la in layers),
+                         base_model_name_or_path=base_model, raw=dict(raw or {}))
+
+
+class FactorFile:
+    """What every reader of a file of low-rank factors shares: the weights file's hash, loading a layer's
+    factors stored the PEFT way round (keys "A" = down, "B" = up), closing. Subclasses set ``weights_path`` and
+    ``_source`` (a tensor source of ``s3lora_cli.adapters.safetensors_io``)."""
+
+    weights_path: Path
+    _source: object
+
+    def sha256(self) -> str:
+        return file_sha256(self.weights_path)
+
+    def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left [d, r], right [r, k]) with dW = left @ right = scaling * up @ down."""
+        return lowrank_factors(self._source.get(layer.keys["A"]), self._source.get(layer.keys["B"]), layer.scaling,
+                               dtype, device)
+
+    def close(self) -> None:
+        self._source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -9,7 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from s3lora_cli.adapters.safetensors_io import open_regular
 from s3lora_cli.errors import AdapterInputError
+
+try:  # Python >= 3.11
+    from re import _constants, _parser
+except ImportError:  # pragma: no cover
+    import sre_constants as _constants
+    import sre_parse as _parser
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -19,13 +27,99 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
+# Bounds that keep rank_pattern / alpha_pattern matching fast on untrusted files (see check_pattern).
+MAX_PATTERN_CHARS = 256
+MAX_PATTERN_REPEATS = 2
+MAX_MODULE_CHARS = 512
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+PATTERN_RULE = (f"keys are regular expressions of at most {MAX_PATTERN_CHARS} characters, without backreferences, "
+                f"with at most {MAX_PATTERN_REPEATS} repetitions (*, +, {{m,n}}), each on a single character, "
+                "class or '.', not on a group")
+
+_REPEATS = (_constants.MAX_REPEAT, _constants.MIN_REPEAT, getattr(_constants, "POSSESSIVE_REPEAT", None))
+_ONE_CHARACTER = (_constants.LITERAL, _constants.NOT_LITERAL, _constants.ANY, _constants.IN)
+
+
+@functools.lru_cache(maxsize=4096)
+def check_pattern(pattern: str) -> str | None:
+    """Why ``pattern`` (a rank_pattern / alpha_pattern key) is refused, or None if it is accepted.
+
+    PEFT matches the keys as regular expressions, ``re.match(rf"(.*\\.)?({key})$", module)``, with Python's
+    backtracking engine, where a key such as ``(a+)+$`` takes time exponential in the module name's length.
+    s3lora accepts a key only if it is at most MAX_PATTERN_CHARS characters, has no backreferences or
+    conditional groups, repeats (``*``, ``+``, ``{m,n}`` with n > 1) only single characters, classes or ``.``
+    (never a group, so no nested quantifiers), and has at most MAX_PATTERN_REPEATS such repetitions. With
+    module names of at most MAX_MODULE_CHARS characters, one match then costs at most a few million steps.
+    """
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"it is longer than {MAX_PATTERN_CHARS} characters"
+    try:  # the key alone, then as PEFT compiles it: some keys fail only inside PEFT's wrapper
+        _parser.parse(pattern)
+        tree = _parser.parse(rf"(.*\.)?({pattern})$")
+    except re.error as exc:
+        return f"it is an invalid regular expression ({exc})"
+    except (RecursionError, OverflowError, ValueError):
+        return "it is an invalid regular expression"
+    repeats = -1  # the wrapper's own ".*"
+    stack = [tree]
+    while stack:
+        for op, arg in stack.pop():
+            if op in (_constants.GROUPREF, _constants.GROUPREF_EXISTS):
+                return "it uses a backreference or a conditional group"
+            if op in _REPEATS:
+                low, high, body = arg
+                if high > 1:
+                    repeats += 1
+                    if not _one_character(body):
+                        return "it repeats a group (a quantifier on a group, e.g. (ab)+ or (a+)*)"
+                stack.append(body)
+            elif op is _constants.SUBPATTERN:
+                stack.append(arg[-1])
+            elif op is _constants.BRANCH:
+                stack.extend(arg[1])
+            elif op in (_constants.ASSERT, _constants.ASSERT_NOT):
+                stack.append(arg[1])
+            elif op is getattr(_constants, "ATOMIC_GROUP", None):
+                stack.append(arg)
+    if repeats > MAX_PATTERN_REPEATS:
+        return f"it has {repeats} repetitions (at most {MAX_PATTERN_REPEATS})"
+    return None
+
+
+def _one_character(body) -> bool:
+    """Whether a parsed regex matches exactly one character: a literal, a class, '.', maybe in a group."""
+    while len(body) == 1 and body[0][0] is _constants.SUBPATTERN:
+        body = body[0][1][-1]
+    return len(body) == 1 and body[0][0] in _ONE_CHARACTER
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: str) -> re.Pattern:
+    return re.compile(rf"(.*\.)?({key})$")
+
+
 def pattern_key(pattern_keys: list[str], module: str) -> str | None:
     """The first key of ``rank_pattern`` / ``alpha_pattern`` that matches ``module``, as PEFT's
-    ``get_pattern_key`` matches it: ``re.match(rf"(.*\\.)?({key})$", module)``; None if none does."""
+    ``get_pattern_key`` matches it: ``re.match(rf"(.*\\.)?({key})$", module)``; None if none does.
+
+    Raises AdapterInputError for a key that ``check_pattern`` refuses, or, when there are keys, for a module
+    name longer than MAX_MODULE_CHARS (both bound the time a match can take)."""
+    if pattern_keys and len(module) > MAX_MODULE_CHARS:
+        raise AdapterInputError(f"module name of {len(module)} characters ({module[:60]!r}...) is too long to "
+                                f"match rank_pattern / alpha_pattern keys against (at most {MAX_MODULE_CHARS})")
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
+        problem = check_pattern(key)
+        if problem is not None:
+            raise AdapterInputError(f"rank_pattern / alpha_pattern key {_short(key)} is refused: {problem}; "
+                                    f"{PATTERN_RULE}")
+        if _compiled(key).match(module):
             return key
     return None
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -65,7 +159,7 @@ def _number(raw: dict, key: str, path: Path, *, integer: bool) -> Any:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not math.isfinite(value):
         kind = "an integer" if integer else "a number"
-        raise AdapterInputError(f"{path}: '{key}' must be {kind}, got {value!r}")
+        raise AdapterInputError(f"{path}: '{key}' must be {kind}, got {_short(value)}")
     return value
 
 
@@ -74,23 +168,54 @@ def _pattern(raw: dict, key: str, path: Path, *, integer: bool) -> dict:
     if not isinstance(value, dict):
         raise AdapterInputError(f"{path}: '{key}' must be an object mapping module patterns to values")
     for pattern, item in value.items():
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise AdapterInputError(f"{path}: '{key}' has an invalid regular expression {pattern!r}: {exc}") from None
-        _number({pattern: item}, pattern, path, integer=integer)
+        problem = check_pattern(pattern)
+        if problem is not None:
+            raise AdapterInputError(f"{path}: '{key}' key {_short(pattern)} is refused: {problem}; {PATTERN_RULE}")
+        where = f"'{key}' value for {_short(pattern)}"
+        _number({where: item}, where, path, integer=integer)
         if item <= 0 and integer:
-            raise AdapterInputError(f"{path}: '{key}' gives rank {item} to {pattern!r}; ranks must be positive")
+            raise AdapterInputError(f"{path}: '{key}' gives rank {item} to {_short(pattern)}; ranks must be positive")
     return dict(value)
 
 
+def _flag(raw: dict, key: str, path: Path) -> bool:
+    """A boolean option; PEFT would take any truthy value (the string "false" included) as true, so only
+    true, false and null (false) are accepted."""
+    value = raw.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise AdapterInputError(f"{path}: '{key}' must be true or false, got {_short(value)}")
+    return value
+
+
+def _names(raw: dict, key: str, path: Path) -> Any:
+    """target_modules / modules_to_save: null, a string (a regex, for PEFT's target_modules) or a list of
+    strings, as PEFT's LoraConfig declares them."""
+    value = raw.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise AdapterInputError(f"{path}: '{key}' must be a string or a list of strings, got {_short(value)}")
+    return value
+
+
 def parse_config(raw: Any, path: Path) -> AdapterConfig:
-    """Validate a decoded adapter_config.json (a LoRA one) and return its AdapterConfig."""
+    """Validate a decoded adapter_config.json (a LoRA one) and return its AdapterConfig.
+
+    Follows PEFT's LoraConfig where that is safe; stricter where PEFT would silently misread a value: 'r' and
+    'lora_alpha' are required (PEFT falls back to its defaults, 8 and 8, which would give a silently wrong
+    scaling for a hand-edited config); 'r' is a positive integer (not a bool, string or float); 'lora_alpha'
+    a finite number; use_rslora / use_dora / fan_in_fan_out booleans; peft_type, if present, "LORA";
+    rank_pattern / alpha_pattern keys pass ``check_pattern``.
+    """
     if not isinstance(raw, dict):
         raise AdapterInputError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     peft_type = raw.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-        raise AdapterInputError(f"{path}: peft_type is {peft_type!r}; s3lora analyses LoRA adapters (peft_type 'LORA')")
+        raise AdapterInputError(
+            f"{path}: peft_type is {_short(peft_type)}; s3lora analyses LoRA adapters (peft_type 'LORA')"
+        )
     r = _number(raw, "r", path, integer=True)
     if r <= 0:
         raise AdapterInputError(f"{path}: 'r' is {r}; the LoRA rank must be a positive integer")
@@ -100,32 +225,63 @@ def parse_config(raw: Any, path: Path) -> AdapterConfig:
         peft_type="LORA",
         r=r,
         lora_alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        use_dora=bool(raw.get("use_dora", False)),
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        use_rslora=_flag(raw, "use_rslora", path),
+        use_dora=_flag(raw, "use_dora", path),
+        fan_in_fan_out=_flag(raw, "fan_in_fan_out", path),
         rank_pattern=_pattern(raw, "rank_pattern", path, integer=True),
         alpha_pattern=_pattern(raw, "alpha_pattern", path, integer=False),
-        target_modules=raw.get("target_modules"),
-        modules_to_save=raw.get("modules_to_save"),
+        target_modules=_names(raw, "target_modules", path),
+        modules_to_save=_names(raw, "modules_to_save", path),
         base_model_name_or_path=base if isinstance(base, str) else None,
         raw=raw,
     )
 
 
-def read_config(path: Path) -> AdapterConfig:
-    """Read and validate ``path`` (an adapter_config.json)."""
+def decode_config(text: str, path: Path) -> Any:
+    """json.loads of an adapter_config.json, refusing keys that appear twice in one object (PEFT would
+    silently keep the last; a reviewer reading the first would be misled)."""
+    def pairs(items: list) -> dict:
+        seen: dict = {}
+        for key, value in items:
+            if key in seen:
+                raise AdapterInputError(f"{path}: key {_short(key)} appears twice in one object")
+            seen[key] = value
+        return seen
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AdapterInputError(
-            f"{path} not found: a PEFT adapter directory holds adapter_config.json beside its weights"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdapterInputError(f"{path}: cannot be read ({exc})") from None
-    try:
-        raw = json.loads(text)
+        return json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
         raise AdapterInputError(
             f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
         ) from None
-    return parse_config(raw, path)
+    except RecursionError:
+        raise AdapterInputError(f"{path} is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer with too many digits
+        raise AdapterInputError(f"{path} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
+            from None
+
+
+def read_json(path: Path) -> Any:
+    """The decoded JSON of ``path``, read with a bound (MAX_CONFIG_BYTES) from a regular file only, keys that
+    appear twice in one object refused (see ``decode_config``); AdapterInputError for anything else."""
+    try:
+        with open_regular(path) as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise AdapterInputError(
+            f"{path} not found: a PEFT adapter directory holds adapter_config.json beside its weights"
+        ) from None
+    except OSError as exc:
+        raise AdapterInputError(f"{path}: cannot be read ({exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterInputError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AdapterInputError(f"{path}: cannot be read ({exc})") from None
+    return decode_config(text, path)
+
+
+def read_config(path: Path) -> AdapterConfig:
+    """Read and validate ``path`` (an adapter_config.json of at most MAX_CONFIG_BYTES)."""
+    return parse_config(read_json(path), path)

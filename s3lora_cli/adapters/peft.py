@@ -13,7 +13,9 @@ import torch
 
 from s3lora_cli.adapters.base import LayerKind, LoraLayer, SkippedTensor
 from s3lora_cli.adapters.config import CONFIG_NAME, AdapterConfig, read_config
-from s3lora_cli.errors import AdapterInputError
+from s3lora_cli.adapters.detect import check_adapter_name, check_confined, resolve_snapshot
+from s3lora_cli.adapters.safetensors_io import PickleSource, SafetensorsSource
+from s3lora_cli.errors import AdapterInputError, UsageError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -32,95 +34,52 @@ def module_name(key_module: str) -> str:
     return key_module[len(PEFT_PREFIX):] if key_module.startswith(PEFT_PREFIX) else key_module
 
 
-class _SafetensorsSource:
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-            self.keys = list(self._file.keys())
-            self.shapes = {k: tuple(self._file.get_slice(k).get_shape()) for k in self.keys}
-            self.dtypes = {k: _dtype_name(self._file.get_slice(k).get_dtype()) for k in self.keys}
-        except Exception as exc:  # safetensors raises its own error types, and OSError
-            raise AdapterInputError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
-        self.path = path
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._file.get_tensor(key)
-        except Exception as exc:
-            raise AdapterInputError(f"{self.path}: tensor {key!r} cannot be read ({_one_line(exc)})") from None
-
-    def close(self) -> None:
-        self._file = None
-
-
-class _PickleSource:
-    """adapter_model.bin, loaded only with ``torch.load(weights_only=True)``: plain tensors, no code."""
-
-    def __init__(self, path: Path) -> None:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise AdapterInputError(
-                    f"{path}: refused; it is not a plain tensor checkpoint that loads with weights_only=True "
-                    f"({_one_line(exc)}). Convert it to safetensors with a tool you trust."
-                ) from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise AdapterInputError(f"{path}: expected a mapping of names to tensors")
-        self._state = state
-        self.path = path
-        self.keys = [str(k) for k in state]
-        self.shapes = {k: tuple(v.shape) for k, v in state.items()}
-        self.dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._state[key]
-
-    def close(self) -> None:
-        self._state = {}
-
-
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-def _dtype_name(safetensors_dtype: str) -> str:
-    """torch's name of a safetensors dtype ("BF16" -> "bfloat16"), the spelling the .bin reader gives too."""
-    return _SAFETENSORS_DTYPES.get(safetensors_dtype, safetensors_dtype.lower())
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def locate(path: Path) -> tuple[Path, Path]:
-    """(weights file, config file) of an adapter given as a directory or as its weights file."""
+def locate(path: Path, adapter_name: str | None = None) -> tuple[Path, Path]:
+    """(weights file, config file) of a PEFT adapter given as a directory, as its weights file, or as a Hugging Face
+    cache folder; ``adapter_name`` picks one of several adapters saved in one directory (PEFT saves a non-default
+    adapter under ``<directory>/<adapter_name>/``; "default" is the directory itself). Files that are symlinks
+    leading outside the adapter directory are refused (a cache snapshot's links into its ``blobs/`` are allowed)."""
+    adapter_name = check_adapter_name(adapter_name)
     if not path.exists():
         raise AdapterInputError(f"{path}: no such file or directory")
-    if path.is_dir():
-        for name in (SAFETENSORS_NAME, BIN_NAME):
-            if (path / name).is_file():
-                return path / name, path / CONFIG_NAME
-        nested = sorted(sub.name for sub in path.iterdir()
-                        if sub.is_dir() and (sub / CONFIG_NAME).is_file()
-                        and any((sub / name).is_file() for name in (SAFETENSORS_NAME, BIN_NAME)))
-        if nested:
-            raise AdapterInputError(
-                f"{path}: no {SAFETENSORS_NAME} (or {BIN_NAME}) here, but adapters in subdirectories "
-                f"{', '.join(nested)}: PEFT saves an adapter whose adapter_name is not 'default' under "
-                f"<directory>/<adapter_name>; point s3lora at {path / nested[0]}"
-            )
+    path = resolve_snapshot(path)
+    if not path.is_dir():
+        if adapter_name is not None:
+            raise UsageError(f"--adapter {adapter_name}: give the directory that holds the adapters, not a "
+                             "weights file")
+        if path.suffix not in (".safetensors", ".bin"):
+            raise AdapterInputError(f"{path}: expected an adapter directory or a .safetensors / .bin weights file")
+        config = path.parent / CONFIG_NAME
+        check_confined(path, path.parent)
+        if config.exists():
+            check_confined(config, path.parent)
+        return path, config
+    nested = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and not sub.name.startswith(".")
+                    and (sub / CONFIG_NAME).is_file()
+                    and any((sub / name).is_file() for name in (SAFETENSORS_NAME, BIN_NAME)))
+    here = [name for name in (SAFETENSORS_NAME, BIN_NAME) if (path / name).is_file()]
+    if adapter_name not in (None, "default") or (adapter_name == "default" and not here):
+        if adapter_name not in nested:
+            have = ", ".join((["default"] if here else []) + nested) or "none"
+            raise AdapterInputError(f"{path}: no adapter named {adapter_name!r} here (adapters: {have})")
+        check_confined(path / adapter_name, path)
+        return locate(path / adapter_name)
+    if here:
+        weights, config = path / here[0], path / CONFIG_NAME
+        check_confined(weights, path)
+        if config.exists():
+            check_confined(config, path)
+        return weights, config
+    if nested:
         raise AdapterInputError(
-            f"{path}: no {SAFETENSORS_NAME} (or {BIN_NAME}) in this directory; point s3lora at a PEFT adapter "
-            "directory as written by save_pretrained"
+            f"{path}: no {SAFETENSORS_NAME} (or {BIN_NAME}) here, but {len(nested)} adapter(s) saved under their "
+            f"adapter_name: {', '.join(nested)} (PEFT saves an adapter whose adapter_name is not 'default' under "
+            f"<directory>/<adapter_name>); pick one with --adapter NAME"
         )
-    if path.suffix not in (".safetensors", ".bin"):
-        raise AdapterInputError(f"{path}: expected an adapter directory or a .safetensors / .bin weights file")
-    return path, path.parent / CONFIG_NAME
+    raise AdapterInputError(
+        f"{path}: no {SAFETENSORS_NAME} (or {BIN_NAME}) in this directory; point s3lora at a PEFT adapter "
+        "directory as written by save_pretrained"
+    )
 
 
 @dataclass
@@ -133,15 +92,15 @@ class _Parts:
 class PeftAdapter:
     """A PEFT LoRA adapter opened for reading; see ``s3lora_cli.adapters.base.Adapter``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, adapter_name: str | None = None) -> None:
         self.path = path
-        self.weights_path, config_path = locate(path)
+        self.weights_path, config_path = locate(path, adapter_name)
         self.config: AdapterConfig = read_config(config_path)
         self.format = "peft-safetensors" if self.weights_path.suffix == ".safetensors" else "peft-bin"
         if self.format == "peft-bin":
-            self._source = _PickleSource(self.weights_path)
+            self._source = PickleSource(self.weights_path)
         else:
-            self._source = _SafetensorsSource(self.weights_path)
+            self._source = SafetensorsSource(self.weights_path)
         self.layers, self.skipped = self._index()
 
     def _index(self) -> tuple[tuple[LoraLayer, ...], tuple[SkippedTensor, ...]]:

@@ -1,5 +1,6 @@
-"""Writing a pruned PEFT adapter: every file goes into a temporary directory beside the destination, which is
-then renamed into place, so a crash or Ctrl-C leaves no half-written adapter; the input is only ever read."""
+"""Writing a pruned adapter in the input's own format (PEFT, kohya-ss, diffusers, MLX-LM): every file goes into a
+temporary directory (or file) beside the destination, which is then renamed into place, so a crash or Ctrl-C
+leaves no half-written adapter; the input is only ever read."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import torch
 
 from s3lora_cli.adapters.base import LoraLayer
 from s3lora_cli.adapters.config import CONFIG_NAME
+from s3lora_cli.adapters.detect import MLX_WEIGHTS, check_confined, hf_cache_blobs
+from s3lora_cli.adapters.diffusers import METADATA_KEY
 from s3lora_cli.adapters.peft import BIN_NAME, SAFETENSORS_NAME
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
 
@@ -50,6 +53,64 @@ class LayerEdit:
         return tuple(sorted(self.layer.keys.values()))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a pruned adapter is written back in its input's format.
+
+    family: "peft", "kohya", "diffusers" or "mlx". single_file: the output is one weights file (a kohya file, a
+    diffusers file given as a file) rather than a directory. weights_name: the weights file's name in the output.
+    drop: why ``--mode drop`` cannot be written in this format, or None when it can.
+    """
+
+    family: str
+    single_file: bool
+    weights_name: str
+    drop: str | None = None
+
+
+MLX_NO_DROP = ("MLX-LM wraps every module that lora_parameters.keys names in the last num_layers blocks and cannot "
+               "leave one layer out, so an MLX adapter cannot drop layers; use --mode zero (MLX DoRA layers cannot "
+               "be pruned: with lora_b zeroed their magnitude .m would still rescale the weight)")
+
+
+def layout_for(adapter_format: str, weights_path: Path, given: Path) -> Layout:
+    """The output layout of an adapter of ``adapter_format`` (a reader's ``format``) read from ``weights_path``,
+    as the user named it (``given``: a directory or the weights file)."""
+    family = adapter_format.split("-")[0]
+    if family == "peft":
+        return Layout("peft", False, SAFETENSORS_NAME)
+    if family == "mlx":
+        return Layout("mlx", False, MLX_WEIGHTS, MLX_NO_DROP)
+    if family == "kohya" or not given.is_dir():
+        return Layout(family, True, weights_path.with_suffix(".safetensors").name)
+    return Layout(family, False, weights_path.with_suffix(".safetensors").name)
+
+
+def default_file_destination(weights_path: Path) -> Path:
+    """``<stem>-pruned.safetensors`` beside a single-file adapter."""
+    source = Path(os.path.abspath(weights_path))
+    return source.with_name(f"{source.stem}-pruned.safetensors")
+
+
+def check_file_destination(weights_path: Path, destination: Path, force: bool) -> None:
+    """For a single-file adapter: refuse a destination that is (or resolves to) the input file, a directory, or
+    an existing file without ``force``."""
+    target = destination.resolve()
+    if target == weights_path.resolve():
+        raise UsageError(f"{destination} is the input adapter {weights_path}; the input is never written to: give -o "
+                         "another file name")
+    parent = destination.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{parent} is not a directory, so {destination} cannot be created there")
+    if not os.path.lexists(destination):
+        return
+    if destination.is_dir():
+        raise UsageError(f"{destination} is a directory; for a single-file adapter -o names the .safetensors file "
+                         "to write")
+    if not force:
+        raise UsageError(f"{destination} exists; pass --force to replace it")
+
+
 def adapter_dir(path: Path) -> Path:
     """The directory of an adapter given as a directory or as its weights file."""
     if not path.exists():
@@ -61,6 +122,9 @@ def default_destination(source_dir: Path) -> Path:
     """``<parent>/<name>-pruned``: a sibling of the input directory, named after it (``adapter/`` gives
     ``adapter-pruned/``). ``..`` is resolved lexically, symlinks are not: the sibling is of the path as given."""
     source = Path(os.path.abspath(source_dir))
+    if hf_cache_blobs(source) is not None:
+        raise UsageError(f"{source_dir} is a Hugging Face cache snapshot; s3lora does not write into the cache: "
+                         "give -o a path for the pruned adapter")
     return source.parent / f"{source.name}-pruned"
 
 
@@ -106,19 +170,29 @@ def merged_exclude_modules(existing: object, modules: Sequence[str]) -> list[str
 
 def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[LayerEdit], *,
                          metadata: Mapping[str, str], report_text: str, force: bool = False,
-                         expected_sha256: str | None = None) -> Path:
-    """Write the adapter at ``weights_path`` (safetensors or PEFT's .bin) with ``edits`` applied to
-    ``destination`` as a complete PEFT adapter directory, and return ``destination``.
+                         expected_sha256: str | None = None, layout: Layout | None = None) -> Path:
+    """Write the adapter at ``weights_path`` with ``edits`` applied to ``destination`` in the input's format
+    (``layout``; default: a PEFT adapter directory), and return ``destination``.
 
-    - adapter_model.safetensors: every tensor not edited is copied bit for bit (name, dtype, values); the
-      safetensors metadata keeps the input's keys, sets ``format: pt`` and adds ``metadata`` (provenance).
-    - adapter_config.json: copied byte for byte, unless a layer is dropped: then the same keys, unknown ones
-      included, with the dropped modules added to ``exclude_modules``.
-    - every other file and folder of the input directory is copied; ``report_text`` goes to s3lora-report.json.
+    - the weights (safetensors): every tensor not edited is copied bit for bit (name, dtype, values); the
+      safetensors metadata keeps the input's keys and adds ``metadata`` (provenance); PEFT's gets ``format: pt``.
+      For a diffusers file whose header holds ``lora_adapter_metadata``, dropped modules join its components'
+      ``exclude_modules``.
+    - a directory output: adapter_config.json copied byte for byte, unless a PEFT layer is dropped: then the same
+      keys, unknown ones included, with the dropped modules added to ``exclude_modules``; every other file and
+      folder of the input directory copied; ``report_text`` in s3lora-report.json. A single-file output is the
+      weights file alone.
     ``expected_sha256`` (the weights hash the edits were planned on) guards against an input that changed since.
     """
+    layout = layout or Layout("peft", False, SAFETENSORS_NAME)
+    dropped = [e.layer.module for e in edits if e.mode is PruneMode.DROP]
+    if dropped and layout.drop:
+        raise UsageError(layout.drop)
     source_dir = weights_path.parent
-    check_destination(source_dir, destination, force)
+    if layout.single_file:
+        check_file_destination(weights_path, destination, force)
+    else:
+        check_destination(source_dir, destination, force)
     tensors, old_metadata = _read_weights(weights_path, expected_sha256)
     for edit in edits:
         for name in edit.tensor_names:
@@ -128,17 +202,29 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
                 tensors[name] = torch.zeros_like(tensors[name])
             else:
                 del tensors[name]
-    config_text = _pruned_config(source_dir / CONFIG_NAME, [e.layer.module for e in edits if e.mode is PruneMode.DROP])
+    new_metadata = {**old_metadata, **({"format": "pt"} if layout.family == "peft" else {}), **metadata}
+    if dropped and layout.family == "diffusers" and METADATA_KEY in old_metadata:
+        new_metadata[METADATA_KEY] = _excluded_in_header(old_metadata[METADATA_KEY], dropped)
+    if layout.single_file:
+        _write_single_file(tensors, new_metadata, weights_path, destination, force)
+        return destination
+    config_text = None
+    if (source_dir / CONFIG_NAME).is_file():
+        check_confined(source_dir / CONFIG_NAME, source_dir)
+        config_text = _pruned_config(source_dir / CONFIG_NAME, dropped if layout.family == "peft" else [])
+    skip = {weights_path.name, layout.weights_name, SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME, REPORT_NAME}
+    if layout.family == "mlx":  # the other training checkpoints are not pruned: leave them out
+        skip |= {p.name for p in source_dir.glob(f"*{MLX_WEIGHTS}")}
     parent = destination.absolute().parent
     tmp = parent / f".{destination.name}.{secrets.token_hex(4)}.s3lora-tmp"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        _copy_other_files(source_dir, tmp, skip={weights_path.name, SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME,
-                                                 REPORT_NAME})
-        _save_weights(tensors, tmp / SAFETENSORS_NAME, {**old_metadata, "format": "pt", **metadata})
-        shutil.copymode(weights_path, tmp / SAFETENSORS_NAME)
-        _write_text(tmp / CONFIG_NAME, config_text)
+        _copy_other_files(source_dir, tmp, skip=skip)
+        _save_weights(tensors, tmp / layout.weights_name, new_metadata)
+        shutil.copymode(weights_path, tmp / layout.weights_name)
+        if config_text is not None:
+            _write_text(tmp / CONFIG_NAME, config_text)
         _write_text(tmp / REPORT_NAME, report_text)
         _install(tmp, destination, force)
     except BaseException as exc:
@@ -148,6 +234,40 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
                                  "the input is unchanged") from exc
         raise
     return destination
+
+
+def _write_single_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], weights_path: Path,
+                       destination: Path, force: bool) -> None:
+    parent = destination.absolute().parent
+    tmp = parent / f".{destination.name}.{secrets.token_hex(4)}.s3lora-tmp"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _save_weights(tensors, tmp, metadata)
+        shutil.copymode(weights_path, tmp)
+        if os.path.lexists(destination) and not force:  # it appeared while we were writing
+            raise UsageError(f"{destination} exists; pass --force to replace it")
+        os.replace(tmp, destination)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise RuntimeProblem(f"cannot write the pruned adapter to {destination} ({exc}); nothing was written, "
+                                 "the input is unchanged") from exc
+        raise
+
+
+def _excluded_in_header(text: str, dropped: Sequence[str]) -> str:
+    """diffusers' ``lora_adapter_metadata`` with each dropped module (``<component>.<module>``) added to its
+    component's ``exclude_modules``, so that diffusers' loader does not wrap it."""
+    flat = json.loads(text)
+    by_prefix: dict[str, list[str]] = {}
+    for module in dropped:
+        prefix, _, inner = module.partition(".")
+        by_prefix.setdefault(prefix, []).append(inner)
+    for prefix, modules in by_prefix.items():
+        if any(str(k).startswith(prefix + ".") for k in flat):
+            key = f"{prefix}.exclude_modules"
+            flat[key] = merged_exclude_modules(flat.get(key), modules)
+    return json.dumps(flat, indent=2, sort_keys=True)
 
 
 def _read_weights(weights_path: Path, expected_sha256: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -179,10 +299,15 @@ def _pruned_config(config_path: Path, dropped: Sequence[str]) -> str:
 
 
 def _copy_other_files(source_dir: Path, target: Path, skip: set[str]) -> None:
-    """Copy README, tokenizer files, training arguments, ... (symlinks followed: the copy holds the content)."""
+    """Copy README, tokenizer files, training arguments, ... (symlinks followed: the copy holds the content; a
+    symlink leading outside the adapter directory is refused, except a cache snapshot's links into its blobs)."""
     for entry in sorted(source_dir.iterdir()):
-        if entry.name in skip:
+        if entry.name in skip or entry.name.endswith((".s3lora-tmp", ".s3lora-old")):
             continue
+        check_confined(entry, source_dir)
+        if entry.is_dir():
+            for inner in entry.rglob("*"):
+                check_confined(inner, source_dir)
         if entry.is_dir():
             shutil.copytree(entry, target / entry.name, symlinks=False)
         elif entry.is_file():

@@ -42,6 +42,20 @@ DTYPE = typer.Option("float32", "--dtype", help="Compute dtype of the L1 fit: fl
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")
 
 
+class InputFormat(str, enum.Enum):
+    auto = "auto"
+    peft = "peft"
+    kohya = "kohya"
+    diffusers = "diffusers"
+    mlx = "mlx"
+
+
+INPUT_FORMAT = typer.Option(InputFormat.auto, "--input-format",
+                            help="Adapter format: auto (detect), peft, kohya, diffusers or mlx.")
+ADAPTER_NAME = typer.Option(None, "--adapter", help="Which of several PEFT adapters saved in one directory "
+                            "(its adapter_name; 'default' is the directory's own).")
+
+
 class Format(str, enum.Enum):
     table = "table"
     json = "json"
@@ -148,3 +162,5 @@ def run() -> None:
 from s3lora_cli.cli import score as _score  # noqa: E402,F401,I001
 from s3lora_cli.cli import prune as _prune  # noqa: E402,F401
 from s3lora_cli.cli import check as _check  # noqa: E402,F401
+from s3lora_cli.cli import scan as _scan  # noqa: E402,F401
+from s3lora_cli.cli import admit as _admit  # noqa: E402,F401

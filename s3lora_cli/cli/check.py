@@ -13,10 +13,13 @@ from rich.console import Console
 
 from s3lora_cli import report
 from s3lora_cli.cli import (
+    ADAPTER_NAME,
     COMPONENTS,
     DEVICE,
     EXIT_GATE_FAILED,
+    INPUT_FORMAT,
     TOP_H,
+    InputFormat,
     app,
     check_output,
     error_boundary,
@@ -62,6 +65,8 @@ def check(
     sarif_output: Optional[Path] = typer.Option(None, "--sarif-output", help="Also write the SARIF log to this file."),
     force: bool = typer.Option(False, "--force", help="Overwrite output files that exist."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or verdict on stderr."),
+    input_format: InputFormat = INPUT_FORMAT,
+    adapter_name: Optional[str] = ADAPTER_NAME,
 ) -> None:
     """Fail (exit 1) when an adapter breaks the gate: a layer above --max-ssi, a rise above --max-increase
     over --baseline, or a layer with NaN/Inf values. Exit codes: 0 passed, 1 failed, 2 usage, 3 input, 4 runtime."""
@@ -71,7 +76,8 @@ def check(
     for path in (output, markdown_output, sarif_output):
         check_output(path, force)
     with progress_bar(quiet) as progress:
-        results = check_adapters(adapters, gate_policy, device, progress)
+        results = check_adapters(adapters, gate_policy, device, progress, input_format=input_format.value,
+                                 adapter_name=adapter_name)
     renderers = {
         CheckFormat.json: lambda: report.render_json(report.check_dict(results)),
         CheckFormat.markdown: lambda: report.render_gate_markdown(results),

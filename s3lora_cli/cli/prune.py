@@ -11,13 +11,16 @@ from rich.console import Console
 
 from s3lora_cli import report
 from s3lora_cli.cli import (
+    ADAPTER_NAME,
     COMPONENTS,
     DEVICE,
     DTYPE,
     EXHAUSTIVE,
+    INPUT_FORMAT,
     QUIET,
     TOP_H,
     Format,
+    InputFormat,
     app,
     error_boundary,
     progress_bar,
@@ -33,9 +36,12 @@ from s3lora_cli.spectral import Method
 @app.command()
 @error_boundary
 def prune(
-    adapter: Path = typer.Argument(..., help="Adapter directory, or its adapter_model.safetensors."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory to write the pruned adapter to "
-                                          "(default: a sibling of the input, <adapter>-pruned)."),
+    adapter: Path = typer.Argument(..., 
+        help="Adapter directory or weights file (PEFT, kohya, diffusers, MLX-LM)."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Where to write the pruned adapter, in the input's format: a directory (default: "
+        "<adapter>-pruned beside the input), or for a single-file adapter the file (default: "
+        "<name>-pruned.safetensors)."),
     tau: Optional[int] = typer.Option(None, "--tau", help=f"Prune the tau highest-SSI layers (paper Eq. 5) "
                                       f"(default: {DEFAULT_TAU}, unless --threshold or --fraction)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Prune every layer with SSI >= this (0-1)."),
@@ -53,11 +59,13 @@ def prune(
     device: str = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,
+    input_format: InputFormat = INPUT_FORMAT,
+    adapter_name: Optional[str] = ADAPTER_NAME,
 ) -> None:
     """Zero (or drop) the LoRA update of the highest-SSI layers; the frozen base weights are untouched."""
     selection = Selection.of(tau, threshold, fraction)
     options = ScoreOptions(method=method, components=components, top_h=top_h, exhaustive=exhaustive,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, input_format=input_format.value, adapter_name=adapter_name)
     with progress_bar(quiet) as progress:
         result = prune_adapter(adapter, output, selection, mode, options, force=force, dry_run=dry_run,
                                progress=progress)

@@ -12,14 +12,17 @@ from rich.console import Console
 
 from s3lora_cli import report
 from s3lora_cli.cli import (
+    ADAPTER_NAME,
     COMPONENTS,
     DEMO_ADAPTER,
     DEVICE,
     DTYPE,
     EXHAUSTIVE,
+    INPUT_FORMAT,
     QUIET,
     TOP_H,
     Format,
+    InputFormat,
     app,
     check_output,
     error_boundary,
@@ -36,7 +39,8 @@ from s3lora_cli.spectral import Method
 @app.command()
 @error_boundary
 def score(
-    adapter: Optional[Path] = typer.Argument(None, help="Adapter directory, or its adapter_model.safetensors."),
+    adapter: Optional[Path] = typer.Argument(None, 
+        help="Adapter directory or weights file (PEFT, kohya, diffusers, MLX-LM)."),
     demo: bool = typer.Option(False, "--demo", help="Score the small demo adapter bundled with s3lora."),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
@@ -49,12 +53,14 @@ def score(
     device: str = DEVICE,
     dtype: str = DTYPE,
     quiet: bool = QUIET,
+    input_format: InputFormat = INPUT_FORMAT,
+    adapter_name: Optional[str] = ADAPTER_NAME,
 ) -> None:
     """Rank every LoRA layer of an adapter by its Spectral Sharpness Index (highest first)."""
     path = _adapter_path(adapter, demo)
     check_output(output, force)
     options = ScoreOptions(method=method, components=components, top_h=top_h, exhaustive=exhaustive,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype, input_format=input_format.value, adapter_name=adapter_name)
     with progress_bar(quiet) as progress:
         result = score_adapter(path, options, progress=progress)
     flagged = {s.module for s in top_tau(result, tau)}

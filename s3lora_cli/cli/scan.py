@@ -1,0 +1,156 @@
+"""``s3lora scan``: score every adapter under a store directory (cached; in processes or on Ray), ranked by risk."""
+
+from __future__ import annotations
+
+import enum
+import io
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from s3lora_cli import report
+from s3lora_cli.cli import (
+    COMPONENTS,
+    DEVICE,
+    EXIT_GATE_FAILED,
+    TOP_H,
+    app,
+    check_output,
+    error_boundary,
+    stderr_console,
+    write_output,
+)
+from s3lora_cli.errors import UsageError
+from s3lora_cli.spectral import Method
+from s3lora_cli.store import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_NEIGHBOURS,
+    DEFAULT_TOP,
+    ScanResult,
+    check_cache_dir,
+    default_cache_dir,
+    discover,
+    iter_scan,
+    risk_key,
+    scan_settings,
+    with_neighbours,
+)
+
+# The gate's options, as ``check`` has them (admit reuses them).
+MAX_SSI = typer.Option(None, "--max-ssi", help="Fail a layer whose SSI is above this.")
+MAX_FLAGGED = typer.Option(None, "--max-flagged", help="How many layers may exceed --max-ssi (default 0).")
+BASELINE = typer.Option(None, "--baseline", help="Approved adapter to compare with, layer by layer.")
+MAX_INCREASE = typer.Option(None, "--max-increase", help="Fail a layer whose SSI rose by more than this.")
+STRICT_LAYERS = typer.Option(None, "--strict-layers/--no-strict-layers",
+                             help="Also fail on layers new in, or missing from, the adapter vs --baseline.")
+POLICY = typer.Option(None, "--policy", help="TOML policy file, read instead of pyproject.toml's \\[tool.s3lora].")
+METHOD = typer.Option(None, "--method", help="Spectral method (default mas-svd).")
+NEIGHBOURS = typer.Option(DEFAULT_NEIGHBOURS, "--neighbours", help="How many nearest adapters to list.")
+DUPLICATE_THRESHOLD = typer.Option(DEFAULT_DUPLICATE_THRESHOLD, "--duplicate-threshold",
+                                   help="Flag a neighbour whose update cosine is at least this.")
+
+
+class ScanFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+
+
+def gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method, components, top_h) -> dict:
+    return {"max-ssi": max_ssi, "max-flagged": max_flagged, "baseline": baseline, "max-increase": max_increase,
+            "strict-layers": strict_layers, "method": method, "components": components, "top-h": top_h}
+
+
+@app.command()
+@error_boundary
+def scan(
+    store: Path = typer.Argument(..., help="Directory of adapters, searched recursively."),
+    fmt: ScanFormat = typer.Option(ScanFormat.table, "--format", "-f", help="table, json, or jsonl (streamed)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
+    workers: int = typer.Option(1, "--workers", "-j", help="Local worker processes."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: auto (the running cluster), an ADDRESS "
+                                      "(host:port), or local (start Ray here). Needs pip install 's3lora[ray]'."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Score cache (default <store>/.s3lora-cache)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Score every adapter again; read and write no cache."),
+    similar: bool = typer.Option(False, "--similar", help="List each adapter's nearest adapters by update cosine."),
+    neighbours: int = NEIGHBOURS,
+    duplicate_threshold: float = DUPLICATE_THRESHOLD,
+    top: int = typer.Option(DEFAULT_TOP, "--top", help="How many of each adapter's highest-SSI layers to list."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if an adapter fails the gate or cannot be read."),
+    max_ssi: Optional[float] = MAX_SSI,
+    max_flagged: Optional[int] = MAX_FLAGGED,
+    baseline: Optional[Path] = BASELINE,
+    max_increase: Optional[float] = MAX_INCREASE,
+    strict_layers: Optional[bool] = STRICT_LAYERS,
+    policy: Optional[Path] = POLICY,
+    method: Optional[Method] = METHOD,
+    components: Optional[int] = COMPONENTS,
+    top_h: Optional[int] = TOP_H,
+    device: str = DEVICE,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+) -> None:
+    """Score every adapter under STORE and rank them by risk (gate failures first, then by max SSI). Exit codes:
+    0 the scan ran (with --strict: and every adapter passed), 1 with --strict only, 2 usage, 3 input, 4 runtime."""
+    if ray is not None and workers != 1:
+        raise UsageError("--ray and --workers exclude each other: Ray schedules its own workers")
+    if no_cache and cache_dir is not None:
+        raise UsageError("--no-cache and --cache-dir exclude each other")
+    check_output(output, force)
+    settings = scan_settings(gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method,
+                                        components, top_h), policy, device, top)
+    if strict and settings.policy is None:
+        raise UsageError("--strict needs a gate rule: --max-ssi, --baseline with --max-increase, or a policy")
+    paths = discover(store)
+    cache = None if no_cache else (cache_dir or default_cache_dir(store))
+    check_cache_dir(cache, paths)
+    stream = fmt is ScanFormat.jsonl and output is None and not similar
+    rows = []
+    with _progress(quiet, len(paths)) as advance:
+        for row in iter_scan(paths, store, settings, cache, workers, ray):
+            rows.append(row)
+            advance()
+            if stream:
+                sys.stdout.write(report.render_jsonl_line(report.scan_row_dict(row)))
+                sys.stdout.flush()
+    result = ScanResult(store, tuple(sorted(rows, key=risk_key)), settings, cache)
+    if similar:
+        result = with_neighbours(result, neighbours, duplicate_threshold)
+    if fmt is ScanFormat.table and output is None:  # a pipe gets full lines rather than a folded table
+        Console(width=None if sys.stdout.isatty() else 200).print(report.render_scan_table(result, similar))
+    elif not stream:
+        write_output(_render(result, fmt, similar), output, force)
+    if not quiet:
+        if not paths:
+            stderr_console().print(f"warning: no adapters found under {store}", soft_wrap=True, markup=False)
+        stderr_console().print(report.scan_summary_line(result.rows, cache), soft_wrap=True, markup=False)
+    if strict and any(r.verdict in ("failed", "error") for r in result.rows):
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _render(result: ScanResult, fmt: ScanFormat, similar: bool) -> str:
+    if fmt is ScanFormat.json:
+        return report.render_json(report.scan_dict(result, similar))
+    if fmt is ScanFormat.jsonl:
+        return "".join(report.render_jsonl_line(report.scan_row_dict(r, similar)) for r in result.rows)
+    recorder = Console(record=True, width=200, file=io.StringIO())
+    recorder.print(report.render_scan_table(result, similar))
+    return recorder.export_text()
+
+
+@contextmanager
+def _progress(quiet: bool, total: int):
+    """A progress bar of adapters on stderr; yields the function to call after each one."""
+    if quiet or total == 0:
+        yield lambda: None
+        return
+    bar = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=stderr_console(), transient=True)
+    with bar:
+        task = bar.add_task("", total=total)
+        yield lambda: bar.advance(task)

@@ -1,0 +1,724 @@
+"""Adapter stores: scanning every adapter under a directory (locally, in processes or on Ray) with a result cache,
+the nearest neighbours of adapters by the similarity of their updates, and admitting an adapter through the gate
+into the store (or its quarantine) under a lock, with an audit log. Returns data; never prints."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from s3lora_cli import __version__
+from s3lora_cli.adapters import LayerKind, LoraLayer, SkippedTensor, find_adapters, open_adapter
+from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError
+from s3lora_cli.gate import (
+    SETTINGS,
+    GatePolicy,
+    GateResult,
+    Rule,
+    check_adapters,
+    evaluate,
+    find_pyproject,
+    load_policy_file,
+    resolve_policy,
+)
+from s3lora_cli.scoring import (
+    AdapterInfo,
+    LayerScore,
+    ScoreOptions,
+    ScoreReport,
+    rank_key,
+    resolve_device,
+    score_adapter,
+)
+from s3lora_cli.similarity import UpdateSet, pairwise_similarity
+from s3lora_cli.spectral import EPS_NORM, EPS_SSI, Method
+
+CACHE_DIR_NAME = ".s3lora-cache"
+TEMP_PREFIX = ".s3lora-tmp-"
+LOCK_NAME = ".s3lora.lock"
+AUDIT_LOG_NAME = ".s3lora-audit.jsonl"
+QUARANTINE_SUFFIX = ".quarantine"
+ADMIT_RECORD_NAME = "s3lora-admit.json"
+REPORT_NAME = "s3lora-report.json"
+CACHE_FORMAT = 1
+DEFAULT_TOP = 3
+DEFAULT_NEIGHBOURS = 3
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
+DEFAULT_LOCK_TIMEOUT = 600.0
+FACTOR_BUDGET_BYTES = 512 << 20
+RULE_KEYS = ("max-ssi", "max-increase", "baseline")
+
+
+# --- values -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """How a store is scanned.
+
+    options: how each adapter is scored (the cache key includes them, except the device).
+    policy: the gate applied to each adapter, or None (then no verdict and no over-threshold count).
+    baseline: the policy's baseline, scored once before the scan (None without one).
+    top: how many of each adapter's highest-SSI layers a row lists.
+    """
+
+    options: ScoreOptions = ScoreOptions()
+    policy: GatePolicy | None = None
+    baseline: ScoreReport | None = None
+    top: int = DEFAULT_TOP
+
+    def __post_init__(self) -> None:
+        if self.top < 0:
+            raise UsageError(f"--top must be at least 0, got {self.top}")
+
+
+@dataclass(frozen=True)
+class TopLayer:
+    module: str
+    ssi: float | None
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """Another adapter of the store and the similarity of its update to this one's (see similarity.py).
+
+    cosine: the norm-weighted mean cosine over shared modules, in [-1, 1]. shared_modules: how many modules
+    (same path, same dW shape) were compared. duplicate: cosine >= the duplicate threshold."""
+
+    path: str
+    cosine: float
+    shared_modules: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class ScanRow:
+    """One adapter of a scanned store.
+
+    path: relative to the store root (POSIX separators; "." for the root itself). sha256: of the weights file.
+    layers / scored: LoRA layers found / scored (NaN or Inf layers are not). max_ssi: the highest SSI.
+    over_threshold: layers with SSI above the policy's max-ssi (None without one). top_layers: the highest-SSI
+    layers, highest first. passed: the gate's verdict (None without a policy). failing: "module: message" for
+    each layer that failed the gate. cached: the scores came from the cache. error: why the adapter could not
+    be scanned (the other fields are then empty). neighbours: with --similar, its nearest adapters.
+    """
+
+    path: str
+    sha256: str | None = None
+    layers: int = 0
+    scored: int = 0
+    max_ssi: float | None = None
+    over_threshold: int | None = None
+    top_layers: tuple[TopLayer, ...] = ()
+    passed: bool | None = None
+    failing: tuple[str, ...] = ()
+    cached: bool = False
+    error: str | None = None
+    neighbours: tuple[Neighbour, ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        """'error', 'failed', 'passed', or 'scored' (no policy)."""
+        if self.error is not None:
+            return "error"
+        if self.passed is None:
+            return "scored"
+        return "passed" if self.passed else "failed"
+
+
+def risk_key(row: ScanRow) -> tuple:
+    """Rank rows by risk: gate failures first, then by max SSI (highest first), then by path; rows that could
+    not be scanned last."""
+    return (row.error is not None, row.passed is not False,
+            -(row.max_ssi if row.max_ssi is not None else -1.0), row.path)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """A scanned store: its rows ranked by risk_key, and the cache directory used (None: no cache)."""
+
+    root: Path
+    rows: tuple[ScanRow, ...]
+    settings: ScanSettings
+    cache_dir: Path | None
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+def scan_settings(flags: Mapping[str, Any], policy_file: Path | None = None, device: str = "auto",
+                  top: int = DEFAULT_TOP, cwd: Path | None = None) -> ScanSettings:
+    """The scan's settings from the same flags and policy sources as ``check`` (flags over --policy over
+    pyproject.toml). Unlike ``check``, a scan needs no gate rule: without max-ssi or max-increase anywhere it
+    ranks by SSI only. The policy's baseline, if any, is scored here, once."""
+    source = policy_file if policy_file is not None else find_pyproject(cwd or Path.cwd())
+    from_file = load_policy_file(source) if source is not None else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if any(k in given or k in from_file for k in RULE_KEYS):
+        policy = resolve_policy(flags, policy_file, cwd)
+        options = policy.score_options(device)
+        baseline = score_adapter(policy.baseline, options) if policy.baseline is not None else None
+        return ScanSettings(options, policy, baseline, top)
+    merged = {**from_file, **{k: SETTINGS[k](v, f"--{k}") for k, v in given.items()}}
+    options = ScoreOptions(method=merged.get("method", Method.MAS_SVD), components=merged.get("components"),
+                           top_h=merged.get("top-h"), device=device)
+    return ScanSettings(options, None, None, top)
+
+
+# --- discovery --------------------------------------------------------------------------------------------
+
+def discover(root: str | Path) -> list[Path]:
+    """Every adapter under ``root``, sorted by path; hidden directories (the cache, temporary directories of an
+    interrupted admit) are skipped."""
+    root = Path(root)
+    if not root.exists():
+        raise AdapterInputError(f"{root}: no such file or directory")
+    found = []
+    for path in find_adapters(root):
+        rel = _relative(path, root)
+        if not any(part.startswith(".") and part not in (".", "..") for part in Path(rel).parts):
+            found.append(path)
+    return found
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        rel = Path(path).relative_to(root)
+    except ValueError:
+        return Path(path).as_posix()
+    return rel.as_posix() if rel.parts else "."
+
+
+def default_cache_dir(root: Path) -> Path:
+    """``<store>/.s3lora-cache`` (or beside the file, when the store is one weights file)."""
+    root = Path(root)
+    return (root if root.is_dir() else root.parent) / CACHE_DIR_NAME
+
+
+# --- the cache --------------------------------------------------------------------------------------------
+
+def check_cache_dir(cache_dir: str | Path | None, adapters: Sequence[Path]) -> None:
+    """Refuse a cache directory inside an adapter's directory: nothing is ever written into an adapter."""
+    if cache_dir is None:
+        return
+    for adapter in adapters:
+        directory = adapter if adapter.is_dir() else None
+        if directory is not None and _inside(Path(cache_dir), directory):
+            raise UsageError(f"--cache-dir {cache_dir} is inside the adapter {adapter}; choose a directory outside "
+                             "every adapter (the default is <store>/.s3lora-cache)")
+
+
+def cache_key(weights_sha256: str, config_raw: Mapping[str, Any], options: ScoreOptions) -> str:
+    """Hex sha256 of everything a score depends on: the weights file's sha256, the config, every scoring
+    option but the device, and the s3lora version."""
+    params = {f.name: _plain(getattr(options, f.name)) for f in fields(options) if f.name != "device"}
+    doc = {"cache_format": CACHE_FORMAT, "weights": weights_sha256,
+           "config": json.dumps(config_raw, sort_keys=True, default=str), "options": params,
+           "eps_norm": EPS_NORM, "eps_ssi": EPS_SSI, "version": __version__}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """A scoring option as a JSON value: an Enum by its value, a number or None as it is, anything else as text."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)
+
+
+def _cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / key[:2] / f"{key}.json"
+
+
+def report_to_cache(report: ScoreReport) -> dict[str, Any]:
+    """A ScoreReport as a JSON-able document (everything the gate uses; the L1 fit's picks are left out)."""
+    def layer(s: LayerScore) -> dict[str, Any]:
+        lay = s.layer
+        return {"module": lay.module, "kind": lay.kind.value, "shape": list(lay.shape), "r": lay.r,
+                "lora_alpha": lay.lora_alpha, "scaling": lay.scaling, "dtype": lay.dtype, "keys": lay.keys,
+                "layer_notes": list(lay.notes), "groups": lay.groups, "ssi": s.ssi, "sigma": list(s.sigma),
+                "components": s.components, "top_h": s.top_h, "notes": list(s.notes), "error": s.error}
+
+    a = report.adapter
+    return {"cache_format": CACHE_FORMAT, "tool_version": report.tool_version, "device": report.device,
+            "parameters": report.parameters,
+            "adapter": {"weights_file": a.weights_file, "sha256": a.sha256, "format": a.format,
+                        "base_model_name_or_path": a.base_model_name_or_path, "peft_type": a.peft_type, "r": a.r,
+                        "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora, "use_dora": a.use_dora,
+                        "target_modules": a.target_modules},
+            "layers": [layer(s) for s in report.layers],
+            "not_analysed": [{"key": t.key, "module": t.module, "reason": t.reason, "shape": list(t.shape)}
+                             for t in report.not_analysed]}
+
+
+def report_from_cache(doc: Mapping[str, Any], path: str, options: ScoreOptions) -> ScoreReport:
+    """The ScoreReport ``report_to_cache`` stored, for the adapter now at ``path``."""
+    layers = []
+    for d in doc["layers"]:
+        lay = LoraLayer(d["module"], LayerKind(d["kind"]), tuple(d["shape"]), d["r"], d["lora_alpha"], d["scaling"],
+                        d["dtype"], dict(d["keys"]), tuple(d["layer_notes"]), d["groups"])
+        layers.append(LayerScore(lay, d["ssi"], tuple(d["sigma"]), d["components"], d["top_h"],
+                                 notes=tuple(d["notes"]), error=d["error"]))
+    a = doc["adapter"]
+    info = AdapterInfo(path, a["weights_file"], a["sha256"], a["format"], a["base_model_name_or_path"],
+                       a["peft_type"], a["r"], a["lora_alpha"], a["use_rslora"], a["use_dora"], a["target_modules"])
+    skipped = tuple(SkippedTensor(t["key"], t["module"], t["reason"], tuple(t["shape"])) for t in doc["not_analysed"])
+    return ScoreReport(info, options, doc["device"], tuple(sorted(layers, key=rank_key)), skipped,
+                       tool_version=doc["tool_version"], parameters=dict(doc["parameters"]))
+
+
+def _read_cache(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(_cache_path(cache_dir, key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a missing or damaged entry is a miss
+    return doc if isinstance(doc, dict) and doc.get("cache_format") == CACHE_FORMAT else None
+
+
+def _write_cache(cache_dir: Path, key: str, report: ScoreReport) -> None:
+    """Write one entry atomically (temp file beside it, then rename); a cache that cannot be written is skipped."""
+    target = _cache_path(cache_dir, key)
+    try:
+        text = json.dumps(report_to_cache(report), allow_nan=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except (OSError, ValueError):
+        pass
+
+
+# --- scanning ---------------------------------------------------------------------------------------------
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def score_cached(path: str | Path, options: ScoreOptions, cache_dir: str | Path | None) -> tuple[ScoreReport, bool]:
+    """The adapter's ScoreReport, from the cache when an entry for its weights, config and ``options`` exists,
+    else scored (and stored in the cache); returns (report, whether it came from the cache)."""
+    if cache_dir is None:
+        return score_adapter(path, options), False
+    with closing(open_adapter(path)) as adapter:
+        key = cache_key(adapter.sha256(), adapter.config.raw, options)
+    doc = _read_cache(Path(cache_dir), key)
+    if doc is not None:
+        try:
+            return report_from_cache(doc, str(path), options), True
+        except (KeyError, TypeError, ValueError):
+            pass
+    report = score_adapter(path, options)
+    _write_cache(Path(cache_dir), key, report)
+    return report, False
+
+
+def row_of(rel: str, report: ScoreReport, settings: ScanSettings, cached: bool = False) -> ScanRow:
+    """The scan row of a scored adapter: the gate applied with the settings' policy, when there is one."""
+    scored = [s for s in report.layers if s.ssi is not None]
+    top = tuple(TopLayer(s.module, s.ssi) for s in report.layers[:settings.top])
+    passed, failing, over = None, (), None
+    if settings.policy is not None:
+        result = evaluate(report, settings.policy, settings.baseline)
+        passed = result.passed
+        failing = tuple(f"{v.module}: {v.message}" for v in result.failing)
+        if settings.policy.max_ssi is not None:
+            over = sum(1 for v in result.violations if v.rule is Rule.MAX_SSI)
+    return ScanRow(rel, report.adapter.sha256, len(report.layers), len(scored), scored[0].ssi if scored else None,
+                   over, top, passed, failing, cached)
+
+
+def scan_one(path: str, root: str, settings: ScanSettings, cache_dir: str | None) -> ScanRow:
+    """Scan one adapter; every problem with it becomes the row's ``error`` so that the scan goes on. Runs in the
+    calling process, a worker process or a Ray task (its arguments and result are picklable)."""
+    rel = _relative(Path(path), Path(root))
+    try:
+        report, cached = score_cached(path, settings.options, cache_dir)
+        return row_of(rel, report, settings, cached)
+    except S3LoraError as exc:
+        return ScanRow(rel, error=str(exc))
+    except MemoryError:
+        return ScanRow(rel, error="out of memory while scoring this adapter")
+    except Exception as exc:  # an unreadable file in a shape no reader expected must not stop the scan
+        return ScanRow(rel, error=f"{type(exc).__name__}: {_one_line(exc)}")
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one process per core: no oversubscription
+
+
+def iter_scan(paths: Sequence[Path], root: str | Path, settings: ScanSettings, cache_dir: str | Path | None = None,
+              workers: int = 1, ray_address: str | None = None) -> Iterator[ScanRow]:
+    """Scan ``paths`` (adapters under ``root``), yielding one ScanRow per adapter as each finishes: in order with
+    one worker, in completion order with several processes (``workers``) or on Ray (``ray_address``: "auto",
+    an address such as "10.0.0.1:6379", or "local" for a Ray instance started here; a Ray instance already
+    initialised in this process is used as it is)."""
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    resolve_device(settings.options.device)  # a bad device is one error, not one per adapter
+    cache = None if cache_dir is None else str(cache_dir)
+    items = [str(p) for p in paths]
+    if ray_address is not None:
+        yield from _ray_scan(items, str(root), settings, cache, ray_address)
+    elif workers == 1 or len(items) <= 1:
+        for path in items:
+            yield scan_one(path, str(root), settings, cache)
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
+        with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
+                                 initializer=_init_worker) as pool:
+            futures = {pool.submit(scan_one, path, str(root), settings, cache): path for path in items}
+            for future in as_completed(futures):
+                try:
+                    yield future.result()
+                except Exception as exc:  # the worker process died (killed, out of memory)
+                    yield ScanRow(_relative(Path(futures[future]), Path(root)),
+                                  error=f"worker failed: {type(exc).__name__}: {_one_line(exc)}")
+
+
+def _ray_scan(items: list[str], root: str, settings: ScanSettings, cache: str | None,
+              address: str) -> Iterator[ScanRow]:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeProblem("--ray needs Ray, which is not installed: pip install 's3lora[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        try:
+            if address == "local":
+                ray.init(include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except Exception as exc:
+            raise RuntimeProblem(
+                f"cannot connect to a Ray cluster at {address!r}: {_one_line(exc)}; start one with "
+                "`ray start --head` (or pass --ray local for a Ray instance on this machine)") from None
+        started = True
+    try:
+        task = ray.remote(num_cpus=1)(scan_one)
+        shared = ray.put(settings)
+        pending = {task.remote(path, root, shared, cache): path for path in items}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            more, _ = ray.wait([r for r in pending if r not in done], num_returns=max(len(pending) - 1, 1),
+                               timeout=0) if len(pending) > 1 else ([], [])
+            for ref in [*done, *more]:
+                path = pending.pop(ref)
+                try:
+                    yield ray.get(ref)
+                except Exception as exc:  # the task's worker died
+                    yield ScanRow(_relative(Path(path), Path(root)),
+                                  error=f"Ray task failed: {type(exc).__name__}: {_one_line(exc)}")
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def scan_store(root: str | Path, settings: ScanSettings | None = None, cache_dir: str | Path | None = None,
+               workers: int = 1, ray_address: str | None = None) -> ScanResult:
+    """Scan every adapter under ``root``; the rows ranked by risk (risk_key). ``cache_dir`` None: no cache."""
+    settings = settings or ScanSettings()
+    root = Path(root)
+    paths = discover(root)
+    check_cache_dir(cache_dir, paths)
+    rows = list(iter_scan(paths, root, settings, cache_dir, workers, ray_address))
+    return ScanResult(root, tuple(sorted(rows, key=risk_key)), settings,
+                      None if cache_dir is None else Path(cache_dir))
+
+
+# --- neighbours -------------------------------------------------------------------------------------------
+
+def load_updates(path: str | Path) -> UpdateSet:
+    """The adapter's updates as float64 factors, scaling included; layers with NaN or Inf values left out."""
+    modules = {}
+    with closing(open_adapter(path)) as adapter:
+        for layer in adapter.layers:
+            left, right = adapter.load_factors(layer, torch.float64, torch.device("cpu"))
+            if bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all()):
+                modules[layer.module] = (left, right)
+    return UpdateSet(modules)
+
+
+def _factor_size(path: Path) -> tuple[int, int]:
+    """(bytes of the adapter's float64 factors, its largest rank), from the file's header."""
+    with closing(open_adapter(path)) as adapter:
+        return (sum(8 * lay.r * (lay.shape[0] + lay.shape[1]) for lay in adapter.layers),
+                max((lay.r for lay in adapter.layers), default=1))
+
+
+def nearest_neighbours(queries: Sequence[Path], keys: Sequence[Path], root: Path, k: int = DEFAULT_NEIGHBOURS,
+                       threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+                       budget_bytes: int = FACTOR_BUDGET_BYTES) -> dict[Path, tuple[Neighbour, ...]]:
+    """For each query adapter, its ``k`` most similar key adapters plus every further one at or above
+    ``threshold`` (never itself, never an undefined similarity), most similar first; key paths are given
+    relative to ``root``. Adapters are loaded in blocks whose float64 factors, and whose per-module Gram
+    matrices, fit ``budget_bytes``, so memory stays bounded however large the store; a key block is re-read
+    for each query block."""
+    if not -1.0 <= threshold <= 1.0:
+        raise UsageError(f"--duplicate-threshold must be between -1 and 1, got {threshold}")
+    if k < 0:
+        raise UsageError(f"--neighbours must be at least 0, got {k}")
+    if not queries or not keys:
+        return {q: () for q in queries}
+    sizes = [_factor_size(p) for p in {*queries, *keys}]
+    largest, rank = max(b for b, _ in sizes), max(r for _, r in sizes)
+    # two blocks of factors, and per module three [block r, block r] float64 matrices (two Grams, their product)
+    block = max(1, min(budget_bytes // max(2 * largest, 1), math.isqrt(budget_bytes // 24) // rank))
+    q_blocks = [list(queries[i:i + block]) for i in range(0, len(queries), block)]
+    k_blocks = [list(keys[i:i + block]) for i in range(0, len(keys), block)]
+    resolved = {p: str(Path(p).resolve()) for p in {*queries, *keys}}
+    found: dict[Path, list[tuple[float, str, int]]] = {q: [] for q in queries}
+
+    def best(candidates: list[tuple[float, str, int]]) -> list[tuple[float, str, int]]:
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        return [c for i, c in enumerate(candidates) if i < k or c[0] >= threshold]
+
+    for q_paths in q_blocks:
+        mine = {p: load_updates(p) for p in q_paths}
+        q_sets = [mine[p] for p in q_paths]
+        for k_paths in k_blocks:
+            k_sets = [mine[p] if p in mine else load_updates(p) for p in k_paths]
+            sim = pairwise_similarity(q_sets, k_sets)
+            cosine, shared = sim.cosine.tolist(), sim.shared.tolist()
+            k_rel = [_relative(Path(p), root) for p in k_paths]
+            for i, q in enumerate(q_paths):
+                row, row_shared, me = cosine[i], shared[i], resolved[q]
+                candidates = found[q]
+                candidates.extend((row[j], k_rel[j], row_shared[j]) for j, key in enumerate(k_paths)
+                                  if row[j] == row[j] and resolved[key] != me)  # NaN != NaN: undefined
+                found[q] = best(candidates)  # keep memory at O(k + duplicates) per query
+    return {q: tuple(Neighbour(rel, cos, n, cos >= threshold) for cos, rel, n in found[q]) for q in queries}
+
+
+def with_neighbours(result: ScanResult, k: int = DEFAULT_NEIGHBOURS,
+                    threshold: float = DEFAULT_DUPLICATE_THRESHOLD) -> ScanResult:
+    """The scan with each scanned adapter's nearest neighbours among the others (rows with errors: none)."""
+    ok = [r for r in result.rows if r.error is None]
+    paths = {r.path: (result.root / r.path if r.path != "." else result.root) for r in ok}
+    found = nearest_neighbours(list(paths.values()), list(paths.values()), result.root, k, threshold)
+    rows = tuple(replace(r, neighbours=found[paths[r.path]]) if r.path in paths else r for r in result.rows)
+    return replace(result, rows=rows)
+
+
+# --- admitting --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdmitResult:
+    """What ``admit`` did with one adapter.
+
+    gate: the gate's verdict. admitted: it passed and is in the store. destination: its directory in the store
+    (admitted) or in the quarantine (refused). already_present: the same weights were already there, so nothing
+    was copied. neighbours: its nearest adapters in the store. record: the line appended to the audit log.
+    """
+
+    gate: GateResult
+    admitted: bool
+    name: str
+    sha256: str
+    destination: Path
+    already_present: bool
+    neighbours: tuple[Neighbour, ...]
+    audit_log: Path
+    record: dict[str, Any]
+
+
+def quarantine_dir(store: Path) -> Path:
+    """``<store>.quarantine``, beside the store."""
+    store = Path(store)
+    if store.name in ("", ".", ".."):
+        store = store.resolve()
+    return store.parent / f"{store.name}{QUARANTINE_SUFFIX}"
+
+
+def _copy_file(src: str, dst: str) -> str:
+    return shutil.copy2(src, dst)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_sha256(path: Path) -> str:
+    with closing(open_adapter(path)) as adapter:
+        return adapter.sha256()
+
+
+def _inside(path: Path, other: Path) -> bool:
+    path, other = path.resolve(), other.resolve()
+    return path == other or other in path.parents
+
+
+def clean_stale(directory: Path) -> list[Path]:
+    """Remove the temporary directories an interrupted admit left in ``directory``; call only under the lock
+    (which every admit holds while it has a temporary directory). Returns what was removed."""
+    removed = []
+    if directory.is_dir():
+        for entry in sorted(directory.iterdir()):
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _copy_adapter(candidate: Path, weights: Path, into: Path, expected_sha256: str,
+                  extra_files: Mapping[str, str]) -> Path:
+    """Copy the adapter into a fresh temporary directory inside ``into``, check the weights are the ones the gate
+    scored, add ``extra_files``, and return the temporary directory (renamed into place by the caller)."""
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=into))
+    try:
+        if candidate.is_dir():
+            shutil.copytree(candidate, tmp, symlinks=False, copy_function=_copy_file, dirs_exist_ok=True)
+        else:
+            _copy_file(str(weights), str(tmp / weights.name))
+            config = weights.parent / "adapter_config.json"
+            if config.is_file():
+                _copy_file(str(config), str(tmp / config.name))
+        if candidate.is_dir():
+            copied = tmp / weights.resolve().relative_to(candidate.resolve())
+        else:
+            copied = tmp / weights.name
+        if _file_sha256(copied) != expected_sha256:
+            raise AdapterInputError(f"{weights} changed while it was being admitted; run admit again")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        return tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _append_line(log: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line with a single write (O_APPEND), flushed to disk."""
+    data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _locked(store: Path, timeout: float) -> Iterator[None]:
+    """Hold the store's lock file (``filelock``: fcntl on POSIX, msvcrt on Windows)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(store / LOCK_NAME), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeProblem(f"the store {store} stayed locked by another admit for {timeout:g} s; "
+                             "try again") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, *, device: str = "auto",
+                  name: str | None = None, quarantine: str | Path | None = None, audit_log: str | Path | None = None,
+                  neighbours: int = DEFAULT_NEIGHBOURS, duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+                  report_json: Callable[[GateResult], str] | None = None,
+                  clock: Callable[[], datetime] | None = None,
+                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> AdmitResult:
+    """Run the gate on ``candidate``; copy it into ``store`` as ``<name>-<sha256[:12]>/`` when it passes, or into
+    the quarantine (default ``<store>.quarantine/``) with its report when it fails; append the decision to the
+    audit log (default ``<store>/.s3lora-audit.jsonl``).
+
+    The copy goes to a temporary directory inside the destination and is renamed into place under a lock on the
+    store (``<store>/.s3lora.lock``), which also serialises the audit log; temporary directories left by an
+    interrupted admit are removed under the same lock. ``report_json(gate)``, when given, is written beside a
+    quarantined adapter as s3lora-report.json."""
+    candidate, store = Path(candidate), Path(store)
+    if store.exists() and not store.is_dir():
+        raise UsageError(f"--store {store} is not a directory")
+    if not candidate.exists():
+        raise AdapterInputError(f"{candidate}: no such file or directory")
+    if _inside(candidate, store) or _inside(store, candidate):
+        raise UsageError(f"{candidate} and the store {store} overlap; admit an adapter from outside the store")
+    if name is not None and (not name or name.startswith(".") or "/" in name or "\\" in name):
+        raise UsageError(f"--name {name!r}: expected a plain directory name, not starting with '.'")
+    if neighbours < 0:
+        raise UsageError(f"--neighbours must be at least 0, got {neighbours}")
+    quarantine = Path(quarantine) if quarantine is not None else quarantine_dir(store)
+    audit = Path(audit_log) if audit_log is not None else store / AUDIT_LOG_NAME
+    gate = check_adapters([candidate], policy, device)[0]
+    sha = gate.report.adapter.sha256
+    weights = Path(gate.report.adapter.weights_file)
+    base = name or (candidate if candidate.is_dir() else candidate.parent).resolve().name or "adapter"
+    entry_name = f"{base}-{sha[:12]}"
+    store.mkdir(parents=True, exist_ok=True)
+    members = discover(store)
+    near = nearest_neighbours([candidate], members, store, neighbours, duplicate_threshold)[candidate]
+    into = store if gate.passed else quarantine
+    into.mkdir(parents=True, exist_ok=True)
+    destination = into / entry_name
+    now = (clock or (lambda: datetime.now(timezone.utc)))()
+    record: dict[str, Any] = {
+        "time": now.isoformat(), "adapter": str(candidate.resolve()), "name": entry_name, "sha256": sha,
+        "verdict": "admitted" if gate.passed else "refused", "already_present": False,
+        "destination": str(destination.resolve()),
+        "reasons": [f"{v.module}: {v.message}" for v in gate.failing],
+        "rules": [{"rule": o.rule.value, "limit": o.limit, "allowed": o.allowed, "violations": o.violations,
+                   "passed": o.passed} for o in gate.rules],
+        "duplicates": [{"path": n.path, "cosine": round(n.cosine, 6)} for n in near if n.duplicate],
+        "tool_version": __version__,
+    }
+    with _locked(store, lock_timeout):
+        for directory in {store, into}:
+            clean_stale(directory)
+        if destination.exists():
+            if _weights_sha256(destination) != sha:
+                raise UsageError(f"{destination} exists with other weights; remove it or pass --name")
+            record["already_present"] = True
+        else:
+            extra = {} if gate.passed else {ADMIT_RECORD_NAME: json.dumps(record, allow_nan=False, indent=2) + "\n"}
+            if not gate.passed and report_json is not None:
+                extra[REPORT_NAME] = report_json(gate)
+            tmp = _copy_adapter(candidate, weights, into, sha, extra)
+            try:
+                os.rename(tmp, destination)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        audit.parent.mkdir(parents=True, exist_ok=True)
+        _append_line(audit, record)
+    return AdmitResult(gate, gate.passed, entry_name, sha, destination, record["already_present"], near, audit,
+                       record)
+
+
+def read_audit_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an audit log, oldest first."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise AdapterInputError(f"{path}: cannot read the audit log ({_one_line(exc)})") from None
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+__all__ = ["AdmitResult", "Neighbour", "ScanResult", "ScanRow", "ScanSettings", "TopLayer", "admit_adapter",
+           "discover", "iter_scan", "nearest_neighbours", "scan_settings", "scan_store", "with_neighbours"]
