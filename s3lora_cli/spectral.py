@@ -220,7 +220,7 @@ class _PairPass:
         self.weights.append(torch.as_tensor(weights))
 
 
-BOUND_POWERS = (0, 1, 2)
+BOUND_POWERS = (0, 2)
 """The dual certificates tried for every pair (see ``_lower_bounds``): the correction direction
 E = sign(u v^T) |u|^alpha |v^T|^alpha for each alpha here; each pair keeps its best bound."""
 

@@ -3,6 +3,7 @@
     python scripts/bench.py                       # demo, 7B-qkvo (and its ratios)
     python scripts/bench.py --cases 7B-qkvo 7B-all 70B-all --device cpu
     python scripts/bench.py --cases 7B-qkvo --device cuda
+    python scripts/bench.py --cases store --store-size 1000   # s3lora scan: adapters per second
 
 Adapters are generated deterministically into a temporary directory (nothing large is committed), written
 one tensor at a time, so that even the 1.7 GB 70B adapter never sits in memory. Their updates have the
@@ -149,7 +150,8 @@ def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["demo", "7B-qkvo"], choices=["demo", *CASES])
+    parser.add_argument("--cases", nargs="+", default=["demo", "7B-qkvo"], choices=["demo", *CASES, "store"])
+    parser.add_argument("--store-size", type=int, default=1000, help="adapters in the store case")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sample-layers", type=int, default=4, help="layers for the exhaustive/reference ratios")
     parser.add_argument("--crop", type=int, default=256,
@@ -169,6 +171,11 @@ def main() -> None:
           f"device {args.device}")
     with tempfile.TemporaryDirectory(prefix="s3lora-bench-") as tmp:
         for case in args.cases:
+            if case == "store":  # s3lora scan on a generated store: see scripts/bench_store.py
+                print(f"\n[store] {args.store_size} adapters", flush=True)
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_store.py"), "--n", str(args.store_size),
+                                "--similar"], check=True, env=THREAD_ENV)
+                continue
             if case == "demo":
                 adapter = ROOT / "s3lora_cli" / "demo"
             else:
