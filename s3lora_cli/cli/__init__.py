@@ -41,6 +41,26 @@ DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DTYPE = typer.Option("float32", "--dtype", help="Compute dtype of the L1 fit: float32 or float64.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")
 
+# The gate's options (check, scan, admit); a policy file or [tool.s3lora] supplies what they leave unset.
+MAX_SSI = typer.Option(None, "--max-ssi", help="Fail a layer whose SSI is above this.")
+MAX_FLAGGED = typer.Option(None, "--max-flagged",
+                           help="How many layers may exceed --max-ssi before the gate fails (default 0).")
+BASELINE = typer.Option(None, "--baseline",
+                        help="Approved adapter to compare with, layer by layer (matched by module name).")
+MAX_INCREASE = typer.Option(None, "--max-increase",
+                            help="Fail a layer whose SSI rose by more than this over --baseline.")
+STRICT_LAYERS = typer.Option(None, "--strict-layers/--no-strict-layers", help="Also fail on layers new in, or "
+                             "missing from, the adapter vs --baseline (default: only report them).")
+POLICY = typer.Option(None, "--policy",
+                      help="TOML policy file, read instead of pyproject.toml's \\[tool.s3lora]; flags win.")
+GATE_METHOD = typer.Option(None, "--method", help="Spectral method (default mas-svd).")
+
+
+def gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method, components, top_h) -> dict:
+    """The gate's command-line values, by the names the policy file uses (None: not given)."""
+    return {"max-ssi": max_ssi, "max-flagged": max_flagged, "baseline": baseline, "max-increase": max_increase,
+            "strict-layers": strict_layers, "method": method, "components": components, "top-h": top_h}
+
 
 class InputFormat(str, enum.Enum):
     auto = "auto"

@@ -13,28 +13,25 @@ from rich.console import Console
 
 from s3lora_cli import report
 from s3lora_cli.cli import (
+    BASELINE,
     COMPONENTS,
     DEVICE,
     EXIT_GATE_FAILED,
+    GATE_METHOD,
+    MAX_FLAGGED,
+    MAX_INCREASE,
+    MAX_SSI,
+    POLICY,
+    STRICT_LAYERS,
     TOP_H,
     app,
     check_output,
     error_boundary,
+    gate_flags,
     stderr_console,
     write_output,
 )
-from s3lora_cli.cli.scan import (
-    BASELINE,
-    DUPLICATE_THRESHOLD,
-    MAX_FLAGGED,
-    MAX_INCREASE,
-    MAX_SSI,
-    METHOD,
-    NEIGHBOURS,
-    POLICY,
-    STRICT_LAYERS,
-    gate_flags,
-)
+from s3lora_cli.cli.scan import DUPLICATE_THRESHOLD, NEIGHBOURS
 from s3lora_cli.gate import resolve_policy
 from s3lora_cli.spectral import Method
 from s3lora_cli.store import admit_adapter
@@ -64,7 +61,7 @@ def admit(
     max_increase: Optional[float] = MAX_INCREASE,
     strict_layers: Optional[bool] = STRICT_LAYERS,
     policy: Optional[Path] = POLICY,
-    method: Optional[Method] = METHOD,
+    method: Optional[Method] = GATE_METHOD,
     components: Optional[int] = COMPONENTS,
     top_h: Optional[int] = TOP_H,
     device: str = DEVICE,

@@ -14,15 +14,23 @@ from rich.console import Console
 from s3lora_cli import report
 from s3lora_cli.cli import (
     ADAPTER_NAME,
+    BASELINE,
     COMPONENTS,
     DEVICE,
     EXIT_GATE_FAILED,
+    GATE_METHOD,
     INPUT_FORMAT,
+    MAX_FLAGGED,
+    MAX_INCREASE,
+    MAX_SSI,
+    POLICY,
+    STRICT_LAYERS,
     TOP_H,
     InputFormat,
     app,
     check_output,
     error_boundary,
+    gate_flags,
     progress_bar,
     stderr_console,
     write_output,
@@ -42,19 +50,13 @@ class CheckFormat(str, enum.Enum):
 @error_boundary
 def check(
     adapters: list[Path] = typer.Argument(..., help="Adapter directories (or weights files)."),
-    max_ssi: Optional[float] = typer.Option(None, "--max-ssi", help="Fail a layer whose SSI is above this."),
-    max_flagged: Optional[int] = typer.Option(
-        None, "--max-flagged", help="How many layers may exceed --max-ssi before the gate fails (default 0)."),
-    baseline: Optional[Path] = typer.Option(
-        None, "--baseline", help="Approved adapter to compare with, layer by layer (matched by module name)."),
-    max_increase: Optional[float] = typer.Option(
-        None, "--max-increase", help="Fail a layer whose SSI rose by more than this over --baseline."),
-    strict_layers: Optional[bool] = typer.Option(
-        None, "--strict-layers/--no-strict-layers",
-        help="Also fail on layers new in, or missing from, the adapter vs --baseline (default: only report them)."),
-    policy: Optional[Path] = typer.Option(
-        None, "--policy", help="TOML policy file, read instead of pyproject.toml's \\[tool.s3lora]; flags win."),
-    method: Optional[Method] = typer.Option(None, "--method", help="Spectral method (default mas-svd)."),
+    max_ssi: Optional[float] = MAX_SSI,
+    max_flagged: Optional[int] = MAX_FLAGGED,
+    baseline: Optional[Path] = BASELINE,
+    max_increase: Optional[float] = MAX_INCREASE,
+    strict_layers: Optional[bool] = STRICT_LAYERS,
+    policy: Optional[Path] = POLICY,
+    method: Optional[Method] = GATE_METHOD,
     components: Optional[int] = COMPONENTS,
     top_h: Optional[int] = TOP_H,
     device: str = DEVICE,
@@ -70,8 +72,7 @@ def check(
 ) -> None:
     """Fail (exit 1) when an adapter breaks the gate: a layer above --max-ssi, a rise above --max-increase
     over --baseline, or a layer with NaN/Inf values. Exit codes: 0 passed, 1 failed, 2 usage, 3 input, 4 runtime."""
-    flags = {"max-ssi": max_ssi, "max-flagged": max_flagged, "baseline": baseline, "max-increase": max_increase,
-             "strict-layers": strict_layers, "method": method, "components": components, "top-h": top_h}
+    flags = gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method, components, top_h)
     gate_policy = resolve_policy(flags, policy)
     for path in (output, markdown_output, sarif_output):
         check_output(path, force)

@@ -15,13 +15,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from s3lora_cli import report
 from s3lora_cli.cli import (
+    BASELINE,
     COMPONENTS,
     DEVICE,
     EXIT_GATE_FAILED,
+    GATE_METHOD,
+    MAX_FLAGGED,
+    MAX_INCREASE,
+    MAX_SSI,
+    POLICY,
+    STRICT_LAYERS,
     TOP_H,
     app,
     check_output,
     error_boundary,
+    gate_flags,
     stderr_console,
     write_output,
 )
@@ -41,15 +49,6 @@ from s3lora_cli.store import (
     with_neighbours,
 )
 
-# The gate's options, as ``check`` has them (admit reuses them).
-MAX_SSI = typer.Option(None, "--max-ssi", help="Fail a layer whose SSI is above this.")
-MAX_FLAGGED = typer.Option(None, "--max-flagged", help="How many layers may exceed --max-ssi (default 0).")
-BASELINE = typer.Option(None, "--baseline", help="Approved adapter to compare with, layer by layer.")
-MAX_INCREASE = typer.Option(None, "--max-increase", help="Fail a layer whose SSI rose by more than this.")
-STRICT_LAYERS = typer.Option(None, "--strict-layers/--no-strict-layers",
-                             help="Also fail on layers new in, or missing from, the adapter vs --baseline.")
-POLICY = typer.Option(None, "--policy", help="TOML policy file, read instead of pyproject.toml's \\[tool.s3lora].")
-METHOD = typer.Option(None, "--method", help="Spectral method (default mas-svd).")
 NEIGHBOURS = typer.Option(DEFAULT_NEIGHBOURS, "--neighbours", help="How many nearest adapters to list.")
 DUPLICATE_THRESHOLD = typer.Option(DEFAULT_DUPLICATE_THRESHOLD, "--duplicate-threshold",
                                    help="Flag a neighbour whose update cosine is at least this.")
@@ -59,11 +58,6 @@ class ScanFormat(str, enum.Enum):
     table = "table"
     json = "json"
     jsonl = "jsonl"
-
-
-def gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method, components, top_h) -> dict:
-    return {"max-ssi": max_ssi, "max-flagged": max_flagged, "baseline": baseline, "max-increase": max_increase,
-            "strict-layers": strict_layers, "method": method, "components": components, "top-h": top_h}
 
 
 @app.command()
@@ -89,7 +83,7 @@ def scan(
     max_increase: Optional[float] = MAX_INCREASE,
     strict_layers: Optional[bool] = STRICT_LAYERS,
     policy: Optional[Path] = POLICY,
-    method: Optional[Method] = METHOD,
+    method: Optional[Method] = GATE_METHOD,
     components: Optional[int] = COMPONENTS,
     top_h: Optional[int] = TOP_H,
     device: str = DEVICE,
