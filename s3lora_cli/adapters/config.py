@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3lora_cli.adapters.safetensors_io import open_regular
+from s3lora_cli.adapters.safetensors_io import open_regular, short_repr, unique_keys
 from s3lora_cli.errors import AdapterInputError
 
 try:  # Python >= 3.11
@@ -110,16 +110,11 @@ def pattern_key(pattern_keys: list[str], module: str) -> str | None:
     for key in pattern_keys:
         problem = check_pattern(key)
         if problem is not None:
-            raise AdapterInputError(f"rank_pattern / alpha_pattern key {_short(key)} is refused: {problem}; "
+            raise AdapterInputError(f"rank_pattern / alpha_pattern key {short_repr(key)} is refused: {problem}; "
                                     f"{PATTERN_RULE}")
         if _compiled(key).match(module):
             return key
     return None
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -159,7 +154,7 @@ def _number(raw: dict, key: str, path: Path, *, integer: bool) -> Any:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not math.isfinite(value):
         kind = "an integer" if integer else "a number"
-        raise AdapterInputError(f"{path}: '{key}' must be {kind}, got {_short(value)}")
+        raise AdapterInputError(f"{path}: '{key}' must be {kind}, got {short_repr(value)}")
     return value
 
 
@@ -170,11 +165,12 @@ def _pattern(raw: dict, key: str, path: Path, *, integer: bool) -> dict:
     for pattern, item in value.items():
         problem = check_pattern(pattern)
         if problem is not None:
-            raise AdapterInputError(f"{path}: '{key}' key {_short(pattern)} is refused: {problem}; {PATTERN_RULE}")
-        where = f"'{key}' value for {_short(pattern)}"
+            raise AdapterInputError(f"{path}: '{key}' key {short_repr(pattern)} is refused: {problem}; {PATTERN_RULE}")
+        where = f"'{key}' value for {short_repr(pattern)}"
         _number({where: item}, where, path, integer=integer)
         if item <= 0 and integer:
-            raise AdapterInputError(f"{path}: '{key}' gives rank {item} to {_short(pattern)}; ranks must be positive")
+            raise AdapterInputError(f"{path}: '{key}' gives rank {item} to {short_repr(pattern)}; "
+                                    "ranks must be positive")
     return dict(value)
 
 
@@ -185,7 +181,7 @@ def _flag(raw: dict, key: str, path: Path) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise AdapterInputError(f"{path}: '{key}' must be true or false, got {_short(value)}")
+        raise AdapterInputError(f"{path}: '{key}' must be true or false, got {short_repr(value)}")
     return value
 
 
@@ -196,7 +192,7 @@ def _names(raw: dict, key: str, path: Path) -> Any:
     if value is None or isinstance(value, str):
         return value
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise AdapterInputError(f"{path}: '{key}' must be a string or a list of strings, got {_short(value)}")
+        raise AdapterInputError(f"{path}: '{key}' must be a string or a list of strings, got {short_repr(value)}")
     return value
 
 
@@ -214,7 +210,7 @@ def parse_config(raw: Any, path: Path) -> AdapterConfig:
     peft_type = raw.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise AdapterInputError(
-            f"{path}: peft_type is {_short(peft_type)}; s3lora analyses LoRA adapters (peft_type 'LORA')"
+            f"{path}: peft_type is {short_repr(peft_type)}; s3lora analyses LoRA adapters (peft_type 'LORA')"
         )
     r = _number(raw, "r", path, integer=True)
     if r <= 0:
@@ -240,14 +236,7 @@ def parse_config(raw: Any, path: Path) -> AdapterConfig:
 def decode_config(text: str, path: Path) -> Any:
     """json.loads of an adapter_config.json, refusing keys that appear twice in one object (PEFT would
     silently keep the last; a reviewer reading the first would be misled)."""
-    def pairs(items: list) -> dict:
-        seen: dict = {}
-        for key, value in items:
-            if key in seen:
-                raise AdapterInputError(f"{path}: key {_short(key)} appears twice in one object")
-            seen[key] = value
-        return seen
-
+    pairs = unique_keys(f"{path}: ")
     try:
         return json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:

@@ -110,14 +110,22 @@ def open_regular(path: Path):
     return os.fdopen(fd, "rb")
 
 
-def _decode_json(text: bytes, path: Path) -> dict:
+def unique_keys(where: str):
+    """A ``json.loads`` object_pairs_hook that refuses a key appearing twice in one object (json keeps the
+    last one silently; a reader of the first would be misled); ``where`` starts the message."""
     def pairs(items: list) -> dict:
         seen: dict = {}
         for key, value in items:
             if key in seen:
-                raise AdapterInputError(f"{path}: safetensors header: key {_short(key)} appears twice")
+                raise AdapterInputError(f"{where}key {short_repr(key)} appears twice in one object")
             seen[key] = value
         return seen
+
+    return pairs
+
+
+def _decode_json(text: bytes, path: Path) -> dict:
+    pairs = unique_keys(f"{path}: safetensors header: ")
 
     def constant(name: str):
         raise AdapterInputError(f"{path}: safetensors header: {name} is not valid JSON")
@@ -136,7 +144,7 @@ def _decode_json(text: bytes, path: Path) -> dict:
 
 
 def _entry(name: str, value, path: Path) -> TensorEntry:
-    where = f"{path}: safetensors header: tensor {_short(name)}"
+    where = f"{path}: safetensors header: tensor {short_repr(name)}"
     if not isinstance(value, dict):
         raise AdapterInputError(f"{where} is described by {type(value).__name__}, not an object")
     missing = [field for field in ("dtype", "shape", "data_offsets") if field not in value]
@@ -144,14 +152,14 @@ def _entry(name: str, value, path: Path) -> TensorEntry:
         raise AdapterInputError(f"{where} has no {', '.join(missing)}")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise AdapterInputError(f"{where} has unknown dtype {_short(dtype)} "
+        raise AdapterInputError(f"{where} has unknown dtype {short_repr(dtype)} "
                                 f"(known: {', '.join(DTYPE_BYTES)})")
     if not isinstance(shape, list) or not all(_natural(s) for s in shape):
-        raise AdapterInputError(f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
+        raise AdapterInputError(f"{where}: shape must be a list of non-negative integers, got {short_repr(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets)
             or offsets[0] > offsets[1]):
         raise AdapterInputError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
-                                f"got {_short(offsets)}")
+                                f"got {short_repr(offsets)}")
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
     if offsets[1] - offsets[0] != nbytes:
         raise AdapterInputError(f"{where}: {dtype} {list(shape)} takes {nbytes} bytes but data_offsets "
@@ -170,11 +178,11 @@ def _check_layout(tensors: dict[str, TensorEntry], data_size: int, path: Path) -
     position, previous = 0, None
     for name, entry in ordered:
         if entry.begin < position:
-            raise AdapterInputError(f"{where}: tensor {_short(name)} overlaps tensor {_short(previous)} "
+            raise AdapterInputError(f"{where}: tensor {short_repr(name)} overlaps tensor {short_repr(previous)} "
                                     f"(bytes {entry.begin}-{position})")
         if entry.begin > position:
             raise AdapterInputError(f"{where}: bytes {position}-{entry.begin} of the data section belong to no "
-                                    f"tensor (before {_short(name)}); the offsets do not cover the data")
+                                    f"tensor (before {short_repr(name)}); the offsets do not cover the data")
         position, previous = entry.end, name
     if position != data_size:
         raise AdapterInputError(f"{where}: {data_size - position} bytes after the last tensor belong to no tensor; "
@@ -185,7 +193,7 @@ def _natural(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _short(value, limit: int = 80) -> str:
+def short_repr(value, limit: int = 80) -> str:
     """repr of an untrusted value, cut to ``limit`` characters, for one-line messages."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -210,10 +218,10 @@ class SafetensorsSource:
         """The tensor ``key``, read from the file now (a new tensor that owns its memory)."""
         entry = self._header.tensors.get(key) if self._header is not None else None
         if entry is None:
-            raise AdapterInputError(f"{self.path}: no tensor {_short(key)} open for reading")
+            raise AdapterInputError(f"{self.path}: no tensor {short_repr(key)} open for reading")
         dtype = _TORCH_DTYPES.get(entry.dtype)
         if dtype is None:
-            raise AdapterInputError(f"{self.path}: tensor {_short(key)} has dtype {entry.dtype}, which this "
+            raise AdapterInputError(f"{self.path}: tensor {short_repr(key)} has dtype {entry.dtype}, which this "
                                     f"version of PyTorch cannot read")
         buffer = bytearray(entry.end - entry.begin)
         try:
@@ -223,7 +231,7 @@ class SafetensorsSource:
                 fh.seek(self._header.data_start + entry.begin)
                 got = fh.readinto(buffer)
         except OSError as exc:
-            raise AdapterInputError(f"{self.path}: tensor {_short(key)} cannot be read ({one_line(exc)})") from None
+            raise AdapterInputError(f"{self.path}: tensor {short_repr(key)} cannot be read ({one_line(exc)})") from None
         if got != len(buffer):
             raise AdapterInputError(f"{self.path}: the file changed while it was read")
         if not buffer:
@@ -270,7 +278,7 @@ class PickleSource:
             raise AdapterInputError(f"{path}: expected a mapping of names (strings) to tensors")
         for key, value in state.items():
             if value.layout is not torch.strided or value.is_meta or value.is_quantized or value.is_complex():
-                raise AdapterInputError(f"{path}: tensor {_short(key)} is not a plain dense real-valued tensor "
+                raise AdapterInputError(f"{path}: tensor {short_repr(key)} is not a plain dense real-valued tensor "
                                         f"({value.layout}, {value.dtype})")
         self._state = state
         self.path = path
@@ -281,7 +289,7 @@ class PickleSource:
 
     def get(self, key: str) -> torch.Tensor:
         if key not in self._state:
-            raise AdapterInputError(f"{self.path}: no tensor {_short(key)} open for reading")
+            raise AdapterInputError(f"{self.path}: no tensor {short_repr(key)} open for reading")
         return self._state[key]
 
     def close(self) -> None:
