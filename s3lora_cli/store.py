@@ -23,6 +23,8 @@ import torch
 
 from s3lora_cli import __version__
 from s3lora_cli.adapters import LayerKind, LoraLayer, SkippedTensor, find_adapters, open_adapter
+from s3lora_cli.adapters.base import file_sha256
+from s3lora_cli.adapters.writer import write_text_atomic
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError
 from s3lora_cli.gate import (
     SETTINGS,
@@ -294,14 +296,7 @@ def _write_cache(cache_dir: Path, key: str, report: ScoreReport) -> None:
     try:
         text = json.dumps(report_to_cache(report), allow_nan=False)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(target, text)
     except (OSError, ValueError):
         pass
 
@@ -554,14 +549,6 @@ def _copy_file(src: str, dst: str) -> str:
     return shutil.copy2(src, dst)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _weights_sha256(path: Path) -> str:
     with closing(open_adapter(path)) as adapter:
         return adapter.sha256()
@@ -601,7 +588,7 @@ def _copy_adapter(candidate: Path, weights: Path, into: Path, expected_sha256: s
             copied = tmp / weights.resolve().relative_to(candidate.resolve())
         else:
             copied = tmp / weights.name
-        if _file_sha256(copied) != expected_sha256:
+        if file_sha256(copied) != expected_sha256:
             raise AdapterInputError(f"{weights} changed while it was being admitted; run admit again")
         for name, text in extra_files.items():
             (tmp / name).write_text(text, encoding="utf-8")

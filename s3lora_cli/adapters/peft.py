@@ -3,7 +3,6 @@ adapter_model.safetensors (read lazily, one tensor at a time) or adapter_model.b
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from s3lora_cli.adapters.base import LayerKind, LoraLayer, SkippedTensor
+from s3lora_cli.adapters.base import LayerKind, LoraLayer, SkippedTensor, file_sha256
 from s3lora_cli.adapters.config import CONFIG_NAME, AdapterConfig, read_config
 from s3lora_cli.adapters.detect import check_adapter_name, check_confined, resolve_snapshot
 from s3lora_cli.adapters.safetensors_io import PickleSource, SafetensorsSource
@@ -218,11 +217,7 @@ class PeftAdapter:
         return LoraLayer(module, kind, shape, rank, alpha, scaling, dtype, keys, tuple(notes), groups)
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.weights_path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.weights_path)
 
     def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,19 +5,19 @@ leaves no half-written adapter; the input is only ever read."""
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from s3lora_cli.adapters.base import LoraLayer
+from s3lora_cli.adapters.base import LoraLayer, file_sha256
 from s3lora_cli.adapters.config import CONFIG_NAME
 from s3lora_cli.adapters.detect import MLX_WEIGHTS, check_confined, hf_cache_blobs
 from s3lora_cli.adapters.diffusers import METADATA_KEY
@@ -284,7 +284,7 @@ def _read_weights(weights_path: Path, expected_sha256: str | None) -> tuple[dict
             metadata, tensors = {}, {str(k): v.detach().clone().contiguous() for k, v in state.items()}
     except Exception as exc:
         raise AdapterInputError(f"{weights_path}: cannot be read for pruning ({exc})") from None
-    if expected_sha256 is not None and _sha256(weights_path) != expected_sha256:
+    if expected_sha256 is not None and file_sha256(weights_path) != expected_sha256:
         raise AdapterInputError(f"{weights_path} changed while s3lora was reading it; nothing was written, run again")
     return tensors, metadata
 
@@ -354,9 +354,15 @@ def _install(tmp: Path, destination: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, renamed into place: a reader sees the old
+    file or the whole new one, never part of it."""
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import enum
 import functools
-import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -18,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from s3lora_cli import __version__
+from s3lora_cli.adapters.writer import write_text_atomic
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3, 4
@@ -132,15 +131,7 @@ def write_output(text: str, output: Optional[Path], force: bool) -> None:
         sys.stdout.flush()
         return
     check_output(output, force)
-    parent = output.parent if str(output.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(output, text)
 
 
 @contextmanager
