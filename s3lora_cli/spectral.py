@@ -58,6 +58,9 @@ SCREEN_MIN_ENTRIES = 1 << 14
 BATCHED_MAX_ENTRIES = 1 << 21
 """Small layers: when entries x pairs is at most this, every ratio of every pair is sorted in one batch."""
 
+BOUND_BLOCK_ENTRIES = 1 << 18
+"""The dual bounds' sums take sign(R) and |R| this many entries at a time (1 MiB in float32)."""
+
 CACHE_ENTRIES = 1 << 26
 """Residuals with at most this many entries (256 MiB in float32) are formed once per step of the fit, not
 once per pass."""
@@ -239,18 +242,27 @@ class _BoundSums:
     def add(self, r_chunk: torch.Tensor, us: torch.Tensor, vs: torch.Tensor) -> None:
         f64 = torch.float64
         n = len(BOUND_POWERS)
-        sign, magnitude = r_chunk.sign(), r_chunk.abs()
         v_pow = torch.cat([_power(vs, alpha) for alpha in BOUND_POWERS], dim=1)  # [k, n * Mv]
+        v_signed = vs.repeat(1, n) * v_pow
         u_pow = [_power(us, alpha) for alpha in BOUND_POWERS]
-        s_proj = (sign @ (vs.repeat(1, n) * v_pow)).split(vs.shape[1], 1)
-        a_proj = (magnitude @ v_pow).split(vs.shape[1], 1)
+        s_proj = torch.empty(r_chunk.shape[0], v_pow.shape[1], dtype=r_chunk.dtype, device=r_chunk.device)
+        a_proj = torch.empty_like(s_proj)
+        l1 = torch.empty(r_chunk.shape[0], dtype=r_chunk.dtype, device=r_chunk.device)
+        # blocks of rows small enough to stay in cache between sign / abs and the products (memory-bound else)
+        step = max(1, BOUND_BLOCK_ENTRIES // max(r_chunk.shape[1], 1))
+        for start in range(0, r_chunk.shape[0], step):
+            block = r_chunk[start:start + step]
+            sign, magnitude = block.sign(), block.abs()
+            torch.matmul(sign, v_signed, out=s_proj[start:start + step])
+            torch.matmul(magnitude, v_pow, out=a_proj[start:start + step])
+            torch.sum(magnitude, 1, out=l1[start:start + step])
         if not self.signed:
             self.signed = [0.0] * n
             self.absolute = [0.0] * n
-        self.l1 += float(magnitude.sum(1).to(f64).sum())
-        for k, u in enumerate(u_pow):
-            self.signed[k] = self.signed[k] + ((us * u).T @ s_proj[k]).to(f64)
-            self.absolute[k] = self.absolute[k] + (u.T @ a_proj[k]).to(f64)
+        self.l1 += float(l1.to(f64).sum())
+        for k, (s_k, a_k) in enumerate(zip(s_proj.split(vs.shape[1], 1), a_proj.split(vs.shape[1], 1), strict=True)):
+            self.signed[k] = self.signed[k] + ((us * u_pow[k]).T @ s_k).to(f64)
+            self.absolute[k] = self.absolute[k] + (u_pow[k].T @ a_k).to(f64)
 
 
 def _power(x: torch.Tensor, alpha: int) -> torch.Tensor:
