@@ -280,24 +280,38 @@ class _Residual:
     """R = p @ q^T (p: [d, s], q: [k, s]) at one step of the fit, handed out a chunk of rows at a time.
 
     The chunks are the only place entries of R are formed. Every pass of a step sees the same values: when
-    R has at most CACHE_ENTRIES entries its chunks are kept after the first pass, otherwise they are formed
-    again in the same way (a bounded working set either way).
+    R has at most CACHE_ENTRIES entries its chunks are kept after the first pass (and the next step's
+    residual is made from them by subtracting the pick, in place), otherwise they are formed again in the
+    same way from the factors (a bounded working set either way).
     """
 
     def __init__(self, p: torch.Tensor, q: torch.Tensor) -> None:
         self.p, self.q = p, q
         self._cache: list | None = [] if p.shape[0] * q.shape[0] <= CACHE_ENTRIES else None
+        self._complete = False
 
     def chunks(self):
-        if self._cache:
+        if self._complete:
             yield from self._cache
             return
         keep = self._cache is not None
+        self._cache = [] if keep else None
         for rows in _row_chunks(self.p.shape[0], self.q.shape[0]):
             chunk = (rows, self.p[rows] @ self.q.T)  # [c, k]
             if keep:
                 self._cache.append(chunk)
             yield chunk
+        self._complete = keep
+
+    def deflate(self, delta: float, u: torch.Tensor, v: torch.Tensor) -> _Residual:
+        """The next step's residual, R - delta u v^T (u: [d], v: [k]); this one is used up."""
+        following = _Residual(torch.cat([self.p, -delta * u[:, None]], dim=1), torch.cat([self.q, v[:, None]], dim=1))
+        if self._complete:
+            for rows, chunk in self._cache:
+                chunk.addr_(u[rows], v, alpha=-delta)
+            following._cache, following._complete = self._cache, True
+            self._cache, self._complete = None, False
+        return following
 
 
 def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: float,
@@ -614,23 +628,24 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
         return [], 0, 0
     gen = torch.Generator(device=left.device)
     gen.manual_seed(seed)
-    p, q = left, right.T  # R = p @ q^T, deflated by appending columns
+    p, q = left, right.T  # R = p @ q^T, deflated by appending columns (see _Residual.deflate)
     picks: list[Pick] = []
     exact_count = 0
     all_pairs = [(a, b) for a in range(n_u) for b in range(n_v)]
     screen = not exhaustive and p.shape[0] * q.shape[0] >= SCREEN_MIN_ENTRIES
+    batched = p.shape[0] * q.shape[0] * len(all_pairs) <= BATCHED_MAX_ENTRIES
+    res = _Residual(p, q)
     for _ in range(steps):
-        if p.shape[0] * q.shape[0] * len(all_pairs) <= BATCHED_MAX_ENTRIES:
-            evaluated = _exact_pairs_batched(p, q, us, vs, all_pairs)
+        if batched:
+            evaluated = _exact_pairs_batched(res.p, res.q, us, vs, all_pairs)
         elif screen:
-            evaluated = _screened(_Residual(p, q), us, vs, all_pairs, gen)
+            evaluated = _screened(res, us, vs, all_pairs, gen)
         else:
-            evaluated = _exact_pairs(_Residual(p, q), us, vs, all_pairs, gen)[0]
+            evaluated = _exact_pairs(res, us, vs, all_pairs, gen)[0]
         exact_count += len(evaluated)
         (a, b), (delta, objective) = min(evaluated.items(), key=lambda item: (item[1][1], item[0]))
         picks.append(Pick(a + 1, b + 1, delta, objective))
-        p = torch.cat([p, -delta * us[:, a : a + 1]], dim=1)
-        q = torch.cat([q, vs[:, b : b + 1]], dim=1)
+        res = res.deflate(delta, us[:, a], vs[:, b])
     return picks, exact_count, steps * len(all_pairs)
 
 

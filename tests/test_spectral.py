@@ -60,6 +60,9 @@ ENGINES = {
     # tiny samples and chunks: sampled brackets, their misses and widening, many chunks per pass
     "tiny": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "SAMPLE_SIZE": 8,
              "CHUNK_ENTRIES": 5, "ESTIMATE_SAMPLE": 4},
+    # residuals too large to keep: every pass forms its chunks again from the factors
+    "uncached": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "CACHE_ENTRIES": 0,
+                 "CHUNK_ENTRIES": 7},
 }
 
 
