@@ -226,7 +226,8 @@ def test_invariances(case, seed):
         assert variant.ssi == pytest.approx(base.ssi, rel=1e-8, abs=1e-12)
     norms_b = torch.linalg.norm(b @ a, dim=1)
     norms_c = torch.linalg.norm(b @ a, dim=0)
-    assume(bool((norms_b[norms_b > 0] > 1e-3).all()) and bool((norms_c[norms_c > 0] > 1e-3).all()))
+    # eps_n = 1e-8 is added to every norm: the c^3 law holds to 1e-5 only where it is negligible next to them
+    assume(bool((norms_b[norms_b > 0] > 1e-2).all()) and bool((norms_c[norms_c > 0] > 1e-2).all()))
     scaled = mas_svd(2.0 * b, a)
     expected = 8.0 * np.array(base.sigma)
     assert np.allclose(scaled.sigma, expected, rtol=1e-5, atol=1e-9 * expected.max(initial=0.0))
