@@ -84,6 +84,19 @@ class Adapter(Protocol):
         """Release the file."""
 
 
+def sorted_index(layers: list[LoraLayer], skipped: list[SkippedTensor]) -> tuple[tuple[LoraLayer, ...],
+                                                                                tuple[SkippedTensor, ...]]:
+    """A reader's layers by module path and its skipped tensors by key: the deterministic order of every output."""
+    return tuple(sorted(layers, key=lambda layer: layer.module)), tuple(sorted(skipped, key=lambda s: s.key))
+
+
+def require_pair(where: str, keys: dict[str, str], down: str, up: str) -> None:
+    """Refuse a module with only one of its two factors (``down``/``up``: the format's names for A and B)."""
+    if "A" not in keys or "B" not in keys:
+        have, missing = (down, up) if "A" in keys else (up, down)
+        raise AdapterInputError(f"{where} has {have} but no {missing}; the file is incomplete")
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -21,7 +21,15 @@ import json
 import re
 from pathlib import Path
 
-from s3lora_cli.adapters.base import FactorFile, LoraLayer, SkippedTensor, lowrank_layer, summary_config
+from s3lora_cli.adapters.base import (
+    FactorFile,
+    LoraLayer,
+    SkippedTensor,
+    lowrank_layer,
+    require_pair,
+    sorted_index,
+    summary_config,
+)
 from s3lora_cli.adapters.config import AdapterConfig, lora_scaling, parse_config
 from s3lora_cli.adapters.detect import DIFFUSERS_WEIGHTS, check_confined, resolve_snapshot
 from s3lora_cli.adapters.kohya import alpha_value
@@ -123,14 +131,11 @@ class DiffusersAdapter(FactorFile):
         if not layers:
             raise AdapterInputError(f"{self.weights_path}: no diffusers LoRA factors (lora_A / lora_B or lora.down / "
                                     f"lora.up) among {len(src.keys)} tensors")
-        layers.sort(key=lambda layer: layer.module)
-        return tuple(layers), tuple(sorted(skipped, key=lambda s: s.key))
+        return sorted_index(layers, skipped)
 
     def _layer(self, module: str, keys: dict[str, str]) -> LoraLayer:
         where = f"{self.weights_path}: module {module!r}"
-        if "A" not in keys or "B" not in keys:
-            have, missing = ("lora_A", "lora_B") if "A" in keys else ("lora_B", "lora_A")
-            raise AdapterInputError(f"{where} has {have} but no {missing}; the file is incomplete")
+        require_pair(where, keys, "lora_A", "lora_B")
         down, up = self._source.shapes[keys["A"]], self._source.shapes[keys["B"]]
         rank = down[0] if down else 0
         prefix, _, inner = module.partition(".")

@@ -11,7 +11,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from s3lora_cli.adapters.base import FactorFile, LoraLayer, SkippedTensor, lowrank_layer, summary_config
+from s3lora_cli.adapters.base import (
+    FactorFile,
+    LoraLayer,
+    SkippedTensor,
+    lowrank_layer,
+    require_pair,
+    sorted_index,
+    summary_config,
+)
 from s3lora_cli.adapters.config import lora_scaling
 from s3lora_cli.adapters.detect import check_confined
 from s3lora_cli.adapters.safetensors_io import SafetensorsSource
@@ -86,14 +94,11 @@ class KohyaAdapter(FactorFile):
             kinds = sorted({s.reason.split(":")[0] for s in skipped})
             raise AdapterInputError(f"{self.weights_path}: no LoRA (lora_down / lora_up) module that s3lora can "
                                     f"analyse among {len(src.keys)} tensors ({'; '.join(kinds) or 'none'})")
-        layers.sort(key=lambda layer: layer.module)
-        return tuple(layers), tuple(sorted(skipped, key=lambda s: s.key))
+        return sorted_index(layers, skipped)
 
     def _layer(self, module: str, keys: dict[str, str]) -> LoraLayer:
         where = f"{self.weights_path}: module {module!r}"
-        if "A" not in keys or "B" not in keys:
-            have, missing = ("lora_down", "lora_up") if "A" in keys else ("lora_up", "lora_down")
-            raise AdapterInputError(f"{where} has {have} but no {missing}; the file is incomplete")
+        require_pair(where, keys, "lora_down", "lora_up")
         down, up = self._source.shapes[keys["A"]], self._source.shapes[keys["B"]]
         rank = down[0] if down else 0
         notes = []

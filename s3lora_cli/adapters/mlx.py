@@ -18,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from s3lora_cli.adapters.base import FactorFile, LayerKind, LoraLayer, SkippedTensor, summary_config
+from s3lora_cli.adapters.base import (
+    FactorFile,
+    LayerKind,
+    LoraLayer,
+    SkippedTensor,
+    require_pair,
+    sorted_index,
+    summary_config,
+)
 from s3lora_cli.adapters.config import CONFIG_NAME
 from s3lora_cli.adapters.detect import MLX_WEIGHTS, check_confined, resolve_snapshot
 from s3lora_cli.adapters.safetensors_io import SafetensorsSource
@@ -102,14 +110,11 @@ class MlxAdapter(FactorFile):
         if not layers:
             raise AdapterInputError(f"{self.weights_path}: no MLX-LM LoRA factors (.lora_a / .lora_b) among "
                                     f"{len(src.keys)} tensors")
-        layers.sort(key=lambda layer: layer.module)
-        return tuple(layers), tuple(sorted(skipped, key=lambda s: s.key))
+        return sorted_index(layers, skipped)
 
     def _layer(self, module: str, keys: dict[str, str]) -> LoraLayer:
         where = f"{self.weights_path}: module {module!r}"
-        if "A" not in keys or "B" not in keys:
-            have, missing = ("lora_a", "lora_b") if "A" in keys else ("lora_b", "lora_a")
-            raise AdapterInputError(f"{where} has {have} but no {missing}; the file is incomplete")
+        require_pair(where, keys, "lora_a", "lora_b")
         a, b = self._source.shapes[keys["A"]], self._source.shapes[keys["B"]]
         if len(a) != 2 or len(b) != 2 or a[1] != b[0] or 0 in a or 0 in b:
             raise AdapterInputError(f"{where}: lora_a {list(a)} and lora_b {list(b)} are not LoRA factor shapes "

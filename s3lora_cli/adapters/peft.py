@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from s3lora_cli.adapters.base import LayerKind, LoraLayer, SkippedTensor, file_sha256
+from s3lora_cli.adapters.base import LayerKind, LoraLayer, SkippedTensor, file_sha256, require_pair, sorted_index
 from s3lora_cli.adapters.config import CONFIG_NAME, AdapterConfig, read_config
 from s3lora_cli.adapters.detect import check_adapter_name, check_confined, resolve_snapshot
 from s3lora_cli.adapters.safetensors_io import PickleSource, SafetensorsSource
@@ -140,8 +140,7 @@ class PeftAdapter:
             raise AdapterInputError(
                 f"{self.weights_path}: no LoRA tensors (lora_A / lora_B) found among {len(src.keys)} tensors"
             )
-        layers.sort(key=lambda layer: layer.module)
-        return tuple(layers), tuple(sorted(skipped, key=lambda s: s.key))
+        return sorted_index(layers, skipped)
 
     def _packed_experts(self, module: str, entry: _Parts) -> list[SkippedTensor]:
         """The tensors of a ``target_parameters`` LoRA on a 3-d (mixture-of-experts) parameter, to be listed as
@@ -166,9 +165,7 @@ class PeftAdapter:
     def _layer(self, module: str, entry: _Parts) -> LoraLayer:
         keys, embedding = dict(entry.keys), entry.embedding
         where = f"{self.weights_path}: module {module!r}"
-        if "A" not in keys or "B" not in keys:
-            have, missing = ("lora_A", "lora_B") if "A" in keys else ("lora_B", "lora_A")
-            raise AdapterInputError(f"{where} has {have} but no {missing}; the file is incomplete")
+        require_pair(where, keys, "lora_A", "lora_B")
         a_shape, b_shape = self._source.shapes[keys["A"]], self._source.shapes[keys["B"]]
         if embedding:
             kind = LayerKind.EMBEDDING
