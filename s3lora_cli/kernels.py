@@ -28,6 +28,8 @@ def _bracket_pass(r, u, v, lo, hi, sums, counts, ratios, weights):  # pragma: no
     nothing to the four sums whatever their (infinite or NaN) ratio.
     """
     c, k = r.shape
+    zero_t = r.dtype.type(0)
+    nan = r.dtype.type(np.nan)
     for i in numba.prange(c):
         ui = u[i]
         row_ratios = np.empty(k, r.dtype)
@@ -36,27 +38,27 @@ def _bracket_pass(r, u, v, lo, hi, sums, counts, ratios, weights):  # pragma: no
         w_above = 0.0
         t_above = 0.0
         zero = 0.0
-        for j in range(k):  # branch-free, so that it vectorises
+        for j in range(k):  # selects, no branches, so that it vectorises
             x = r[i, j]
             uv = ui * v[j]
             ratio = x / uv
-            row_ratios[j] = ratio
-            w = np.float64(abs(uv))
-            t = np.float64(x) * ((uv > 0) - (uv < 0))
+            w = abs(uv)
+            t = x if uv > zero_t else (-x if uv < zero_t else zero_t)
             below = ratio < lo
             above = ratio > hi
-            w_below += w * below
-            t_below += t * below
-            w_above += w * above
-            t_above += t * above
-            zero += abs(np.float64(x)) * (uv == 0)
+            w_below += np.float64(w if below else zero_t)
+            t_below += np.float64(t if below else zero_t)
+            w_above += np.float64(w if above else zero_t)
+            t_above += np.float64(t if above else zero_t)
+            zero += np.float64(abs(x) if uv == zero_t else zero_t)
+            row_ratios[j] = ratio if (ratio >= lo) & (ratio <= hi) & (uv != zero_t) else nan  # NaN: not kept
         n = 0
-        if ui != 0:
-            for j in range(k):  # branch-free compaction: always write, advance only past kept entries
-                ratio = row_ratios[j]
+        for j in range(k):  # one branch, taken for the few entries inside: well predicted
+            ratio = row_ratios[j]
+            if ratio == ratio:
                 ratios[i, n] = ratio
                 weights[i, n] = abs(ui * v[j])
-                n += (ratio >= lo) & (ratio <= hi) & (v[j] != 0)
+                n += 1
         sums[i, 0] = w_below
         sums[i, 1] = t_below
         sums[i, 2] = w_above
@@ -118,18 +120,19 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
 
 
 SUM_BLOCK = 64
-"""``_pair_sums`` adds up runs of this many entries in the residual's dtype (fast, vectorised) before adding
+"""``_tangent_sums`` adds up runs of this many entries in the residual's dtype (fast, vectorised) before adding
 them to float64 totals: each total is off by at most SUM_BLOCK * eps(dtype) times the sum of its terms'
-magnitudes (see ``spectral._tangent_bounds``, which widens its bounds by that much)."""
+magnitudes (``spectral._tangents`` widens its bounds by that much)."""
 
 
-def _pair_sums(r, u, v, lo, hi, out):  # pragma: no cover - compiled
-    """Every pair's partial sums over one residual chunk, without forming a ratio (no division).
+def _tangent_sums(r, u, v, lo, hi, out):  # pragma: no cover - compiled
+    """Every pair's objective and a subgradient at two points, over one residual chunk, with no division.
 
     r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; lo, hi: [P] in r's dtype.
-    out: [P, c, 8], per pair and row: weight and signed residual below lo, the same above hi, the same over
-    all entries, |r| where u_i v_j = 0, and |r| over all entries. An entry is below lo when its signed
-    residual t = r * sign(u v) is below lo * |u v|, i.e. its ratio is below lo.
+    out: [P, c, 4], per pair and row, with e = r - theta u_i v_j for theta = lo, then hi:
+    sum_j |e| and -u_i sum_j v_j sign(e) (the derivative of sum_j |e| in theta, where no e is zero; at
+    e = 0 either sign is a subgradient). Entries with u_i v_j = 0 have e = r exactly and add nothing to the
+    second sum.
     """
     c, k = r.shape
     n_pairs = u.shape[0]
@@ -137,44 +140,34 @@ def _pair_sums(r, u, v, lo, hi, out):  # pragma: no cover - compiled
     for i in numba.prange(c):
         for p in range(n_pairs):
             ui = u[p, i]
-            lo_p = lo[p]
-            hi_p = hi[p]
-            acc = np.zeros(8, np.float64)
+            a_lo = lo[p] * ui
+            a_hi = hi[p] * ui
+            f_lo = 0.0
+            f_hi = 0.0
+            s_lo = 0.0
+            s_hi = 0.0
             for start in range(0, k, SUM_BLOCK):
-                w_below = zero_t
-                t_below = zero_t
-                w_above = zero_t
-                t_above = zero_t
-                w_all = zero_t
-                t_all = zero_t
-                zero = zero_t
-                a_all = zero_t
+                run_f_lo = zero_t
+                run_f_hi = zero_t
+                run_s_lo = zero_t
+                run_s_hi = zero_t
                 for j in range(start, min(k, start + SUM_BLOCK)):
                     x = r[i, j]
-                    uv = ui * v[p, j]
-                    w = abs(uv)
-                    t = x if uv > 0 else -x
-                    t = t if uv != 0 else zero_t
-                    lw = lo_p * w
-                    hw = hi_p * w
-                    w_below += w if t < lw else zero_t
-                    t_below += t if t < lw else zero_t
-                    w_above += w if t > hw else zero_t
-                    t_above += t if t > hw else zero_t
-                    w_all += w
-                    t_all += t
-                    zero += abs(x) if uv == 0 else zero_t
-                    a_all += abs(x)
-                acc[0] += w_below
-                acc[1] += t_below
-                acc[2] += w_above
-                acc[3] += t_above
-                acc[4] += w_all
-                acc[5] += t_all
-                acc[6] += zero
-                acc[7] += a_all
-            for m in range(8):
-                out[p, i, m] = acc[m]
+                    vj = v[p, j]
+                    e_lo = x - a_lo * vj
+                    e_hi = x - a_hi * vj
+                    run_f_lo += abs(e_lo)
+                    run_f_hi += abs(e_hi)
+                    run_s_lo += np.copysign(vj, e_lo * vj)  # v_j sign(e), branch-free
+                    run_s_hi += np.copysign(vj, e_hi * vj)
+                f_lo += run_f_lo
+                f_hi += run_f_hi
+                s_lo += run_s_lo
+                s_hi += run_s_hi
+            out[p, i, 0] = f_lo
+            out[p, i, 1] = -np.float64(ui) * s_lo
+            out[p, i, 2] = f_hi
+            out[p, i, 3] = -np.float64(ui) * s_hi
 
 
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
@@ -193,8 +186,8 @@ if available:
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
     _weighted_select = numba.njit(cache=True, nogil=True)(_weighted_select)
-    _pair_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
-                            fastmath={"reassoc"})(_pair_sums)
+    _tangent_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
+                               fastmath={"reassoc"})(_tangent_sums)
 
 
 def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: float,
@@ -216,10 +209,10 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
     return sums.sum(axis=0), out_ratios, out_weights
 
 
-def pair_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Run ``_pair_sums`` on one chunk; returns [P, 8] float64 (the per-row sums added up)."""
-    out = np.empty((u.shape[0], r.shape[0], 8), np.float64)
-    _pair_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), out)
+def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Run ``_tangent_sums`` on one chunk; returns [P, 4] float64 (the per-row sums added up)."""
+    out = np.empty((u.shape[0], r.shape[0], 4), np.float64)
+    _tangent_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), out)
     return out.sum(axis=1)
 
 

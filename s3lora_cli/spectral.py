@@ -36,8 +36,8 @@ ESTIMATE_SAMPLE = 1 << 12
 """Entries drawn uniformly to estimate every pair's objective, which orders the exact work."""
 
 BRACKET_Z = 3.0
-"""Half-width, in standard errors of the sample's weighted median, of the range where the tangent bounds
-are taken (see ``_tangent_bounds``)."""
+"""Half-width, in standard deviations of the sample median's rank, of the bracket where a pair's first
+tangent bounds are taken (see ``_brackets`` and ``_screened``)."""
 
 TANGENT_ROUNDS = 4
 """Passes of tangent bounds per step at most (see ``_screened``)."""
@@ -314,21 +314,39 @@ class _Residual:
         return following
 
 
-def _bracket(p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, v: torch.Tensor, width: float,
-             gen: torch.Generator) -> tuple[float, float]:
-    """A range likely to hold the weighted median of R/(u v^T): quantiles of a sample drawn with
-    probability proportional to |u_i v_j| (rows and columns drawn independently)."""
-    if width == math.inf:
-        return -math.inf, math.inf
+def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, widths: dict,
+              gen: torch.Generator) -> dict[tuple[int, int], tuple[float, float]]:
+    """For each pair (a, b) in ``widths``, a range likely to hold the weighted median of R/(u v^T): quantiles
+    of a sample drawn with probability proportional to |u_i v_j| (rows and columns drawn independently; one
+    draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
+    sample median's rank either side of it."""
     n = SAMPLE_SIZE
-    i = torch.multinomial(u.abs().to(torch.float64), n, replacement=True, generator=gen)
-    j = torch.multinomial(v.abs().to(torch.float64), n, replacement=True, generator=gen)
-    ratios = ((p[i] * q[j]).sum(1) / (u[i] * v[j])).sort().values
-    half = width * math.sqrt(n) / 2
-    k_lo, k_hi = math.floor(n / 2 - half), math.ceil(n / 2 + half)
-    lo = float(ratios[k_lo]) if k_lo >= 0 else -math.inf
-    hi = float(ratios[k_hi]) if k_hi < n else math.inf
-    return lo, hi
+    rows, cols = {}, {}
+    found = {}
+    for (a, b), width in widths.items():
+        if width == math.inf:
+            found[a, b] = (-math.inf, math.inf)
+            continue
+        if a not in rows:
+            i = _weighted_indices(us[:, a], n, gen)
+            rows[a] = (p[i], us[i, a])
+        if b not in cols:
+            j = _weighted_indices(vs[:, b], n, gen)
+            cols[b] = (q[j], vs[j, b])
+        (p_i, u_i), (q_j, v_j) = rows[a], cols[b]
+        ratios = (p_i * q_j).sum(1) / (u_i * v_j)
+        half = width * math.sqrt(n) / 2
+        k_lo, k_hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half))
+        found[a, b] = (float(torch.kthvalue(ratios, k_lo + 1).values), float(torch.kthvalue(ratios, k_hi + 1).values))
+    return found
+
+
+def _weighted_indices(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n indices into x drawn with replacement, index i with probability |x_i| / sum |x| (by inverting the
+    cumulative sum: several times faster than torch.multinomial); x has a nonzero entry."""
+    cdf = x.abs().to(torch.float64).cumsum(0)
+    draws = torch.rand(n, dtype=torch.float64, generator=gen, device=x.device) * cdf[-1]
+    return torch.searchsorted(cdf, draws, right=True).clamp_(max=x.numel() - 1)
 
 
 def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
@@ -349,8 +367,8 @@ def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list
     todo = {pair: first for pair in pairs}  # pair -> index into widths
     bound_sums = _BoundSums() if bounds else None
     while todo or bound_sums is not None:
-        passes = {pair: _PairPass(*_bracket(p, q, us[:, pair[0]], vs[:, pair[1]], widths[level], gen))
-                  for pair, level in todo.items()}
+        brackets = _brackets(p, q, us, vs, {pair: widths[level] for pair, level in todo.items()}, gen)
+        passes = {pair: _PairPass(*bracket) for pair, bracket in brackets.items()}
         _accumulate(res, us, vs, passes, bound_sums)
         if bound_sums is not None:
             lower = _lower_bounds_from(bound_sums, p, q, us, vs)
@@ -502,11 +520,9 @@ def _lower_bounds_from(sums: _BoundSums, p, q, us, vs) -> torch.Tensor:
     return best.cpu()
 
 
-def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]), the sample's ||R||_1 on
-    the same scale, and a range likely to hold each pair's delta ([Mu, Mv, 2]: the sample's weighted
-    quantiles BRACKET_Z standard errors either side of its median). They only decide which pairs are
-    evaluated and where the bounds are taken, never the result."""
+def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]), and the sample's ||R||_1
+    on the same scale. They only decide which pairs are evaluated first, never the result."""
     n = ESTIMATE_SAMPLE
     i = torch.randint(p.shape[0], (n,), generator=gen, device=p.device)
     j = torch.randint(q.shape[0], (n,), generator=gen, device=p.device)
@@ -520,16 +536,10 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor
         order = ratio.argsort(dim=1)
     ratio, w_sorted = ratio.gather(1, order), w.gather(1, order)
     cum = w_sorted.cumsum(1)
-    total = cum[:, -1:]
-    idx = (cum < total / 2).sum(1, keepdim=True).clamp(max=n - 1)
+    idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=n - 1)
     delta = ratio.gather(1, idx)
     objectives = (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
-    # the weighted median's standard error in probability: sqrt(sum w^2) / (2 sum w)
-    spread = BRACKET_Z * (w * w).sum(1, keepdim=True).sqrt() / 2
-    lo = (cum < total / 2 - spread).sum(1, keepdim=True).clamp(max=n - 1)
-    hi = (cum < total / 2 + spread).sum(1, keepdim=True).clamp(max=n - 1)
-    brackets = torch.cat([ratio.gather(1, lo), ratio.gather(1, hi)], 1).reshape(us.shape[1], vs.shape[1], 2).cpu()
-    return objectives, float(r.abs().sum()), brackets
+    return objectives, float(r.abs().sum())
 
 
 @dataclass(frozen=True)
@@ -547,40 +557,41 @@ def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
               brackets: dict[tuple[int, int], tuple[float, float]]) -> dict[tuple[int, int], list[_Tangent]]:
     """f and a subgradient at both ends of each pair's bracket, from one pass that forms no ratio.
 
-    f(delta) is convex and piecewise linear: with the weights w = |u_i v_j| and signed residuals t = R_ij
-    sign(u_i v_j) of the entries below, inside and above [lo, hi], f(lo) and f(hi) are sums of w * lo - t
-    or t - w * lo, and the subgradients are the weight below minus the weight at or above (at lo), the
-    weight at or below minus the weight above (at hi).
+    f(theta) = sum |e| with e = R - theta u v^T is convex and piecewise linear, and for any signs s_ij,
+    f(y) >= sum s_ij (R_ij - y u_i v_j): with s = sign(e) that is the tangent at theta, of value f(theta)
+    and slope g(theta) = -sum u_i v_j sign(e_ij).
     """
     f64 = torch.float64
     p = res.p
     ia = torch.tensor([a for a, _ in pairs], device=p.device)
     ib = torch.tensor([b for _, b in pairs], device=p.device)
     u, v = us.T[ia].contiguous(), vs.T[ib].contiguous()  # [P, d], [P, k]
-    # the ends are taken in the compute dtype, where the pass compares against them
-    lo = torch.tensor([brackets[pair][0] for pair in pairs], dtype=f64).to(p.dtype).to(f64)
-    hi = torch.tensor([brackets[pair][1] for pair in pairs], dtype=f64).to(p.dtype).to(f64)
-    sums = torch.zeros(len(pairs), 8, dtype=f64)
+    # the ends are taken in the compute dtype, where the pass multiplies by them
+    lo = torch.tensor([brackets[pair][0] for pair in pairs], dtype=f64).to(p.dtype)
+    hi = torch.tensor([brackets[pair][1] for pair in pairs], dtype=f64).to(p.dtype)
+    sums = torch.zeros(len(pairs), 4, dtype=f64)
     for rows, r_chunk in res.chunks():
         if _use_kernel(r_chunk):
-            sums += torch.from_numpy(kernels.pair_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v.numpy(),
-                                                       lo.numpy(), hi.numpy()))
+            sums += torch.from_numpy(kernels.tangent_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v.numpy(),
+                                                          lo.numpy(), hi.numpy()))
             continue
         for k in range(len(pairs)):
-            uv = u[k, rows][:, None] * v[k][None, :]
-            w, t = uv.abs(), r_chunk * uv.sign()
-            below, above = t < lo[k].to(t.dtype) * w, t > hi[k].to(t.dtype) * w
-            sums[k] += torch.stack([(w * below).sum(dtype=f64), (t * below).sum(dtype=f64),
-                                    (w * above).sum(dtype=f64), (t * above).sum(dtype=f64),
-                                    w.sum(dtype=f64), t.sum(dtype=f64), (r_chunk.abs() * (uv == 0)).sum(dtype=f64),
-                                    r_chunk.abs().sum(dtype=f64)])
-    w_b, t_b, w_a, t_a, w_all, t_all, zero, r_abs = sums.unbind(1)
-    w_in, t_in = w_all - w_b - w_a, t_all - t_b - t_a
-    f_lo = lo * w_b - t_b + (t_in + t_a) - lo * (w_in + w_a) + zero
-    f_hi = hi * (w_b + w_in) - (t_b + t_in) + t_a - hi * w_a + zero
-    g_lo, g_hi = w_b - (w_in + w_a), (w_b + w_in) - w_a
-    # every sum is within SUM_BLOCK * eps of its terms' magnitudes (the kernel adds runs in the compute dtype)
-    err = kernels.SUM_BLOCK * torch.finfo(p.dtype).eps * (torch.maximum(lo.abs(), hi.abs()) * w_all + r_abs)
+            u_k = u[k, rows]
+            for m, theta in enumerate((lo[k], hi[k])):
+                e = r_chunk - (theta * u_k)[:, None] * v[k][None, :]
+                sums[k, 2 * m] += e.abs().sum(dtype=f64)
+                sums[k, 2 * m + 1] -= (u_k.to(f64) * (e.sign() * v[k][None, :]).sum(1, dtype=f64)).sum()
+    lo, hi = lo.to(f64), hi.to(f64)
+    f_lo, g_lo, f_hi, g_hi = sums.unbind(1)
+    # Rounding: each |e| is within 3 eps (|R_ij| + |theta u_i v_j|) of the exact one, and each sum within
+    # SUM_BLOCK eps of its terms' magnitudes (the kernel adds runs in the compute dtype). With
+    # W = sum |u_i v_j| = ||u||_1 ||v||_1 and ||R||_1 <= f(theta) + |theta| W, err bounds the error of a
+    # tangent's value and of its slope over any distance up to twice the largest |theta|.
+    eps = torch.finfo(p.dtype).eps
+    w_all = u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)
+    theta_max = torch.maximum(lo.abs(), hi.abs())
+    r_abs = torch.minimum(f_lo + lo.abs() * w_all, f_hi + hi.abs() * w_all) * (1 + 1e-3)
+    err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 5 * theta_max * w_all)
     return {pair: [_Tangent(float(lo[k]), float(f_lo[k]), float(g_lo[k]), float(err[k])),
                    _Tangent(float(hi[k]), float(f_hi[k]), float(g_hi[k]), float(err[k]))]
             for k, pair in enumerate(pairs)}
@@ -610,6 +621,8 @@ def _envelope_bounds(tangents: list[_Tangent]) -> tuple[float, float, tuple[floa
             else:  # both slopes zero: f is flat there
                 x = a.theta
             lower = min(lower, max(t.f + t.g * (x - t.theta) for t in tangents))
+    if math.isnan(lower):  # an infinite tangent: it bounds nothing
+        lower = -math.inf
     return lower - 3 * err, upper, (left.theta, right.theta)
 
 
@@ -643,10 +656,38 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
         else:
             evaluated = _exact_pairs(res, us, vs, all_pairs, gen)[0]
         exact_count += len(evaluated)
-        (a, b), (delta, objective) = min(evaluated.items(), key=lambda item: (item[1][1], item[0]))
+        (a, b), (delta, objective) = _best(res, us, vs, evaluated)
         picks.append(Pick(a + 1, b + 1, delta, objective))
         res = res.deflate(delta, us[:, a], vs[:, b])
     return picks, exact_count, steps * len(all_pairs)
+
+
+NEAR_TIE = 64
+"""Objectives within NEAR_TIE * eps(dtype) (relative) of the best are compared again, summed in one order."""
+
+
+def _best(res: _Residual, us, vs, evaluated: dict) -> tuple[tuple[int, int], tuple[float, float]]:
+    """The pair with the smallest objective (ties to the smallest a, then b) and its (delta, objective).
+
+    An objective's last bits depend on how its pass split the entries around the bracket (an entry
+    inside adds weight * |ratio - delta| with the ratio rounded, one outside adds from R itself); pairs
+    within NEAR_TIE * eps of the best are compared on |R - delta u v^T| summed in float64 in one fixed order,
+    so that the pick never depends on the brackets.
+    """
+    best = min(obj for _, obj in evaluated.values())
+    tie = NEAR_TIE * torch.finfo(us.dtype).eps * abs(best)
+    near = sorted(pair for pair, (_, obj) in evaluated.items() if obj <= best + tie)
+    if len(near) == 1:
+        return near[0], evaluated[near[0]]
+    f64 = torch.float64
+    summed = {pair: 0.0 for pair in near}
+    for rows, r_chunk in res.chunks():
+        r64 = r_chunk.to(f64)
+        for a, b in near:
+            e = r64 - evaluated[a, b][0] * (us[rows, a].to(f64)[:, None] * vs[:, b].to(f64)[None, :])
+            summed[a, b] += float(e.abs().sum())
+    pair = min(near, key=lambda pair: (summed[pair], pair))
+    return pair, (evaluated[pair][0], summed[pair])
 
 
 def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple[float, float]]:
@@ -656,15 +697,15 @@ def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple
        that also gives every pair's dual bound (``_lower_bounds``).
     2. The pairs whose dual bound does not exceed the best objective so far get tangent bounds and upper
        bounds (``_tangents``, ``_envelope_bounds``) from cheaper passes that form no ratio: first at the
-       ends of the sampled bracket, then (up to TANGENT_ROUNDS times) in a bracket narrowed around the
-       minimum, as long as that rules out pairs. After the first round the pair with the best upper
-       bound is evaluated, if it can beat the best objective.
+       ends of a bracket sampled with weights |u_i v_j| (``_brackets``), then (up to TANGENT_ROUNDS times)
+       in a bracket narrowed around the minimum, as long as that rules out pairs. After the first round
+       the pair with the best upper bound is evaluated, if it can beat the best objective.
     3. The pairs left are evaluated.
     Bounds within a relative 1e-6 of the best count as not exceeding it. Estimates and brackets decide
     only the order of the work, never the result.
     """
     p, q = res.p, res.q
-    estimates, sample_l1, sampled = _sample_objectives(p, q, us, vs, gen)
+    estimates, sample_l1 = _sample_objectives(p, q, us, vs, gen)
     best_estimate = float(estimates.min())
     # objectives differ by the gains of the pairs, which are small next to ||R||_1: the margin is on the gain
     cutoff = best_estimate + ESTIMATE_MARGIN * max(sample_l1 - best_estimate, 0.0)
@@ -678,7 +719,7 @@ def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple
         return 1e-6 * abs(value) + 1e-300
 
     rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best() + slack(best())]
-    brackets = {pair: (float(sampled[pair][0]), float(sampled[pair][1])) for pair in rest}
+    brackets = _brackets(p, q, us, vs, dict.fromkeys(rest, BRACKET_Z), gen)
     tangents: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in rest}
     for round_ in range(TANGENT_ROUNDS):
         if not rest:
