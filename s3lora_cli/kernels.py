@@ -125,13 +125,15 @@ them to float64 totals: each total is off by at most SUM_BLOCK * eps(dtype) time
 magnitudes (``spectral._tangents`` widens its bounds by that much)."""
 
 
-def _tangent_sums(r, u, v, lo, hi, out):  # pragma: no cover - compiled
+def _tangent_sums(r, u, v, lo, hi, vsum, out):  # pragma: no cover - compiled
     """Every pair's objective and a subgradient at two points, over one residual chunk, with no division.
 
     r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; lo, hi: [P] in r's dtype.
+    vsum: [P], sum_j v[p, j] in float64.
     out: [P, c, 4], per pair and row, with e = r - theta u_i v_j for theta = lo, then hi:
-    sum_j |e| and -u_i sum_j v_j sign(e) (the derivative of sum_j |e| in theta, where no e is zero; at
-    e = 0 either sign is a subgradient). Entries with u_i v_j = 0 have e = r exactly and add nothing to the
+    sum_j |e| and -u_i sum_j v_j s_j with s_j = sign(e) (the derivative of sum_j |e| in theta, where no e
+    is zero; at e = 0 either sign gives a subgradient, and s_j = -1 is taken), computed as
+    -u_i (2 sum_{e > 0} v_j - vsum). Entries with u_i v_j = 0 have e = r exactly and add nothing to the
     second sum.
     """
     c, k = r.shape
@@ -158,16 +160,16 @@ def _tangent_sums(r, u, v, lo, hi, out):  # pragma: no cover - compiled
                     e_hi = x - a_hi * vj
                     run_f_lo += abs(e_lo)
                     run_f_hi += abs(e_hi)
-                    run_s_lo += np.copysign(vj, e_lo * vj)  # v_j sign(e), branch-free
-                    run_s_hi += np.copysign(vj, e_hi * vj)
+                    run_s_lo += vj if e_lo > zero_t else zero_t  # a select: branch-free
+                    run_s_hi += vj if e_hi > zero_t else zero_t
                 f_lo += run_f_lo
                 f_hi += run_f_hi
                 s_lo += run_s_lo
                 s_hi += run_s_hi
             out[p, i, 0] = f_lo
-            out[p, i, 1] = -np.float64(ui) * s_lo
+            out[p, i, 1] = -np.float64(ui) * (2 * s_lo - vsum[p])
             out[p, i, 2] = f_hi
-            out[p, i, 3] = -np.float64(ui) * s_hi
+            out[p, i, 3] = -np.float64(ui) * (2 * s_hi - vsum[p])
 
 
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
@@ -212,7 +214,7 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
 def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Run ``_tangent_sums`` on one chunk; returns [P, 4] float64 (the per-row sums added up)."""
     out = np.empty((u.shape[0], r.shape[0], 4), np.float64)
-    _tangent_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), out)
+    _tangent_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), v.sum(axis=1, dtype=np.float64), out)
     return out.sum(axis=1)
 
 

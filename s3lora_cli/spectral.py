@@ -584,14 +584,15 @@ def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
     lo, hi = lo.to(f64), hi.to(f64)
     f_lo, g_lo, f_hi, g_hi = sums.unbind(1)
     # Rounding: each |e| is within 3 eps (|R_ij| + |theta u_i v_j|) of the exact one, and each sum within
-    # SUM_BLOCK eps of its terms' magnitudes (the kernel adds runs in the compute dtype). With
-    # W = sum |u_i v_j| = ||u||_1 ||v||_1 and ||R||_1 <= f(theta) + |theta| W, err bounds the error of a
-    # tangent's value and of its slope over any distance up to twice the largest |theta|.
+    # SUM_BLOCK eps of its terms' magnitudes (the kernel adds runs in the compute dtype; its slope is
+    # 2 sum_{e > 0} - sum, twice the error). With W = sum |u_i v_j| = ||u||_1 ||v||_1 and
+    # ||R||_1 <= f(theta) + |theta| W, err bounds the error of a tangent's value and of its slope over any
+    # distance up to twice the largest |theta|.
     eps = torch.finfo(p.dtype).eps
     w_all = u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)
     theta_max = torch.maximum(lo.abs(), hi.abs())
     r_abs = torch.minimum(f_lo + lo.abs() * w_all, f_hi + hi.abs() * w_all) * (1 + 1e-3)
-    err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 5 * theta_max * w_all)
+    err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 7 * theta_max * w_all)
     return {pair: [_Tangent(float(lo[k]), float(f_lo[k]), float(g_lo[k]), float(err[k])),
                    _Tangent(float(hi[k]), float(f_hi[k]), float(g_hi[k]), float(err[k]))]
             for k, pair in enumerate(pairs)}

@@ -331,7 +331,7 @@ def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, wi
             g_mid = float(-(c * e.sign() * ~tied).sum())
             g_free = float((c.abs() * tied).sum())
             g_err = max(t.err / (2 * theta_max) if theta_max > 0 else 0.0,
-                        (kernels.SUM_BLOCK + 4) * torch.finfo(torch.float32).eps * float(c.abs().sum()))
+                        2 * (kernels.SUM_BLOCK + 4) * torch.finfo(torch.float32).eps * float(c.abs().sum()))
             assert g_mid - g_free - g_err <= t.g <= g_mid + g_free + g_err
 
 
