@@ -530,14 +530,17 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor
     uv = (us[i].to(torch.float64)[:, :, None] * vs[j].to(torch.float64)[:, None, :]).reshape(n, -1).T  # [pairs, n]
     w = uv.abs()
     ratio = torch.where(w > 0, r[None, :] / uv, torch.zeros_like(uv))
-    if ratio.device.type == "cpu":  # NumPy sorts several times faster than torch on the CPU
-        order = torch.from_numpy(np.argsort(ratio.numpy(), axis=1, kind="quicksort"))
+    if kernels.available and ratio.device.type == "cpu":  # a linear-time selection per pair
+        totals = w.sum(1).tolist()
+        ratio_np, w_np = ratio.numpy(), w.numpy()
+        delta = torch.tensor([[kernels.weighted_select(ratio_np[k], w_np[k], total / 2)[0] if total > 0 else 0.0]
+                              for k, total in enumerate(totals)], dtype=torch.float64)
     else:
         order = ratio.argsort(dim=1)
-    ratio, w_sorted = ratio.gather(1, order), w.gather(1, order)
-    cum = w_sorted.cumsum(1)
-    idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=n - 1)
-    delta = ratio.gather(1, idx)
+        ratio, w_sorted = ratio.gather(1, order), w.gather(1, order)
+        cum = w_sorted.cumsum(1)
+        idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=n - 1)
+        delta = ratio.gather(1, idx)
     objectives = (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
     return objectives, float(r.abs().sum())
 
