@@ -279,13 +279,17 @@ def test_fit_objective_and_delta_are_literal(name):
             R = R - p.delta * uv
 
 
-@settings(max_examples=40, deadline=None)
-@given(lora_factors(), st.integers(0, 2**32 - 1))
-def test_lower_bounds_are_lower_bounds(case, seed):
+@settings(max_examples=60, deadline=None)
+@given(lora_factors(), st.integers(0, 2**32 - 1), st.booleans())
+def test_lower_bounds_are_lower_bounds(case, seed, zeros):
+    """Also with zero entries in the candidates (the |R| sums then cannot come from the row sums)."""
     b, a, _ = case
     rng = np.random.default_rng(seed)
     us = torch.tensor(np.linalg.qr(rng.standard_normal((b.shape[0], min(3, b.shape[0]))))[0])
     vs = torch.tensor(np.linalg.qr(rng.standard_normal((a.shape[1], min(3, a.shape[1]))))[0])
+    if zeros:
+        us[torch.from_numpy(rng.random(us.shape[0]) < 0.3)] = 0
+        vs[torch.from_numpy(rng.random(vs.shape[0]) < 0.3)] = 0
     bounds, l1 = spectral._lower_bounds(b, a.T, us, vs)
     R = (b @ a).numpy()
     assert l1 == pytest.approx(np.abs(R).sum(), rel=1e-12, abs=1e-300)
