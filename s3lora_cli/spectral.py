@@ -238,7 +238,7 @@ class _BoundSums:
     absolute: list = field(default_factory=list)
     """[alpha]: [Mu, Mv], sum_ij |R_ij| |u_i|^alpha |v_j|^alpha (|x|^0 is 1 for x != 0, else 0)."""
 
-    _v_side: tuple | None = None
+    _v_side: tuple | None = field(default=None, init=False, repr=False)
 
     def _prepare(self, vs: torch.Tensor) -> tuple:
         """The right-hand sides of the products, the same for every chunk: sign(R) goes on
@@ -250,7 +250,7 @@ class _BoundSums:
             abs_powers = [k for k, alpha in enumerate(BOUND_POWERS) if not (dense and alpha == 0)]
             v_signed = torch.cat([vs * pw for pw in v_pow], dim=1)  # [k, n * Mv]
             v_abs = torch.cat([v_pow[k] for k in abs_powers], dim=1) if abs_powers else vs[:, :0]
-            if v_abs.shape[1] <= 8:  # column-major: BLAS multiplies by a few columns ~2x faster so (measured)
+            if v_abs.shape[1] <= 8:  # BLAS multiplies by a few columns ~2x faster stored column-major (measured)
                 v_abs = v_abs.T.contiguous().T
             self._v_side = (v_signed, v_abs, abs_powers)
         return self._v_side

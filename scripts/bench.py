@@ -4,6 +4,7 @@
     python scripts/bench.py --cases 7B-qkvo 7B-all 70B-all --device cpu
     python scripts/bench.py --cases 7B-qkvo --device cuda
     python scripts/bench.py --cases store --store-size 1000   # s3lora scan: adapters per second
+    python scripts/bench.py --cases 70B-all --blocks 4 --skip-ratios   # a prefix of the blocks, extrapolated
 
 Adapters are generated deterministically into a temporary directory (nothing large is committed), written
 one tensor at a time, so that even the 1.7 GB 70B adapter never sits in memory. Their updates have the
@@ -60,9 +61,11 @@ def layer_factors(index: int, out: int, inp: int, r: int) -> tuple[torch.Tensor,
     return a.to(torch.bfloat16), b.to(torch.bfloat16)
 
 
-def write_adapter(path: Path, case: str) -> Path:
-    """A PEFT adapter directory, its safetensors file written tensor by tensor."""
-    blocks, projs, r = CASES[case]
+def write_adapter(path: Path, case: str, blocks: int | None = None) -> Path:
+    """A PEFT adapter directory, its safetensors file written tensor by tensor (the first ``blocks`` blocks of
+    the case, or all)."""
+    all_blocks, projs, r = CASES[case]
+    blocks = min(blocks or all_blocks, all_blocks)
     path.mkdir(parents=True, exist_ok=True)
     entries, offset = [], 0
     for block in range(blocks):
@@ -157,6 +160,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256,
                         help="rows and columns of each sampled layer that the dense reference runs on")
     parser.add_argument("--skip-ratios", action="store_true")
+    parser.add_argument("--blocks", type=int, help="generate only the first N transformer blocks of each case and "
+                        "extrapolate the time to all of them")
     parser.add_argument("--threads", type=int, help="threads for torch, BLAS and the compiled kernels "
                         "(default: what they choose, one per core)")
     args = parser.parse_args()
@@ -180,9 +185,10 @@ def main() -> None:
                 adapter = ROOT / "s3lora_cli" / "demo"
             else:
                 start = time.perf_counter()
-                adapter = write_adapter(Path(tmp) / case, case)
+                adapter = write_adapter(Path(tmp) / case, case, args.blocks)
                 size = (adapter / "adapter_model.safetensors").stat().st_size / 2**20
-                print(f"\n[{case}] generated {size:.0f} MiB in {time.perf_counter() - start:.1f} s")
+                part = f" (the first {args.blocks} of {CASES[case][0]} blocks)" if args.blocks else ""
+                print(f"\n[{case}] generated {size:.0f} MiB{part} in {time.perf_counter() - start:.1f} s")
             wall, rss, doc = run_score(adapter, "--device", args.device)
             n = len(doc["layers"])
             print(f"[{case}] mas-svd: {wall:.1f} s wall for {n} layers "
@@ -191,6 +197,10 @@ def main() -> None:
             wall_svd, rss_svd, _ = run_score(adapter, "--device", args.device, "--method", "svd")
             print(f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
                   f"mas-svd / svd = {wall / wall_svd:.1f}x")
+            if args.blocks and case in CASES and args.blocks < CASES[case][0]:
+                # the svd run is start-up plus small-factor work: the rest scales with the number of blocks
+                full = wall_svd + (wall - wall_svd) * CASES[case][0] / args.blocks
+                print(f"[{case}] extrapolated to all {CASES[case][0]} blocks: {full:.0f} s ({full / 60:.1f} min)")
             if not args.skip_ratios:
                 r = sample_ratios(adapter, args.sample_layers, args.crop, args.device)
                 line = (f"[{case}] on {r['layers']} sampled layers: default {r['default']:.2f} s, exhaustive "
