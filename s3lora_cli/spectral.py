@@ -592,7 +592,7 @@ def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
     # the ends are taken in the compute dtype, where the pass multiplies by them
     lo = torch.tensor([brackets[pair][0] for pair in pairs], dtype=f64).to(p.dtype)
     hi = torch.tensor([brackets[pair][1] for pair in pairs], dtype=f64).to(p.dtype)
-    sums = torch.zeros(len(pairs), 4, dtype=f64)
+    sums = torch.zeros(len(pairs), 4, dtype=f64, device=p.device)
     for rows, r_chunk in res.chunks():
         if _use_kernel(r_chunk):
             sums += torch.from_numpy(kernels.tangent_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v.numpy(),
@@ -605,14 +605,14 @@ def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
                 sums[k, 2 * m] += e.abs().sum(dtype=f64)
                 sums[k, 2 * m + 1] -= (u_k.to(f64) * (e.sign() * v[k][None, :]).sum(1, dtype=f64)).sum()
     lo, hi = lo.to(f64), hi.to(f64)
-    f_lo, g_lo, f_hi, g_hi = sums.unbind(1)
+    f_lo, g_lo, f_hi, g_hi = sums.cpu().unbind(1)
     # Rounding: each |e| is within 3 eps (|R_ij| + |theta u_i v_j|) of the exact one, and each sum within
     # SUM_BLOCK eps of its terms' magnitudes (the kernel adds runs in the compute dtype; its slope is
     # 2 sum_{e > 0} - sum, twice the error). With W = sum |u_i v_j| = ||u||_1 ||v||_1 and
     # ||R||_1 <= f(theta) + |theta| W, err bounds the error of a tangent's value and of its slope over any
     # distance up to twice the largest |theta|.
     eps = torch.finfo(p.dtype).eps
-    w_all = u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)
+    w_all = (u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)).cpu()
     theta_max = torch.maximum(lo.abs(), hi.abs())
     r_abs = torch.minimum(f_lo + lo.abs() * w_all, f_hi + hi.abs() * w_all) * (1 + 1e-3)
     err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 7 * theta_max * w_all)
