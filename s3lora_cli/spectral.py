@@ -61,8 +61,8 @@ BOUND_BLOCK_ENTRIES = 1 << 18
 """The dual bounds' sums take sign(R) and |R| this many entries at a time (1 MiB in float32)."""
 
 CACHE_ENTRIES = 1 << 26
-"""Residuals with at most this many entries (256 MiB in float32) are formed once per step of the fit, not
-once per pass."""
+"""Up to this many entries of the residual (256 MiB in float32) are formed once per step of the fit, not once
+per pass: all of them for layers up to this size, the first rows of larger ones."""
 
 KERNEL_MIN_ENTRIES = 1 << 16
 """Chunks at least this large use the compiled CPU kernel (when numba is available)."""
@@ -299,29 +299,33 @@ def _row_chunks(n_rows: int, n_cols: int):
 class _Residual:
     """R = p @ q^T (p: [d, s], q: [k, s]) at one step of the fit, handed out a chunk of rows at a time.
 
-    The chunks are the only place entries of R are formed. Every pass of a step sees the same values: when
-    R has at most CACHE_ENTRIES entries its chunks are kept after the first pass (and the next step's
-    residual is made from them by subtracting the pick, in place), otherwise they are formed again in the
-    same way from the factors (a bounded working set either way).
+    The chunks are the only place entries of R are formed. Every pass of a step sees the same values: the
+    first chunks, as many as fit in CACHE_ENTRIES entries (all of them for most layers), are kept after the
+    first pass (and the next step's residual is made from them by subtracting the pick, in place); the
+    others are formed again in the same way from the factors in every pass (a bounded working set).
     """
 
     def __init__(self, p: torch.Tensor, q: torch.Tensor) -> None:
         self.p, self.q = p, q
-        self._cache: list | None = [] if p.shape[0] * q.shape[0] <= CACHE_ENTRIES else None
-        self._complete = False
+        self._cache: list = []
+        self._complete = False  # the first pass is over: the cache holds every chunk that fits
 
     def chunks(self):
+        all_rows = list(_row_chunks(self.p.shape[0], self.q.shape[0]))
         if self._complete:
             yield from self._cache
+            for rows in all_rows[len(self._cache):]:
+                yield rows, self.p[rows] @ self.q.T
             return
-        keep = self._cache is not None
-        self._cache = [] if keep else None
-        for rows in _row_chunks(self.p.shape[0], self.q.shape[0]):
+        self._cache, caching, room = [], True, CACHE_ENTRIES
+        for rows in all_rows:
             chunk = (rows, self.p[rows] @ self.q.T)  # [c, k]
-            if keep:
+            caching = caching and chunk[1].numel() <= room
+            if caching:
                 self._cache.append(chunk)
+                room -= chunk[1].numel()
             yield chunk
-        self._complete = keep
+        self._complete = True
 
     def deflate(self, delta: float, u: torch.Tensor, v: torch.Tensor) -> _Residual:
         """The next step's residual, R - delta u v^T (u: [d], v: [k]); this one is used up."""
@@ -330,7 +334,7 @@ class _Residual:
             for rows, chunk in self._cache:
                 chunk.addr_(u[rows], v, alpha=-delta)
             following._cache, following._complete = self._cache, True
-            self._cache, self._complete = None, False
+            self._cache, self._complete = [], False
         return following
 
 

@@ -63,6 +63,9 @@ ENGINES = {
     # residuals too large to keep: every pass forms its chunks again from the factors
     "uncached": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "CACHE_ENTRIES": 0,
                  "CHUNK_ENTRIES": 7},
+    # residuals kept in part: the first chunks deflated in place, the others formed again in every pass
+    "partial": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "CACHE_ENTRIES": 30,
+                "CHUNK_ENTRIES": 7},
 }
 
 
