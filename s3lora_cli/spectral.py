@@ -418,19 +418,28 @@ def _exact_pairs_batched(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs:
     uv = (us.T[ia][:, :, None] * vs.T[ib][:, None, :]).reshape(len(pairs), -1)  # [pairs, n]
     w = uv.abs()
     ratio = torch.where(w > 0, r / uv, torch.full_like(uv, math.inf))  # zero weights sort last, count nothing
-    if kernels.available and p.device.type == "cpu":  # a linear-time selection per pair
-        totals = w.sum(1, dtype=f64).tolist()
-        ratio_np, w_np = ratio.numpy().copy(), w.numpy().copy()
-        delta = torch.tensor([[kernels.weighted_select(ratio_np[i], w_np[i], total / 2)[0] if total > 0 else 0.0]
-                              for i, total in enumerate(totals)], dtype=ratio.dtype)
-    else:
-        ratio, order = ratio.sort(dim=1, stable=True)
-        w = w.gather(1, order).to(f64)
-        cum = w.cumsum(1)
-        idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=r.shape[1] - 1)
-        delta = torch.where(cum[:, -1:] > 0, ratio.gather(1, idx), torch.zeros_like(idx, dtype=ratio.dtype))
+    delta = _weighted_medians(ratio, w)
     objective = (r.to(f64) - delta.to(f64) * uv.to(f64)).abs().sum(1)
     return {pair: (float(delta[i, 0]), float(objective[i])) for i, pair in enumerate(pairs)}
+
+
+def _weighted_medians(ratio: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[P, 1]: the lower weighted median of each row of ``ratio`` [P, n] with weights ``w`` [P, n] (0 for a
+    row of zero weights): a linear-time selection per row on the CPU, else one sort of all rows."""
+    totals = w.sum(1, dtype=torch.float64)
+    if kernels.available and ratio.device.type == "cpu":
+        ratio_np, w_np = ratio.contiguous().numpy().copy(), w.contiguous().numpy().copy()  # reordered in place
+        deltas = []
+        for k, total in enumerate(totals.tolist()):
+            delta = kernels.weighted_select(ratio_np[k], w_np[k], total / 2)[0] if total > 0 else 0.0
+            if math.isnan(delta):  # a total that rounding put a hair above the kernel's own sum
+                delta = _sorted_select(torch.from_numpy(ratio_np[k]), torch.from_numpy(w_np[k]), total / 2)[0]
+            deltas.append(delta)
+        return torch.tensor(deltas, dtype=ratio.dtype)[:, None]
+    ratio, order = ratio.sort(dim=1, stable=True)
+    cum = w.gather(1, order).to(torch.float64).cumsum(1)
+    idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=ratio.shape[1] - 1)
+    return torch.where(cum[:, -1:] > 0, ratio.gather(1, idx), torch.zeros_like(idx, dtype=ratio.dtype))
 
 
 def _use_kernel(r_chunk: torch.Tensor) -> bool:
@@ -553,18 +562,8 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor
     r = (p[i] * q[j]).sum(1).to(torch.float64)  # [n]
     uv = (us[i].to(torch.float64)[:, :, None] * vs[j].to(torch.float64)[:, None, :]).reshape(n, -1).T  # [pairs, n]
     w = uv.abs()
-    ratio = torch.where(w > 0, r[None, :] / uv, torch.zeros_like(uv))
-    if kernels.available and ratio.device.type == "cpu":  # a linear-time selection per pair
-        totals = w.sum(1).tolist()
-        ratio_np, w_np = ratio.numpy(), w.numpy()
-        delta = torch.tensor([[kernels.weighted_select(ratio_np[k], w_np[k], total / 2)[0] if total > 0 else 0.0]
-                              for k, total in enumerate(totals)], dtype=torch.float64)
-    else:
-        order = ratio.argsort(dim=1)
-        ratio, w_sorted = ratio.gather(1, order), w.gather(1, order)
-        cum = w_sorted.cumsum(1)
-        idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=n - 1)
-        delta = ratio.gather(1, idx)
+    ratio = torch.where(w > 0, r[None, :] / uv, torch.full_like(uv, math.inf))
+    delta = _weighted_medians(ratio, w)
     objectives = (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
     return objectives, float(r.abs().sum())
 
