@@ -172,6 +172,71 @@ def _tangent_sums(r, u, v, lo, hi, vsum, out):  # pragma: no cover - compiled
             out[p, i, 3] = -np.float64(ui) * (2 * s_hi - vsum[p])
 
 
+DUAL_ROWS = 4
+"""``_dual_sums`` takes this many rows at a time, so that each load of a candidate vector serves all of them."""
+
+DUAL_RUN = 512
+"""``_dual_sums`` adds up runs of this many products in the residual's dtype before adding them to float64."""
+
+
+def _dual_sums(r, v_signed, v_abs, signed_out, abs_out, l1_out):  # pragma: no cover - compiled
+    """The projections of sign(R) and |R| that the dual lower bounds need, over one residual chunk.
+
+    r: [c, k]; v_signed: [n1, k] and v_abs: [n2, k] in r's dtype. Writes, per row i,
+    signed_out[i, m] = sum_j sign(r_ij) v_signed[m, j], abs_out[i, m] = sum_j |r_ij| v_abs[m, j] and
+    l1_out[i] = sum_j |r_ij| (float64, from runs of DUAL_RUN terms added in r's dtype).
+    """
+    c, k = r.shape
+    n1 = v_signed.shape[0]
+    n2 = v_abs.shape[0]
+    zero_t = r.dtype.type(0)
+    one_t = r.dtype.type(1)
+    for group in numba.prange((c + DUAL_ROWS - 1) // DUAL_ROWS):
+        first = group * DUAL_ROWS
+        n_rows = min(DUAL_ROWS, c - first)
+        signs = np.zeros((DUAL_ROWS, k), r.dtype)  # rows past the chunk's end stay zero
+        mags = np.zeros((DUAL_ROWS, k), r.dtype)
+        for t in range(n_rows):
+            total = 0.0
+            for start in range(0, k, DUAL_RUN):
+                run = zero_t
+                for j in range(start, min(k, start + DUAL_RUN)):
+                    x = r[first + t, j]
+                    signs[t, j] = one_t if x > zero_t else (-one_t if x < zero_t else zero_t)
+                    mags[t, j] = abs(x)
+                    run += abs(x)
+                total += np.float64(run)
+            l1_out[first + t] = total
+        for m in range(n1 + n2):
+            rows = signs if m < n1 else mags
+            v = v_signed[m] if m < n1 else v_abs[m - n1]
+            x0, x1, x2, x3 = rows[0], rows[1], rows[2], rows[3]
+            c0 = 0.0
+            c1 = 0.0
+            c2 = 0.0
+            c3 = 0.0
+            for start in range(0, k, DUAL_RUN):
+                e0 = zero_t
+                e1 = zero_t
+                e2 = zero_t
+                e3 = zero_t
+                for j in range(start, min(k, start + DUAL_RUN)):
+                    vj = v[j]
+                    e0 += x0[j] * vj
+                    e1 += x1[j] * vj
+                    e2 += x2[j] * vj
+                    e3 += x3[j] * vj
+                c0 += np.float64(e0)
+                c1 += np.float64(e1)
+                c2 += np.float64(e2)
+                c3 += np.float64(e3)
+            out = signed_out if m < n1 else abs_out
+            col = m if m < n1 else m - n1
+            for t, value in enumerate((c0, c1, c2, c3)):
+                if t < n_rows:
+                    out[first + t, col] = value
+
+
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
     pos = 0
     for i in range(counts.shape[0]):
@@ -190,6 +255,8 @@ if available:
     _weighted_select = numba.njit(cache=True, nogil=True)(_weighted_select)
     _tangent_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_tangent_sums)
+    _dual_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
+                            fastmath={"reassoc"})(_dual_sums)
 
 
 def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: float,
@@ -216,6 +283,14 @@ def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi
     out = np.empty((u.shape[0], r.shape[0], 4), np.float64)
     _tangent_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), v.sum(axis=1, dtype=np.float64), out)
     return out.sum(axis=1)
+
+
+def dual_sums(r: np.ndarray, v_signed: np.ndarray, v_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``_dual_sums`` on one chunk; returns (signed [c, n1], absolute [c, n2], l1 [c]), all float64."""
+    c = r.shape[0]
+    signed, absolute, l1 = np.empty((c, v_signed.shape[0])), np.empty((c, v_abs.shape[0])), np.empty(c)
+    _dual_sums(r, v_signed, v_abs, signed, absolute, l1)
+    return signed, absolute, l1
 
 
 def weighted_select(ratios: np.ndarray, weights: np.ndarray, half: float) -> tuple[float, float]:

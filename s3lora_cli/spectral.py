@@ -239,6 +239,7 @@ class _BoundSums:
     """[alpha]: [Mu, Mv], sum_ij |R_ij| |u_i|^alpha |v_j|^alpha (|x|^0 is 1 for x != 0, else 0)."""
 
     _v_side: tuple | None = field(default=None, init=False, repr=False)
+    _v_rows: tuple | None = field(default=None, init=False, repr=False)
 
     def _prepare(self, vs: torch.Tensor) -> tuple:
         """The right-hand sides of the products, the same for every chunk: sign(R) goes on
@@ -259,7 +260,29 @@ class _BoundSums:
         f64 = torch.float64
         n, m_v = len(BOUND_POWERS), vs.shape[1]
         v_signed, v_abs, abs_powers = self._prepare(vs)
-        u_pow = [_power(us, alpha) for alpha in BOUND_POWERS]
+        if _use_kernel(r_chunk):
+            if self._v_rows is None:  # the kernel's layout: one contiguous row per right-hand side
+                self._v_rows = (v_signed.T.contiguous().numpy(), v_abs.T.contiguous().numpy())
+            s_proj, a_proj, l1 = map(torch.from_numpy, kernels.dual_sums(r_chunk.numpy(), *self._v_rows))
+        else:
+            s_proj, a_proj, l1 = self._products(r_chunk, v_signed, v_abs)
+        if not self.signed:
+            self.signed = [0.0] * n
+            self.absolute = [0.0] * n
+        self.l1 += float(l1.to(f64).sum())
+        s_proj, a_proj, l1, us64 = s_proj.to(f64), a_proj.to(f64), l1.to(f64), us.to(f64)
+        a_parts = dict(zip(abs_powers, a_proj.split(m_v, 1), strict=True))
+        for k, s_k in enumerate(s_proj.split(m_v, 1)):
+            u_pow = _power(us64, BOUND_POWERS[k])
+            self.signed[k] = self.signed[k] + (us64 * u_pow).T @ s_k
+            if k in a_parts:
+                self.absolute[k] = self.absolute[k] + u_pow.T @ a_parts[k]
+            else:  # alpha = 0 and no v_j is zero: sum_ij |R_ij| [u_i != 0] from the row sums
+                self.absolute[k] = self.absolute[k] + (u_pow.T @ l1[:, None]).expand(-1, m_v)
+
+    @staticmethod
+    def _products(r_chunk: torch.Tensor, v_signed: torch.Tensor, v_abs: torch.Tensor) -> tuple:
+        """sign(R) @ v_signed, |R| @ v_abs and the row sums of |R|, in R's dtype (the tensor implementation)."""
         s_proj = torch.empty(r_chunk.shape[0], v_signed.shape[1], dtype=r_chunk.dtype, device=r_chunk.device)
         a_proj = torch.empty(r_chunk.shape[0], v_abs.shape[1], dtype=r_chunk.dtype, device=r_chunk.device)
         l1 = torch.empty(r_chunk.shape[0], dtype=r_chunk.dtype, device=r_chunk.device)
@@ -272,17 +295,7 @@ class _BoundSums:
             if a_proj.shape[1]:
                 torch.matmul(magnitude, v_abs, out=a_proj[start:start + step])
             torch.sum(magnitude, 1, out=l1[start:start + step])
-        if not self.signed:
-            self.signed = [0.0] * n
-            self.absolute = [0.0] * n
-        self.l1 += float(l1.to(f64).sum())
-        a_parts = dict(zip(abs_powers, a_proj.split(m_v, 1), strict=True))
-        for k, s_k in enumerate(s_proj.split(m_v, 1)):
-            self.signed[k] = self.signed[k] + ((us * u_pow[k]).T @ s_k).to(f64)
-            if k in a_parts:
-                self.absolute[k] = self.absolute[k] + (u_pow[k].T @ a_parts[k]).to(f64)
-            else:  # alpha = 0 and no v_j is zero: sum_ij |R_ij| [u_i != 0] from the row sums
-                self.absolute[k] = self.absolute[k] + (u_pow[k].T @ l1[:, None]).to(f64).expand(-1, m_v)
+        return s_proj, a_proj, l1
 
 
 def _power(x: torch.Tensor, alpha: int) -> torch.Tensor:

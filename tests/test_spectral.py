@@ -282,10 +282,13 @@ def test_fit_objective_and_delta_are_literal(name):
             R = R - p.delta * uv
 
 
+@pytest.mark.parametrize("use_kernel", [False, True])
 @settings(max_examples=60, deadline=None)
 @given(lora_factors(), st.integers(0, 2**32 - 1), st.booleans())
-def test_lower_bounds_are_lower_bounds(case, seed, zeros):
+def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
     """Also with zero entries in the candidates (the |R| sums then cannot come from the row sums)."""
+    if use_kernel and not kernels.available:
+        pytest.skip("numba is not available")
     b, a, _ = case
     rng = np.random.default_rng(seed)
     us = torch.tensor(np.linalg.qr(rng.standard_normal((b.shape[0], min(3, b.shape[0]))))[0])
@@ -293,7 +296,10 @@ def test_lower_bounds_are_lower_bounds(case, seed, zeros):
     if zeros:
         us[torch.from_numpy(rng.random(us.shape[0]) < 0.3)] = 0
         vs[torch.from_numpy(rng.random(vs.shape[0]) < 0.3)] = 0
-    bounds, l1 = spectral._lower_bounds(b, a.T, us, vs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+        mp.setattr(spectral, "CHUNK_ENTRIES", 23)  # several chunks, most a few rows short of the kernel's groups
+        bounds, l1 = spectral._lower_bounds(b, a.T, us, vs)
     R = (b @ a).numpy()
     assert l1 == pytest.approx(np.abs(R).sum(), rel=1e-12, abs=1e-300)
     for i in range(us.shape[1]):
@@ -303,6 +309,25 @@ def test_lower_bounds_are_lower_bounds(case, seed, zeros):
             delta = weighted_lower_median(R[nz] / uv[nz], np.abs(uv[nz])) if nz.any() else 0.0
             exact = np.abs(R - delta * uv).sum()
             assert float(bounds[i, j]) <= exact * (1 + 1e-9) + 1e-12
+
+
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 2 * kernels.DUAL_RUN + 3), st.integers(0, 3), st.integers(0, 3),
+       st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]))
+def test_dual_sums_kernel_matches_float64(rows, cols, n_signed, n_abs, seed, dtype):
+    """sign(R) @ V1, |R| @ V2 and the row sums of |R| from the kernel, against float64, to the rounding of runs
+    of DUAL_RUN terms; rows and columns past the kernel's groups and runs, zeros in R."""
+    rng = np.random.default_rng(seed)
+    r = (rng.standard_normal((rows, cols)) * (rng.random((rows, cols)) < 0.8)).astype(dtype)
+    v1, v2 = rng.standard_normal((n_signed, cols)).astype(dtype), rng.standard_normal((n_abs, cols)).astype(dtype)
+    signed, absolute, l1 = kernels.dual_sums(r, v1, v2)
+    r64, eps = r.astype(np.float64), np.finfo(dtype).eps
+    for found, x, v in ((signed, np.sign(r64), v1), (absolute, np.abs(r64), v2)):
+        exact = x @ v.astype(np.float64).T
+        assert found.shape == exact.shape
+        assert np.all(np.abs(found - exact) <= (kernels.DUAL_RUN + 2) * eps * (np.abs(x) @ np.abs(v.T)) + 1e-300)
+    assert np.all(np.abs(l1 - np.abs(r64).sum(1)) <= (kernels.DUAL_RUN + 2) * eps * np.abs(r64).sum(1))
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
