@@ -119,6 +119,13 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
     return np.nan, 0.0
 
 
+def _weighted_select_rows(ratios, weights, halves, out):  # pragma: no cover - compiled
+    """``_weighted_select`` on every row of ratios / weights [P, n] (each row with its own half), in parallel;
+    out[p] = the row's median (nan where the row's weights add up to less than its half)."""
+    for row in numba.prange(ratios.shape[0]):
+        out[row] = _weighted_select(ratios[row], weights[row], halves[row])[0]
+
+
 SUM_BLOCK = 64
 """``_tangent_sums`` adds up runs of this many entries in the residual's dtype (fast, vectorised) before adding
 them to float64 totals: each total is off by at most SUM_BLOCK * eps(dtype) times the sum of its terms'
@@ -253,6 +260,7 @@ if available:
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
     _weighted_select = numba.njit(cache=True, nogil=True)(_weighted_select)
+    _weighted_select_rows = numba.njit(parallel=True, cache=True, nogil=True)(_weighted_select_rows)
     _tangent_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_tangent_sums)
     _dual_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
@@ -283,6 +291,13 @@ def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi
     out = np.empty((u.shape[0], r.shape[0], 4), np.float64)
     _tangent_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), v.sum(axis=1, dtype=np.float64), out)
     return out.sum(axis=1)
+
+
+def weighted_select_rows(ratios: np.ndarray, weights: np.ndarray, halves: np.ndarray) -> np.ndarray:
+    """``weighted_select`` on every row of ``ratios`` / ``weights`` [P, n] (reordered in place); [P] float64."""
+    out = np.empty(ratios.shape[0])
+    _weighted_select_rows(ratios, weights, halves, out)
+    return out
 
 
 def dual_sums(r: np.ndarray, v_signed: np.ndarray, v_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -441,14 +441,13 @@ def _weighted_medians(ratio: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     row of zero weights): a linear-time selection per row on the CPU, else one sort of all rows."""
     totals = w.sum(1, dtype=torch.float64)
     if kernels.available and ratio.device.type == "cpu":
-        ratio_np, w_np = ratio.contiguous().numpy().copy(), w.contiguous().numpy().copy()  # reordered in place
-        deltas = []
+        deltas = kernels.weighted_select_rows(ratio.numpy().copy(), w.numpy().copy(), (totals / 2).numpy())
         for k, total in enumerate(totals.tolist()):
-            delta = kernels.weighted_select(ratio_np[k], w_np[k], total / 2)[0] if total > 0 else 0.0
-            if math.isnan(delta):  # a total that rounding put a hair above the kernel's own sum
-                delta = _sorted_select(torch.from_numpy(ratio_np[k]), torch.from_numpy(w_np[k]), total / 2)[0]
-            deltas.append(delta)
-        return torch.tensor(deltas, dtype=ratio.dtype)[:, None]
+            if total == 0:
+                deltas[k] = 0.0
+            elif math.isnan(deltas[k]):  # a total that rounding put a hair above the kernel's own sum
+                deltas[k] = _sorted_select(ratio[k], w[k], total / 2)[0]
+        return torch.from_numpy(deltas).to(ratio.dtype)[:, None]
     ratio, order = ratio.sort(dim=1, stable=True)
     cum = w.gather(1, order).to(torch.float64).cumsum(1)
     idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=ratio.shape[1] - 1)

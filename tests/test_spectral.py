@@ -432,6 +432,31 @@ def test_weighted_select_is_the_lower_weighted_median(items, fraction):
     assert spread == pytest.approx(float((weights.astype(np.float64) * np.abs(ratios - expected)).sum()))
 
 
+@pytest.mark.parametrize("path", ["kernel", "fallback", "sort"])
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 4)), min_size=7, max_size=7), min_size=1,
+                max_size=6), st.sampled_from([torch.float32, torch.float64]))
+def test_weighted_medians_of_rows(path, rows, dtype):
+    """Every row's lower weighted median at half its total weight (0 for a row of zero weights): the parallel
+    selection, its fallback to sorting (taken where rounding leaves a row's total a hair above the kernel's
+    own sum), and the sort used without numba or off the CPU."""
+    if path != "sort" and not kernels.available:
+        pytest.skip("numba is not available")
+    ratio = torch.tensor([[float(x) for x, _ in row] for row in rows], dtype=dtype)
+    w = torch.tensor([[float(y) for _, y in row] for row in rows], dtype=dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "fallback":
+            mp.setattr(kernels, "weighted_select_rows", lambda r, _w, _h: np.full(r.shape[0], np.nan))
+        if path == "sort":
+            mp.setattr(kernels, "available", False)
+        found = spectral._weighted_medians(ratio, w)
+    assert found.shape == (len(rows), 1)
+    for k in range(len(rows)):
+        total = float(w[k].sum())
+        expected = weighted_lower_median(ratio[k].numpy(), w[k].numpy()) if total > 0 else 0.0
+        assert float(found[k, 0]) == expected
+
+
 # ---------------------------------------------------------------------------------------------- edge cases
 
 
