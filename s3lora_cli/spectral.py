@@ -351,12 +351,28 @@ class _Residual:
         return following
 
 
+class _Draws:
+    """The random draws of one fit: its generator, and for each candidate the SAMPLE_SIZE rows (or columns)
+    drawn with probability proportional to |u_i| (or |v_j|), drawn once and used at every step (the
+    candidates do not change)."""
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(seed)
+        self._weighted: dict = {}
+
+    def weighted(self, side: str, candidates: torch.Tensor, index: int) -> torch.Tensor:
+        if (side, index) not in self._weighted:
+            self._weighted[side, index] = _weighted_indices(candidates[:, index], SAMPLE_SIZE, self.gen)
+        return self._weighted[side, index]
+
+
 def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, widths: dict,
-              gen: torch.Generator) -> dict[tuple[int, int], tuple[float, float]]:
+              draws: _Draws) -> dict[tuple[int, int], tuple[float, float]]:
     """For each pair (a, b) in ``widths``, a range likely to hold the weighted median of R/(u v^T): quantiles
     of a sample drawn with probability proportional to |u_i v_j| (rows and columns drawn independently; one
     draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
-    sample median's rank either side of it."""
+    sample median's rank either side of it. The rows and columns are those of ``draws``, the same at every step."""
     n = SAMPLE_SIZE
     rows, cols = {}, {}
     found = {}
@@ -365,10 +381,10 @@ def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tens
             found[a, b] = (-math.inf, math.inf)
             continue
         if a not in rows:
-            i = _weighted_indices(us[:, a], n, gen)
+            i = draws.weighted("u", us, a)
             rows[a] = (p[i], us[i, a])
         if b not in cols:
-            j = _weighted_indices(vs[:, b], n, gen)
+            j = draws.weighted("v", vs, b)
             cols[b] = (q[j], vs[j, b])
         (p_i, u_i), (q_j, v_j) = rows[a], cols[b]
         ratios = (p_i * q_j).sum(1) / (u_i * v_j)
@@ -387,7 +403,7 @@ def _weighted_indices(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Te
 
 
 def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
-                 gen: torch.Generator, bounds: bool = False) -> tuple[dict, torch.Tensor | None]:
+                 draws: _Draws, bounds: bool = False) -> tuple[dict, torch.Tensor | None]:
     """(delta, objective) of each pair over every entry of R, exactly; and, if asked, every
     pair's dual lower bound (see ``_lower_bounds``) from the same pass.
 
@@ -404,7 +420,7 @@ def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list
     todo = {pair: first for pair in pairs}  # pair -> index into widths
     bound_sums = _BoundSums() if bounds else None
     while todo or bound_sums is not None:
-        brackets = _brackets(p, q, us, vs, {pair: widths[level] for pair, level in todo.items()}, gen)
+        brackets = _brackets(p, q, us, vs, {pair: widths[level] for pair, level in todo.items()}, draws)
         passes = {pair: _PairPass(*bracket) for pair, bracket in brackets.items()}
         _accumulate(res, us, vs, passes, bound_sums)
         if bound_sums is not None:
@@ -678,8 +694,7 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
     n_u, n_v = us.shape[1], vs.shape[1]
     if n_u == 0 or n_v == 0:
         return [], 0, 0
-    gen = torch.Generator(device=left.device)
-    gen.manual_seed(seed)
+    draws = _Draws(left.device, seed)
     p, q = left, right.T  # R = p @ q^T, deflated by appending columns (see _Residual.deflate)
     picks: list[Pick] = []
     exact_count = 0
@@ -691,9 +706,9 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
         if batched:
             evaluated = _exact_pairs_batched(res.p, res.q, us, vs, all_pairs)
         elif screen:
-            evaluated = _screened(res, us, vs, all_pairs, gen)
+            evaluated = _screened(res, us, vs, all_pairs, draws)
         else:
-            evaluated = _exact_pairs(res, us, vs, all_pairs, gen)[0]
+            evaluated = _exact_pairs(res, us, vs, all_pairs, draws)[0]
         exact_count += len(evaluated)
         (a, b), (delta, objective) = _best(res, us, vs, evaluated)
         picks.append(Pick(a + 1, b + 1, delta, objective))
@@ -729,7 +744,7 @@ def _best(res: _Residual, us, vs, evaluated: dict) -> tuple[tuple[int, int], tup
     return pair, (evaluated[pair][0], summed[pair])
 
 
-def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple[float, float]]:
+def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, int], tuple[float, float]]:
     """Exact objectives of the pairs that the certified lower bounds cannot rule out.
 
     1. The pairs whose estimate (on a sample) is near the best estimate are evaluated exactly, in a pass
@@ -744,12 +759,12 @@ def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple
     only the order of the work, never the result.
     """
     p, q = res.p, res.q
-    estimates, sample_l1 = _sample_objectives(p, q, us, vs, gen)
+    estimates, sample_l1 = _sample_objectives(p, q, us, vs, draws.gen)
     best_estimate = float(estimates.min())
     # objectives differ by the gains of the pairs, which are small next to ||R||_1: the margin is on the gain
     cutoff = best_estimate + ESTIMATE_MARGIN * max(sample_l1 - best_estimate, 0.0)
     first = [pair for pair in pairs if float(estimates[pair]) <= cutoff] or pairs[:1]
-    evaluated, bounds = _exact_pairs(res, us, vs, first, gen, bounds=True)
+    evaluated, bounds = _exact_pairs(res, us, vs, first, draws, bounds=True)
 
     def best() -> float:
         return min(obj for _, obj in evaluated.values())
@@ -758,7 +773,7 @@ def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple
         return 1e-6 * abs(value) + 1e-300
 
     rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best() + slack(best())]
-    brackets = _brackets(p, q, us, vs, dict.fromkeys(rest, BRACKET_Z), gen)
+    brackets = _brackets(p, q, us, vs, dict.fromkeys(rest, BRACKET_Z), draws)
     tangents: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in rest}
     for round_ in range(TANGENT_ROUNDS):
         if not rest:
@@ -771,14 +786,14 @@ def _screened(res: _Residual, us, vs, pairs, gen) -> dict[tuple[int, int], tuple
         rest = sorted((pair for pair in rest if envelopes[pair][0] <= ceiling + slack(ceiling)),
                       key=lambda pair: envelopes[pair][1])
         if round_ == 0 and rest and envelopes[rest[0]][1] < best():
-            evaluated.update(_exact_pairs(res, us, vs, rest[:1], gen)[0])
+            evaluated.update(_exact_pairs(res, us, vs, rest[:1], draws)[0])
             rest = rest[1:]
         rest = [pair for pair in rest if envelopes[pair][0] <= best() + slack(best())]
         if round_ > 0 and len(rest) > before * (1 - TANGENT_MIN_GAIN):
             break
         brackets = {pair: _narrowed(tangents[pair], envelopes[pair][2]) for pair in rest}
     if rest:
-        evaluated.update(_exact_pairs(res, us, vs, rest, gen)[0])
+        evaluated.update(_exact_pairs(res, us, vs, rest, draws)[0])
     return evaluated
 
 
