@@ -1,7 +1,9 @@
-"""The CPU kernel of the exact L1 pass, compiled with numba: one fused loop instead of a dozen tensor ops.
+"""The CPU kernels of the L1 fit, compiled with numba: the exact pass, the tangent and dual-bound sums, and
+the weighted selection; each one fused loop instead of a dozen tensor ops.
 
 ``available`` is False where numba cannot be imported; callers then use the tensor implementation in
-``spectral``, which computes the same values (the ratio of every entry bit for bit).
+``spectral``, which computes the same values (the ratio of every entry bit for bit; the sums to within
+their stated rounding).
 """
 
 from __future__ import annotations
