@@ -149,8 +149,10 @@ def _tangent_sums(r, u, v, lo, hi, vsum, out):  # pragma: no cover - compiled
     n_pairs = u.shape[0]
     zero_t = r.dtype.type(0)
     for i in numba.prange(c):
+        row = r[i]
         for p in range(n_pairs):
             ui = u[p, i]
+            v_p = v[p]
             a_lo = lo[p] * ui
             a_hi = hi[p] * ui
             f_lo = 0.0
@@ -163,8 +165,8 @@ def _tangent_sums(r, u, v, lo, hi, vsum, out):  # pragma: no cover - compiled
                 run_s_lo = zero_t
                 run_s_hi = zero_t
                 for j in range(start, min(k, start + SUM_BLOCK)):
-                    x = r[i, j]
-                    vj = v[p, j]
+                    x = row[j]
+                    vj = v_p[j]
                     e_lo = x - a_lo * vj
                     e_hi = x - a_hi * vj
                     run_f_lo += abs(e_lo)

@@ -12,6 +12,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from s3lora_cli import kernels
@@ -390,8 +391,16 @@ def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tens
         ratios = (p_i * q_j).sum(1) / (u_i * v_j)
         half = width * math.sqrt(n) / 2
         k_lo, k_hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half))
-        found[a, b] = (float(torch.kthvalue(ratios, k_lo + 1).values), float(torch.kthvalue(ratios, k_hi + 1).values))
+        found[a, b] = _order_statistics(ratios, k_lo, k_hi)
     return found
+
+
+def _order_statistics(x: torch.Tensor, k_lo: int, k_hi: int) -> tuple[float, float]:
+    """The k_lo-th and k_hi-th smallest entries of x (0-based): one partial sort on the CPU."""
+    if x.device.type == "cpu":
+        found = np.partition(x.numpy(), (k_lo, k_hi))
+        return float(found[k_lo]), float(found[k_hi])
+    return float(torch.kthvalue(x, k_lo + 1).values), float(torch.kthvalue(x, k_hi + 1).values)
 
 
 def _weighted_indices(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
