@@ -397,7 +397,7 @@ def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tens
 
 def _order_statistics(x: torch.Tensor, k_lo: int, k_hi: int) -> tuple[float, float]:
     """The k_lo-th and k_hi-th smallest entries of x (0-based): one partial sort on the CPU."""
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         found = np.partition(x.numpy(), (k_lo, k_hi))
         return float(found[k_lo]), float(found[k_hi])
     return float(torch.kthvalue(x, k_lo + 1).values), float(torch.kthvalue(x, k_hi + 1).values)

@@ -457,6 +457,19 @@ def test_weighted_medians_of_rows(path, rows, dtype):
         assert float(found[k, 0]) == expected
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-20, 20), min_size=1, max_size=50), st.data(),
+       st.sampled_from([torch.float32, torch.float64, torch.float16]))
+def test_order_statistics_of_the_brackets(values, data, dtype):
+    """The k-th smallest entries that bound a sampled bracket: a partial sort on the CPU (float32 / float64),
+    kthvalue otherwise (float16 here), both equal to sorting."""
+    x = torch.tensor(values, dtype=dtype)
+    k_lo = data.draw(st.integers(0, len(values) - 1))
+    k_hi = data.draw(st.integers(k_lo, len(values) - 1))
+    ordered = sorted(values)
+    assert spectral._order_statistics(x, k_lo, k_hi) == (ordered[k_lo], ordered[k_hi])
+
+
 # ---------------------------------------------------------------------------------------------- edge cases
 
 
