@@ -270,8 +270,8 @@ class _BoundSums:
         if not self.signed:
             self.signed = [0.0] * n
             self.absolute = [0.0] * n
-        self.l1 += float(l1.to(f64).sum())
         s_proj, a_proj, l1, us64 = s_proj.to(f64), a_proj.to(f64), l1.to(f64), us.to(f64)
+        self.l1 += float(l1.sum())
         a_parts = dict(zip(abs_powers, a_proj.split(m_v, 1), strict=True))
         for k, s_k in enumerate(s_proj.split(m_v, 1)):
             u_pow = _power(us64, BOUND_POWERS[k])
