@@ -69,56 +69,131 @@ def _bracket_pass(r, u, v, lo, hi, sums, counts, ratios, weights):  # pragma: no
         counts[i] = n
 
 
+SELECT_SMALL = 48
+"""``_weighted_select`` sorts the candidates left once there are at most this many."""
+
+SELECT_SAMPLE = 256
+"""``_weighted_select`` places its two pivots from a sample of at most this many entries."""
+
+SELECT_Z = 3.0
+"""The pivots lie this many standard errors of the sample's weight fraction either side of the target."""
+
+
 def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
     """The smallest ratio whose cumulative weight (in ascending ratio order) reaches ``half``, and the sum
     of weight * |ratio - it| over all entries; (nan, 0) if the total weight is below ``half``.
 
-    Quickselect on (ratio, weight) pairs, expected linear time; equal ratios are interchangeable, so no
-    order among them is needed. ``ratios`` and ``weights`` are permuted in place.
+    Each round places two pivots around the answer from a sorted sample; one pass adds up the weight below,
+    between and above them, and a second copies aside the part that holds the answer (the entries between
+    the pivots, or the side beyond one that missed): the candidates left. The last few are sorted. Equal
+    ratios are interchangeable, so no order among them is needed. The inputs are left as they are.
     """
     n = ratios.shape[0]
-    lo = 0
-    hi = n  # the answer is in [lo, hi); weight of entries before lo (all smaller) is below_w
-    below_w = 0.0
+    f64 = np.float64
+    cur_x = ratios
+    cur_w = weights
+    m = n
+    below_w = 0.0  # weight of the entries known to be smaller than every candidate left
+    left_w = 0.0  # weight of the candidates left
+    for j in range(n):
+        left_w += f64(weights[j])
+    buf_x = np.empty((2, n), ratios.dtype)
+    buf_w = np.empty((2, n), weights.dtype)
+    side = 0
     seed = 12345
-    while hi - lo > 0:
-        seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
-        pivot = ratios[lo + seed % (hi - lo)]
-        # three-way partition of [lo, hi) around pivot: < pivot | == pivot | > pivot
-        lt = lo
-        gt = hi
-        i = lo
-        while i < gt:
-            x = ratios[i]
-            if x < pivot:
-                ratios[lt], ratios[i] = ratios[i], ratios[lt]
-                weights[lt], weights[i] = weights[i], weights[lt]
-                lt += 1
-                i += 1
-            elif x > pivot:
-                gt -= 1
-                ratios[gt], ratios[i] = ratios[i], ratios[gt]
-                weights[gt], weights[i] = weights[i], weights[gt]
-            else:
-                i += 1
+    delta = np.nan
+    if half <= 0 and n > 0:  # the first entry in ascending order reaches it
+        delta = f64(np.min(ratios))
+        m = 0
+    while m > SELECT_SMALL and np.isnan(delta):
+        lo_pivot, hi_pivot, seed = _pivots(cur_x[:m], cur_w[:m], (half - below_w) / left_w if left_w > 0 else 0.5,
+                                           seed)
+        lo_t = ratios.dtype.type(lo_pivot)  # exact: the pivots are entries (or infinite)
+        hi_t = ratios.dtype.type(hi_pivot)
         w_less = 0.0
-        for m in range(lo, lt):
-            w_less += weights[m]
-        w_equal = 0.0
-        for m in range(lt, gt):
-            w_equal += weights[m]
+        w_mid = 0.0
+        w_more = 0.0
+        for j in range(m):  # vectorised: selects only
+            x = cur_x[j]
+            w = f64(cur_w[j])
+            w_less += w if x < lo_t else 0.0
+            w_mid += w if (x >= lo_t) & (x <= hi_t) else 0.0
+            w_more += w if x > hi_t else 0.0
         if below_w + w_less >= half:
-            hi = lt
-        elif below_w + w_less + w_equal >= half:
-            delta = pivot
-            total = 0.0
-            for m in range(n):
-                total += np.float64(weights[m]) * abs(np.float64(ratios[m]) - np.float64(delta))
-            return np.float64(delta), total
+            part = 0  # the pivots missed high: the answer is below lo_t
+            left_w = w_less
+        elif below_w + w_less + w_mid >= half:
+            part = 1
+            below_w += w_less
+            left_w = w_mid
+            if lo_t == hi_t:  # every candidate between the pivots is equal to them: that is the answer
+                delta = f64(lo_t)
+                break
         else:
-            below_w += w_less + w_equal
-            lo = gt
-    return np.nan, 0.0
+            part = 2  # the pivots missed low
+            below_w += w_less + w_mid
+            left_w = w_more
+        out_x = buf_x[side]
+        out_w = buf_w[side]
+        k = 0
+        for j in range(m):  # branch-free: every entry is written, the count advances for those kept
+            x = cur_x[j]
+            out_x[k] = x
+            out_w[k] = cur_w[j]
+            k += (x < lo_t) if part == 0 else (((x >= lo_t) & (x <= hi_t)) if part == 1 else (x > hi_t))
+        if k == 0:  # NaN entries only, or a half above the weights' own sum: no answer here
+            return np.nan, 0.0
+        if k == m:  # no progress (many equal entries): finish by sorting
+            break
+        cur_x = out_x[:k]
+        cur_w = out_w[:k]
+        m = k
+        side = 1 - side
+    if np.isnan(delta):
+        order = np.argsort(cur_x[:m])
+        run = below_w
+        for t in range(m):
+            run += f64(cur_w[order[t]])
+            if run >= half:
+                delta = f64(cur_x[order[t]])
+                break
+        if np.isnan(delta):
+            return np.nan, 0.0
+    total = 0.0
+    for j in range(n):
+        total += f64(weights[j]) * abs(f64(ratios[j]) - delta)
+    return delta, total
+
+
+def _pivots(x, w, target, seed):  # pragma: no cover - compiled
+    """Two entries of x expected either side of the point where the cumulative weight (ascending) is the
+    fraction ``target`` of the total: from a sorted sample of one random entry per equal stride, SELECT_Z
+    standard errors of the sample's fraction away (or -inf / inf where the sample ends first)."""
+    m = x.shape[0]
+    s = min(SELECT_SAMPLE, max(1, m // 8))
+    sample_x = np.empty(s, x.dtype)
+    sample_w = np.empty(s, np.float64)
+    for t in range(s):
+        seed = (seed * 1103515245 + 12345) & 0x7FFFFFFF
+        pos = (t * m) // s + seed % max(1, m // s)
+        sample_x[t] = x[pos]
+        sample_w[t] = w[pos]
+    order = np.argsort(sample_x)
+    sample_total = 0.0
+    for t in range(s):
+        sample_total += sample_w[t]
+    margin = SELECT_Z * np.sqrt(max(target * (1 - target), 0.02) / s) + 1.0 / s
+    lo_pivot = -np.inf
+    hi_pivot = np.inf
+    run = 0.0
+    for t in range(s):
+        run += sample_w[order[t]]
+        fraction = run / sample_total if sample_total > 0 else (t + 1.0) / s
+        if fraction < target - margin:
+            lo_pivot = np.float64(sample_x[order[t]])
+        if fraction >= target + margin and hi_pivot == np.inf:
+            hi_pivot = np.float64(sample_x[order[t]])
+    return lo_pivot, hi_pivot, seed
 
 
 def _weighted_select_rows(ratios, weights, halves, out):  # pragma: no cover - compiled
@@ -263,7 +338,9 @@ if available:
     _bracket_pass = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
-    _weighted_select = numba.njit(cache=True, nogil=True)(_weighted_select)
+    _pivots = numba.njit(cache=True, nogil=True)(_pivots)
+    # fastmath 'reassoc': the float64 weight sums may be reordered (their order is arbitrary anyway)
+    _weighted_select = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(_weighted_select)
     _weighted_select_rows = numba.njit(parallel=True, cache=True, nogil=True)(_weighted_select_rows)
     _tangent_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_tangent_sums)

@@ -419,7 +419,7 @@ def test_tangent_bounds_are_lower_bounds(use_kernel, case, seed, centre, width):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 4)), min_size=1, max_size=40), st.floats(0.01, 0.99))
 def test_weighted_select_is_the_lower_weighted_median(items, fraction):
-    """The compiled quickselect against the literal rule, on ratios with many ties and zero weights."""
+    """The compiled selection against the literal rule, on ratios with many ties and zero weights."""
     ratios = np.array([float(x) for x, _ in items], dtype=np.float32)
     weights = np.array([float(w) for _, w in items], dtype=np.float32)
     assume(weights.sum() > 0)
@@ -430,6 +430,40 @@ def test_weighted_select_is_the_lower_weighted_median(items, fraction):
     delta, spread = kernels.weighted_select(ratios.copy(), weights.copy(), half)
     assert delta == expected
     assert spread == pytest.approx(float((weights.astype(np.float64) * np.abs(ratios - expected)).sum()))
+
+
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(49, 6000), st.sampled_from(["normal", "ties", "sorted", "reversed",
+       "constant", "cauchy"]), st.sampled_from(["uniform", "integers", "heavy", "mostly-zero"]),
+       st.floats(0.0, 1.0), st.sampled_from([np.float32, np.float64]))
+def test_weighted_select_past_its_sorted_tail(seed, n, values, weighting, fraction, dtype):
+    """The selection's sampled pivot rounds (taken above SELECT_SMALL entries) against the literal rule: ties,
+    sorted input, one repeated value, heavy-tailed and mostly-zero weights, fractions down to 0 and up to 1."""
+    rng = np.random.default_rng(seed)
+    ratios = {"normal": rng.standard_normal(n), "ties": rng.integers(-3, 4, n).astype(float),
+              "sorted": np.sort(rng.standard_normal(n)), "reversed": -np.sort(rng.standard_normal(n)),
+              "constant": np.full(n, 1.5), "cauchy": rng.standard_cauchy(n)}[values].astype(dtype)
+    weights = {"uniform": rng.uniform(0, 1, n), "integers": rng.integers(0, 4, n).astype(float),
+               "heavy": np.abs(rng.standard_cauchy(n)),
+               "mostly-zero": rng.uniform(0, 1, n) * (rng.uniform(0, 1, n) < 0.02)}[weighting].astype(dtype)
+    total = float(weights.astype(np.float64).sum())
+    assume(total > 0)
+    half = fraction * total
+    order = np.argsort(ratios, kind="stable")
+    cum = np.cumsum(weights[order].astype(np.float64))
+    delta, spread = kernels.weighted_select(ratios.copy(), weights.copy(), half)
+    # the rule: the first entry whose cumulative weight reaches half; where a cumulative weight is within
+    # rounding of half, summing in another order may pick its neighbour, or (at half = the total) find none
+    tol = 1e-12 * total
+    first, last = int(np.searchsorted(cum, half - tol)), int(np.searchsorted(cum, half + tol))
+    if math.isnan(delta):
+        assert last == n
+        return
+    allowed = ratios[order][first:last + 1]
+    assert delta in allowed
+    exact_spread = (weights.astype(np.float64) * np.abs(ratios.astype(np.float64) - delta)).sum()
+    assert spread == pytest.approx(float(exact_spread))
 
 
 @pytest.mark.parametrize("path", ["kernel", "fallback", "sort"])
