@@ -218,44 +218,69 @@ def _tangent_sums(r, u, v, lo, hi, vsum, out):  # pragma: no cover - compiled
     sum_j |e| and -u_i sum_j v_j s_j with s_j = sign(e) (the derivative of sum_j |e| in theta, where no e
     is zero; at e = 0 either sign gives a subgradient, and s_j = -1 is taken), computed as
     -u_i (2 sum_{e > 0} v_j - vsum). Entries with u_i v_j = 0 have e = r exactly and add nothing to the
-    second sum.
+    second sum. Rows are taken two at a time, so that each load of v serves both (the last row of an odd
+    chunk is paired with itself and written once).
     """
     c, k = r.shape
     n_pairs = u.shape[0]
     zero_t = r.dtype.type(0)
-    for i in numba.prange(c):
-        row = r[i]
+    for group in numba.prange((c + 1) // 2):
+        i0 = 2 * group
+        i1 = min(i0 + 1, c - 1)
+        row0 = r[i0]
+        row1 = r[i1]
         for p in range(n_pairs):
-            ui = u[p, i]
             v_p = v[p]
-            a_lo = lo[p] * ui
-            a_hi = hi[p] * ui
-            f_lo = 0.0
-            f_hi = 0.0
-            s_lo = 0.0
-            s_hi = 0.0
+            a0_lo = lo[p] * u[p, i0]
+            a0_hi = hi[p] * u[p, i0]
+            a1_lo = lo[p] * u[p, i1]
+            a1_hi = hi[p] * u[p, i1]
+            f0_lo = 0.0
+            f0_hi = 0.0
+            s0_lo = 0.0
+            s0_hi = 0.0
+            f1_lo = 0.0
+            f1_hi = 0.0
+            s1_lo = 0.0
+            s1_hi = 0.0
             for start in range(0, k, SUM_BLOCK):
-                run_f_lo = zero_t
-                run_f_hi = zero_t
-                run_s_lo = zero_t
-                run_s_hi = zero_t
+                run_f0_lo = zero_t
+                run_f0_hi = zero_t
+                run_s0_lo = zero_t
+                run_s0_hi = zero_t
+                run_f1_lo = zero_t
+                run_f1_hi = zero_t
+                run_s1_lo = zero_t
+                run_s1_hi = zero_t
                 for j in range(start, min(k, start + SUM_BLOCK)):
-                    x = row[j]
                     vj = v_p[j]
-                    e_lo = x - a_lo * vj
-                    e_hi = x - a_hi * vj
-                    run_f_lo += abs(e_lo)
-                    run_f_hi += abs(e_hi)
-                    run_s_lo += vj if e_lo > zero_t else zero_t  # a select: branch-free
-                    run_s_hi += vj if e_hi > zero_t else zero_t
-                f_lo += run_f_lo
-                f_hi += run_f_hi
-                s_lo += run_s_lo
-                s_hi += run_s_hi
-            out[p, i, 0] = f_lo
-            out[p, i, 1] = -np.float64(ui) * (2 * s_lo - vsum[p])
-            out[p, i, 2] = f_hi
-            out[p, i, 3] = -np.float64(ui) * (2 * s_hi - vsum[p])
+                    x0 = row0[j]
+                    x1 = row1[j]
+                    e0_lo = x0 - a0_lo * vj
+                    e0_hi = x0 - a0_hi * vj
+                    e1_lo = x1 - a1_lo * vj
+                    e1_hi = x1 - a1_hi * vj
+                    run_f0_lo += abs(e0_lo)
+                    run_f0_hi += abs(e0_hi)
+                    run_f1_lo += abs(e1_lo)
+                    run_f1_hi += abs(e1_hi)
+                    run_s0_lo += vj if e0_lo > zero_t else zero_t  # selects: branch-free
+                    run_s0_hi += vj if e0_hi > zero_t else zero_t
+                    run_s1_lo += vj if e1_lo > zero_t else zero_t
+                    run_s1_hi += vj if e1_hi > zero_t else zero_t
+                f0_lo += run_f0_lo
+                f0_hi += run_f0_hi
+                s0_lo += run_s0_lo
+                s0_hi += run_s0_hi
+                f1_lo += run_f1_lo
+                f1_hi += run_f1_hi
+                s1_lo += run_s1_lo
+                s1_hi += run_s1_hi
+            for i, f_lo, s_lo, f_hi, s_hi in ((i0, f0_lo, s0_lo, f0_hi, s0_hi), (i1, f1_lo, s1_lo, f1_hi, s1_hi)):
+                out[p, i, 0] = f_lo
+                out[p, i, 1] = -np.float64(u[p, i]) * (2 * s_lo - vsum[p])
+                out[p, i, 2] = f_hi
+                out[p, i, 3] = -np.float64(u[p, i]) * (2 * s_hi - vsum[p])
 
 
 DUAL_ROWS = 4
