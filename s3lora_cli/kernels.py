@@ -348,6 +348,62 @@ def _dual_sums(r, v_signed, v_abs, signed_out, abs_out, l1_out):  # pragma: no c
                     out[first + t, col] = value
 
 
+def _sample_brackets(p, q, us, vs, rows, cols, pair_a, pair_b, k_lo, k_hi, out):  # pragma: no cover
+    """Every pair's sampled bracket in one parallel call: the k_lo-th and k_hi-th smallest (0-based) of
+    ratio_t = (p[i_t] . q[j_t]) / (us[i_t, a] vs[j_t, b]) over the n sampled entries t, i_t = rows[a, t],
+    j_t = cols[b, t], for each pair (a, b) = (pair_a, pair_b) (R = p q^T: p [d, s], q [k, s]; rows [Mu, n],
+    cols [Mv, n]); writes out[pair] = (low, high).
+    """
+    n = rows.shape[1]
+    s = p.shape[1]
+    for pair in numba.prange(pair_a.shape[0]):
+        a = pair_a[pair]
+        b = pair_b[pair]
+        ratios = np.empty(n, p.dtype)
+        for t in range(n):
+            i = rows[a, t]
+            j = cols[b, t]
+            dot = p.dtype.type(0)
+            for m in range(s):
+                dot += p[i, m] * q[j, m]
+            ratios[t] = dot / (us[i, a] * vs[j, b])
+        high = np.partition(ratios, k_hi[pair])
+        out[pair, 1] = high[k_hi[pair]]
+        out[pair, 0] = np.partition(high[:k_hi[pair] + 1], k_lo[pair])[k_lo[pair]]
+
+
+def _pair_medians(r, u, v, iu, iv, deltas, objectives):  # pragma: no cover - compiled
+    """Every pair's exact fit over a list of entries, in parallel. Entry t is r[t] at row iu[t] and column
+    iv[t]; for pair (a, b), with uv_t = u[iu[t], a] v[iv[t], b] (in u's dtype): deltas[a, b] = the lower
+    weighted median of r_t / uv_t with weights |uv_t| (0 if every weight is 0; NaN where rounding leaves the
+    total a hair above the selection's own sum, for the caller to sort), and objectives[a, b] =
+    sum_t |r_t - delta uv_t| in float64."""
+    n = r.shape[0]
+    m_u = u.shape[1]
+    m_v = v.shape[1]
+    for pair in numba.prange(m_u * m_v):
+        a = pair // m_v
+        b = pair % m_v
+        ratios = np.empty(n, r.dtype)
+        weights = np.empty(n, u.dtype)
+        uvs = np.empty(n, u.dtype)
+        total = 0.0
+        for t in range(n):
+            uv = u[iu[t], a] * v[iv[t], b]
+            uvs[t] = uv
+            weights[t] = abs(uv)
+            ratios[t] = r[t] / uv if uv != 0 else np.inf  # zero weights sort last and count nothing
+            total += np.float64(abs(uv))
+        delta = 0.0
+        if total > 0:
+            delta = _weighted_select(ratios, weights, total / 2)[0]
+        objective = 0.0
+        for t in range(n):
+            objective += abs(np.float64(r[t]) - delta * np.float64(uvs[t]))
+        deltas[a, b] = delta
+        objectives[a, b] = objective
+
+
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
     pos = 0
     for i in range(counts.shape[0]):
@@ -363,10 +419,14 @@ if available:
     _bracket_pass = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
+    _sample_brackets = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
+                                  error_model="numpy")(_sample_brackets)
     _pivots = numba.njit(cache=True, nogil=True)(_pivots)
     # fastmath 'reassoc': the float64 weight sums may be reordered (their order is arbitrary anyway)
     _weighted_select = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(_weighted_select)
     _weighted_select_rows = numba.njit(parallel=True, cache=True, nogil=True)(_weighted_select_rows)
+    _pair_medians = numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy",
+                               fastmath={"reassoc"})(_pair_medians)
     _tangent_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_tangent_sums)
     _dual_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
@@ -390,6 +450,22 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
     out_ratios, out_weights = np.empty(n, r.dtype), np.empty(n, r.dtype)
     _compact(scratch["ratios"], scratch["weights"], counts, out_ratios, out_weights)
     return sums.sum(axis=0), out_ratios, out_weights
+
+
+def sample_brackets(p: np.ndarray, q: np.ndarray, us: np.ndarray, vs: np.ndarray, rows: np.ndarray,
+                    cols: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Run ``_sample_brackets``; ``pairs`` [P, 4] holds (a, b, k_lo, k_hi); returns [P, 2] (low, high)."""
+    out = np.empty((pairs.shape[0], 2), p.dtype)
+    _sample_brackets(p, q, us, vs, rows, cols, *(np.ascontiguousarray(column) for column in pairs.T), out)
+    return out
+
+
+def pair_medians(r: np.ndarray, u: np.ndarray, v: np.ndarray, iu: np.ndarray, iv: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``_pair_medians``; returns (deltas, objectives), each [Mu, Mv] float64."""
+    deltas, objectives = np.empty((u.shape[1], v.shape[1])), np.empty((u.shape[1], v.shape[1]))
+    _pair_medians(r, u, v, iu, iv, deltas, objectives)
+    return deltas, objectives
 
 
 def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -375,23 +375,26 @@ def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tens
     draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
     sample median's rank either side of it. The rows and columns are those of ``draws``, the same at every step."""
     n = SAMPLE_SIZE
-    rows, cols = {}, {}
-    found = {}
-    for (a, b), width in widths.items():
-        if width == math.inf:
-            found[a, b] = (-math.inf, math.inf)
-            continue
-        if a not in rows:
-            i = draws.weighted("u", us, a)
-            rows[a] = (p[i], us[i, a])
-        if b not in cols:
-            j = draws.weighted("v", vs, b)
-            cols[b] = (q[j], vs[j, b])
-        (p_i, u_i), (q_j, v_j) = rows[a], cols[b]
-        ratios = (p_i * q_j).sum(1) / (u_i * v_j)
-        half = width * math.sqrt(n) / 2
-        k_lo, k_hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half))
-        found[a, b] = _order_statistics(ratios, k_lo, k_hi)
+    found = {pair: (-math.inf, math.inf) for pair, width in widths.items() if width == math.inf}
+    sampled = [pair for pair, width in widths.items() if width != math.inf]
+    if not sampled:
+        return found
+    ranks = {}
+    for pair in sampled:
+        half = widths[pair] * math.sqrt(n) / 2
+        ranks[pair] = (max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half)))
+    if kernels.available and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+        rows = torch.stack([draws.weighted("u", us, a) for a in range(us.shape[1])]).numpy()
+        cols = torch.stack([draws.weighted("v", vs, b) for b in range(vs.shape[1])]).numpy()
+        table = np.array([(a, b, *ranks[a, b]) for a, b in sampled], dtype=np.int64)
+        ends = kernels.sample_brackets(p.contiguous().numpy(), q.contiguous().numpy(), us.contiguous().numpy(),
+                                       vs.contiguous().numpy(), rows, cols, table)
+        found.update((pair, (float(lo), float(hi))) for pair, (lo, hi) in zip(sampled, ends.tolist(), strict=True))
+        return found
+    for a, b in sampled:
+        i, j = draws.weighted("u", us, a), draws.weighted("v", vs, b)
+        ratios = (p[i] * q[j]).sum(1) / (us[i, a] * vs[j, b])
+        found[a, b] = _order_statistics(ratios, *ranks[a, b])
     return found
 
 
@@ -449,16 +452,38 @@ def _exact_pairs_batched(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs:
                          pairs: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, float]]:
     """The same as ``_exact_pairs`` for a small R, all pairs at once: every ratio of every pair is formed,
     and each pair's weighted median selected (compiled, on the CPU) or found by sorting."""
+    r = (p @ q.T).reshape(-1)  # [n], entry t at row t // k, column t % k
+    t = torch.arange(r.numel(), device=p.device)
+    deltas, objectives = _pair_medians(r, us, vs, t // q.shape[0], t % q.shape[0])
+    return {pair: (float(deltas[pair]), float(objectives[pair])) for pair in pairs}
+
+
+def _pair_medians(r: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, iu: torch.Tensor, iv: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pair's exact fit over the entries r [n] at rows iu and columns iv: ([Mu, Mv] deltas, [Mu, Mv]
+    float64 objectives), delta the lower weighted median of r / (u v) with weights |u v| (0 where every
+    weight is 0), the products and ratios in r's dtype; one compiled parallel call on the CPU."""
     f64 = torch.float64
-    r = (p @ q.T).reshape(1, -1)  # [1, n]
-    ia = torch.tensor([a for a, _ in pairs], device=p.device)
-    ib = torch.tensor([b for _, b in pairs], device=p.device)
-    uv = (us.T[ia][:, :, None] * vs.T[ib][:, None, :]).reshape(len(pairs), -1)  # [pairs, n]
+    shape = (us.shape[1], vs.shape[1])
+    if kernels.available and r.device.type == "cpu":
+        deltas, objectives = map(torch.from_numpy, kernels.pair_medians(
+            r.numpy(), us.contiguous().numpy(), vs.contiguous().numpy(), iu.numpy(), iv.numpy()))
+        missed = [pair for pair in np.ndindex(*shape) if math.isnan(float(deltas[pair]))]
+        if not missed:
+            return deltas, objectives
+    else:
+        deltas, objectives = torch.zeros(shape, dtype=f64), torch.zeros(shape, dtype=f64)
+        missed = list(np.ndindex(*shape))
+    ia = torch.tensor([a for a, _ in missed], device=r.device)
+    ib = torch.tensor([b for _, b in missed], device=r.device)
+    uv = us[iu][:, ia].T * vs[iv][:, ib].T  # [missed, n]
     w = uv.abs()
-    ratio = torch.where(w > 0, r / uv, torch.full_like(uv, math.inf))  # zero weights sort last, count nothing
+    ratio = torch.where(w > 0, r[None, :] / uv, torch.full_like(uv, math.inf))  # zero weights sort last
     delta = _weighted_medians(ratio, w)
-    objective = (r.to(f64) - delta.to(f64) * uv.to(f64)).abs().sum(1)
-    return {pair: (float(delta[i, 0]), float(objective[i])) for i, pair in enumerate(pairs)}
+    objective = (r[None, :].to(f64) - delta.to(f64) * uv.to(f64)).abs().sum(1)
+    for k, pair in enumerate(missed):
+        deltas[pair], objectives[pair] = float(delta[k, 0]), float(objective[k])
+    return deltas, objectives
 
 
 def _weighted_medians(ratio: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -597,12 +622,8 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor
     i = torch.randint(p.shape[0], (n,), generator=gen, device=p.device)
     j = torch.randint(q.shape[0], (n,), generator=gen, device=p.device)
     r = (p[i] * q[j]).sum(1).to(torch.float64)  # [n]
-    uv = (us[i].to(torch.float64)[:, :, None] * vs[j].to(torch.float64)[:, None, :]).reshape(n, -1).T  # [pairs, n]
-    w = uv.abs()
-    ratio = torch.where(w > 0, r[None, :] / uv, torch.full_like(uv, math.inf))
-    delta = _weighted_medians(ratio, w)
-    objectives = (r[None, :] - delta * uv).abs().sum(1).reshape(us.shape[1], vs.shape[1]).cpu()
-    return objectives, float(r.abs().sum())
+    objectives = _pair_medians(r, us.to(torch.float64), vs.to(torch.float64), i, j)[1]
+    return objectives.cpu(), float(r.abs().sum())
 
 
 @dataclass(frozen=True)

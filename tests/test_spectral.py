@@ -49,8 +49,10 @@ def test_reference_reproduces_worked_check():
 # ---------------------------------------------------------------------------------------------- engines
 
 ENGINES = {
-    # the defaults: small inputs sort every ratio of every pair in one batch
+    # the defaults: small inputs select every pair's median over all its ratios in one batch
     "default": {},
+    # the same batch without numba: every pair's ratios sorted
+    "batched-torch": {"kernels.available": False},
     # one pass per step over all pairs, without screening
     "unscreened": {"BATCHED_MAX_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
     # screening on every input, the tensor implementation of the pass
@@ -80,7 +82,8 @@ class engine:
         if self.settings.get("KERNEL_MIN_ENTRIES") == 0 and not kernels.available:
             pytest.skip("numba is not available")
         for key, value in self.settings.items():
-            self.mp.setattr(spectral, key, value)
+            module, _, name = key.rpartition(".")
+            self.mp.setattr(kernels if module == "kernels" else spectral, name, value)
         return self
 
     def __exit__(self, *exc):
