@@ -404,6 +404,21 @@ def _pair_medians(r, u, v, iu, iv, deltas, objectives):  # pragma: no cover - co
         objectives[a, b] = objective
 
 
+def _objectives64(r, u, v, deltas, out):  # pragma: no cover - compiled
+    """out[p, i] = sum_j |r_ij - deltas[p] (u[p, i] v[p, j])| in float64 (the product u v first, as written),
+    for each pair p over one residual chunk: r [c, k], u [P, c], v [P, k]; per row, for a caller to add
+    up in a fixed order."""
+    c, k = r.shape
+    for i in numba.prange(c):
+        for p in range(u.shape[0]):
+            ui = np.float64(u[p, i])
+            delta = deltas[p]
+            total = 0.0
+            for j in range(k):
+                total += abs(np.float64(r[i, j]) - delta * (ui * np.float64(v[p, j])))
+            out[p, i] = total
+
+
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
     pos = 0
     for i in range(counts.shape[0]):
@@ -419,6 +434,8 @@ if available:
     _bracket_pass = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
+    _objectives64 = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
+                               fastmath={"reassoc"})(_objectives64)
     _sample_brackets = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
                                   error_model="numpy")(_sample_brackets)
     _pivots = numba.njit(cache=True, nogil=True)(_pivots)
@@ -466,6 +483,13 @@ def pair_medians(r: np.ndarray, u: np.ndarray, v: np.ndarray, iu: np.ndarray, iv
     deltas, objectives = np.empty((u.shape[1], v.shape[1])), np.empty((u.shape[1], v.shape[1]))
     _pair_medians(r, u, v, iu, iv, deltas, objectives)
     return deltas, objectives
+
+
+def objectives64(r: np.ndarray, u: np.ndarray, v: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """Run ``_objectives64``; returns [P] float64, each pair's rows added in order."""
+    out = np.empty((u.shape[0], r.shape[0]))
+    _objectives64(r, u, v, deltas, out)
+    return out.sum(axis=1)
 
 
 def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

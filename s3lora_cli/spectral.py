@@ -765,7 +765,17 @@ def _best(res: _Residual, us, vs, evaluated: dict) -> tuple[tuple[int, int], tup
         return near[0], evaluated[near[0]]
     f64 = torch.float64
     summed = {pair: 0.0 for pair in near}
+    compiled = kernels.available and us.device.type == "cpu"
+    if compiled:
+        u = us.T[[a for a, _ in near]].contiguous()
+        v = vs.T[[b for _, b in near]].contiguous().numpy()
+        deltas = np.array([evaluated[pair][0] for pair in near])
     for rows, r_chunk in res.chunks():
+        if compiled:
+            found = kernels.objectives64(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v, deltas)
+            for pair, value in zip(near, found.tolist(), strict=True):
+                summed[pair] += value
+            continue
         r64 = r_chunk.to(f64)
         for a, b in near:
             e = r64 - evaluated[a, b][0] * (us[rows, a].to(f64)[:, None] * vs[:, b].to(f64)[None, :])

@@ -285,6 +285,37 @@ def test_fit_objective_and_delta_are_literal(name):
             R = R - p.delta * uv
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 13), st.integers(1, 11),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_near_ties_are_decided_in_float64(compiled, seed, d, k, dtype):
+    """Pairs whose objectives are within rounding of the best are compared on sum |R - delta u v^T| in float64:
+    the winner (ties to the smallest pair) and its objective are those of the literal float64 sum, compiled or
+    not, over chunks that split the rows."""
+    if compiled and not kernels.available:
+        pytest.skip("numba is not available")
+    rng = np.random.default_rng(seed)
+    p, q = torch.tensor(rng.standard_normal((d, 2))).to(dtype), torch.tensor(rng.standard_normal((k, 2))).to(dtype)
+    us, vs = torch.tensor(rng.standard_normal((d, 3))).to(dtype), torch.tensor(rng.standard_normal((k, 2))).to(dtype)
+    deltas = rng.integers(-2, 3, (3, 2)) * 0.5  # repeated deltas and candidates give exact ties
+    if rng.random() < 0.5:
+        us[:, 2] = us[:, 0]
+    evaluated = {(a, b): (float(deltas[a, b]), 1.0) for a in range(3) for b in range(2)}  # all tied as reported
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "available", compiled)
+        mp.setattr(spectral, "CHUNK_ENTRIES", 2 * k)
+        pair, (delta, objective) = spectral._best(spectral._Residual(p, q), us, vs, evaluated)
+    r = (p @ q.T).double().numpy()
+    exact = {(a, b): float(np.abs(r - deltas[a, b] * np.outer(us[:, a].double(), vs[:, b].double())).sum())
+             for a in range(3) for b in range(2)}
+    expected = min(exact, key=lambda ab: (exact[ab], ab))
+    if pair != expected:  # only a difference within rounding of the float64 sums may decide otherwise
+        assert exact[pair] == pytest.approx(exact[expected], rel=1e-13)
+    assert delta == deltas[pair]
+    assert objective == pytest.approx(exact[pair], rel=1e-13)
+
+
 @pytest.mark.parametrize("use_kernel", [False, True])
 @settings(max_examples=60, deadline=None)
 @given(lora_factors(), st.integers(0, 2**32 - 1), st.booleans())
