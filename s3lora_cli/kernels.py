@@ -290,10 +290,11 @@ DUAL_RUN = 512
 """``_dual_sums`` adds up runs of this many products in the residual's dtype before adding them to float64."""
 
 
-def _dual_sums(r, v_signed, v_abs, signed_out, abs_out, l1_out):  # pragma: no cover - compiled
+def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out):  # pragma: no cover - compiled
     """The projections of sign(R) and |R| that the dual lower bounds need, over one residual chunk.
 
-    r: [c, k]; v_signed: [n1, k] and v_abs: [n2, k] in r's dtype. Writes, per row i,
+    r: [c, k]; v_signed: [n1, k] and v_abs: [n2, k] in r's dtype. If ``deflate``, first r_ij -= du_i dv_j
+    in place (du: [c], dv: [k]; the product rounded, then the difference). Writes, per row i,
     signed_out[i, m] = sum_j sign(r_ij) v_signed[m, j], abs_out[i, m] = sum_j |r_ij| v_abs[m, j] and
     l1_out[i] = sum_j |r_ij| (float64, from runs of DUAL_RUN terms added in r's dtype).
     """
@@ -308,6 +309,10 @@ def _dual_sums(r, v_signed, v_abs, signed_out, abs_out, l1_out):  # pragma: no c
         signs = np.zeros((DUAL_ROWS, k), r.dtype)  # rows past the chunk's end stay zero
         mags = np.zeros((DUAL_ROWS, k), r.dtype)
         for t in range(n_rows):
+            if deflate:  # a loop of its own, so that both loops vectorise; the row is then in cache
+                dui = du[first + t]
+                for j in range(k):
+                    r[first + t, j] = r[first + t, j] - dui * dv[j]
             total = 0.0
             for start in range(0, k, DUAL_RUN):
                 run = zero_t
@@ -506,11 +511,14 @@ def weighted_select_rows(ratios: np.ndarray, weights: np.ndarray, halves: np.nda
     return out
 
 
-def dual_sums(r: np.ndarray, v_signed: np.ndarray, v_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run ``_dual_sums`` on one chunk; returns (signed [c, n1], absolute [c, n2], l1 [c]), all float64."""
+def dual_sums(r: np.ndarray, v_signed: np.ndarray, v_abs: np.ndarray, deflation: tuple | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``_dual_sums`` on one chunk, first subtracting outer(*deflation) from it in place if given;
+    returns (signed [c, n1], absolute [c, n2], l1 [c]), all float64."""
     c = r.shape[0]
     signed, absolute, l1 = np.empty((c, v_signed.shape[0])), np.empty((c, v_abs.shape[0])), np.empty(c)
-    _dual_sums(r, v_signed, v_abs, signed, absolute, l1)
+    du, dv = deflation if deflation is not None else (np.zeros(c, r.dtype), np.zeros(r.shape[1], r.dtype))
+    _dual_sums(r, v_signed, v_abs, du, dv, deflation is not None, signed, absolute, l1)
     return signed, absolute, l1
 
 

@@ -257,15 +257,20 @@ class _BoundSums:
             self._v_side = (v_signed, v_abs, abs_powers)
         return self._v_side
 
-    def add(self, r_chunk: torch.Tensor, us: torch.Tensor, vs: torch.Tensor) -> None:
+    def add(self, r_chunk: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, owed: tuple | None = None) -> None:
+        """Add one chunk's sums; ``owed`` (du, v), if given, is first subtracted from the chunk in place
+        (see ``_Residual.owing_chunks``)."""
         f64 = torch.float64
         n, m_v = len(BOUND_POWERS), vs.shape[1]
         v_signed, v_abs, abs_powers = self._prepare(vs)
         if _use_kernel(r_chunk):
             if self._v_rows is None:  # the kernel's layout: one contiguous row per right-hand side
                 self._v_rows = (v_signed.T.contiguous().numpy(), v_abs.T.contiguous().numpy())
-            s_proj, a_proj, l1 = map(torch.from_numpy, kernels.dual_sums(r_chunk.numpy(), *self._v_rows))
+            deflation = (owed[0].contiguous().numpy(), owed[1].contiguous().numpy()) if owed is not None else None
+            s_proj, a_proj, l1 = map(torch.from_numpy, kernels.dual_sums(r_chunk.numpy(), *self._v_rows, deflation))
         else:
+            if owed is not None:
+                _subtract(r_chunk, *owed)
             s_proj, a_proj, l1 = self._products(r_chunk, v_signed, v_abs)
         if not self.signed:
             self.signed = [0.0] * n
@@ -315,7 +320,8 @@ class _Residual:
 
     The chunks are the only place entries of R are formed. Every pass of a step sees the same values: the
     first chunks, as many as fit in CACHE_ENTRIES entries (all of them for most layers), are kept after the
-    first pass (and the next step's residual is made from them by subtracting the pick, in place); the
+    first pass, and the next step's residual is made from them by subtracting the pick in place, each chunk
+    just before its first use in that step (in the same pass as the dual sums, see ``_accumulate``); the
     others are formed again in the same way from the factors in every pass (a bounded working set).
     """
 
@@ -323,13 +329,30 @@ class _Residual:
         self.p, self.q = p, q
         self._cache: list = []
         self._complete = False  # the first pass is over: the cache holds every chunk that fits
+        self._owed: set = set()  # cached chunks that still owe the previous pick's subtraction
+        self._pick: tuple | None = None  # (delta u, v) of the previous pick
 
     def chunks(self):
+        """(rows, chunk) of R, every row once."""
+        for rows, chunk, owed in self.owing_chunks():
+            if owed is not None:
+                _subtract(chunk, *owed)
+            yield rows, chunk
+
+    def owing_chunks(self):
+        """(rows, chunk, owed) as in ``chunks``, except that a cached chunk may still owe the previous pick:
+        owed = (delta u[rows], v), or None; the caller subtracts it in place (``_subtract``, or a kernel that
+        does the same in its own pass, bit for bit) before anything reads the chunk."""
         all_rows = list(_row_chunks(self.p.shape[0], self.q.shape[0]))
         if self._complete:
-            yield from self._cache
+            for index, (rows, chunk) in enumerate(self._cache):
+                owed = None
+                if index in self._owed:
+                    self._owed.discard(index)
+                    owed = (self._pick[0][rows], self._pick[1])
+                yield rows, chunk, owed
             for rows in all_rows[len(self._cache):]:
-                yield rows, self.p[rows] @ self.q.T
+                yield rows, self.p[rows] @ self.q.T, None
             return
         self._cache, caching, room = [], True, CACHE_ENTRIES
         for rows in all_rows:
@@ -338,18 +361,25 @@ class _Residual:
             if caching:
                 self._cache.append(chunk)
                 room -= chunk[1].numel()
-            yield chunk
+            yield *chunk, None
         self._complete = True
 
     def deflate(self, delta: float, u: torch.Tensor, v: torch.Tensor) -> _Residual:
         """The next step's residual, R - delta u v^T (u: [d], v: [k]); this one is used up."""
         following = _Residual(torch.cat([self.p, -delta * u[:, None]], dim=1), torch.cat([self.q, v[:, None]], dim=1))
         if self._complete:
-            for rows, chunk in self._cache:
-                chunk.addr_(u[rows], v, alpha=-delta)
+            for index in self._owed:  # a chunk no pass of this step read: it owes this step's pick as well
+                rows, chunk = self._cache[index]
+                _subtract(chunk, self._pick[0][rows], self._pick[1])
             following._cache, following._complete = self._cache, True
-            self._cache, self._complete = [], False
+            following._owed, following._pick = set(range(len(self._cache))), (delta * u, v)
+            self._cache, self._complete, self._owed = [], False, set()
         return following
+
+
+def _subtract(chunk: torch.Tensor, du: torch.Tensor, v: torch.Tensor) -> None:
+    """chunk -= du v^T in place, the product rounded first (as ``kernels.dual_sums`` does when it deflates)."""
+    chunk.sub_(du[:, None] * v[None, :])
 
 
 class _Draws:
@@ -521,9 +551,11 @@ def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict
     scratch: dict = {}
     if kernels.available and p.device.type == "cpu":  # contiguous candidate vectors for the kernel
         us_rows, vs_cols = us.T.contiguous().numpy(), vs.T.contiguous().numpy()
-    for rows, r_chunk in res.chunks():
+    for rows, r_chunk, owed in res.owing_chunks():
         if bound_sums is not None:
-            bound_sums.add(r_chunk, us[rows], vs)
+            bound_sums.add(r_chunk, us[rows], vs, owed)  # subtracts what the chunk owes, in the same pass
+        elif owed is not None:
+            _subtract(r_chunk, *owed)
         if _use_kernel(r_chunk):
             r_np = r_chunk.numpy()
             for (a, b), acc in passes.items():
