@@ -209,78 +209,80 @@ them to float64 totals: each total is off by at most SUM_BLOCK * eps(dtype) time
 magnitudes (``spectral._tangents`` widens its bounds by that much)."""
 
 
-def _tangent_sums(r, u, v, lo, hi, vsum, out):  # pragma: no cover - compiled
-    """Every pair's objective and a subgradient at two points, over one residual chunk, with no division.
+def _tangent_sums(r, u, v, slots, thetas, vsum, out):  # pragma: no cover - compiled
+    """Objectives and subgradients at given points (probes), two probes at a time, with no division.
 
-    r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; lo, hi: [P] in r's dtype.
-    vsum: [P], sum_j v[p, j] in float64.
-    out: [P, c, 4], per pair and row, with e = r - theta u_i v_j for theta = lo, then hi:
-    sum_j |e| and -u_i sum_j v_j s_j with s_j = sign(e) (the derivative of sum_j |e| in theta, where no e
-    is zero; at e = 0 either sign gives a subgradient, and s_j = -1 is taken), computed as
-    -u_i (2 sum_{e > 0} v_j - vsum). Entries with u_i v_j = 0 have e = r exactly and add nothing to the
-    second sum. Rows are taken two at a time, so that each load of v serves both (the last row of an odd
-    chunk is paired with itself and written once).
+    r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; vsum: [P], sum_j v[p, j]
+    in float64. Slot s holds two probes: pairs slots[s, 0] and slots[s, 1] (the same pair twice, or two
+    pairs) at thetas[s, 0] and thetas[s, 1] (in r's dtype). out: [S, c, 4], per slot and row, for each of
+    its probes, with e = r - theta u_i v_j: sum_j |e| and -u_i sum_j v_j s_j with s_j = sign(e) (the
+    derivative of sum_j |e| in theta, where no e is zero; at e = 0 either sign gives a subgradient, and
+    s_j = -1 is taken), computed as -u_i (2 sum_{e > 0} v_j - vsum). Entries with u_i v_j = 0 have e = r
+    exactly and add nothing to the second sum. Rows are taken two at a time, so that each load of v serves
+    both (the last row of an odd chunk is paired with itself and written once).
     """
     c, k = r.shape
-    n_pairs = u.shape[0]
     zero_t = r.dtype.type(0)
     for group in numba.prange((c + 1) // 2):
         i0 = 2 * group
         i1 = min(i0 + 1, c - 1)
         row0 = r[i0]
         row1 = r[i1]
-        for p in range(n_pairs):
+        for s in range(slots.shape[0]):
+            p, q = slots[s, 0], slots[s, 1]
             v_p = v[p]
-            a0_lo = lo[p] * u[p, i0]
-            a0_hi = hi[p] * u[p, i0]
-            a1_lo = lo[p] * u[p, i1]
-            a1_hi = hi[p] * u[p, i1]
-            f0_lo = 0.0
-            f0_hi = 0.0
-            s0_lo = 0.0
-            s0_hi = 0.0
-            f1_lo = 0.0
-            f1_hi = 0.0
-            s1_lo = 0.0
-            s1_hi = 0.0
+            v_q = v[q]
+            a0_p = thetas[s, 0] * u[p, i0]
+            a0_q = thetas[s, 1] * u[q, i0]
+            a1_p = thetas[s, 0] * u[p, i1]
+            a1_q = thetas[s, 1] * u[q, i1]
+            f0_p = 0.0
+            f0_q = 0.0
+            s0_p = 0.0
+            s0_q = 0.0
+            f1_p = 0.0
+            f1_q = 0.0
+            s1_p = 0.0
+            s1_q = 0.0
             for start in range(0, k, SUM_BLOCK):
-                run_f0_lo = zero_t
-                run_f0_hi = zero_t
-                run_s0_lo = zero_t
-                run_s0_hi = zero_t
-                run_f1_lo = zero_t
-                run_f1_hi = zero_t
-                run_s1_lo = zero_t
-                run_s1_hi = zero_t
+                run_f0_p = zero_t
+                run_f0_q = zero_t
+                run_s0_p = zero_t
+                run_s0_q = zero_t
+                run_f1_p = zero_t
+                run_f1_q = zero_t
+                run_s1_p = zero_t
+                run_s1_q = zero_t
                 for j in range(start, min(k, start + SUM_BLOCK)):
-                    vj = v_p[j]
+                    vj_p = v_p[j]
+                    vj_q = v_q[j]
                     x0 = row0[j]
                     x1 = row1[j]
-                    e0_lo = x0 - a0_lo * vj
-                    e0_hi = x0 - a0_hi * vj
-                    e1_lo = x1 - a1_lo * vj
-                    e1_hi = x1 - a1_hi * vj
-                    run_f0_lo += abs(e0_lo)
-                    run_f0_hi += abs(e0_hi)
-                    run_f1_lo += abs(e1_lo)
-                    run_f1_hi += abs(e1_hi)
-                    run_s0_lo += vj if e0_lo > zero_t else zero_t  # selects: branch-free
-                    run_s0_hi += vj if e0_hi > zero_t else zero_t
-                    run_s1_lo += vj if e1_lo > zero_t else zero_t
-                    run_s1_hi += vj if e1_hi > zero_t else zero_t
-                f0_lo += run_f0_lo
-                f0_hi += run_f0_hi
-                s0_lo += run_s0_lo
-                s0_hi += run_s0_hi
-                f1_lo += run_f1_lo
-                f1_hi += run_f1_hi
-                s1_lo += run_s1_lo
-                s1_hi += run_s1_hi
-            for i, f_lo, s_lo, f_hi, s_hi in ((i0, f0_lo, s0_lo, f0_hi, s0_hi), (i1, f1_lo, s1_lo, f1_hi, s1_hi)):
-                out[p, i, 0] = f_lo
-                out[p, i, 1] = -np.float64(u[p, i]) * (2 * s_lo - vsum[p])
-                out[p, i, 2] = f_hi
-                out[p, i, 3] = -np.float64(u[p, i]) * (2 * s_hi - vsum[p])
+                    e0_p = x0 - a0_p * vj_p
+                    e0_q = x0 - a0_q * vj_q
+                    e1_p = x1 - a1_p * vj_p
+                    e1_q = x1 - a1_q * vj_q
+                    run_f0_p += abs(e0_p)
+                    run_f0_q += abs(e0_q)
+                    run_f1_p += abs(e1_p)
+                    run_f1_q += abs(e1_q)
+                    run_s0_p += vj_p if e0_p > zero_t else zero_t  # selects: branch-free
+                    run_s0_q += vj_q if e0_q > zero_t else zero_t
+                    run_s1_p += vj_p if e1_p > zero_t else zero_t
+                    run_s1_q += vj_q if e1_q > zero_t else zero_t
+                f0_p += run_f0_p
+                f0_q += run_f0_q
+                s0_p += run_s0_p
+                s0_q += run_s0_q
+                f1_p += run_f1_p
+                f1_q += run_f1_q
+                s1_p += run_s1_p
+                s1_q += run_s1_q
+            for i, f_p, s_p, f_q, s_q in ((i0, f0_p, s0_p, f0_q, s0_q), (i1, f1_p, s1_p, f1_q, s1_q)):
+                out[s, i, 0] = f_p
+                out[s, i, 1] = -np.float64(u[p, i]) * (2 * s_p - vsum[p])
+                out[s, i, 2] = f_q
+                out[s, i, 3] = -np.float64(u[q, i]) * (2 * s_q - vsum[q])
 
 
 DUAL_ROWS = 4
@@ -296,7 +298,8 @@ def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out)
     r: [c, k]; v_signed: [n1, k] and v_abs: [n2, k] in r's dtype. If ``deflate``, first r_ij -= du_i dv_j
     in place (du: [c], dv: [k]; the product rounded, then the difference). Writes, per row i,
     signed_out[i, m] = sum_j sign(r_ij) v_signed[m, j], abs_out[i, m] = sum_j |r_ij| v_abs[m, j] and
-    l1_out[i] = sum_j |r_ij| (float64, from runs of DUAL_RUN terms added in r's dtype).
+    l1_out[i] = sum_j |r_ij|, all float64 from runs of terms added in r's dtype: DUAL_RUN terms for the
+    projections, SUM_BLOCK for l1 (its rounding is that of the tangent sums: see ``spectral._zero_tangent``).
     """
     c, k = r.shape
     n1 = v_signed.shape[0]
@@ -314,9 +317,9 @@ def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out)
                 for j in range(k):
                     r[first + t, j] = r[first + t, j] - dui * dv[j]
             total = 0.0
-            for start in range(0, k, DUAL_RUN):
+            for start in range(0, k, SUM_BLOCK):
                 run = zero_t
-                for j in range(start, min(k, start + DUAL_RUN)):
+                for j in range(start, min(k, start + SUM_BLOCK)):
                     x = r[first + t, j]
                     signs[t, j] = one_t if x > zero_t else (-one_t if x < zero_t else zero_t)
                     mags[t, j] = abs(x)
@@ -497,10 +500,10 @@ def objectives64(r: np.ndarray, u: np.ndarray, v: np.ndarray, deltas: np.ndarray
     return out.sum(axis=1)
 
 
-def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Run ``_tangent_sums`` on one chunk; returns [P, 4] float64 (the per-row sums added up)."""
-    out = np.empty((u.shape[0], r.shape[0], 4), np.float64)
-    _tangent_sums(r, u, v, lo.astype(r.dtype), hi.astype(r.dtype), v.sum(axis=1, dtype=np.float64), out)
+def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, slots: np.ndarray, thetas: np.ndarray) -> np.ndarray:
+    """Run ``_tangent_sums`` on one chunk; returns [S, 4] float64 (the per-row sums added up)."""
+    out = np.empty((slots.shape[0], r.shape[0], 4), np.float64)
+    _tangent_sums(r, u, v, slots, thetas.astype(r.dtype), v.sum(axis=1, dtype=np.float64), out)
     return out.sum(axis=1)
 
 

@@ -234,6 +234,11 @@ class _BoundSums:
     sign(R) and |R| projected on the candidates' powers (see ``_lower_bounds``)."""
 
     l1: float = 0.0
+    run: int = 0
+    """The longest run of terms the projections added in the compute dtype (their rounding is within
+    (run + 2) eps of their terms' magnitudes)."""
+    l1_run: int = 0
+    """The same for l1."""
     signed: list = field(default_factory=list)
     """[alpha]: [Mu, Mv], sum_ij sign(R_ij) u_i |u_i|^alpha v_j |v_j|^alpha."""
     absolute: list = field(default_factory=list)
@@ -268,7 +273,9 @@ class _BoundSums:
                 self._v_rows = (v_signed.T.contiguous().numpy(), v_abs.T.contiguous().numpy())
             deflation = (owed[0].contiguous().numpy(), owed[1].contiguous().numpy()) if owed is not None else None
             s_proj, a_proj, l1 = map(torch.from_numpy, kernels.dual_sums(r_chunk.numpy(), *self._v_rows, deflation))
-        else:
+            self.run, self.l1_run = max(self.run, kernels.DUAL_RUN), max(self.l1_run, kernels.SUM_BLOCK)
+        else:  # a product or sum over a row, in any order
+            self.run, self.l1_run = max(self.run, r_chunk.shape[1]), max(self.l1_run, r_chunk.shape[1])
             if owed is not None:
                 _subtract(r_chunk, *owed)
             s_proj, a_proj, l1 = self._products(r_chunk, v_signed, v_abs)
@@ -467,7 +474,7 @@ def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list
         _accumulate(res, us, vs, passes, bound_sums)
         if bound_sums is not None:
             lower = _lower_bounds_from(bound_sums, p, q, us, vs)
-            bound_sums = None
+            sums, bound_sums = bound_sums, None
         for pair, acc in passes.items():
             found = _select(acc)
             if found is None:
@@ -475,7 +482,7 @@ def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list
             else:
                 result[pair] = found
                 del todo[pair]
-    return result, (lower if bounds else None)
+    return result, ((lower, sums) if bounds else None)
 
 
 def _exact_pairs_batched(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor,
@@ -670,8 +677,9 @@ class _Tangent:
 
 
 def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
-              brackets: dict[tuple[int, int], tuple[float, float]]) -> dict[tuple[int, int], list[_Tangent]]:
-    """f and a subgradient at both ends of each pair's bracket, from one pass that forms no ratio.
+              points: dict[tuple[int, int], tuple[float, ...]]) -> dict[tuple[int, int], list[_Tangent]]:
+    """f and a subgradient at each of a pair's points (one or two: the ends of a bracket, or one end), from
+    one pass that forms no ratio.
 
     f(theta) = sum |e| with e = R - theta u v^T is convex and piecewise linear, and for any signs s_ij,
     f(y) >= sum s_ij (R_ij - y u_i v_j): with s = sign(e) that is the tangent at theta, of value f(theta)
@@ -682,36 +690,45 @@ def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
     ia = torch.tensor([a for a, _ in pairs], device=p.device)
     ib = torch.tensor([b for _, b in pairs], device=p.device)
     u, v = us.T[ia].contiguous(), vs.T[ib].contiguous()  # [P, d], [P, k]
-    # the ends are taken in the compute dtype, where the pass multiplies by them
-    lo = torch.tensor([brackets[pair][0] for pair in pairs], dtype=f64).to(p.dtype)
-    hi = torch.tensor([brackets[pair][1] for pair in pairs], dtype=f64).to(p.dtype)
-    sums = torch.zeros(len(pairs), 4, dtype=f64, device=p.device)
+    # probes (pair's index, theta); the kernel takes them two at a time: a pair's two points together
+    probes = [(k, theta) for k, pair in enumerate(pairs) for theta in points[pair]]
+    doubles = [(2 * k, 2 * k + 1) for k in range(len(probes) // 2)]
+    if len(probes) % 2:
+        doubles.append((len(probes) - 1, len(probes) - 1))
+    slots = torch.tensor([[probes[m][0], probes[n][0]] for m, n in doubles], dtype=torch.int64)
+    # the points are taken in the compute dtype, where the pass multiplies by them
+    thetas = torch.tensor([[probes[m][1], probes[n][1]] for m, n in doubles], dtype=f64).to(p.dtype)
+    sums = torch.zeros(len(doubles), 4, dtype=f64, device=p.device)
     for rows, r_chunk in res.chunks():
         if _use_kernel(r_chunk):
             sums += torch.from_numpy(kernels.tangent_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v.numpy(),
-                                                          lo.numpy(), hi.numpy()))
+                                                          slots.numpy(), thetas.numpy()))
             continue
-        for k in range(len(pairs)):
-            u_k = u[k, rows]
-            for m, theta in enumerate((lo[k], hi[k])):
+        for s, (k_p, k_q) in enumerate(slots.tolist()):
+            for m, (k, theta) in enumerate(((k_p, thetas[s, 0]), (k_q, thetas[s, 1]))):
+                u_k = u[k, rows]
                 e = r_chunk - (theta * u_k)[:, None] * v[k][None, :]
-                sums[k, 2 * m] += e.abs().sum(dtype=f64)
-                sums[k, 2 * m + 1] -= (u_k.to(f64) * (e.sign() * v[k][None, :]).sum(1, dtype=f64)).sum()
-    lo, hi = lo.to(f64), hi.to(f64)
-    f_lo, g_lo, f_hi, g_hi = sums.cpu().unbind(1)
+                sums[s, 2 * m] += e.abs().sum(dtype=f64)
+                sums[s, 2 * m + 1] -= (u_k.to(f64) * (e.sign() * v[k][None, :]).sum(1, dtype=f64)).sum()
+    sums, thetas = sums.cpu().reshape(-1, 2), thetas.to(f64).reshape(-1)  # (f, g) and theta of each slot's probes
+    found = {}  # probe -> (theta, f, g)
+    for n, m in enumerate(m for double in doubles for m in double):
+        found.setdefault(m, (float(thetas[n]), float(sums[n, 0]), float(sums[n, 1])))
     # Rounding: each |e| is within 3 eps (|R_ij| + |theta u_i v_j|) of the exact one, and each sum within
     # SUM_BLOCK eps of its terms' magnitudes (the kernel adds runs in the compute dtype; its slope is
     # 2 sum_{e > 0} - sum, twice the error). With W = sum |u_i v_j| = ||u||_1 ||v||_1 and
     # ||R||_1 <= f(theta) + |theta| W, err bounds the error of a tangent's value and of its slope over any
     # distance up to twice the largest |theta|.
     eps = torch.finfo(p.dtype).eps
-    w_all = (u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)).cpu()
-    theta_max = torch.maximum(lo.abs(), hi.abs())
-    r_abs = torch.minimum(f_lo + lo.abs() * w_all, f_hi + hi.abs() * w_all) * (1 + 1e-3)
-    err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 7 * theta_max * w_all)
-    return {pair: [_Tangent(float(lo[k]), float(f_lo[k]), float(g_lo[k]), float(err[k])),
-                   _Tangent(float(hi[k]), float(f_hi[k]), float(g_hi[k]), float(err[k]))]
-            for k, pair in enumerate(pairs)}
+    w_all = (u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)).cpu().tolist()
+    result: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in pairs}
+    for k, pair in enumerate(pairs):
+        mine = [found[m] for m, probe in enumerate(probes) if probe[0] == k]
+        theta_max = max(abs(theta) for theta, _, _ in mine)
+        r_abs = min(f + abs(theta) * w_all[k] for theta, f, _ in mine) * (1 + 1e-3)
+        err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 7 * theta_max * w_all[k])
+        result[pair] = [_Tangent(theta, f, g, err) for theta, f, g in mine]
+    return result
 
 
 def _envelope_bounds(tangents: list[_Tangent]) -> tuple[float, float, tuple[float, float] | None]:
@@ -836,7 +853,7 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     # objectives differ by the gains of the pairs, which are small next to ||R||_1: the margin is on the gain
     cutoff = best_estimate + ESTIMATE_MARGIN * max(sample_l1 - best_estimate, 0.0)
     first = [pair for pair in pairs if float(estimates[pair]) <= cutoff] or pairs[:1]
-    evaluated, bounds = _exact_pairs(res, us, vs, first, draws, bounds=True)
+    evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=True)
 
     def best() -> float:
         return min(obj for _, obj in evaluated.values())
@@ -847,12 +864,19 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best() + slack(best())]
     brackets = _brackets(p, q, us, vs, dict.fromkeys(rest, BRACKET_Z), draws)
     tangents: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in rest}
+
+    def with_zero(pair) -> list[_Tangent]:  # the tangent at 0 (free), its rounding over the span of the others
+        return [*tangents[pair], _zero_tangent(sums, us, vs, pair, max((abs(t.theta) for t in tangents[pair]),
+                                                                        default=0.0))]
+
     for round_ in range(TANGENT_ROUNDS):
         if not rest:
             break
-        for pair, found in _tangents(res, us, vs, rest, brackets).items():
+        points = {pair: _points(brackets[pair], with_zero(pair)[-1]) for pair in rest}
+        probed = [pair for pair in rest if points[pair]]
+        for pair, found in (_tangents(res, us, vs, probed, points) if probed else {}).items():
             tangents[pair] += found
-        envelopes = {pair: _envelope_bounds(tangents[pair]) for pair in rest}
+        envelopes = {pair: _envelope_bounds(with_zero(pair)) for pair in rest}
         ceiling = min(best(), *(upper for _, upper, _ in envelopes.values()))
         before = len(rest)
         rest = sorted((pair for pair in rest if envelopes[pair][0] <= ceiling + slack(ceiling)),
@@ -863,10 +887,33 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
         rest = [pair for pair in rest if envelopes[pair][0] <= best() + slack(best())]
         if round_ > 0 and len(rest) > before * (1 - TANGENT_MIN_GAIN):
             break
-        brackets = {pair: _narrowed(tangents[pair], envelopes[pair][2]) for pair in rest}
+        brackets = {pair: _narrowed(with_zero(pair), envelopes[pair][2]) for pair in rest}
     if rest:
         evaluated.update(_exact_pairs(res, us, vs, rest, draws)[0])
     return evaluated
+
+
+def _zero_tangent(sums: _BoundSums, us, vs, pair: tuple[int, int], theta_max: float) -> _Tangent:
+    """The tangent of a pair's objective at delta = 0, from the dual sums (no pass of its own): the value
+    ||R||_1 and the slope -<sign(R), u v^T> (a subgradient: an entry with R_ij = 0 may take sign 0).
+    err bounds the rounding of the sums (see ``_BoundSums.run``) in the value, and in the slope over any
+    distance up to 7 theta_max (as ``_tangents``); l1 is summed as finely as the tangent passes sum, so that
+    this tangent is as sharp as theirs."""
+    a, b = pair
+    c1 = float(sums.signed[BOUND_POWERS.index(0)][a, b])  # alpha = 0: sign(R) against u v^T itself
+    w_all = float(us[:, a].to(torch.float64).abs().sum() * vs[:, b].to(torch.float64).abs().sum())
+    eps = torch.finfo(us.dtype).eps
+    err = (sums.l1_run + 4) * eps * sums.l1 + (sums.run + 4) * eps * 7 * theta_max * w_all
+    return _Tangent(0.0, sums.l1, -c1, err)
+
+
+def _points(bracket: tuple[float, float], zero: _Tangent) -> tuple[float, ...]:
+    """Where to take a pair's tangents in a bracket: both ends; or, when the bracket holds 0, only the end on
+    the side where the objective falls from 0 (the tangent at 0 is known), and none where it is flat there."""
+    lo, hi = bracket
+    if not lo < 0 < hi:
+        return lo, hi
+    return (hi,) if zero.g < 0 else (lo,) if zero.g > 0 else ()
 
 
 def _narrowed(tangents: list[_Tangent], known: tuple[float, float] | None) -> tuple[float, float]:

@@ -351,7 +351,7 @@ def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
        st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]))
 def test_dual_sums_kernel_matches_float64(rows, cols, n_signed, n_abs, seed, dtype):
     """sign(R) @ V1, |R| @ V2 and the row sums of |R| from the kernel, against float64, to the rounding of runs
-    of DUAL_RUN terms; rows and columns past the kernel's groups and runs, zeros in R."""
+    of DUAL_RUN terms (SUM_BLOCK for l1); rows and columns past the kernel's groups and runs, zeros in R."""
     rng = np.random.default_rng(seed)
     r = (rng.standard_normal((rows, cols)) * (rng.random((rows, cols)) < 0.8)).astype(dtype)
     v1, v2 = rng.standard_normal((n_signed, cols)).astype(dtype), rng.standard_normal((n_abs, cols)).astype(dtype)
@@ -361,16 +361,18 @@ def test_dual_sums_kernel_matches_float64(rows, cols, n_signed, n_abs, seed, dty
         exact = x @ v.astype(np.float64).T
         assert found.shape == exact.shape
         assert np.all(np.abs(found - exact) <= (kernels.DUAL_RUN + 2) * eps * (np.abs(x) @ np.abs(v.T)) + 1e-300)
-    assert np.all(np.abs(l1 - np.abs(r64).sum(1)) <= (kernels.DUAL_RUN + 2) * eps * np.abs(r64).sum(1))
+    assert np.all(np.abs(l1 - np.abs(r64).sum(1)) <= (kernels.SUM_BLOCK + 2) * eps * np.abs(r64).sum(1))
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
 @settings(max_examples=40, deadline=None)
-@given(lora_factors(max_dim=40), st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(0, 3))
-def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, width):
+@given(lora_factors(max_dim=40), st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(0, 3),
+       st.lists(st.booleans(), min_size=4, max_size=4))
+def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, width, single):
     """A tangent from a float32 pass is within its err of the exact one on the same float32 residual: the
     value f(theta) = sum |R - theta u v^T|, and the slope (to err / (2 max |theta|), or its own rounding)
-    within the range of subgradients at theta. This is what keeps the tangent bounds certified."""
+    within the range of subgradients at theta. This is what keeps the tangent bounds certified. Pairs
+    asked for one point only share the kernel's two-probe slots with other pairs."""
     if use_kernel and not kernels.available:
         pytest.skip("numba is not available")
     b, a, _ = case
@@ -378,27 +380,64 @@ def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, wi
     us = torch.tensor(rng.standard_normal((b.shape[0], 2))).float()
     vs = torch.tensor(rng.standard_normal((a.shape[1], 2))).float()
     us[rng.random(b.shape[0]) < 0.2] = 0  # zero weights count |R| and add nothing to the slope
-    pairs = [(0, 0), (1, 1), (0, 1)]
+    pairs = [(0, 0), (1, 1), (0, 1), (1, 0)]
     scale = float((b @ a).abs().max() / (us.abs().max() * vs.abs().max() + 1e-30)) + 1e-12
-    brackets = {pair: ((centre - width) * scale, (centre + width) * scale) for pair in pairs}
+    points = {pair: ((centre + width) * scale,) if one else ((centre - width) * scale, (centre + width) * scale)
+              for pair, one in zip(pairs, single, strict=True)}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
         mp.setattr(spectral, "CHUNK_ENTRIES", 37)
         residual = spectral._Residual(b.float(), a.T.float())
-        found = spectral._tangents(residual, us, vs, pairs, brackets)
+        found = spectral._tangents(residual, us, vs, pairs, points)
         r = torch.cat([chunk for _, chunk in residual.chunks()]).double()  # the values the pass saw
     for a_, b_ in pairs:
+        assert [t.theta for t in found[a_, b_]] == [float(torch.tensor(x).float()) for x in points[a_, b_]]
         c = us[:, a_].double()[:, None] * vs[:, b_].double()[None, :]
         theta_max = max(abs(t.theta) for t in found[a_, b_])
         for t in found[a_, b_]:
             e = r - t.theta * c
             assert abs(t.f - float(e.abs().sum())) <= t.err
-            tied = e.abs() <= 1e-12 * (r.abs() + abs(t.theta) * c.abs())
+            # an e within the float32 pass's rounding of 0 (4 eps of its terms) may take either sign there
+            tied = e.abs() <= 4 * torch.finfo(torch.float32).eps * (r.abs() + abs(t.theta) * c.abs())
             g_mid = float(-(c * e.sign() * ~tied).sum())
             g_free = float((c.abs() * tied).sum())
             g_err = max(t.err / (2 * theta_max) if theta_max > 0 else 0.0,
                         2 * (kernels.SUM_BLOCK + 4) * torch.finfo(torch.float32).eps * float(c.abs().sum()))
             assert g_mid - g_free - g_err <= t.g <= g_mid + g_free + g_err
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+@settings(max_examples=40, deadline=None)
+@given(lora_factors(max_dim=40), st.integers(0, 2**32 - 1), st.floats(0, 3))
+def test_zero_tangent_is_within_its_bound(use_kernel, case, seed, theta_max):
+    """The tangent at delta = 0 that the dual sums give for free: its value within err of ||R||_1 and its
+    slope within err / (2 theta_max) (or the sums' own rounding) of a subgradient at 0, on the float32
+    residual the pass saw (zeros in R may take either sign); so it is a lower bound of every objective."""
+    if use_kernel and not kernels.available:
+        pytest.skip("numba is not available")
+    b, a, _ = case
+    rng = np.random.default_rng(seed)
+    us = torch.tensor(rng.standard_normal((b.shape[0], 2))).float()
+    vs = torch.tensor(rng.standard_normal((a.shape[1], 2))).float()
+    us[rng.random(b.shape[0]) < 0.2] = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+        mp.setattr(spectral, "CHUNK_ENTRIES", 37)
+        residual, sums = spectral._Residual(b.float(), a.T.float()), spectral._BoundSums()
+        spectral._accumulate(residual, us, vs, {}, sums)
+        r = torch.cat([chunk for _, chunk in residual.chunks()]).double()
+    scale = float(r.abs().max() / (us.abs().max() * vs.abs().max() + 1e-30))
+    for pair in [(0, 0), (1, 1), (0, 1)]:
+        t = spectral._zero_tangent(sums, us, vs, pair, theta_max * scale)
+        c = us[:, pair[0]].double()[:, None] * vs[:, pair[1]].double()[None, :]
+        assert t.theta == 0.0
+        assert abs(t.f - float(r.abs().sum())) <= t.err
+        g_mid, g_free = float(-(c * r.sign()).sum()), float((c.abs() * (r == 0)).sum())
+        g_err = max(t.err / (2 * theta_max * scale) if theta_max * scale > 0 else 0.0,
+                    (sums.run + 2) * torch.finfo(torch.float32).eps * float(c.abs().sum()))
+        assert g_mid - g_free - g_err <= t.g <= g_mid + g_free + g_err
+        for y in np.linspace(-theta_max * scale, theta_max * scale, 5):
+            assert t.f + t.g * y - 3 * t.err <= float((r - y * c).abs().sum()) * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
