@@ -320,7 +320,8 @@ def test_near_ties_are_decided_in_float64(compiled, seed, d, k, dtype):
 @settings(max_examples=60, deadline=None)
 @given(lora_factors(), st.integers(0, 2**32 - 1), st.booleans())
 def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
-    """Also with zero entries in the candidates (the |R| sums then cannot come from the row sums)."""
+    """Also with zero entries in the candidates (the |R| sums then cannot come from the row sums), and with
+    alpha = 0 alone (as the screening takes them away from near ties)."""
     if use_kernel and not kernels.available:
         pytest.skip("numba is not available")
     b, a, _ = case
@@ -334,6 +335,9 @@ def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
         mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
         mp.setattr(spectral, "CHUNK_ENTRIES", 23)  # several chunks, most a few rows short of the kernel's groups
         bounds, l1 = spectral._lower_bounds(b, a.T, us, vs)
+        first, l1_first = spectral._lower_bounds(b, a.T, us, vs, spectral.BOUND_POWERS[:1])
+    assert l1_first == l1
+    assert torch.all(first <= bounds)  # each pair keeps its best bound: more powers never make it worse
     R = (b @ a).numpy()
     assert l1 == pytest.approx(np.abs(R).sum(), rel=1e-12, abs=1e-300)
     for i in range(us.shape[1]):
@@ -343,6 +347,7 @@ def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
             delta = weighted_lower_median(R[nz] / uv[nz], np.abs(uv[nz])) if nz.any() else 0.0
             exact = np.abs(R - delta * uv).sum()
             assert float(bounds[i, j]) <= exact * (1 + 1e-9) + 1e-12
+            assert float(first[i, j]) <= exact * (1 + 1e-9) + 1e-12
 
 
 @pytest.mark.skipif(not kernels.available, reason="numba is not available")
