@@ -48,15 +48,11 @@ TANGENT_SHRINK = 8.0
 TANGENT_MIN_GAIN = 0.25
 """Tangent rounds stop once a round rules out fewer than this fraction of the pairs left."""
 
-ESTIMATE_MARGIN = 0.25
-"""The first pass evaluates the pairs whose estimated gain (||R||_1 minus the objective) is within this
-fraction of the best estimated gain."""
-
 SCREEN_MIN_ENTRIES = 1 << 14
 """Below this many entries every pair is evaluated in one pass: screening would cost more than it saves."""
 
 BATCHED_MAX_ENTRIES = 1 << 21
-"""Small layers: when entries x pairs is at most this, every ratio of every pair is sorted in one batch."""
+"""Small layers: when entries x pairs is at most this, each pair's median is selected over all its ratios at once."""
 
 BOUND_BLOCK_ENTRIES = 1 << 18
 """The dual bounds' sums take sign(R) and |R| this many entries at a time (1 MiB in float32)."""
@@ -846,8 +842,9 @@ def _best(res: _Residual, us, vs, evaluated: dict) -> tuple[tuple[int, int], tup
 def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, int], tuple[float, float]]:
     """Exact objectives of the pairs that the certified lower bounds cannot rule out.
 
-    1. The pairs whose estimate (on a sample) is near the best estimate are evaluated exactly, in a pass
-       that also gives every pair's dual bound (``_lower_bounds``).
+    1. The pair with the best estimate (on a sample) is evaluated exactly, in a pass that also gives every
+       pair's dual bound (``_lower_bounds``). (Evaluating every pair near the best estimate costs more:
+       where gains are near ties the estimates cannot tell the pairs apart, and the tangents do it for less.)
     2. The pairs whose dual bound does not exceed the best objective so far get tangent bounds and upper
        bounds (``_tangents``, ``_envelope_bounds``) from cheaper passes that form no ratio: first at the
        ends of a bracket sampled with weights |u_i v_j| (``_brackets``), then (up to TANGENT_ROUNDS times)
@@ -860,9 +857,7 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     p, q = res.p, res.q
     estimates, sample_l1 = _sample_objectives(p, q, us, vs, draws.gen)
     best_estimate = float(estimates.min())
-    # objectives differ by the gains of the pairs, which are small next to ||R||_1: the margin is on the gain
-    cutoff = best_estimate + ESTIMATE_MARGIN * max(sample_l1 - best_estimate, 0.0)
-    first = [pair for pair in pairs if float(estimates[pair]) <= cutoff] or pairs[:1]
+    first = [min(pairs, key=lambda pair: (float(estimates[pair]), pair))]
     powers = BOUND_POWERS if sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1 else BOUND_POWERS[:1]
     evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=powers)
 
