@@ -248,6 +248,8 @@ class _BoundSums:
     absolute: list = field(default_factory=list)
     """[alpha]: [Mu, Mv], sum_ij |R_ij| |u_i|^alpha |v_j|^alpha (|x|^0 is 1 for x != 0, else 0)."""
 
+    _rows: list = field(default_factory=list, init=False, repr=False)
+    """(u, sign(R) and |R| projections, row sums of |R|) of the rows added, until ``finish``."""
     _v_side: tuple | None = field(default=None, init=False, repr=False)
     _v_rows: tuple | None = field(default=None, init=False, repr=False)
 
@@ -269,9 +271,7 @@ class _BoundSums:
     def add(self, r_chunk: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, owed: tuple | None = None) -> None:
         """Add one chunk's sums; ``owed`` (du, v), if given, is first subtracted from the chunk in place
         (see ``_Residual.owing_chunks``)."""
-        f64 = torch.float64
-        n, m_v = len(self.powers), vs.shape[1]
-        v_signed, v_abs, abs_powers = self._prepare(vs)
+        v_signed, v_abs, _ = self._prepare(vs)
         if _use_kernel(r_chunk):
             if self._v_rows is None:  # the kernel's layout: one contiguous row per right-hand side
                 self._v_rows = (v_signed.T.contiguous().numpy(), v_abs.T.contiguous().numpy())
@@ -283,19 +283,25 @@ class _BoundSums:
             if owed is not None:
                 _subtract(r_chunk, *owed)
             s_proj, a_proj, l1 = self._products(r_chunk, v_signed, v_abs)
-        if not self.signed:
-            self.signed = [0.0] * n
-            self.absolute = [0.0] * n
-        s_proj, a_proj, l1, us64 = s_proj.to(f64), a_proj.to(f64), l1.to(f64), us.to(f64)
-        self.l1 += float(l1.sum())
+        self._rows.append((us, s_proj, a_proj, l1))
+
+    def finish(self, vs: torch.Tensor) -> None:
+        """Contract the rows' projections with the candidates u, once all chunks are in."""
+        f64 = torch.float64
+        m_v = vs.shape[1]
+        _, _, abs_powers = self._prepare(vs)
+        us64, s_proj, a_proj, l1 = (torch.cat(part).to(f64) for part in zip(*self._rows, strict=True))
+        self._rows = []
+        self.l1 = float(l1.sum())
         a_parts = dict(zip(abs_powers, a_proj.split(m_v, 1) if abs_powers else (), strict=True))
+        self.signed, self.absolute = [], []
         for k, s_k in enumerate(s_proj.split(m_v, 1)):
             u_pow = _power(us64, self.powers[k])
-            self.signed[k] = self.signed[k] + (us64 * u_pow).T @ s_k
+            self.signed.append((us64 * u_pow).T @ s_k)
             if k in a_parts:
-                self.absolute[k] = self.absolute[k] + u_pow.T @ a_parts[k]
+                self.absolute.append(u_pow.T @ a_parts[k])
             else:  # alpha = 0 and no v_j is zero: sum_ij |R_ij| [u_i != 0] from the row sums
-                self.absolute[k] = self.absolute[k] + (u_pow.T @ l1[:, None]).expand(-1, m_v)
+                self.absolute.append((u_pow.T @ l1[:, None]).expand(-1, m_v))
 
     @staticmethod
     def _products(r_chunk: torch.Tensor, v_signed: torch.Tensor, v_abs: torch.Tensor) -> tuple:
@@ -592,6 +598,8 @@ def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict
                 sums = ((w * below).sum(dtype=f64), (t * below).sum(dtype=f64), (w * above).sum(dtype=f64),
                         (t * above).sum(dtype=f64), zero)
                 acc.add(sums, ratio[inside], w[inside])
+    if bound_sums is not None:
+        bound_sums.finish(vs)
 
 
 def _select(acc: _PairPass) -> tuple[float, float] | None:
