@@ -414,6 +414,13 @@ class _Draws:
             self._weighted[side, index] = _weighted_indices(candidates[:, index], SAMPLE_SIZE, self.gen)
         return self._weighted[side, index]
 
+    def all_weighted(self, side: str, candidates: torch.Tensor) -> torch.Tensor:
+        """[M, SAMPLE_SIZE]: the draws of every candidate on one side."""
+        if (side, "all") not in self._weighted:
+            self._weighted[side, "all"] = torch.stack([self.weighted(side, candidates, index)
+                                                       for index in range(candidates.shape[1])])
+        return self._weighted[side, "all"]
+
 
 def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, widths: dict,
               draws: _Draws) -> dict[tuple[int, int], tuple[float, float]]:
@@ -431,8 +438,7 @@ def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tens
         half = widths[pair] * math.sqrt(n) / 2
         ranks[pair] = (max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half)))
     if kernels.available and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
-        rows = torch.stack([draws.weighted("u", us, a) for a in range(us.shape[1])]).numpy()
-        cols = torch.stack([draws.weighted("v", vs, b) for b in range(vs.shape[1])]).numpy()
+        rows, cols = draws.all_weighted("u", us).numpy(), draws.all_weighted("v", vs).numpy()
         table = np.array([(a, b, *ranks[a, b]) for a, b in sampled], dtype=np.int64)
         ends = kernels.sample_brackets(p.contiguous().numpy(), q.contiguous().numpy(), us.contiguous().numpy(),
                                        vs.contiguous().numpy(), rows, cols, table)
