@@ -97,9 +97,8 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
     left_w = 0.0  # weight of the candidates left
     for j in range(n):
         left_w += f64(weights[j])
-    buf_x = np.empty((2, n), ratios.dtype)
-    buf_w = np.empty((2, n), weights.dtype)
-    side = 0
+    out_x = np.empty(n, ratios.dtype)  # the candidates left, after the first round (compacted in place)
+    out_w = np.empty(n, weights.dtype)
     seed = 12345
     delta = np.nan
     if half <= 0 and n > 0:  # the first entry in ascending order reaches it
@@ -133,10 +132,8 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
             part = 2  # the pivots missed low
             below_w += w_less + w_mid
             left_w = w_more
-        out_x = buf_x[side]
-        out_w = buf_w[side]
         k = 0
-        for j in range(m):  # branch-free: every entry is written, the count advances for those kept
+        for j in range(m):  # branch-free: every entry is written (at k <= j), the count advances for those kept
             x = cur_x[j]
             out_x[k] = x
             out_w[k] = cur_w[j]
@@ -148,14 +145,15 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
         cur_x = out_x[:k]
         cur_w = out_w[:k]
         m = k
-        side = 1 - side
     if np.isnan(delta):
-        order = np.argsort(cur_x[:m])
+        last_x = cur_x[:m].copy()
+        last_w = cur_w[:m].copy()
+        _sort_pairs(last_x, last_w, m)
         run = below_w
         for t in range(m):
-            run += f64(cur_w[order[t]])
+            run += f64(last_w[t])
             if run >= half:
-                delta = f64(cur_x[order[t]])
+                delta = f64(last_x[t])
                 break
         if np.isnan(delta):
             return np.nan, 0.0
@@ -178,7 +176,7 @@ def _pivots(x, w, target, seed):  # pragma: no cover - compiled
         pos = (t * m) // s + seed % max(1, m // s)
         sample_x[t] = x[pos]
         sample_w[t] = w[pos]
-    order = np.argsort(sample_x)
+    _sort_pairs(sample_x, sample_w, s)
     sample_total = 0.0
     for t in range(s):
         sample_total += sample_w[t]
@@ -187,13 +185,29 @@ def _pivots(x, w, target, seed):  # pragma: no cover - compiled
     hi_pivot = np.inf
     run = 0.0
     for t in range(s):
-        run += sample_w[order[t]]
+        run += sample_w[t]
         fraction = run / sample_total if sample_total > 0 else (t + 1.0) / s
         if fraction < target - margin:
-            lo_pivot = np.float64(sample_x[order[t]])
+            lo_pivot = np.float64(sample_x[t])
         if fraction >= target + margin and hi_pivot == np.inf:
-            hi_pivot = np.float64(sample_x[order[t]])
+            hi_pivot = np.float64(sample_x[t])
     return lo_pivot, hi_pivot, seed
+
+
+def _sort_pairs(x, w, n):  # pragma: no cover - compiled
+    """Sort x[:n] ascending in place, w[:n] along with it: a shell sort (Ciura's gaps, extended), small to compile
+    and quick on the few hundred entries it is given (NaN, compared false, stays where it falls)."""
+    for gap in (100894, 44842, 19930, 8858, 3937, 1750, 701, 301, 132, 57, 23, 10, 4, 1):
+        for i in range(gap, n):
+            x_i = x[i]
+            w_i = w[i]
+            j = i
+            while j >= gap and x[j - gap] > x_i:
+                x[j] = x[j - gap]
+                w[j] = w[j - gap]
+                j -= gap
+            x[j] = x_i
+            w[j] = w_i
 
 
 def _weighted_select_rows(ratios, weights, halves, out):  # pragma: no cover - compiled
@@ -446,6 +460,7 @@ if available:
                                fastmath={"reassoc"})(_objectives64)
     _sample_brackets = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
                                   error_model="numpy")(_sample_brackets)
+    _sort_pairs = numba.njit(cache=True, nogil=True)(_sort_pairs)
     _pivots = numba.njit(cache=True, nogil=True)(_pivots)
     # fastmath 'reassoc': the float64 weight sums may be reordered (their order is arbitrary anyway)
     _weighted_select = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(_weighted_select)

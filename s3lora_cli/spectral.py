@@ -680,9 +680,9 @@ def _sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor
     n = ESTIMATE_SAMPLE
     i = torch.randint(p.shape[0], (n,), generator=gen, device=p.device)
     j = torch.randint(q.shape[0], (n,), generator=gen, device=p.device)
-    r = (p[i] * q[j]).sum(1).to(torch.float64)  # [n]
-    objectives = _pair_medians(r, us.to(torch.float64), vs.to(torch.float64), i, j)[1]
-    return objectives.cpu(), float(r.abs().sum())
+    r = (p[i] * q[j]).sum(1)  # [n], in the compute dtype (estimates need no more)
+    objectives = _pair_medians(r, us, vs, i, j)[1]
+    return objectives.cpu(), float(r.abs().sum(dtype=torch.float64))
 
 
 @dataclass(frozen=True)
