@@ -5,6 +5,7 @@
     python scripts/bench.py --cases 7B-qkvo --device cuda
     python scripts/bench.py --cases store --store-size 1000   # s3lora scan: adapters per second
     python scripts/bench.py --cases 70B-all --blocks 4 --skip-ratios   # a prefix of the blocks, extrapolated
+    python scripts/bench.py --cases 135M-all                  # a small model's adapter (210 small layers)
 
 Adapters are generated deterministically into a temporary directory (nothing large is committed), written
 one tensor at a time, so that even the 1.7 GB 70B adapter never sits in memory. Their updates have the
@@ -46,6 +47,9 @@ CASES = {
     "70B-all": (80, {"q_proj": (8192, 8192), "k_proj": (1024, 8192), "v_proj": (1024, 8192),
                      "o_proj": (8192, 8192), "gate_proj": (28672, 8192), "up_proj": (28672, 8192),
                      "down_proj": (8192, 28672)}, 16),
+    # a small model's adapter: SmolLM2-135M shapes (hidden 576, kv 192, MLP 1536), all seven projections
+    "135M-all": (30, {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+                      "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}, 8),
 }
 MLP = {"gate_proj", "up_proj", "down_proj"}
 THREAD_ENV = dict(os.environ)
