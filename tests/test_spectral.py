@@ -369,6 +369,19 @@ def test_dual_sums_kernel_matches_float64(rows, cols, n_signed, n_abs, seed, dty
     assert np.all(np.abs(l1 - np.abs(r64).sum(1)) <= (kernels.SUM_BLOCK + 2) * eps * np.abs(r64).sum(1))
 
 
+def _two_candidates(use_kernel: bool, case, seed: int):
+    """(B, A, us, vs): the case's factors and two random float32 candidates a side, a fifth of u's entries
+    zero (zero weights count |R| and add nothing to the slope); skips the kernel's run without numba."""
+    if use_kernel and not kernels.available:
+        pytest.skip("numba is not available")
+    b, a, _ = case
+    rng = np.random.default_rng(seed)
+    us = torch.tensor(rng.standard_normal((b.shape[0], 2))).float()
+    vs = torch.tensor(rng.standard_normal((a.shape[1], 2))).float()
+    us[rng.random(b.shape[0]) < 0.2] = 0
+    return b, a, us, vs
+
+
 @pytest.mark.parametrize("use_kernel", [False, True])
 @settings(max_examples=40, deadline=None)
 @given(lora_factors(max_dim=40), st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(0, 3),
@@ -378,13 +391,7 @@ def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, wi
     value f(theta) = sum |R - theta u v^T|, and the slope (to err / (2 max |theta|), or its own rounding)
     within the range of subgradients at theta. This is what keeps the tangent bounds certified. Pairs
     asked for one point only share the kernel's two-probe slots with other pairs."""
-    if use_kernel and not kernels.available:
-        pytest.skip("numba is not available")
-    b, a, _ = case
-    rng = np.random.default_rng(seed)
-    us = torch.tensor(rng.standard_normal((b.shape[0], 2))).float()
-    vs = torch.tensor(rng.standard_normal((a.shape[1], 2))).float()
-    us[rng.random(b.shape[0]) < 0.2] = 0  # zero weights count |R| and add nothing to the slope
+    b, a, us, vs = _two_candidates(use_kernel, case, seed)
     pairs = [(0, 0), (1, 1), (0, 1), (1, 0)]
     scale = float((b @ a).abs().max() / (us.abs().max() * vs.abs().max() + 1e-30)) + 1e-12
     points = {pair: ((centre + width) * scale,) if one else ((centre - width) * scale, (centre + width) * scale)
@@ -418,13 +425,7 @@ def test_zero_tangent_is_within_its_bound(use_kernel, case, seed, theta_max):
     """The tangent at delta = 0 that the dual sums give for free: its value within err of ||R||_1 and its
     slope within err / (2 theta_max) (or the sums' own rounding) of a subgradient at 0, on the float32
     residual the pass saw (zeros in R may take either sign); so it is a lower bound of every objective."""
-    if use_kernel and not kernels.available:
-        pytest.skip("numba is not available")
-    b, a, _ = case
-    rng = np.random.default_rng(seed)
-    us = torch.tensor(rng.standard_normal((b.shape[0], 2))).float()
-    vs = torch.tensor(rng.standard_normal((a.shape[1], 2))).float()
-    us[rng.random(b.shape[0]) < 0.2] = 0
+    b, a, us, vs = _two_candidates(use_kernel, case, seed)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
         mp.setattr(spectral, "CHUNK_ENTRIES", 37)
