@@ -350,7 +350,8 @@ class _Residual:
         self._pick: tuple | None = None  # (delta u, v) of the previous pick
 
     def chunks(self):
-        """(rows, chunk) of R, every row once."""
+        """(rows, chunk) of R, every row once. A chunk that is not kept (past CACHE_ENTRIES) is valid only
+        until the next one is asked for."""
         for rows, chunk, owed in self.owing_chunks():
             if owed is not None:
                 _subtract(chunk, *owed)
@@ -368,18 +369,31 @@ class _Residual:
                     self._owed.discard(index)
                     owed = (self._pick[0][rows], self._pick[1])
                 yield rows, chunk, owed
+            scratch = None
             for rows in all_rows[len(self._cache):]:
-                yield rows, self.p[rows] @ self.q.T, None
+                scratch = self._form(rows, scratch)
+                yield rows, scratch, None
             return
-        self._cache, caching, room = [], True, CACHE_ENTRIES
+        self._cache, caching, room, scratch = [], True, CACHE_ENTRIES, None
         for rows in all_rows:
-            chunk = (rows, self.p[rows] @ self.q.T)  # [c, k]
-            caching = caching and chunk[1].numel() <= room
+            n = (rows.stop - rows.start) * self.q.shape[0]
+            caching = caching and n <= room
             if caching:
-                self._cache.append(chunk)
-                room -= chunk[1].numel()
-            yield *chunk, None
+                self._cache.append((rows, self._form(rows)))
+                room -= n
+                yield *self._cache[-1], None
+            else:
+                scratch = self._form(rows, scratch)
+                yield rows, scratch, None
         self._complete = True
+
+    def _form(self, rows: slice, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """R[rows] from the factors; a chunk that is not kept is formed in ``scratch`` (the previous one's
+        memory, so that a pass does not allocate per chunk): it is valid until the next one is asked for."""
+        if scratch is None:
+            return self.p[rows] @ self.q.T
+        out = scratch.view(-1)[:(rows.stop - rows.start) * self.q.shape[0]].view(-1, self.q.shape[0])
+        return torch.matmul(self.p[rows], self.q.T, out=out)
 
     def deflate(self, delta: float, u: torch.Tensor, v: torch.Tensor) -> _Residual:
         """The next step's residual, R - delta u v^T (u: [d], v: [k]); this one is used up."""

@@ -285,6 +285,29 @@ def test_fit_objective_and_delta_are_literal(name):
             R = R - p.delta * uv
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 23), st.integers(1, 9), st.integers(1, 4), st.integers(0, 60), st.integers(1, 40),
+       st.integers(0, 2**32 - 1))
+def test_residual_chunks_are_the_rows_of_r(d, k, s, cache, chunk, seed):
+    """Every pass hands out each row of R = p q^T once, as the factors give it: the chunks kept (up to
+    CACHE_ENTRIES) and those formed again in one reused buffer (the last one shorter), before and after a
+    deflation (the kept ones owe the pick until a pass subtracts it)."""
+    rng = np.random.default_rng(seed)
+    p, q = torch.tensor(rng.standard_normal((d, s))).float(), torch.tensor(rng.standard_normal((k, s))).float()
+    u, v = torch.tensor(rng.standard_normal(d)).float(), torch.tensor(rng.standard_normal(k)).float()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(spectral, "CACHE_ENTRIES", cache)
+        mp.setattr(spectral, "CHUNK_ENTRIES", chunk)
+        residual = spectral._Residual(p, q)
+        for _ in range(2):
+            seen = [(rows, part.clone()) for rows, part in residual.chunks()]
+            assert [r for rows, _ in seen for r in range(rows.start, rows.stop)] == list(range(d))
+            exact = (residual.p.double() @ residual.q.double().T).float()
+            for rows, part in seen:
+                assert torch.allclose(part, exact[rows], rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+            residual = residual.deflate(0.5, u, v)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 13), st.integers(1, 11),
