@@ -248,6 +248,10 @@ class _BoundSums:
     absolute: list = field(default_factory=list)
     """[alpha]: [Mu, Mv], sum_ij |R_ij| |u_i|^alpha |v_j|^alpha (|x|^0 is 1 for x != 0, else 0)."""
 
+    w_all: torch.Tensor | None = None
+    """[Mu, Mv]: sum_ij |u_i v_j| = ||u||_1 ||v||_1 of every pair."""
+    eps: float = 0.0
+    """eps of the compute dtype."""
     _rows: list = field(default_factory=list, init=False, repr=False)
     """(u, sign(R) and |R| projections, row sums of |R|) of the rows added, until ``finish``."""
     _v_side: tuple | None = field(default=None, init=False, repr=False)
@@ -293,6 +297,8 @@ class _BoundSums:
         us64, s_proj, a_proj, l1 = (torch.cat(part).to(f64) for part in zip(*self._rows, strict=True))
         self._rows = []
         self.l1 = float(l1.sum())
+        self.w_all = us64.abs().sum(0)[:, None] * vs.to(f64).abs().sum(0)[None, :]  # ||u_a||_1 ||v_b||_1
+        self.eps = torch.finfo(vs.dtype).eps
         a_parts = dict(zip(abs_powers, a_proj.split(m_v, 1) if abs_powers else (), strict=True))
         self.signed, self.absolute = [], []
         for k, s_k in enumerate(s_proj.split(m_v, 1)):
@@ -900,8 +906,7 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     tangents: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in rest}
 
     def with_zero(pair) -> list[_Tangent]:  # the tangent at 0 (free), its rounding over the span of the others
-        return [*tangents[pair], _zero_tangent(sums, us, vs, pair, max((abs(t.theta) for t in tangents[pair]),
-                                                                        default=0.0))]
+        return [*tangents[pair], _zero_tangent(sums, pair, max((abs(t.theta) for t in tangents[pair]), default=0.0))]
 
     for round_ in range(TANGENT_ROUNDS):
         if not rest:
@@ -927,7 +932,7 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     return evaluated
 
 
-def _zero_tangent(sums: _BoundSums, us, vs, pair: tuple[int, int], theta_max: float) -> _Tangent:
+def _zero_tangent(sums: _BoundSums, pair: tuple[int, int], theta_max: float) -> _Tangent:
     """The tangent of a pair's objective at delta = 0, from the dual sums (no pass of its own): the value
     ||R||_1 and the slope -<sign(R), u v^T> (a subgradient: an entry with R_ij = 0 may take sign 0).
     err bounds the rounding of the sums (see ``_BoundSums.run``) in the value, and in the slope over any
@@ -935,8 +940,7 @@ def _zero_tangent(sums: _BoundSums, us, vs, pair: tuple[int, int], theta_max: fl
     this tangent is as sharp as theirs."""
     a, b = pair
     c1 = float(sums.signed[sums.powers.index(0)][a, b])  # alpha = 0: sign(R) against u v^T itself
-    w_all = float(us[:, a].to(torch.float64).abs().sum() * vs[:, b].to(torch.float64).abs().sum())
-    eps = torch.finfo(us.dtype).eps
+    w_all, eps = float(sums.w_all[a, b]), sums.eps
     err = (sums.l1_run + 4) * eps * sums.l1 + (sums.run + 4) * eps * 7 * theta_max * w_all
     return _Tangent(0.0, sums.l1, -c1, err)
 
