@@ -259,6 +259,13 @@ def _tangent_sums(r, u, v, slots, thetas, vsum, out):  # pragma: no cover - comp
             s1_p = 0.0
             s1_q = 0.0
             for start in range(0, k, SUM_BLOCK):
+                stop = min(k, start + SUM_BLOCK)
+                # slices indexed from 0: the loop then loads consecutive entries (indexed from ``start``, numba's
+                # wraparound of negative indices makes LLVM gather them one by one, ~10x slower)
+                vr_p = v_p[start:stop]
+                vr_q = v_q[start:stop]
+                x0r = row0[start:stop]
+                x1r = row1[start:stop]
                 run_f0_p = zero_t
                 run_f0_q = zero_t
                 run_s0_p = zero_t
@@ -267,11 +274,11 @@ def _tangent_sums(r, u, v, slots, thetas, vsum, out):  # pragma: no cover - comp
                 run_f1_q = zero_t
                 run_s1_p = zero_t
                 run_s1_q = zero_t
-                for j in range(start, min(k, start + SUM_BLOCK)):
-                    vj_p = v_p[j]
-                    vj_q = v_q[j]
-                    x0 = row0[j]
-                    x1 = row1[j]
+                for j in range(stop - start):
+                    vj_p = vr_p[j]
+                    vj_q = vr_q[j]
+                    x0 = x0r[j]
+                    x1 = x1r[j]
                     e0_p = x0 - a0_p * vj_p
                     e0_q = x0 - a0_q * vj_q
                     e1_p = x1 - a1_p * vj_p
@@ -332,11 +339,15 @@ def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out)
                     r[first + t, j] = r[first + t, j] - dui * dv[j]
             total = 0.0
             for start in range(0, k, SUM_BLOCK):
+                stop = min(k, start + SUM_BLOCK)
+                row = r[first + t, start:stop]  # indexed from 0, as in ``_tangent_sums``
+                row_signs = signs[t, start:stop]
+                row_mags = mags[t, start:stop]
                 run = zero_t
-                for j in range(start, min(k, start + SUM_BLOCK)):
-                    x = r[first + t, j]
-                    signs[t, j] = one_t if x > zero_t else (-one_t if x < zero_t else zero_t)
-                    mags[t, j] = abs(x)
+                for j in range(stop - start):
+                    x = row[j]
+                    row_signs[j] = one_t if x > zero_t else (-one_t if x < zero_t else zero_t)
+                    row_mags[j] = abs(x)
                     run += abs(x)
                 total += np.float64(run)
             l1_out[first + t] = total
@@ -349,16 +360,18 @@ def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out)
             c2 = 0.0
             c3 = 0.0
             for start in range(0, k, DUAL_RUN):
+                stop = min(k, start + DUAL_RUN)
+                vr, x0r, x1r, x2r, x3r = v[start:stop], x0[start:stop], x1[start:stop], x2[start:stop], x3[start:stop]
                 e0 = zero_t
                 e1 = zero_t
                 e2 = zero_t
                 e3 = zero_t
-                for j in range(start, min(k, start + DUAL_RUN)):
-                    vj = v[j]
-                    e0 += x0[j] * vj
-                    e1 += x1[j] * vj
-                    e2 += x2[j] * vj
-                    e3 += x3[j] * vj
+                for j in range(stop - start):
+                    vj = vr[j]
+                    e0 += x0r[j] * vj
+                    e1 += x1r[j] * vj
+                    e2 += x2r[j] * vj
+                    e3 += x3r[j] * vj
                 c0 += np.float64(e0)
                 c1 += np.float64(e1)
                 c2 += np.float64(e2)
