@@ -498,11 +498,26 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
         scratch.update(shape=key, ratios=np.empty(key, r.dtype), weights=np.empty(key, r.dtype),
                        sums=np.empty((key[0], 5), np.float64), counts=np.empty(key[0], np.int64))
     sums, counts = scratch["sums"], scratch["counts"]
-    _bracket_pass(r, u, v, lo, hi, sums, counts, scratch["ratios"], scratch["weights"])
+    _bracket_pass(r, u, v, *_in_dtype(lo, hi, r.dtype), sums, counts, scratch["ratios"], scratch["weights"])
     n = int(counts.sum())
     out_ratios, out_weights = np.empty(n, r.dtype), np.empty(n, r.dtype)
     _compact(scratch["ratios"], scratch["weights"], counts, out_ratios, out_weights)
     return sums.sum(axis=0), out_ratios, out_weights
+
+
+def _in_dtype(lo: float, hi: float, dtype) -> tuple:
+    """The bracket [lo, hi] in ``dtype``, rounded inward: for a ratio x of that dtype, x < lo exactly when x is
+    below the result's low end, and x > hi exactly when x is above its high end (no value of the dtype lies
+    between). The kernel then compares ratios in their own dtype (a float64 bound would convert every float32
+    ratio: 1.6x slower) and partitions the entries exactly as against [lo, hi]."""
+    kind = np.dtype(dtype).type
+    with np.errstate(over="ignore"):
+        lo_t, hi_t = kind(lo), kind(hi)
+    if float(lo_t) < lo:  # compared in float64 (numpy would compare a Python float in lo_t's dtype)
+        lo_t = np.nextafter(lo_t, kind(np.inf))
+    if float(hi_t) > hi:
+        hi_t = np.nextafter(hi_t, kind(-np.inf))
+    return lo_t, hi_t
 
 
 def sample_brackets(p: np.ndarray, q: np.ndarray, us: np.ndarray, vs: np.ndarray, rows: np.ndarray,

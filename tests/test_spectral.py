@@ -392,6 +392,41 @@ def test_dual_sums_kernel_matches_float64(rows, cols, n_signed, n_abs, seed, dty
     assert np.all(np.abs(l1 - np.abs(r64).sum(1)) <= (kernels.SUM_BLOCK + 2) * eps * np.abs(r64).sum(1))
 
 
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["between", "on", "huge", "infinite"]))
+def test_bracket_pass_partitions_as_in_float64(seed, ends):
+    """The exact pass's kernel, given a float64 bracket, keeps exactly the float32 ratios a float64 comparison
+    puts inside it and sums the rest on the right side: bracket ends between two float32 values, on one,
+    past float32's range and infinite; zero weights (u_i = 0) count |r| only."""
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal((7, 300)).astype(np.float32)
+    u, v = rng.standard_normal(7).astype(np.float32), rng.standard_normal(300).astype(np.float32)
+    u[rng.random(7) < 0.3] = 0
+    uv = u[:, None] * v[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = r / uv  # the float32 quotients, as the kernel forms them
+    pick = np.sort(ratio[uv != 0].astype(np.float64))
+    if pick.size == 0:
+        pick = np.zeros(2)
+    x_lo, x_hi = pick[pick.size // 4], pick[3 * pick.size // 4]
+    # "between": a quarter ulp past a ratio (which is then outside), nearer to it than to the next float32
+    quarter = (lambda x, to: x + (float(np.nextafter(np.float32(x), np.float32(to))) - x) / 4)
+    lo, hi = {"between": (quarter(x_lo, np.inf), quarter(x_hi, -np.inf)),
+              "on": (x_lo, x_hi), "huge": (-1e39, 1e39), "infinite": (-math.inf, math.inf)}[ends]
+    sums, kept, kept_w = kernels.bracket_pass(r, u, v, float(lo), float(hi), {})
+    r64, uv64, q64 = r.astype(np.float64), np.abs(uv).astype(np.float64), ratio.astype(np.float64)
+    nonzero = uv != 0
+    below, above = nonzero & (q64 < lo), nonzero & (q64 > hi)
+    inside = nonzero & ~below & ~above
+    assert np.array_equal(np.sort(kept), np.sort(ratio[inside]))
+    assert np.array_equal(np.sort(kept_w), np.sort(np.abs(uv[inside])))
+    signed = r64 * np.sign(uv)
+    exact = (uv64[below].sum(), signed[below].sum(), uv64[above].sum(), signed[above].sum(), np.abs(r64[~nonzero]).sum())
+    scale = np.abs(r64).sum() + uv64.sum()
+    assert np.allclose(sums, exact, rtol=0, atol=1e-12 * scale)
+
+
 def _two_candidates(use_kernel: bool, case, seed: int):
     """(B, A, us, vs): the case's factors and two random float32 candidates a side, a fifth of u's entries
     zero (zero weights count |R| and add nothing to the slope); skips the kernel's run without numba."""
