@@ -45,6 +45,12 @@ TANGENT_ROUNDS = 4
 TANGENT_SHRINK = 8.0
 """Each tangent round narrows a pair's bracket by this factor around the minimum."""
 
+EARLY_GAIN = 0.05
+"""See ``_early_pairs``."""
+
+EARLY_PAIRS = 8
+"""See ``_early_pairs``."""
+
 TANGENT_MIN_GAIN = 0.25
 """Tangent rounds stop once a round rules out fewer than this fraction of the pairs left."""
 
@@ -488,10 +494,10 @@ def _weighted_indices(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Te
 
 
 def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
-                 draws: _Draws, bounds: tuple = ()) -> tuple[dict, tuple | None]:
+                 draws: _Draws, bounds: tuple = (), tangents: _TangentPass | None = None) -> tuple[dict, tuple | None]:
     """(delta, objective) of each pair over every entry of R, exactly; and, if ``bounds`` names the powers
     alpha to take, every pair's dual lower bound (see ``_lower_bounds``) from the same pass, with the sums
-    it came from: (lower bounds [Mu, Mv], _BoundSums).
+    it came from: (lower bounds [Mu, Mv], _BoundSums); and ``tangents``, if given, summed in the first pass.
 
     delta is the lower weighted median of R[i,j] / (u_i v_j) with weights |u_i v_j|; the objective is
     sum |R - delta u v^T| over all entries. One pass over R serves all pairs: entries below / above a
@@ -508,7 +514,8 @@ def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list
     while todo or bound_sums is not None:
         brackets = _brackets(p, q, us, vs, {pair: widths[level] for pair, level in todo.items()}, draws)
         passes = {pair: _PairPass(*bracket) for pair, bracket in brackets.items()}
-        _accumulate(res, us, vs, passes, bound_sums)
+        _accumulate(res, us, vs, passes, bound_sums, tangents)
+        tangents = None
         if bound_sums is not None:
             lower = _lower_bounds_from(bound_sums, p, q, us, vs)
             sums, bound_sums = bound_sums, None
@@ -583,8 +590,9 @@ def _use_kernel(r_chunk: torch.Tensor) -> bool:
 
 
 def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict,
-                bound_sums: _BoundSums | None = None) -> None:
-    """One pass over R, a chunk of rows at a time, feeding every pair's accumulators."""
+                bound_sums: _BoundSums | None = None, tangents: _TangentPass | None = None) -> None:
+    """One pass over R, a chunk of rows at a time, feeding every pair's accumulators (and the dual sums and
+    tangents, if given)."""
     p = res.p
     f64 = torch.float64
     by_a: dict[int, list[int]] = {}
@@ -600,6 +608,8 @@ def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict
             bound_sums.add(r_chunk, us[rows], vs, owed)  # subtracts what the chunk owes, in the same pass
         elif owed is not None:
             _subtract(r_chunk, *owed)
+        if tangents is not None:
+            tangents.add(rows, r_chunk)
         if _use_kernel(r_chunk):
             r_np = r_chunk.numpy()
             for (a, b), acc in passes.items():
@@ -719,56 +729,76 @@ class _Tangent:
 def _tangents(res: _Residual, us, vs, pairs: list[tuple[int, int]],
               points: dict[tuple[int, int], tuple[float, ...]]) -> dict[tuple[int, int], list[_Tangent]]:
     """f and a subgradient at each of a pair's points (one or two: the ends of a bracket, or one end), from
-    one pass that forms no ratio.
+    one pass that forms no ratio (see ``_TangentPass``)."""
+    probes = _TangentPass(us, vs, pairs, points)
+    for rows, r_chunk in res.chunks():
+        probes.add(rows, r_chunk)
+    return probes.finish()
+
+
+class _TangentPass:
+    """The tangents of some pairs' objectives at given points, summed a chunk of R at a time: by ``_tangents``
+    in a pass of their own, or by ``_accumulate`` in the pass of the dual sums.
 
     f(theta) = sum |e| with e = R - theta u v^T is convex and piecewise linear, and for any signs s_ij,
     f(y) >= sum s_ij (R_ij - y u_i v_j): with s = sign(e) that is the tangent at theta, of value f(theta)
     and slope g(theta) = -sum u_i v_j sign(e_ij).
     """
-    f64 = torch.float64
-    p = res.p
-    ia = torch.tensor([a for a, _ in pairs], device=p.device)
-    ib = torch.tensor([b for _, b in pairs], device=p.device)
-    u, v = us.T[ia].contiguous(), vs.T[ib].contiguous()  # [P, d], [P, k]
-    # probes (pair's index, theta); the kernel takes them two at a time: a pair's two points together
-    probes = [(k, theta) for k, pair in enumerate(pairs) for theta in points[pair]]
-    doubles = [(2 * k, 2 * k + 1) for k in range(len(probes) // 2)]
-    if len(probes) % 2:
-        doubles.append((len(probes) - 1, len(probes) - 1))
-    slots = torch.tensor([[probes[m][0], probes[n][0]] for m, n in doubles], dtype=torch.int64)
-    # the points are taken in the compute dtype, where the pass multiplies by them
-    thetas = torch.tensor([[probes[m][1], probes[n][1]] for m, n in doubles], dtype=f64).to(p.dtype)
-    sums = torch.zeros(len(doubles), 4, dtype=f64, device=p.device)
-    for rows, r_chunk in res.chunks():
+
+    def __init__(self, us, vs, pairs: list[tuple[int, int]], points: dict[tuple[int, int], tuple[float, ...]]) -> None:
+        f64 = torch.float64
+        self.pairs = pairs
+        ia = torch.tensor([a for a, _ in pairs], device=us.device)
+        ib = torch.tensor([b for _, b in pairs], device=us.device)
+        self.u, self.v = us.T[ia].contiguous(), vs.T[ib].contiguous()  # [P, d], [P, k]
+        # probes (pair's index, theta); the kernel takes them two at a time: a pair's two points together
+        self.probes = [(k, theta) for k, pair in enumerate(pairs) for theta in points[pair]]
+        self.doubles = [(2 * k, 2 * k + 1) for k in range(len(self.probes) // 2)]
+        if len(self.probes) % 2:
+            self.doubles.append((len(self.probes) - 1, len(self.probes) - 1))
+        self.slots = torch.tensor([[self.probes[m][0], self.probes[n][0]] for m, n in self.doubles], dtype=torch.int64)
+        # the points are taken in the compute dtype, where the pass multiplies by them
+        self.thetas = torch.tensor([[self.probes[m][1], self.probes[n][1]] for m, n in self.doubles],
+                                   dtype=f64).to(us.dtype)
+        self.sums = torch.zeros(len(self.doubles), 4, dtype=f64, device=us.device)
+
+    def add(self, rows: slice, r_chunk: torch.Tensor) -> None:
+        u, v, slots, thetas, sums, f64 = self.u, self.v, self.slots, self.thetas, self.sums, torch.float64
         if _use_kernel(r_chunk):
-            sums += torch.from_numpy(kernels.tangent_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v.numpy(),
-                                                          slots.numpy(), thetas.numpy()))
-            continue
+            sums += torch.from_numpy(kernels.tangent_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(),
+                                                          v.numpy(), slots.numpy(), thetas.numpy()))
+            return
         for s, (k_p, k_q) in enumerate(slots.tolist()):
             for m, (k, theta) in enumerate(((k_p, thetas[s, 0]), (k_q, thetas[s, 1]))):
                 u_k = u[k, rows]
                 e = r_chunk - (theta * u_k)[:, None] * v[k][None, :]
                 sums[s, 2 * m] += e.abs().sum(dtype=f64)
                 sums[s, 2 * m + 1] -= (u_k.to(f64) * (e.sign() * v[k][None, :]).sum(1, dtype=f64)).sum()
-    sums, thetas = sums.cpu().reshape(-1, 2), thetas.to(f64).reshape(-1)  # (f, g) and theta of each slot's probes
-    found = {}  # probe -> (theta, f, g)
-    for n, m in enumerate(m for double in doubles for m in double):
-        found.setdefault(m, (float(thetas[n]), float(sums[n, 0]), float(sums[n, 1])))
-    # Rounding: each |e| is within 3 eps (|R_ij| + |theta u_i v_j|) of the exact one, and each sum within
-    # SUM_BLOCK eps of its terms' magnitudes (the kernel adds runs in the compute dtype; its slope is
-    # 2 sum_{e > 0} - sum, twice the error). With W = sum |u_i v_j| = ||u||_1 ||v||_1 and
-    # ||R||_1 <= f(theta) + |theta| W, err bounds the error of a tangent's value and of its slope over any
-    # distance up to twice the largest |theta|.
-    eps = torch.finfo(p.dtype).eps
-    w_all = (u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)).cpu().tolist()
-    result: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in pairs}
-    for k, pair in enumerate(pairs):
-        mine = [found[m] for m, probe in enumerate(probes) if probe[0] == k]
-        theta_max = max(abs(theta) for theta, _, _ in mine)
-        r_abs = min(f + abs(theta) * w_all[k] for theta, f, _ in mine) * (1 + 1e-3)
-        err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 7 * theta_max * w_all[k])
-        result[pair] = [_Tangent(theta, f, g, err) for theta, f, g in mine]
-    return result
+
+    def finish(self) -> dict[tuple[int, int], list[_Tangent]]:
+        """Every pair's tangents, once all chunks are in."""
+        f64, u, v = torch.float64, self.u, self.v
+        sums, thetas = self.sums.cpu().reshape(-1, 2), self.thetas.to(f64).reshape(-1)  # (f, g), theta per probe
+        found = {}  # probe -> (theta, f, g)
+        for n, m in enumerate(m for double in self.doubles for m in double):
+            found.setdefault(m, (float(thetas[n]), float(sums[n, 0]), float(sums[n, 1])))
+        # Rounding: each |e| is within 3 eps (|R_ij| + |theta u_i v_j|) of the exact one, and each sum within
+        # SUM_BLOCK eps of its terms' magnitudes (the kernel adds runs in the compute dtype; its slope is
+        # 2 sum_{e > 0} - sum, twice the error). With W = sum |u_i v_j| = ||u||_1 ||v||_1 and
+        # ||R||_1 <= f(theta) + |theta| W, err bounds the error of a tangent's value and of its slope over any
+        # distance up to twice the largest |theta|.
+        eps = torch.finfo(u.dtype).eps
+        w_all = (u.to(f64).abs().sum(1) * v.to(f64).abs().sum(1)).cpu().tolist()
+        result: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in self.pairs}
+        for k, pair in enumerate(self.pairs):
+            mine = [found[m] for m, probe in enumerate(self.probes) if probe[0] == k]
+            if not mine:
+                continue
+            theta_max = max(abs(theta) for theta, _, _ in mine)
+            r_abs = min(f + abs(theta) * w_all[k] for theta, f, _ in mine) * (1 + 1e-3)
+            err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 7 * theta_max * w_all[k])
+            result[pair] = [_Tangent(theta, f, g, err) for theta, f, g in mine]
+        return result
 
 
 def _envelope_bounds(tangents: list[_Tangent]) -> tuple[float, float, tuple[float, float] | None]:
@@ -892,8 +922,12 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     estimates, sample_l1 = _sample_objectives(p, q, us, vs, draws.gen)
     best_estimate = float(estimates.min())
     first = [min(pairs, key=lambda pair: (float(estimates[pair]), pair))]
-    powers = BOUND_POWERS if sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1 else BOUND_POWERS[:1]
-    evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=powers)
+    near_tie = sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1
+    powers = BOUND_POWERS if near_tie else BOUND_POWERS[:1]
+    early = [] if near_tie else _early_pairs(estimates, sample_l1, first[0])
+    brackets = _brackets(p, q, us, vs, dict.fromkeys(early, BRACKET_Z), draws)
+    early_pass = _TangentPass(us, vs, early, brackets) if early else None
+    evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=powers, tangents=early_pass)
 
     def best() -> float:
         return min(obj for _, obj in evaluated.values())
@@ -902,8 +936,9 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
         return 1e-6 * abs(value) + 1e-300
 
     rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best() + slack(best())]
-    brackets = _brackets(p, q, us, vs, dict.fromkeys(rest, BRACKET_Z), draws)
-    tangents: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in rest}
+    brackets.update(_brackets(p, q, us, vs, {pair: BRACKET_Z for pair in rest if pair not in brackets}, draws))
+    found = early_pass.finish() if early_pass is not None else {}
+    tangents: dict[tuple[int, int], list[_Tangent]] = {pair: found.get(pair, []) for pair in rest}
 
     def with_zero(pair) -> list[_Tangent]:  # the tangent at 0 (free), its rounding over the span of the others
         return [*tangents[pair], _zero_tangent(sums, pair, max((abs(t.theta) for t in tangents[pair]), default=0.0))]
@@ -911,7 +946,8 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     for round_ in range(TANGENT_ROUNDS):
         if not rest:
             break
-        points = {pair: _points(brackets[pair], with_zero(pair)[-1]) for pair in rest}
+        points = {pair: () if round_ == 0 and tangents[pair] else _points(brackets[pair], with_zero(pair)[-1])
+                  for pair in rest}  # the early pairs' first tangents came with the dual sums
         probed = [pair for pair in rest if points[pair]]
         for pair, found in (_tangents(res, us, vs, probed, points) if probed else {}).items():
             tangents[pair] += found
@@ -930,6 +966,18 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     if rest:
         evaluated.update(_exact_pairs(res, us, vs, rest, draws)[0])
     return evaluated
+
+
+def _early_pairs(estimates: torch.Tensor, sample_l1: float, first: tuple[int, int]) -> list[tuple[int, int]]:
+    """The pairs whose first tangents are taken in the pass of the dual sums, at the ends of their sampled
+    brackets, before it is known whether the dual bounds rule them out: at most EARLY_PAIRS, each with an
+    estimated gain of at least EARLY_GAIN times the first pair's. (At steps that are not near ties, the pairs
+    the dual bounds leave are those of the best estimates: taking their tangents early saves a pass.)"""
+    gains = sample_l1 - estimates
+    floor = EARLY_GAIN * float(gains[first])
+    found = sorted((float(-gains[pair]), pair) for pair in np.ndindex(*gains.shape)
+                   if pair != first and float(gains[pair]) >= floor)
+    return [pair for _, pair in found[:EARLY_PAIRS]]
 
 
 def _zero_tangent(sums: _BoundSums, pair: tuple[int, int], theta_max: float) -> _Tangent:

@@ -441,6 +441,37 @@ def _two_candidates(use_kernel: bool, case, seed: int):
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
+@settings(max_examples=25, deadline=None)
+@given(lora_factors(max_dim=40), st.integers(0, 2**32 - 1), st.integers(1, 400), st.integers(0, 2000))
+def test_early_tangents_are_those_of_their_own_pass(use_kernel, case, seed, chunk, cache):
+    """Tangents summed in the pass of the dual sums and the first exact pair (``_screened``'s early pairs) are
+    bit for bit those of a pass of their own over the same residual: at the second step, where the chunks kept
+    owe the first pick until that pass subtracts it, and the others are formed again."""
+    b, a, us, vs = _two_candidates(use_kernel, case, seed)
+    pairs, first = [(0, 1), (1, 0), (1, 1)], [(0, 0)]
+    points = {pair: (-0.5 - k, 0.25 + k) for k, pair in enumerate(pairs)}
+    found = []
+    for early in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+            mp.setattr(spectral, "CHUNK_ENTRIES", chunk)
+            mp.setattr(spectral, "CACHE_ENTRIES", cache)
+            residual = spectral._Residual(b.float(), a.T.float())
+            draws = spectral._Draws(torch.device("cpu"), seed)
+            spectral._exact_pairs(residual, us, vs, first, draws, bounds=(0,))
+            residual = residual.deflate(0.75, us[:, 0], vs[:, 1])
+            if early:
+                probes = spectral._TangentPass(us, vs, pairs, points)
+                spectral._exact_pairs(residual, us, vs, first, draws, bounds=(0,), tangents=probes)
+                found.append(probes.finish())
+            else:
+                spectral._exact_pairs(residual, us, vs, first, draws, bounds=(0,))
+                found.append(spectral._tangents(residual, us, vs, pairs, points))
+    assert found[0] == found[1]
+    assert all(len(found[0][pair]) == 2 for pair in pairs)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
 @settings(max_examples=40, deadline=None)
 @given(lora_factors(max_dim=40), st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(0, 3),
        st.lists(st.booleans(), min_size=4, max_size=4))
