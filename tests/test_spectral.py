@@ -410,8 +410,10 @@ def test_bracket_pass_partitions_as_in_float64(seed, ends):
     if pick.size == 0:
         pick = np.zeros(2)
     x_lo, x_hi = pick[pick.size // 4], pick[3 * pick.size // 4]
-    # "between": a quarter ulp past a ratio (which is then outside), nearer to it than to the next float32
-    quarter = (lambda x, to: x + (float(np.nextafter(np.float32(x), np.float32(to))) - x) / 4)
+
+    def quarter(x, to):  # a quarter ulp past a ratio (which is then outside), nearer to it than to the next float32
+        return x + (float(np.nextafter(np.float32(x), np.float32(to))) - x) / 4
+
     lo, hi = {"between": (quarter(x_lo, np.inf), quarter(x_hi, -np.inf)),
               "on": (x_lo, x_hi), "huge": (-1e39, 1e39), "infinite": (-math.inf, math.inf)}[ends]
     sums, kept, kept_w = kernels.bracket_pass(r, u, v, float(lo), float(hi), {})
@@ -422,7 +424,8 @@ def test_bracket_pass_partitions_as_in_float64(seed, ends):
     assert np.array_equal(np.sort(kept), np.sort(ratio[inside]))
     assert np.array_equal(np.sort(kept_w), np.sort(np.abs(uv[inside])))
     signed = r64 * np.sign(uv)
-    exact = (uv64[below].sum(), signed[below].sum(), uv64[above].sum(), signed[above].sum(), np.abs(r64[~nonzero]).sum())
+    exact = (uv64[below].sum(), signed[below].sum(), uv64[above].sum(), signed[above].sum(),
+             np.abs(r64[~nonzero]).sum())
     scale = np.abs(r64).sum() + uv64.sum()
     assert np.allclose(sums, exact, rtol=0, atol=1e-12 * scale)
 
