@@ -675,6 +675,27 @@ def test_order_statistics_of_the_brackets(values, data, dtype):
     assert spectral._order_statistics(x, k_lo, k_hi) == (ordered[k_lo], ordered[k_hi])
 
 
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 300), st.sampled_from([np.float32, np.float64]), st.booleans())
+def test_sampled_brackets_are_order_statistics(seed, n, dtype, ties):
+    """The compiled brackets: for each pair, the k_lo-th and k_hi-th smallest of its sampled ratios
+    (p[i] . q[j]) / (u_i v_j), as sorting them gives (with many equal ratios too)."""
+    rng = np.random.default_rng(seed)
+    d, k, s = 9, 7, 3
+    p, q = rng.standard_normal((d, s)).astype(dtype), rng.standard_normal((k, s)).astype(dtype)
+    if ties:
+        p, q = np.round(p), np.round(q)
+    us, vs = rng.choice([-2.0, 1.0, 0.5], (d, 2)).astype(dtype), rng.choice([-1.0, 4.0], (k, 3)).astype(dtype)
+    rows, cols = rng.integers(0, d, (2, n)), rng.integers(0, k, (3, n))
+    table = np.array([(a, b, *sorted(rng.integers(0, n, 2))) for a in range(2) for b in range(3)], dtype=np.int64)
+    ends = kernels.sample_brackets(p, q, us, vs, rows, cols, table)
+    for (a, b, k_lo, k_hi), (lo, hi) in zip(table, ends, strict=True):
+        i, j = rows[a], cols[b]
+        ratios = np.sort((p[i] * q[j]).sum(1, dtype=dtype) / (us[i, a] * vs[j, b]))
+        assert (lo, hi) == (ratios[k_lo], ratios[k_hi])
+
+
 # ---------------------------------------------------------------------------------------------- edge cases
 
 
