@@ -792,8 +792,6 @@ class _TangentPass:
         result: dict[tuple[int, int], list[_Tangent]] = {pair: [] for pair in self.pairs}
         for k, pair in enumerate(self.pairs):
             mine = [found[m] for m, probe in enumerate(self.probes) if probe[0] == k]
-            if not mine:
-                continue
             theta_max = max(abs(theta) for theta, _, _ in mine)
             r_abs = min(f + abs(theta) * w_all[k] for theta, f, _ in mine) * (1 + 1e-3)
             err = (kernels.SUM_BLOCK + 4) * eps * (r_abs + 7 * theta_max * w_all[k])
@@ -907,7 +905,8 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     """Exact objectives of the pairs that the certified lower bounds cannot rule out.
 
     1. The pair with the best estimate (on a sample) is evaluated exactly, in a pass that also gives every
-       pair's dual bound (``_lower_bounds``). (Evaluating every pair near the best estimate costs more:
+       pair's dual bound (``_lower_bounds``) and, at steps that are not near ties, the first tangents of the
+       next best-estimated pairs (``_early_pairs``). (Evaluating every pair near the best estimate costs more:
        where gains are near ties the estimates cannot tell the pairs apart, and the tangents do it for less.)
     2. The pairs whose dual bound does not exceed the best objective so far get tangent bounds and upper
        bounds (``_tangents``, ``_envelope_bounds``) from cheaper passes that form no ratio: first at the
