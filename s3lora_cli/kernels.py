@@ -456,6 +456,30 @@ def _objectives64(r, u, v, deltas, out):  # pragma: no cover - compiled
             out[p, i] = total
 
 
+def _inverse_cdf(cdf, draws, out):  # pragma: no cover - compiled
+    """out[t] = the first index i with cdf[i] > draws[t], or n - 1 if there is none (cdf: [n], nondecreasing):
+    what a binary search finds, from a guide table (one bucket of [0, cdf[n - 1]] per entry) and a short scan,
+    in time linear in n and the number of draws."""
+    n = cdf.shape[0]
+    total = cdf[n - 1]
+    guide = np.empty(n, np.int64)  # guide[g]: the first index whose cdf exceeds the start of bucket g
+    i = 0
+    for g in range(n):
+        edge = total * (g / n)
+        while i < n - 1 and cdf[i] <= edge:
+            i += 1
+        guide[g] = i
+    scale = n / total if total > 0 else 0.0
+    for t in range(draws.shape[0]):
+        x = draws[t]
+        i = guide[int(min(max(x * scale, 0.0), n - 1.0))]
+        while i > 0 and cdf[i - 1] > x:  # any start is made exact by the two scans
+            i -= 1
+        while i < n - 1 and cdf[i] <= x:
+            i += 1
+        out[t] = i
+
+
 def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no cover - compiled
     pos = 0
     for i in range(counts.shape[0]):
@@ -471,6 +495,7 @@ if available:
     _bracket_pass = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
+    _inverse_cdf = numba.njit(cache=True, nogil=True, error_model="numpy")(_inverse_cdf)
     _objectives64 = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
                                fastmath={"reassoc"})(_objectives64)
     _sample_brackets = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
@@ -543,6 +568,14 @@ def objectives64(r: np.ndarray, u: np.ndarray, v: np.ndarray, deltas: np.ndarray
     out = np.empty((u.shape[0], r.shape[0]))
     _objectives64(r, u, v, deltas, out)
     return out.sum(axis=1)
+
+
+def inverse_cdf(cdf: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Run ``_inverse_cdf``; returns [len(draws)] int64 (as searchsorted(cdf, draws, side="right"), clamped to
+    len(cdf) - 1)."""
+    out = np.empty(draws.shape[0], np.int64)
+    _inverse_cdf(cdf, draws, out)
+    return out
 
 
 def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, slots: np.ndarray, thetas: np.ndarray) -> np.ndarray:

@@ -490,6 +490,8 @@ def _weighted_indices(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Te
     cumulative sum: several times faster than torch.multinomial); x has a nonzero entry."""
     cdf = x.abs().to(torch.float64).cumsum(0)
     draws = torch.rand(n, dtype=torch.float64, generator=gen, device=x.device) * cdf[-1]
+    if kernels.available and x.device.type == "cpu":  # the same indices, from a guide table (~10x faster)
+        return torch.from_numpy(kernels.inverse_cdf(cdf.numpy(), draws.numpy()))
     return torch.searchsorted(cdf, draws, right=True).clamp_(max=x.numel() - 1)
 
 

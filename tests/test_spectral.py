@@ -696,6 +696,24 @@ def test_sampled_brackets_are_order_statistics(seed, n, dtype, ties):
         assert (lo, hi) == (ratios[k_lo], ratios[k_hi])
 
 
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.0, 0.5, 1e-30, 3.0e5]), min_size=1, max_size=40).filter(any),
+       st.lists(st.floats(0, 1), min_size=1, max_size=50), st.booleans())
+def test_weighted_draws_are_those_of_a_binary_search(weights, fractions, on_edges):
+    """The draws' indices from the guide table are those of searchsorted (the first cumulative weight above the
+    draw, the last index past the end), with zero weights (never drawn below the total), equal cumulative sums,
+    and draws on them exactly."""
+    cdf = torch.tensor(weights, dtype=torch.float64).cumsum(0)
+    draws = torch.tensor(fractions, dtype=torch.float64) * cdf[-1]
+    if on_edges:
+        draws = torch.cat([draws, cdf, torch.zeros(1, dtype=torch.float64)])
+    expected = torch.searchsorted(cdf, draws, right=True).clamp(max=cdf.numel() - 1)
+    assert kernels.inverse_cdf(cdf.numpy(), draws.numpy()).tolist() == expected.tolist()
+    inside = draws[draws < cdf[-1]]  # torch.rand draws from [0, 1)
+    assert all(weights[i] > 0 for i in kernels.inverse_cdf(cdf.numpy(), inside.numpy()))
+
+
 # ---------------------------------------------------------------------------------------------- edge cases
 
 

@@ -3,6 +3,7 @@ helpers the commands share. Each command lives in its own module of this package
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import functools
 import sys
@@ -166,7 +167,26 @@ def main(
 
 def run() -> None:
     """Console-script entry point."""
+    _keep_freed_memory()
     app()
+
+
+def _keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the system at once.
+
+    The L1 fit forms its residual in fresh chunks of 4 MiB for every layer; mapping and zeroing new pages for
+    them cost ~10 % of the fit of a 4096 x 4096 layer (measured). Peak memory stays what the largest layer
+    needs (the pages kept are the ones the next layer reuses). Nothing happens where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    mallopt(m_trim_threshold, 1 << 30)  # keep up to 1 GiB of free memory at the top of the heap
+    mallopt(m_mmap_threshold, 32 << 20)  # blocks up to 32 MiB (glibc's most) from the heap, not mmap
 
 
 # The commands register themselves on ``app`` when imported, in the order --help lists them.
