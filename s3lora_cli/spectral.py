@@ -927,7 +927,7 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     powers = BOUND_POWERS if near_tie else BOUND_POWERS[:1]
     early = [] if near_tie else _early_pairs(estimates, sample_l1, first[0])
     brackets = _brackets(p, q, us, vs, dict.fromkeys(early, BRACKET_Z), draws)
-    early_pass = _TangentPass(us, vs, early, brackets) if early else None
+    early_pass = _TangentPass(us, vs, early, {pair: _far_end(brackets[pair]) for pair in early}) if early else None
     evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=powers, tangents=early_pass)
 
     def best() -> float:
@@ -970,8 +970,8 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
 
 
 def _early_pairs(estimates: torch.Tensor, sample_l1: float, first: tuple[int, int]) -> list[tuple[int, int]]:
-    """The pairs whose first tangents are taken in the pass of the dual sums, at the ends of their sampled
-    brackets, before it is known whether the dual bounds rule them out: at most EARLY_PAIRS, each with an
+    """The pairs whose first tangents are taken in the pass of the dual sums, at an end of their sampled
+    brackets (``_far_end``), before it is known whether the dual bounds rule them out: at most EARLY_PAIRS, each with an
     estimated gain of at least EARLY_GAIN times the first pair's. (At steps that are not near ties, the pairs
     the dual bounds leave are those of the best estimates: taking their tangents early saves a pass.)"""
     gains = sample_l1 - estimates
@@ -979,6 +979,15 @@ def _early_pairs(estimates: torch.Tensor, sample_l1: float, first: tuple[int, in
     found = sorted((float(-gains[pair]), pair) for pair in np.ndindex(*gains.shape)
                    if pair != first and float(gains[pair]) >= floor)
     return [pair for _, pair in found[:EARLY_PAIRS]]
+
+
+def _far_end(bracket: tuple[float, float]) -> tuple[float, ...]:
+    """Where an early pair's first tangent is taken: the end of its sampled bracket away from 0. With the tangent
+    at 0 (from the dual sums of the same pass) it brackets the minimum from both sides, as the two ends would
+    (where the bracket holds it), for one probe instead of two: at steps that are not near ties that rules out
+    as many pairs (measured). Both ends when the bracket holds 0."""
+    lo, hi = bracket
+    return (hi,) if lo > 0 else (lo,) if hi < 0 else (lo, hi)
 
 
 def _zero_tangent(sums: _BoundSums, pair: tuple[int, int], theta_max: float) -> _Tangent:
