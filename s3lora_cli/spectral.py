@@ -231,10 +231,10 @@ E = sign(u v^T) |u|^alpha |v^T|^alpha for each alpha here; each pair keeps its b
 comes first and is always taken (its sums also give the tangent at 0, see ``_zero_tangent``)."""
 
 NEAR_TIE_GAIN = 0.02
-"""The screening takes the dual bounds of every alpha in BOUND_POWERS only at steps whose best estimated
-gain (||R||_1 minus the objective) is below this fraction of ||R||_1: there the objectives are near ties
-and alpha = 2 rules out pairs that alpha = 0 leaves; at the other steps alpha = 0 alone rules out as many
-(measured on the generated adapters), in a third of the sums."""
+"""Steps whose best estimated gain (||R||_1 minus the objective) is below this fraction of ||R||_1 are near ties:
+there the screening takes the dual bounds of every alpha in BOUND_POWERS (alpha = 2 rules out pairs that
+alpha = 0 leaves) before any exact pair (see ``_screened``); at the other steps alpha = 0 alone rules out as
+many (measured on the generated adapters), in a third of the sums."""
 
 
 @dataclass
@@ -907,9 +907,11 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     """Exact objectives of the pairs that the certified lower bounds cannot rule out.
 
     1. The pair with the best estimate (on a sample) is evaluated exactly, in a pass that also gives every
-       pair's dual bound (``_lower_bounds``) and, at steps that are not near ties, the first tangents of the
-       next best-estimated pairs (``_early_pairs``). (Evaluating every pair near the best estimate costs more:
-       where gains are near ties the estimates cannot tell the pairs apart, and the tangents do it for less.)
+       pair's dual bound (``_lower_bounds``) and the first tangents of the next best-estimated pairs
+       (``_early_pairs``). At near ties (see NEAR_TIE_GAIN) the estimates cannot tell the pairs apart, but the
+       dual bounds can: they come first, in a pass of their own, and the pair with the lowest bound is evaluated
+       next (measured: the best pair, or one of the few next to it; the estimate's pair often gained nothing,
+       and then no bound ruled out a pair).
     2. The pairs whose dual bound does not exceed the best objective so far get tangent bounds and upper
        bounds (``_tangents``, ``_envelope_bounds``) from cheaper passes that form no ratio: first at the
        ends of a bracket sampled with weights |u_i v_j| (``_brackets``), then (up to TANGENT_ROUNDS times)
@@ -923,12 +925,17 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     estimates, sample_l1 = _sample_objectives(p, q, us, vs, draws.gen)
     best_estimate = float(estimates.min())
     first = [min(pairs, key=lambda pair: (float(estimates[pair]), pair))]
-    near_tie = sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1
-    powers = BOUND_POWERS if near_tie else BOUND_POWERS[:1]
-    early = [] if near_tie else _early_pairs(estimates, sample_l1, first[0])
-    brackets = _brackets(p, q, us, vs, dict.fromkeys(early, BRACKET_Z), draws)
-    early_pass = _TangentPass(us, vs, early, {pair: _far_end(brackets[pair]) for pair in early}) if early else None
-    evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=powers, tangents=early_pass)
+    if sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1:  # near ties: the bounds first, then the pair they favour
+        brackets, early_pass = {}, None
+        _, (bounds, sums) = _exact_pairs(res, us, vs, [], draws, bounds=BOUND_POWERS)
+        first = [min(pairs, key=lambda pair: (float(bounds[pair]), pair))]
+        evaluated = _exact_pairs(res, us, vs, first, draws)[0]
+    else:
+        early = _early_pairs(estimates, sample_l1, first[0])
+        brackets = _brackets(p, q, us, vs, dict.fromkeys(early, BRACKET_Z), draws)
+        early_pass = _TangentPass(us, vs, early, {pair: _far_end(brackets[pair]) for pair in early}) if early else None
+        evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=BOUND_POWERS[:1],
+                                                 tangents=early_pass)
 
     def best() -> float:
         return min(obj for _, obj in evaluated.values())
