@@ -551,7 +551,7 @@ def _pair_medians(r: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, iu: torch
     if kernels.available and r.device.type == "cpu":
         deltas, objectives = map(torch.from_numpy, kernels.pair_medians(
             r.numpy(), us.contiguous().numpy(), vs.contiguous().numpy(), iu.numpy(), iv.numpy()))
-        missed = [pair for pair in np.ndindex(*shape) if math.isnan(float(deltas[pair]))]
+        missed = [tuple(pair) for pair in torch.isnan(deltas).nonzero().tolist()]  # row-major, as np.ndindex
         if not missed:
             return deltas, objectives
     else:
@@ -924,11 +924,13 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     p, q = res.p, res.q
     estimates, sample_l1 = _sample_objectives(p, q, us, vs, draws.gen)
     best_estimate = float(estimates.min())
-    first = [min(pairs, key=lambda pair: (float(estimates[pair]), pair))]
+    estimated = estimates.tolist()
+    first = [min(pairs, key=lambda pair: (estimated[pair[0]][pair[1]], pair))]
     if sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1:  # near ties: the bounds first, then the pair they favour
         brackets, early_pass = {}, None
         _, (bounds, sums) = _exact_pairs(res, us, vs, [], draws, bounds=BOUND_POWERS)
-        first = [min(pairs, key=lambda pair: (float(bounds[pair]), pair))]
+        lowest = bounds.tolist()
+        first = [min(pairs, key=lambda pair: (lowest[pair[0]][pair[1]], pair))]
         evaluated = _exact_pairs(res, us, vs, first, draws)[0]
     else:
         early = _early_pairs(estimates, sample_l1, first[0])
@@ -943,7 +945,8 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
     def slack(value: float) -> float:
         return 1e-6 * abs(value) + 1e-300
 
-    rest = [pair for pair in pairs if pair not in evaluated and float(bounds[pair]) <= best() + slack(best())]
+    ceiling, bound_of = best() + slack(best()), bounds.tolist()
+    rest = [pair for pair in pairs if pair not in evaluated and bound_of[pair[0]][pair[1]] <= ceiling]
     brackets.update(_brackets(p, q, us, vs, {pair: BRACKET_Z for pair in rest if pair not in brackets}, draws))
     found = early_pass.finish() if early_pass is not None else {}
     tangents: dict[tuple[int, int], list[_Tangent]] = {pair: found.get(pair, []) for pair in rest}
@@ -978,13 +981,14 @@ def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, i
 
 def _early_pairs(estimates: torch.Tensor, sample_l1: float, first: tuple[int, int]) -> list[tuple[int, int]]:
     """The pairs whose first tangents are taken in the pass of the dual sums, at an end of their sampled
-    brackets (``_far_end``), before it is known whether the dual bounds rule them out: at most EARLY_PAIRS, each with an
-    estimated gain of at least EARLY_GAIN times the first pair's. (At steps that are not near ties, the pairs
-    the dual bounds leave are those of the best estimates: taking their tangents early saves a pass.)"""
-    gains = sample_l1 - estimates
-    floor = EARLY_GAIN * float(gains[first])
-    found = sorted((float(-gains[pair]), pair) for pair in np.ndindex(*gains.shape)
-                   if pair != first and float(gains[pair]) >= floor)
+    brackets (``_far_end``), before it is known whether the dual bounds rule them out: at most EARLY_PAIRS,
+    each with an estimated gain of at least EARLY_GAIN times the first pair's. (At steps that are not near
+    ties, the pairs the dual bounds leave are those of the best estimates: taking their tangents early saves
+    a pass.)"""
+    gains = (sample_l1 - estimates).tolist()
+    floor = EARLY_GAIN * gains[first[0]][first[1]]
+    found = sorted((-gain, (a, b)) for a, row in enumerate(gains) for b, gain in enumerate(row)
+                   if (a, b) != first and gain >= floor)
     return [pair for _, pair in found[:EARLY_PAIRS]]
 
 
