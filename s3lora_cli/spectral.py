@@ -259,7 +259,7 @@ class _BoundSums:
     eps: float = 0.0
     """eps of the compute dtype."""
     _rows: list = field(default_factory=list, init=False, repr=False)
-    """(u, sign(R) and |R| projections, row sums of |R|) of the rows added, until ``finish``."""
+    """(sign(R) and |R| projections, row sums of |R|) of the rows added, in order, until ``finish``."""
     _v_side: tuple | None = field(default=None, init=False, repr=False)
     _v_rows: tuple | None = field(default=None, init=False, repr=False)
 
@@ -278,7 +278,7 @@ class _BoundSums:
             self._v_side = (v_signed, v_abs, abs_powers)
         return self._v_side
 
-    def add(self, r_chunk: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, owed: tuple | None = None) -> None:
+    def add(self, r_chunk: torch.Tensor, vs: torch.Tensor, owed: tuple | None = None) -> None:
         """Add one chunk's sums; ``owed`` (du, v), if given, is first subtracted from the chunk in place
         (see ``_Residual.owing_chunks``)."""
         v_signed, v_abs, _ = self._prepare(vs)
@@ -293,27 +293,26 @@ class _BoundSums:
             if owed is not None:
                 _subtract(r_chunk, *owed)
             s_proj, a_proj, l1 = self._products(r_chunk, v_signed, v_abs)
-        self._rows.append((us, s_proj, a_proj, l1))
+        self._rows.append((s_proj, a_proj, l1))
 
-    def finish(self, vs: torch.Tensor) -> None:
-        """Contract the rows' projections with the candidates u, once all chunks are in."""
-        f64 = torch.float64
-        m_v = vs.shape[1]
-        _, _, abs_powers = self._prepare(vs)
-        us64, s_proj, a_proj, l1 = (torch.cat(part).to(f64) for part in zip(*self._rows, strict=True))
+    def finish(self, state: _FitState) -> None:
+        """Contract the rows' projections with the candidates u, once all chunks (every row, in order) are in."""
+        m_v = state.vs.shape[1]
+        _, _, abs_powers = self._prepare(state.vs)
+        s_proj, a_proj, l1 = (torch.cat(part).to(torch.float64) for part in zip(*self._rows, strict=True))
         self._rows = []
         self.l1 = float(l1.sum())
-        self.w_all = us64.abs().sum(0)[:, None] * vs.to(f64).abs().sum(0)[None, :]  # ||u_a||_1 ||v_b||_1
-        self.eps = torch.finfo(vs.dtype).eps
+        self.w_all = state.w_all
+        self.eps = torch.finfo(state.vs.dtype).eps
         a_parts = dict(zip(abs_powers, a_proj.split(m_v, 1) if abs_powers else (), strict=True))
         self.signed, self.absolute = [], []
         for k, s_k in enumerate(s_proj.split(m_v, 1)):
-            u_pow = _power(us64, self.powers[k])
-            self.signed.append((us64 * u_pow).T @ s_k)
+            terms = state.bound_terms(self.powers[k])
+            self.signed.append(terms.u_signed @ s_k)
             if k in a_parts:
-                self.absolute.append(u_pow.T @ a_parts[k])
+                self.absolute.append(terms.u_pow.T @ a_parts[k])
             else:  # alpha = 0 and no v_j is zero: sum_ij |R_ij| [u_i != 0] from the row sums
-                self.absolute.append((u_pow.T @ l1[:, None]).expand(-1, m_v))
+                self.absolute.append((terms.u_pow.T @ l1[:, None]).expand(-1, m_v))
 
     @staticmethod
     def _products(r_chunk: torch.Tensor, v_signed: torch.Tensor, v_abs: torch.Tensor) -> tuple:
@@ -425,15 +424,52 @@ def _subtract(chunk: torch.Tensor, du: torch.Tensor, v: torch.Tensor) -> None:
     chunk.sub_(du[:, None] * v[None, :])
 
 
-class _Draws:
-    """The random draws of one fit: its generator, and for each candidate the SAMPLE_SIZE rows (or columns)
-    drawn with probability proportional to |u_i| (or |v_j|), drawn once and used at every step (the
-    candidates do not change)."""
+@dataclass(frozen=True)
+class _BoundTerms:
+    """What the dual bound of one power alpha takes from the candidates alone (see ``_lower_bounds``), in float64."""
 
-    def __init__(self, device: torch.device, seed: int) -> None:
-        self.gen = torch.Generator(device=device)
+    u_pow: torch.Tensor
+    """[d, Mu]: |u|^alpha."""
+    u_signed: torch.Tensor
+    """[Mu, d]: (u |u|^alpha)^T, against the rows' projections of sign(R)."""
+    u_dir: torch.Tensor
+    """[Mu, d]: (sign(u) |u|^alpha)^T: E's factor on the left."""
+    v_dir: torch.Tensor
+    """[k, Mv]: sign(v) |v|^alpha: E's factor on the right."""
+    norm: torch.Tensor
+    """[Mu, Mv]: max |u_i|^alpha max |v_j|^alpha, which scales E to max |E| = 1."""
+    c3: torch.Tensor
+    """[Mu, Mv]: <E, u v^T>."""
+
+    @classmethod
+    def of(cls, us64: torch.Tensor, vs64: torch.Tensor, alpha: int) -> _BoundTerms:
+        u_pow, v_pow = _power(us64, alpha), _power(vs64, alpha)
+        norm = u_pow.amax(0)[:, None] * v_pow.amax(0)[None, :]
+        c3 = ((us64.abs() * u_pow).sum(0)[:, None] * (vs64.abs() * v_pow).sum(0)[None, :]) / norm
+        return cls(u_pow, (us64 * u_pow).T.contiguous(), (us64.sign() * u_pow).T.contiguous(), vs64.sign() * v_pow,
+                   norm, c3)
+
+
+class _FitState:
+    """What one fit keeps between its steps, all of it from the candidates us: [d, Mu] and vs: [k, Mv] (which do
+    not change): its random generator; for each candidate the SAMPLE_SIZE rows (or columns) drawn with
+    probability proportional to |u_i| (or |v_j|), drawn once and used at every step; and what the dual bounds
+    take from the candidates alone (``bound_terms``, ``w_all``)."""
+
+    def __init__(self, us: torch.Tensor, vs: torch.Tensor, seed: int) -> None:
+        self.us, self.vs = us, vs
+        self.gen = torch.Generator(device=us.device)
         self.gen.manual_seed(seed)
         self._weighted: dict = {}
+        self._us64, self._vs64 = us.to(torch.float64), vs.to(torch.float64)
+        self.w_all = self._us64.abs().sum(0)[:, None] * self._vs64.abs().sum(0)[None, :]
+        """[Mu, Mv]: sum_ij |u_i v_j| = ||u||_1 ||v||_1 of every pair."""
+        self._bound_terms: dict = {}
+
+    def bound_terms(self, alpha: int) -> _BoundTerms:
+        if alpha not in self._bound_terms:
+            self._bound_terms[alpha] = _BoundTerms.of(self._us64, self._vs64, alpha)
+        return self._bound_terms[alpha]
 
     def weighted(self, side: str, candidates: torch.Tensor, index: int) -> torch.Tensor:
         if (side, index) not in self._weighted:
@@ -449,7 +485,7 @@ class _Draws:
 
 
 def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, widths: dict,
-              draws: _Draws) -> dict[tuple[int, int], tuple[float, float]]:
+              draws: _FitState) -> dict[tuple[int, int], tuple[float, float]]:
     """For each pair (a, b) in ``widths``, a range likely to hold the weighted median of R/(u v^T): quantiles
     of a sample drawn with probability proportional to |u_i v_j| (rows and columns drawn independently; one
     draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
@@ -496,7 +532,8 @@ def _weighted_indices(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Te
 
 
 def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
-                 draws: _Draws, bounds: tuple = (), tangents: _TangentPass | None = None) -> tuple[dict, tuple | None]:
+                 draws: _FitState, bounds: tuple = (), tangents: _TangentPass | None = None
+                 ) -> tuple[dict, tuple | None]:
     """(delta, objective) of each pair over every entry of R, exactly; and, if ``bounds`` names the powers
     alpha to take, every pair's dual lower bound (see ``_lower_bounds``) from the same pass, with the sums
     it came from: (lower bounds [Mu, Mv], _BoundSums); and ``tangents``, if given, summed in the first pass.
@@ -519,7 +556,8 @@ def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list
         _accumulate(res, us, vs, passes, bound_sums, tangents)
         tangents = None
         if bound_sums is not None:
-            lower = _lower_bounds_from(bound_sums, p, q, us, vs)
+            bound_sums.finish(draws)
+            lower = _lower_bounds_from(bound_sums, p, q, draws)
             sums, bound_sums = bound_sums, None
         for pair, acc in passes.items():
             found = _select(acc)
@@ -593,8 +631,8 @@ def _use_kernel(r_chunk: torch.Tensor) -> bool:
 
 def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict,
                 bound_sums: _BoundSums | None = None, tangents: _TangentPass | None = None) -> None:
-    """One pass over R, a chunk of rows at a time, feeding every pair's accumulators (and the dual sums and
-    tangents, if given)."""
+    """One pass over R, a chunk of rows at a time, feeding every pair's accumulators (and the dual sums, to be
+    finished by the caller, and the tangents, if given)."""
     p = res.p
     f64 = torch.float64
     by_a: dict[int, list[int]] = {}
@@ -607,7 +645,7 @@ def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict
         us_rows, vs_cols = us.T.contiguous().numpy(), vs.T.contiguous().numpy()
     for rows, r_chunk, owed in res.owing_chunks():
         if bound_sums is not None:
-            bound_sums.add(r_chunk, us[rows], vs, owed)  # subtracts what the chunk owes, in the same pass
+            bound_sums.add(r_chunk, vs, owed)  # subtracts what the chunk owes, in the same pass
         elif owed is not None:
             _subtract(r_chunk, *owed)
         if tangents is not None:
@@ -636,8 +674,6 @@ def _accumulate(res: _Residual, us: torch.Tensor, vs: torch.Tensor, passes: dict
                 sums = ((w * below).sum(dtype=f64), (t * below).sum(dtype=f64), (w * above).sum(dtype=f64),
                         (t * above).sum(dtype=f64), zero)
                 acc.add(sums, ratio[inside], w[inside])
-    if bound_sums is not None:
-        bound_sums.finish(vs)
 
 
 def _select(acc: _PairPass) -> tuple[float, float] | None:
@@ -682,22 +718,22 @@ def _lower_bounds(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.
     alpha in BOUND_POWERS (alpha = 0 spreads the correction evenly; larger alpha puts it on the entries
     with large |u_i v_j|, which are the ones whose sign a small delta flips); each pair keeps its best bound.
     """
-    sums = _BoundSums(powers)
+    sums, state = _BoundSums(powers), _FitState(us, vs, 0)
     _accumulate(_Residual(p, q), us, vs, {}, sums)
-    return _lower_bounds_from(sums, p, q, us, vs), sums.l1
+    sums.finish(state)
+    return _lower_bounds_from(sums, p, q, state), sums.l1
 
 
-def _lower_bounds_from(sums: _BoundSums, p, q, us, vs) -> torch.Tensor:
+def _lower_bounds_from(sums: _BoundSums, p, q, state: _FitState) -> torch.Tensor:
     f64 = torch.float64
-    us64, vs64, p64, q64 = us.to(f64), vs.to(f64), p.to(f64), q.to(f64)
-    best = torch.full((us.shape[1], vs.shape[1]), -math.inf, dtype=f64, device=us.device)
+    p64, q64 = p.to(f64), q.to(f64)
+    best = torch.full(state.w_all.shape, -math.inf, dtype=f64, device=p.device)
     c1 = sums.signed[sums.powers.index(0)]
     for k, alpha in enumerate(sums.powers):
-        u_pow, v_pow = _power(us64, alpha), _power(vs64, alpha)
-        norm = u_pow.amax(0)[:, None] * v_pow.amax(0)[None, :]  # max |E| = 1
+        terms = state.bound_terms(alpha)
+        norm, c3 = terms.norm, terms.c3
         c2 = sums.signed[k] / norm
-        c3 = ((us64.abs() * u_pow).sum(0)[:, None] * (vs64.abs() * v_pow).sum(0)[None, :]) / norm
-        e_r = ((us64.sign() * u_pow).T @ p64) @ (q64.T @ (vs64.sign() * v_pow)) / norm  # <E, R>, from factors
+        e_r = (terms.u_dir @ p64) @ (q64.T @ terms.v_dir) / norm  # <E, R>, from the factors
         e_abs_r = sums.absolute[k] / norm
         tau = c1 / (c3 + c1.sign() * c2)
         bound = sums.l1 - tau.abs() * e_abs_r - tau * e_r
@@ -843,7 +879,7 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
     n_u, n_v = us.shape[1], vs.shape[1]
     if n_u == 0 or n_v == 0:
         return [], 0, 0
-    draws = _Draws(left.device, seed)
+    draws = _FitState(us, vs, seed)
     p, q = left, right.T  # R = p @ q^T, deflated by appending columns (see _Residual.deflate)
     picks: list[Pick] = []
     exact_count = 0
@@ -903,7 +939,7 @@ def _best(res: _Residual, us, vs, evaluated: dict) -> tuple[tuple[int, int], tup
     return pair, (evaluated[pair][0], summed[pair])
 
 
-def _screened(res: _Residual, us, vs, pairs, draws: _Draws) -> dict[tuple[int, int], tuple[float, float]]:
+def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int, int], tuple[float, float]]:
     """Exact objectives of the pairs that the certified lower bounds cannot rule out.
 
     1. The pair with the best estimate (on a sample) is evaluated exactly, in a pass that also gives every

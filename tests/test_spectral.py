@@ -487,7 +487,7 @@ def test_early_tangents_are_those_of_their_own_pass(use_kernel, case, seed, chun
             mp.setattr(spectral, "CHUNK_ENTRIES", chunk)
             mp.setattr(spectral, "CACHE_ENTRIES", cache)
             residual = spectral._Residual(b.float(), a.T.float())
-            draws = spectral._Draws(torch.device("cpu"), seed)
+            draws = spectral._FitState(us, vs, seed)
             spectral._exact_pairs(residual, us, vs, first, draws, bounds=(0,))
             residual = residual.deflate(0.75, us[:, 0], vs[:, 1])
             if early:
@@ -550,6 +550,7 @@ def test_zero_tangent_is_within_its_bound(use_kernel, case, seed, theta_max):
         mp.setattr(spectral, "CHUNK_ENTRIES", 37)
         residual, sums = spectral._Residual(b.float(), a.T.float()), spectral._BoundSums()
         spectral._accumulate(residual, us, vs, {}, sums)
+        sums.finish(spectral._FitState(us, vs, seed))
         r = torch.cat([chunk for _, chunk in residual.chunks()]).double()
     scale = float(r.abs().max() / (us.abs().max() * vs.abs().max() + 1e-30))
     for pair in [(0, 0), (1, 1), (0, 1)]:
