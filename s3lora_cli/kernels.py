@@ -331,28 +331,39 @@ def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out)
     n2 = v_abs.shape[0]
     zero_t = r.dtype.type(0)
     one_t = r.dtype.type(1)
+    if deflate:  # a loop of its own: where the loop below may write r, LLVM loads and stores it ~2x slower
+        for i in numba.prange(c):
+            dui = du[i]
+            for j in range(k):
+                r[i, j] = r[i, j] - dui * dv[j]
     for group in numba.prange((c + DUAL_ROWS - 1) // DUAL_ROWS):
         first = group * DUAL_ROWS
         n_rows = min(DUAL_ROWS, c - first)
-        signs = np.zeros((DUAL_ROWS, k), r.dtype)  # rows past the chunk's end stay zero
-        mags = np.zeros((DUAL_ROWS, k), r.dtype)
+        signs = np.empty((DUAL_ROWS, k), r.dtype)
+        mags = np.empty((DUAL_ROWS if n2 else 0, k), r.dtype)  # |R| only where a projection takes it
+        for t in range(n_rows, DUAL_ROWS):  # rows past the chunk's end add zero
+            signs[t, :] = zero_t
+            if n2:
+                mags[t, :] = zero_t
         for t in range(n_rows):
-            if deflate:  # a loop of its own, so that both loops vectorise; the row is then in cache
-                dui = du[first + t]
-                for j in range(k):
-                    r[first + t, j] = r[first + t, j] - dui * dv[j]
             total = 0.0
             for start in range(0, k, SUM_BLOCK):
                 stop = min(k, start + SUM_BLOCK)
                 row = r[first + t, start:stop]  # indexed from 0, as in ``_tangent_sums``
                 row_signs = signs[t, start:stop]
-                row_mags = mags[t, start:stop]
                 run = zero_t
-                for j in range(stop - start):
-                    x = row[j]
-                    row_signs[j] = one_t if x > zero_t else (-one_t if x < zero_t else zero_t)
-                    row_mags[j] = abs(x)
-                    run += abs(x)
+                if n2:
+                    row_mags = mags[t, start:stop]
+                    for j in range(stop - start):
+                        x = row[j]
+                        row_signs[j] = one_t if x > zero_t else (-one_t if x < zero_t else zero_t)
+                        row_mags[j] = abs(x)
+                        run += abs(x)
+                else:  # the same loop without |R| (most steps: 13 % faster)
+                    for j in range(stop - start):
+                        x = row[j]
+                        row_signs[j] = one_t if x > zero_t else (-one_t if x < zero_t else zero_t)
+                        run += abs(x)
                 total += np.float64(run)
             l1_out[first + t] = total
         for m in range(n1 + n2):
