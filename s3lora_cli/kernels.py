@@ -37,7 +37,7 @@ def _bracket_pass(r, u, v, v_min, lo, hi, sums, counts, ratios, weights):  # pra
         # some u_i v_j of the row is 0 (a zero, or a product that underflows) only if |u_i| v_min is: for the other
         # rows LLVM makes a loop without the test (7 % faster)
         has_zero = abs(ui) * v_min == zero_t
-        row_ratios = np.empty(k, r.dtype)
+        row_ratios = ratios[i]  # compacted in place below: the entry read (j) is never before the one written (n)
         w_below = 0.0
         t_below = 0.0
         w_above = 0.0
