@@ -227,10 +227,11 @@ them to float64 totals: each total is off by at most SUM_BLOCK * eps(dtype) time
 magnitudes (``spectral._tangents`` widens its bounds by that much)."""
 
 
-def _tangent_sums(r, u, v, slots, thetas, vsum, out):  # pragma: no cover - compiled
+def _tangent_sums(r, u, first_row, v, slots, thetas, vsum, out):  # pragma: no cover - compiled
     """Objectives and subgradients at given points (probes), two probes at a time, with no division.
 
-    r: [c, k] residual rows; u: [P, c] and v: [P, k], pair p's candidate entries; vsum: [P], sum_j v[p, j]
+    r: [c, k] residual rows first_row, first_row + 1, ...; u: [P, d] and v: [P, k], pair p's candidate entries
+    (row i of r takes u[p, first_row + i]); vsum: [P], sum_j v[p, j]
     in float64. Slot s holds two probes: pairs slots[s, 0] and slots[s, 1] (the same pair twice, or two
     pairs) at thetas[s, 0] and thetas[s, 1] (in r's dtype). out: [S, c, 4], per slot and row, for each of
     its probes, with e = r - theta u_i v_j: sum_j |e| and -u_i sum_j v_j s_j with s_j = sign(e) (the
@@ -250,10 +251,10 @@ def _tangent_sums(r, u, v, slots, thetas, vsum, out):  # pragma: no cover - comp
             p, q = slots[s, 0], slots[s, 1]
             v_p = v[p]
             v_q = v[q]
-            a0_p = thetas[s, 0] * u[p, i0]
-            a0_q = thetas[s, 1] * u[q, i0]
-            a1_p = thetas[s, 0] * u[p, i1]
-            a1_q = thetas[s, 1] * u[q, i1]
+            a0_p = thetas[s, 0] * u[p, first_row + i0]
+            a0_q = thetas[s, 1] * u[q, first_row + i0]
+            a1_p = thetas[s, 0] * u[p, first_row + i1]
+            a1_q = thetas[s, 1] * u[q, first_row + i1]
             f0_p = 0.0
             f0_q = 0.0
             s0_p = 0.0
@@ -305,9 +306,9 @@ def _tangent_sums(r, u, v, slots, thetas, vsum, out):  # pragma: no cover - comp
                 s1_q += run_s1_q
             for i, f_p, s_p, f_q, s_q in ((i0, f0_p, s0_p, f0_q, s0_q), (i1, f1_p, s1_p, f1_q, s1_q)):
                 out[s, i, 0] = f_p
-                out[s, i, 1] = -np.float64(u[p, i]) * (2 * s_p - vsum[p])
+                out[s, i, 1] = -np.float64(u[p, first_row + i]) * (2 * s_p - vsum[p])
                 out[s, i, 2] = f_q
-                out[s, i, 3] = -np.float64(u[q, i]) * (2 * s_q - vsum[q])
+                out[s, i, 3] = -np.float64(u[q, first_row + i]) * (2 * s_q - vsum[q])
 
 
 DUAL_ROWS = 4
@@ -594,10 +595,13 @@ def inverse_cdf(cdf: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return out
 
 
-def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, slots: np.ndarray, thetas: np.ndarray) -> np.ndarray:
-    """Run ``_tangent_sums`` on one chunk; returns [S, 4] float64 (the per-row sums added up)."""
+def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, slots: np.ndarray, thetas: np.ndarray, row0: int = 0,
+                 vsum: np.ndarray | None = None) -> np.ndarray:
+    """Run ``_tangent_sums`` on one chunk (rows row0, row0 + 1, ... of u's); returns [S, 4] float64 (the per-row
+    sums added up). ``vsum``, if given, is v.sum(axis=1) in float64, the same for every chunk."""
     out = np.empty((slots.shape[0], r.shape[0], 4), np.float64)
-    _tangent_sums(r, u, v, slots, thetas.astype(r.dtype), v.sum(axis=1, dtype=np.float64), out)
+    vsum = v.sum(axis=1, dtype=np.float64) if vsum is None else vsum
+    _tangent_sums(r, u, row0, v, slots, thetas.astype(r.dtype, copy=False), vsum, out)
     return out.sum(axis=1)
 
 

@@ -799,12 +799,16 @@ class _TangentPass:
         self.thetas = torch.tensor([[self.probes[m][1], self.probes[n][1]] for m, n in self.doubles],
                                    dtype=f64).to(us.dtype)
         self.sums = torch.zeros(len(self.doubles), 4, dtype=f64, device=us.device)
+        self._kernel_args: tuple | None = None  # (u, v, slots, thetas, sum_j v) as the kernel takes them
 
     def add(self, rows: slice, r_chunk: torch.Tensor) -> None:
         u, v, slots, thetas, sums, f64 = self.u, self.v, self.slots, self.thetas, self.sums, torch.float64
         if _use_kernel(r_chunk):
-            sums += torch.from_numpy(kernels.tangent_sums(r_chunk.numpy(), u[:, rows].contiguous().numpy(),
-                                                          v.numpy(), slots.numpy(), thetas.numpy()))
+            if self._kernel_args is None:
+                self._kernel_args = (u.numpy(), v.numpy(), slots.numpy(), thetas.numpy(),
+                                     v.numpy().sum(axis=1, dtype=np.float64))
+            u_np, v_np, slots_np, thetas_np, vsum = self._kernel_args
+            sums.numpy()[:] += kernels.tangent_sums(r_chunk.numpy(), u_np, v_np, slots_np, thetas_np, rows.start, vsum)
             return
         for s, (k_p, k_q) in enumerate(slots.tolist()):
             for m, (k, theta) in enumerate(((k_p, thetas[s, 0]), (k_q, thetas[s, 1]))):
