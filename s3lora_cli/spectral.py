@@ -465,6 +465,10 @@ class _FitState:
         self.w_all = self._us64.abs().sum(0)[:, None] * self._vs64.abs().sum(0)[None, :]
         """[Mu, Mv]: sum_ij |u_i v_j| = ||u||_1 ||v||_1 of every pair."""
         self._bound_terms: dict = {}
+        self.favoured: tuple[int, int] | None = None
+        """The pair with the lowest dual bound at the last step, other than the one it (likely) picked. At near
+        ties a pick changes R little, and this is the next step's best pair, or one of the few next to it, as
+        often as the pair its own bounds favour (measured): it is evaluated in the pass of the bounds."""
 
     def bound_terms(self, alpha: int) -> _BoundTerms:
         if alpha not in self._bound_terms:
@@ -949,9 +953,10 @@ def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int
     1. The pair with the best estimate (on a sample) is evaluated exactly, in a pass that also gives every
        pair's dual bound (``_lower_bounds``) and the first tangents of the next best-estimated pairs
        (``_early_pairs``). At near ties (see NEAR_TIE_GAIN) the estimates cannot tell the pairs apart, but the
-       dual bounds can: they come first, in a pass of their own, and the pair with the lowest bound is evaluated
-       next (measured: the best pair, or one of the few next to it; the estimate's pair often gained nothing,
-       and then no bound ruled out a pair).
+       dual bounds can (measured: the pair with the lowest bound is the best pair, or one of the few next to it;
+       the estimate's pair often gained nothing, and then no bound ruled out a pair): the pair evaluated with
+       the bounds is the one the last step's bounds favour (``_FitState.favoured``); at the first near tie of a
+       fit the bounds come first, in a pass of their own, and the pair with the lowest bound is evaluated next.
     2. The pairs whose dual bound does not exceed the best objective so far get tangent bounds and upper
        bounds (``_tangents``, ``_envelope_bounds``) from cheaper passes that form no ratio: first at the
        ends of a bracket sampled with weights |u_i v_j| (``_brackets``), then (up to TANGENT_ROUNDS times)
@@ -966,7 +971,11 @@ def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int
     best_estimate = float(estimates.min())
     estimated = estimates.tolist()
     first = [min(pairs, key=lambda pair: (estimated[pair[0]][pair[1]], pair))]
-    if sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1:  # near ties: the bounds first, then the pair they favour
+    near_tie = sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1
+    if near_tie and draws.favoured in pairs:  # the pair the last step's bounds favour, with the bounds
+        brackets, early_pass = {}, None
+        evaluated, (bounds, sums) = _exact_pairs(res, us, vs, [draws.favoured], draws, bounds=BOUND_POWERS)
+    elif near_tie:  # the bounds first, in a pass of their own, then the pair they favour
         brackets, early_pass = {}, None
         _, (bounds, sums) = _exact_pairs(res, us, vs, [], draws, bounds=BOUND_POWERS)
         lowest = bounds.tolist()
@@ -1016,6 +1025,9 @@ def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int
         brackets = {pair: _narrowed(with_zero(pair), envelopes[pair][2]) for pair in rest}
     if rest:
         evaluated.update(_exact_pairs(res, us, vs, rest, draws)[0])
+    picked = min(evaluated, key=lambda pair: (evaluated[pair][1], pair))
+    draws.favoured = min((pair for pair in pairs if pair != picked), default=None,
+                         key=lambda pair: (bound_of[pair[0]][pair[1]], pair))
     return evaluated
 
 
