@@ -457,7 +457,7 @@ class _FitState:
     take from the candidates alone (``bound_terms``, ``w_all``)."""
 
     def __init__(self, us: torch.Tensor, vs: torch.Tensor, seed: int) -> None:
-        self.us, self.vs = us, vs
+        self.vs = vs
         self.gen = torch.Generator(device=us.device)
         self.gen.manual_seed(seed)
         self._weighted: dict = {}
@@ -489,11 +489,12 @@ class _FitState:
 
 
 def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, widths: dict,
-              draws: _FitState) -> dict[tuple[int, int], tuple[float, float]]:
+              state: _FitState) -> dict[tuple[int, int], tuple[float, float]]:
     """For each pair (a, b) in ``widths``, a range likely to hold the weighted median of R/(u v^T): quantiles
     of a sample drawn with probability proportional to |u_i v_j| (rows and columns drawn independently; one
     draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
-    sample median's rank either side of it. The rows and columns are those of ``draws``, the same at every step."""
+    sample median's rank either side of it. The rows and columns are the fit's draws (``state``), the same at
+    every step."""
     n = SAMPLE_SIZE
     found = {pair: (-math.inf, math.inf) for pair, width in widths.items() if width == math.inf}
     sampled = [pair for pair, width in widths.items() if width != math.inf]
@@ -504,14 +505,14 @@ def _brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tens
         half = widths[pair] * math.sqrt(n) / 2
         ranks[pair] = (max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half)))
     if kernels.available and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
-        rows, cols = draws.all_weighted("u", us).numpy(), draws.all_weighted("v", vs).numpy()
+        rows, cols = state.all_weighted("u", us).numpy(), state.all_weighted("v", vs).numpy()
         table = np.array([(a, b, *ranks[a, b]) for a, b in sampled], dtype=np.int64)
         ends = kernels.sample_brackets(p.contiguous().numpy(), q.contiguous().numpy(), us.contiguous().numpy(),
                                        vs.contiguous().numpy(), rows, cols, table)
         found.update((pair, (float(lo), float(hi))) for pair, (lo, hi) in zip(sampled, ends.tolist(), strict=True))
         return found
     for a, b in sampled:
-        i, j = draws.weighted("u", us, a), draws.weighted("v", vs, b)
+        i, j = state.weighted("u", us, a), state.weighted("v", vs, b)
         ratios = (p[i] * q[j]).sum(1) / (us[i, a] * vs[j, b])
         found[a, b] = _order_statistics(ratios, *ranks[a, b])
     return found
@@ -536,7 +537,7 @@ def _weighted_indices(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Te
 
 
 def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]],
-                 draws: _FitState, bounds: tuple = (), tangents: _TangentPass | None = None
+                 state: _FitState, bounds: tuple = (), tangents: _TangentPass | None = None
                  ) -> tuple[dict, tuple | None]:
     """(delta, objective) of each pair over every entry of R, exactly; and, if ``bounds`` names the powers
     alpha to take, every pair's dual lower bound (see ``_lower_bounds``) from the same pass, with the sums
@@ -555,13 +556,13 @@ def _exact_pairs(res: _Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list
     todo = {pair: first for pair in pairs}  # pair -> index into widths
     bound_sums = _BoundSums(bounds) if bounds else None
     while todo or bound_sums is not None:
-        brackets = _brackets(p, q, us, vs, {pair: widths[level] for pair, level in todo.items()}, draws)
+        brackets = _brackets(p, q, us, vs, {pair: widths[level] for pair, level in todo.items()}, state)
         passes = {pair: _PairPass(*bracket) for pair, bracket in brackets.items()}
         _accumulate(res, us, vs, passes, bound_sums, tangents)
         tangents = None
         if bound_sums is not None:
-            bound_sums.finish(draws)
-            lower = _lower_bounds_from(bound_sums, p, q, draws)
+            bound_sums.finish(state)
+            lower = _lower_bounds_from(bound_sums, p, q, state)
             sums, bound_sums = bound_sums, None
         for pair, acc in passes.items():
             found = _select(acc)
@@ -887,7 +888,7 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
     n_u, n_v = us.shape[1], vs.shape[1]
     if n_u == 0 or n_v == 0:
         return [], 0, 0
-    draws = _FitState(us, vs, seed)
+    state = _FitState(us, vs, seed)
     p, q = left, right.T  # R = p @ q^T, deflated by appending columns (see _Residual.deflate)
     picks: list[Pick] = []
     exact_count = 0
@@ -899,9 +900,9 @@ def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.
         if batched:
             evaluated = _exact_pairs_batched(res.p, res.q, us, vs, all_pairs)
         elif screen:
-            evaluated = _screened(res, us, vs, all_pairs, draws)
+            evaluated = _screened(res, us, vs, all_pairs, state)
         else:
-            evaluated = _exact_pairs(res, us, vs, all_pairs, draws)[0]
+            evaluated = _exact_pairs(res, us, vs, all_pairs, state)[0]
         exact_count += len(evaluated)
         (a, b), (delta, objective) = _best(res, us, vs, evaluated)
         picks.append(Pick(a + 1, b + 1, delta, objective))
@@ -947,7 +948,7 @@ def _best(res: _Residual, us, vs, evaluated: dict) -> tuple[tuple[int, int], tup
     return pair, (evaluated[pair][0], summed[pair])
 
 
-def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int, int], tuple[float, float]]:
+def _screened(res: _Residual, us, vs, pairs, state: _FitState) -> dict[tuple[int, int], tuple[float, float]]:
     """Exact objectives of the pairs that the certified lower bounds cannot rule out.
 
     1. The pair with the best estimate (on a sample) is evaluated exactly, in a pass that also gives every
@@ -967,25 +968,25 @@ def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int
     only the order of the work, never the result.
     """
     p, q = res.p, res.q
-    estimates, sample_l1 = _sample_objectives(p, q, us, vs, draws.gen)
+    estimates, sample_l1 = _sample_objectives(p, q, us, vs, state.gen)
     best_estimate = float(estimates.min())
     estimated = estimates.tolist()
     first = [min(pairs, key=lambda pair: (estimated[pair[0]][pair[1]], pair))]
     near_tie = sample_l1 - best_estimate < NEAR_TIE_GAIN * sample_l1
-    if near_tie and draws.favoured in pairs:  # the pair the last step's bounds favour, with the bounds
+    if near_tie and state.favoured in pairs:  # the pair the last step's bounds favour, with the bounds
         brackets, early_pass = {}, None
-        evaluated, (bounds, sums) = _exact_pairs(res, us, vs, [draws.favoured], draws, bounds=BOUND_POWERS)
+        evaluated, (bounds, sums) = _exact_pairs(res, us, vs, [state.favoured], state, bounds=BOUND_POWERS)
     elif near_tie:  # the bounds first, in a pass of their own, then the pair they favour
         brackets, early_pass = {}, None
-        _, (bounds, sums) = _exact_pairs(res, us, vs, [], draws, bounds=BOUND_POWERS)
+        _, (bounds, sums) = _exact_pairs(res, us, vs, [], state, bounds=BOUND_POWERS)
         lowest = bounds.tolist()
         first = [min(pairs, key=lambda pair: (lowest[pair[0]][pair[1]], pair))]
-        evaluated = _exact_pairs(res, us, vs, first, draws)[0]
+        evaluated = _exact_pairs(res, us, vs, first, state)[0]
     else:
         early = _early_pairs(estimates, sample_l1, first[0])
-        brackets = _brackets(p, q, us, vs, dict.fromkeys(early, BRACKET_Z), draws)
+        brackets = _brackets(p, q, us, vs, dict.fromkeys(early, BRACKET_Z), state)
         early_pass = _TangentPass(us, vs, early, {pair: _far_end(brackets[pair]) for pair in early}) if early else None
-        evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, draws, bounds=BOUND_POWERS[:1],
+        evaluated, (bounds, sums) = _exact_pairs(res, us, vs, first, state, bounds=BOUND_POWERS[:1],
                                                  tangents=early_pass)
 
     def best() -> float:
@@ -996,7 +997,7 @@ def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int
 
     ceiling, bound_of = best() + slack(best()), bounds.tolist()
     rest = [pair for pair in pairs if pair not in evaluated and bound_of[pair[0]][pair[1]] <= ceiling]
-    brackets.update(_brackets(p, q, us, vs, {pair: BRACKET_Z for pair in rest if pair not in brackets}, draws))
+    brackets.update(_brackets(p, q, us, vs, {pair: BRACKET_Z for pair in rest if pair not in brackets}, state))
     found = early_pass.finish() if early_pass is not None else {}
     tangents: dict[tuple[int, int], list[_Tangent]] = {pair: found.get(pair, []) for pair in rest}
 
@@ -1017,16 +1018,16 @@ def _screened(res: _Residual, us, vs, pairs, draws: _FitState) -> dict[tuple[int
         rest = sorted((pair for pair in rest if envelopes[pair][0] <= ceiling + slack(ceiling)),
                       key=lambda pair: envelopes[pair][1])
         if round_ == 0 and rest and envelopes[rest[0]][1] < best():
-            evaluated.update(_exact_pairs(res, us, vs, rest[:1], draws)[0])
+            evaluated.update(_exact_pairs(res, us, vs, rest[:1], state)[0])
             rest = rest[1:]
         rest = [pair for pair in rest if envelopes[pair][0] <= best() + slack(best())]
         if round_ > 0 and len(rest) > before * (1 - TANGENT_MIN_GAIN):
             break
         brackets = {pair: _narrowed(with_zero(pair), envelopes[pair][2]) for pair in rest}
     if rest:
-        evaluated.update(_exact_pairs(res, us, vs, rest, draws)[0])
+        evaluated.update(_exact_pairs(res, us, vs, rest, state)[0])
     picked = min(evaluated, key=lambda pair: (evaluated[pair][1], pair))
-    draws.favoured = min((pair for pair in pairs if pair != picked), default=None,
+    state.favoured = min((pair for pair in pairs if pair != picked), default=None,
                          key=lambda pair: (bound_of[pair[0]][pair[1]], pair))
     return evaluated
 

@@ -213,10 +213,10 @@ def test_near_tie_steps_never_change_the_result(name, seed, d, k):
     with_bounds = []  # how many pairs each pass of the dual bounds evaluated
     original = spectral._exact_pairs
 
-    def recording(res, us, vs, pairs, draws, bounds=(), tangents=None):
+    def recording(res, us, vs, pairs, state, bounds=(), tangents=None):
         if bounds:
             with_bounds.append(len(pairs))
-        return original(res, us, vs, pairs, draws, bounds, tangents)
+        return original(res, us, vs, pairs, state, bounds, tangents)
 
     with engine(name), pytest.MonkeyPatch.context() as mp:
         mp.setattr(spectral, "_exact_pairs", recording)
@@ -494,15 +494,15 @@ def test_early_tangents_are_those_of_their_own_pass(use_kernel, case, seed, chun
             mp.setattr(spectral, "CHUNK_ENTRIES", chunk)
             mp.setattr(spectral, "CACHE_ENTRIES", cache)
             residual = spectral._Residual(b.float(), a.T.float())
-            draws = spectral._FitState(us, vs, seed)
-            spectral._exact_pairs(residual, us, vs, first, draws, bounds=(0,))
+            state = spectral._FitState(us, vs, seed)
+            spectral._exact_pairs(residual, us, vs, first, state, bounds=(0,))
             residual = residual.deflate(0.75, us[:, 0], vs[:, 1])
             if early:
                 probes = spectral._TangentPass(us, vs, pairs, points)
-                spectral._exact_pairs(residual, us, vs, first, draws, bounds=(0,), tangents=probes)
+                spectral._exact_pairs(residual, us, vs, first, state, bounds=(0,), tangents=probes)
                 found.append(probes.finish())
             else:
-                spectral._exact_pairs(residual, us, vs, first, draws, bounds=(0,))
+                spectral._exact_pairs(residual, us, vs, first, state, bounds=(0,))
                 found.append(spectral._tangents(residual, us, vs, pairs, points))
     assert found[0] == found[1]
     assert all(len(found[0][pair]) == 2 for pair in pairs)
