@@ -332,7 +332,7 @@ def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out)
     n2 = v_abs.shape[0]
     zero_t = r.dtype.type(0)
     one_t = r.dtype.type(1)
-    if deflate:  # a loop of its own: where the loop below may write r, LLVM loads and stores it ~2x slower
+    if deflate:  # a loop of its own: deflating each row just before its sums below made that loop ~2x slower
         for i in numba.prange(c):
             dui = du[i]
             for j in range(k):
@@ -541,7 +541,7 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
         scratch.update(shape=key, ratios=np.empty(key, r.dtype), weights=np.empty(key, r.dtype),
                        sums=np.empty((key[0], 5), np.float64), counts=np.empty(key[0], np.int64))
     sums, counts = scratch["sums"], scratch["counts"]
-    _bracket_pass(r, u, v, np.abs(v).min(), *_in_dtype(lo, hi, r.dtype), sums, counts, scratch["ratios"],
+    _bracket_pass(r, u, v, np.abs(v).min(initial=np.inf), *_in_dtype(lo, hi, r.dtype), sums, counts, scratch["ratios"],
                   scratch["weights"])
     n = int(counts.sum())
     out_ratios, out_weights = np.empty(n, r.dtype), np.empty(n, r.dtype)
