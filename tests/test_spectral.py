@@ -390,7 +390,9 @@ def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
         bounds, l1 = spectral._lower_bounds(b, a.T, us, vs)
         first, l1_first = spectral._lower_bounds(b, a.T, us, vs, spectral.BOUND_POWERS[:1])
     assert l1_first == l1
-    assert torch.all(first <= bounds)  # each pair keeps its best bound: more powers never make it worse
+    # each pair keeps its best bound: more powers never make it worse (to rounding: BLAS may add up a product's
+    # terms in another order when it has more columns, as the tensor implementation's products then do)
+    assert torch.all(first <= bounds + 1e-12 * l1)
     R = (b @ a).numpy()
     assert l1 == pytest.approx(np.abs(R).sum(), rel=1e-12, abs=1e-300)
     for i in range(us.shape[1]):
