@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -130,7 +131,7 @@ def test_non_finite_layers_always_fail():
     assert "non-finite" in v.message
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.one_of(st.none(), st.floats(0, 1)), min_size=1, max_size=8), st.floats(0, 1), st.integers(0, 4))
 def test_the_verdict_is_the_rule(ssis, max_ssi, max_flagged):
     report = fake_report({f"m{i}": s for i, s in enumerate(ssis)})
