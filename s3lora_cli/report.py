@@ -330,6 +330,9 @@ def legend(report: ScoreReport, marked, mark: str, tau: int | None = None, selec
     ones = sum(s.fit_rank == 1 and s.components > 1 for s in report.layers)
     lines.append(f"fit: rank of the L1 fit / M components; 1/M means S'_2..S'_h are 0, so SSI is 1 by "
                  f"construction ({ones} layer(s) here).")
+    non_finite = len(report.layers) - scored
+    if non_finite:
+        lines.append(f"-: {non_finite} layer(s) not scored: non-finite values (NaN or Inf); `check` fails on them.")
     return lines
 
 
@@ -741,9 +744,9 @@ def render_scan_table(result: ScanResult, similar: bool = False, width: int | No
     over = "over" if threshold is None else f"> {threshold:g}"
     columns = [Column("rank", right=True), Column("adapter", shorten="left"), Column("verdict"),
                Column("max ssi", right=True), Column(over, right=True, drop=3), Column("layers", right=True, drop=4),
-               Column("top layers", drop=2, early=True, shorten="right")]
-    columns += [Column("nearest (cosine)", drop=5, early=True, shorten="right")] if similar else []
-    columns += [Column("detail", drop=1, early=True, shorten="right")]
+               Column("top layers", drop=1, shorten="right")]
+    columns += [Column("nearest (cosine)", drop=2, shorten="right")] if similar else []
+    columns += [Column("detail", drop=5, shorten="right")]
     rows = []
     for i, row in enumerate(result.rows, start=1):
         top = ", ".join(f"{t.module} {_fmt(t.ssi, '.3f')}" for t in row.top_layers)

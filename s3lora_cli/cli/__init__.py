@@ -51,7 +51,9 @@ class OneLineErrors(TyperGroup):
             sys.stdout.write(exc.format_message() + "\n")
             code = EXIT_OK
         except ClickException as exc:
-            sys.stderr.write(usage_error_line(exc) + "\n")
+            words = sys.argv[1:] if args is None else list(args)
+            command = next((word for word in words if word in self.commands), None)
+            sys.stderr.write(usage_error_line(exc, f"{self.name} {command}" if command else self.name) + "\n")
             code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
         except Abort:
             sys.stderr.write("error: interrupted; nothing was written\n")
@@ -61,12 +63,11 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
-def usage_error_line(exc: ClickException) -> str:
-    """One line for a usage error: its message (on one line) and where the command's help is."""
+def usage_error_line(exc: ClickException, command: str) -> str:
+    """One line for a usage error: its message (on one line) and where the help of its ``command`` is."""
     message = " ".join(exc.format_message().split())
     ctx = getattr(exc, "ctx", None)
-    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    return f"error: {message}{where}"
+    return f"error: {message} (see '{ctx.command_path if ctx is not None else command} --help')"
 
 
 app = typer.Typer(
