@@ -526,12 +526,12 @@ def render_gate_markdown(results: tuple[GateResult, ...] | list[GateResult]) -> 
     for result in results:
         mark = "✅" if result.passed else "❌"
         lines += ["", f"#### {mark} `{_md(result.report.adapter.path)}`: {'passed' if result.passed else 'failed'}", ""]
-        lines += ["| rule | limit | allowed | found | result | set by |", "|---|---:|---:|---:|---|---|"]
+        lines += ["| rule | limit | allowed | violations | result | set by |", "|---|---:|---:|---:|---|---|"]
         for o in result.rules:
             lines.append(f"| {o.rule.value} | {_fmt_limit(o.limit)} | {_allowed_text(o.allowed)} | {o.violations} "
                          f"| {'passed' if o.passed else '**failed**'} | {_md(o.source)} |")
         if result.violations:
-            lines += ["", "| layer | rule | value | limit | verdict |", "|---|---|---:|---:|---|"]
+            lines += ["", "Violations:", "", "| layer | rule | value | limit | verdict |", "|---|---|---:|---:|---|"]
             for v in result.violations:
                 lines.append(f"| `{_md(v.module)}` | {v.rule.value} | {_fmt_value(v)} | {_fmt_limit(v.limit)} "
                              f"| {_verdict_word(v, result)} |")
@@ -552,9 +552,10 @@ def _ranked_markdown(result: GateResult) -> list[str]:
         word = _verdict_word(v, result)
         if severity[word] < severity.get(verdicts.get(v.module, ""), 3):
             verdicts[v.module] = word
-    header = ["rank", "module", "ssi"] + (["baseline", "change"] if result.baseline is not None else []) + ["gate"]
+    header = ["rank", "module", "ssi"] + (["baseline", "change"] if result.baseline is not None else [])
+    header.append("violation")
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if h in ("module", "gate") else "---:" for h in header) + "|"]
+             "|" + "|".join("---" if h in ("module", "violation") else "---:" for h in header) + "|"]
     for i, s in enumerate(result.report.layers, start=1):
         row = [str(i), f"`{_md(s.module)}`", _fmt(s.ssi, ".4f")]
         if result.baseline is not None:
@@ -607,7 +608,7 @@ def sarif_dict(results: tuple[GateResult, ...] | list[GateResult], root: Path | 
                 "ruleId": v.rule.value,
                 "ruleIndex": rules.index(v.rule),
                 "level": {"fails": "error", "tolerated": "warning", "reported": "note"}[verdict],
-                "message": {"text": f"{v.module} ({a.path}): {v.message}"},
+                "message": {"text": f"{v.rule.value} violation ({verdict}): {v.module} ({a.path}): {v.message}"},
                 "locations": [{
                     "physicalLocation": {"artifactLocation": artifact, "region": {"startLine": 1}},
                     "logicalLocations": [{"name": v.module.rsplit(".", 1)[-1], "fullyQualifiedName": v.module,

@@ -164,6 +164,10 @@ def test_check_marks_violations_with_the_same_word_everywhere():
     gate = evaluate(report, GatePolicy(max_ssi=0.99))
     text = render_gate_text(gate, 120, verbose=True)
     assert "! violation: the layer broke a gate rule" in text
+    from s3lora_cli.report import sarif_dict
+
+    sarif = sarif_dict([gate])["runs"][0]["results"]
+    assert all(r["message"]["text"].startswith(f"{r['ruleId']} violation (fails): ") for r in sarif)
     assert text.splitlines()[0].startswith(f"FAILED adapters/t5-bias: {len(gate.failing)} layer(s) fail the gate "
                                            "(non-finite: 1 violation; max-ssi 0.99:")
     short = render_gate_text(gate, 120)
