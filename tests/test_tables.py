@@ -17,10 +17,13 @@ from s3lora_cli.report import (
     LAYER_COLUMNS,
     VIOLATION,
     Column,
+    check_dict,
     common_prefix,
+    render_gate_markdown,
     render_gate_text,
     render_scan_table,
     render_table,
+    sarif_dict,
     text_table,
 )
 from s3lora_cli.scoring import AdapterInfo, LayerScore, ScoreOptions, ScoreReport, rank_key
@@ -164,12 +167,14 @@ def test_check_marks_violations_with_the_same_word_everywhere():
     gate = evaluate(report, GatePolicy(max_ssi=0.99))
     text = render_gate_text(gate, 120, verbose=True)
     assert "! violation: the layer broke a gate rule" in text
-    from s3lora_cli.report import sarif_dict
-
     sarif = sarif_dict([gate])["runs"][0]["results"]
     assert all(r["message"]["text"].startswith(f"{r['ruleId']} violation (fails): ") for r in sarif)
     assert text.splitlines()[0].startswith(f"FAILED adapters/t5-bias: {len(gate.failing)} layer(s) fail the gate "
                                            "(non-finite: 1 violation; max-ssi 0.99:")
     short = render_gate_text(gate, 120)
     assert "s3lora mas-svd scores" not in short and "--verbose lists them all" in short
-    assert VIOLATION == "violation"
+    markdown = render_gate_markdown([gate])
+    assert "| rule | limit | allowed | violations |" in markdown and "Violations:" in markdown
+    assert "| rank | module | ssi | violation |" in markdown
+    doc = check_dict([gate])
+    assert doc["summary"]["violations"] and all(VIOLATION in layer for layer in doc["layers"])
