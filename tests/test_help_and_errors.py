@@ -91,3 +91,14 @@ def test_every_option_has_help():
     for name, command in typer.main.get_command(app).commands.items():
         for param in command.params:
             assert getattr(param, "help", None), (name, param.name)
+
+
+def test_errors_of_the_installed_command_are_one_line(tmp_path):
+    """As a person or CI sees them: stderr a pipe, no progress bar, no blank line, no box, no traceback."""
+    (tmp_path / "notes.txt").write_text("not an adapter")
+    for args, code in ((["score", str(tmp_path / "missing")], 3), (["score", "--demo", "--tua", "1"], 2),
+                       (["check", str(tmp_path)], 2), (["score", str(tmp_path / "notes.txt")], 3)):
+        out = subprocess.run(["s3lora", *args], capture_output=True, text=True)
+        assert out.returncode == code, (args, out.stderr)
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, (args, out.stderr)
+        assert out.stdout == ""
