@@ -348,7 +348,7 @@ def render_table(report: ScoreReport, marked=(), mark: str = TOP_TAU, *, tau: in
     title = f"s3lora {report.parameters['method']} scores: {report.adapter.path} ({len(report.layers)} LoRA layers, " \
             "highest SSI first)"
     lines, hidden = text_table(LAYER_COLUMNS, rows, width)
-    out = [title, *lines]
+    out = [*_wrapped(title, width), *lines]
     shown = len(rows)
     if shown < len(report.layers):
         rest = len(report.layers) - shown
@@ -640,7 +640,7 @@ VIOLATION_COLUMNS = (Column("layer", shorten="left"), Column("rule"), Column("va
 def render_gate_text(result: GateResult, width: int | None = None, verbose: bool = False) -> str:
     """The verdict, the rules and the violations; then every layer ranked by SSI with ``verbose``, else only the
     layers that broke a rule (which the violations already list, so none)."""
-    out = [gate_summary_line(result)]
+    out = _wrapped(gate_summary_line(result), width)
     rule_rows = [[o.rule.value, _fmt_limit(o.limit), _allowed_text(o.allowed), str(o.violations),
                   "passed" if o.passed else "FAILED", o.source] for o in result.rules]
     out += text_table(RULE_COLUMNS, rule_rows, width)[0]
@@ -758,7 +758,7 @@ def render_scan_table(result: ScanResult, similar: bool = False, width: int | No
         cells += [detail]
         rows.append(cells)
     lines, hidden = text_table(columns, rows, width)
-    out = [f"s3lora scan: {result.root}", *lines]
+    out = [*_wrapped(f"s3lora scan: {result.root}", width), *lines]
     if hidden:
         out += _wrapped(f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal, or --format json, "
                         "shows them).", width)
@@ -785,7 +785,7 @@ def admit_summary_line(result: AdmitResult) -> str:
 
 def render_admit_text(result: AdmitResult, width: int | None = None, verbose: bool = False) -> str:
     """The decision, the gate's verdict, and the nearest adapters of the store."""
-    out = [admit_summary_line(result), render_gate_text(result.gate, width, verbose).rstrip("\n")]
+    out = [*_wrapped(admit_summary_line(result), width), render_gate_text(result.gate, width, verbose).rstrip("\n")]
     if result.neighbours:
         columns = (Column("adapter", shorten="left"), Column("cosine", right=True),
                    Column("shared modules", right=True), Column("duplicate"))

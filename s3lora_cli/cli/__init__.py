@@ -256,9 +256,14 @@ def print_text(text: str) -> None:
 
 
 def print_summary(lines) -> None:
-    """Summary and warning lines to stderr, each one line, as they are."""
+    """Summary and warning lines to stderr: each one line, or, on a terminal, wrapped at its width between words."""
+    import shutil
+    import textwrap
+
+    width = shutil.get_terminal_size().columns if sys.stderr.isatty() else None
     for line in lines:
-        sys.stderr.write(line + "\n")
+        wrapped = textwrap.wrap(line, width, subsequent_indent="  ", break_long_words=False) if width else [line]
+        sys.stderr.write("\n".join(wrapped or [""]) + "\n")
     sys.stderr.flush()
 
 
