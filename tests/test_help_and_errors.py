@@ -24,7 +24,7 @@ COMMANDS = ("score", "prune", "check", "scan", "admit")
                                         "'s3lora score --help')"),
     (["score", "--demo", "--format", "xml"], "error: Invalid value for '--format' / '-f':"),
     (["score", "--demo", "--tau", "x"], "error: Invalid value for '--tau':"),
-    (["check"], "error: Missing argument 'ADAPTER...'. (see 's3lora check --help')"),
+    (["check"], "error: Missing argument 'ADAPTER'. (see 's3lora check --help')"),
     (["frobnicate"], "error: No such command 'frobnicate'. (see 's3lora --help')"),
     (["prune", "x", "--demo"], "error: No such option: --demo (Possible options: --dtype, --mode)"),
     (["scan", "store", "--workers"], "error: Option '--workers' requires an argument. (see 's3lora scan --help')"),

@@ -41,7 +41,7 @@ class AdmitFormat(str, enum.Enum):
 @app.command()
 @error_boundary
 def admit(
-    adapter: Path = typer.Argument(..., help="The adapter directory (or weights file) to admit."),
+    adapter: Path = typer.Argument(..., metavar="ADAPTER", help="The adapter directory (or weights file) to admit."),
     store: Path = typer.Option(..., "--store", help="The store directory (created if missing)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name in the store (default: the adapter's directory "
                                        "name); the entry is <name>-<first 12 hex digits of the weights' sha256>."),

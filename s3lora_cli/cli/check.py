@@ -47,7 +47,7 @@ class CheckFormat(str, enum.Enum):
 @app.command()
 @error_boundary
 def check(
-    adapters: list[str] = typer.Argument(..., metavar="ADAPTER...", show_default=False, help="Adapter "
+    adapters: list[str] = typer.Argument(..., metavar="ADAPTER", show_default=False, help="Adapter "
                                          "directories, files of adapters, or Hugging Face Hub ids in the local cache."),
     max_ssi: Optional[float] = MAX_SSI,
     max_violations: Optional[int] = MAX_VIOLATIONS,

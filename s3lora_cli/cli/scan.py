@@ -53,7 +53,7 @@ class ScanFormat(str, enum.Enum):
 @app.command()
 @error_boundary
 def scan(
-    store: Path = typer.Argument(..., help="Directory of adapters, searched recursively."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Directory of adapters, searched recursively."),
     fmt: ScanFormat = typer.Option(ScanFormat.table, "--format", "-f", help="table, json, or jsonl (streamed)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
