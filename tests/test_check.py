@@ -174,7 +174,8 @@ def test_a_policy_needs_a_rule_and_max_increase_a_baseline():
 # --- the policy: file format and precedence -----------------------------------------------------------------
 
 def test_precedence_flags_then_policy_file_then_pyproject(tmp_path):
-    (tmp_path / "pyproject.toml").write_text("[tool.s3lora]\nmax-ssi = 0.7\nmax-flagged = 2\nmethod = 'svd'\n")  # max-flagged: the former key
+    # max-flagged: the former name of max-violations, still read
+    (tmp_path / "pyproject.toml").write_text("[tool.s3lora]\nmax-ssi = 0.7\nmax-flagged = 2\nmethod = 'svd'\n")
     nested = tmp_path / "a" / "b"
     nested.mkdir(parents=True)
     assert find_pyproject(nested) == (tmp_path / "pyproject.toml").resolve()

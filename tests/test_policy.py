@@ -99,9 +99,10 @@ def test_fit_note_says_which_candidate_the_picks_shared():
     def note(picks, sigma=(2.0, 0.0, 0.0), components=3):
         return fit_note(LayerScore(layer, 1.0, sigma, components, 3, tuple(Pick(a, b, 1.0, 0.0) for a, b in picks)))
 
-    assert note([(1, 2), (3, 2), (2, 2)]) == "rank-1 fit (all 3 picks share right candidate 2): SSI is 1 by construction"
-    assert note([(2, 1), (2, 3), (2, 2)]) == "rank-1 fit (all 3 picks share left candidate 2): SSI is 1 by construction"
-    assert note([(1, 1), (2, 2), (3, 3)]) == "rank-1 fit (picks 2-3 added no second direction): SSI is 1 by construction"
+    by_construction = ": SSI is 1 by construction"
+    assert note([(1, 2), (3, 2), (2, 2)]) == "rank-1 fit (all 3 picks share right candidate 2)" + by_construction
+    assert note([(2, 1), (2, 3), (2, 2)]) == "rank-1 fit (all 3 picks share left candidate 2)" + by_construction
+    assert note([(1, 1), (2, 2), (3, 3)]) == "rank-1 fit (picks 2-3 added no second direction)" + by_construction
     assert note([(1, 1), (2, 2)], sigma=(2.0, 1.0, 0.0)) is None  # rank 2: SSI below 1
     assert note([(1, 1)], components=1) is None  # M = 1: one direction is all the fit has
 

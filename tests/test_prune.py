@@ -181,7 +181,8 @@ def test_pruned_modules_are_the_top_tau_of_score(adapter, tmp_path):
                                          "mode": "zero"}.items()
     assert doc["prune"] == {"mode": "zero", "selection": {"tau": 3, "threshold": None, "fraction": None},
                             "output": str(tmp_path / "adapter-pruned"), "written": True}
-    assert doc["summary"]["pruned"] == expected and [layer["pruned"] for layer in doc["layers"][:4]] == [True] * 3 + [False]
+    assert doc["summary"]["pruned"] == expected
+    assert [layer["pruned"] for layer in doc["layers"]] == [True] * 3 + [False]
     written = json.loads((tmp_path / "adapter-pruned" / REPORT_NAME).read_text())
     assert written == doc  # s3lora-report.json is the same document
     assert json.loads(metadata(tmp_path / "adapter-pruned")["s3lora.parameters"])["method"] == "svd"
@@ -237,7 +238,8 @@ def test_dry_run_writes_nothing(adapter, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["prune"]["written"] is False and [p["module"] for p in doc["pruned"]] == [SHARP]
     assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    table = expect(run(adapter, "--tau", "1", "--dry-run"), EXIT_OK, "dry run: would prune 1 of 4 scored layers (25 %)")
+    table = expect(run(adapter, "--tau", "1", "--dry-run"), EXIT_OK,
+                   "dry run: would prune 1 of 4 scored layers (25 %)")
     assert SHARP in table.stdout and tree_hash(tmp_path) == before
 
 

@@ -106,7 +106,7 @@ def test_tables_fit_the_width_and_keep_what_matters(width):
     start = next(i for i, line in enumerate(lines) if line.startswith("rank")) + 1
     rows = lines[start:start + len(report.layers)]
     assert all(len(line) <= width for line in lines), width
-    for row, score in zip(rows, report.layers):
+    for row, score in zip(rows, report.layers, strict=True):
         rank, *rest = row.split()
         assert int(rank) == report.layers.index(score) + 1  # ranks above 99 are whole
         name = next(cell for cell in rest if cell != "*")
@@ -149,7 +149,7 @@ def test_text_table_fits_any_width_it_can(rows, width):
     shortest = len("rank") + 2 + min(max(map(len, names)), max(longest_last + 1, 28)) + 2 + len("0.1234")
     if shortest <= width:
         assert all(len(line) <= width for line in lines)
-    for line, (_, name, _, _) in zip(lines[1:], cells):
+    for line, (_, name, _, _) in zip(lines[1:], cells, strict=True):
         shown = line[len("rank") + 2:].split("  ")[0].rstrip()
         assert shown == name.rstrip() or (shown.startswith(ELLIPSIS) and name.endswith(shown[1:]))
     assert set(hidden) <= {"notes"}
@@ -178,3 +178,22 @@ def test_check_marks_violations_with_the_same_word_everywhere():
     assert "| rank | module | ssi | violation |" in markdown
     doc = check_dict([gate])
     assert doc["summary"]["violations"] and all(VIOLATION in layer for layer in doc["layers"])
+
+
+def test_the_cli_lays_tables_out_for_columns_else_full_rows(tmp_path):
+    from adapter_factory import write_adapter
+    from typer.testing import CliRunner
+
+    from s3lora_cli.cli import app
+
+    adapter = write_adapter(tmp_path / "adapter")
+    runner = CliRunner()
+    narrow = runner.invoke(app, ["score", str(adapter), "-q"], env={"COLUMNS": "60"}).stdout
+    lines = [line for line in narrow.splitlines() if str(adapter) not in line]  # a path is never broken
+    assert max(map(len, lines)) <= 60 and "not shown at 60 columns" in narrow
+    assert "module: names without their common prefix 'model.layers.'" in narrow
+    piped = runner.invoke(app, ["score", str(adapter), "-q"], env={"COLUMNS": ""}).stdout
+    assert "model.layers.1.self_attn.v_proj" in piped and "not shown" not in piped and "sigma_sum" in piped
+    written = tmp_path / "table.txt"  # a file gets full rows whatever the terminal
+    runner.invoke(app, ["score", str(adapter), "-q", "-o", str(written)], env={"COLUMNS": "60"})
+    assert written.read_text() == piped

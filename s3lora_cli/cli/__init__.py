@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperGroup
-
 from typer import Abort
+from typer.core import TyperGroup
 
 try:  # Typer 0.2x vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
