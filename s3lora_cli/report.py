@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from s3lora_cli.gate import RULE_HELP, GateResult, Rule, Violation
-from s3lora_cli.policy import MAD_TO_SIGMA, Spread, percent, spread
+from s3lora_cli.policy import LARGE_SELECTION, MAD_TO_SIGMA, Spread, percent, spread
 from s3lora_cli.scoring import LayerScore, ScoreReport
 
 SCHEMA_VERSION = 2
@@ -315,6 +315,8 @@ def legend(report: ScoreReport, marked, mark: str, tau: int | None = None, selec
     if mark == TOP_TAU:
         line = (f"{symbol} top-tau: the {count} highest-SSI layers ({percent(count, scored)} of {scored}), what "
                 f"`s3lora prune --tau {tau}` would remove (the paper's action; it ranks, it sets no SSI threshold).")
+        if count > LARGE_SELECTION * scored:
+            line += " That is more than half of the layers: prune refuses it without --allow-large."
     elif mark == PRUNED:
         line = f"{symbol} pruned: {count} of {scored} layers ({percent(count, scored)}), selected by {selection}."
     else:

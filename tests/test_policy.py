@@ -143,6 +143,11 @@ def test_score_summary_says_what_ssi_means_and_what_to_do(tmp_path):
     assert "safety risk" in summary and "top-tau layers by SSI: a ranking, with no absolute threshold" in summary
     assert "compare with an approved baseline" in summary and "evaluate the pruned adapter" in summary
     assert "* top-tau: the 1 highest-SSI layers (25 % of 4)" in result.stdout
+    assert "more than half" not in result.stdout
+    default = runner.invoke(app, ["score", str(adapter), "-q"]).stdout  # the paper's 10, capped at the 4 layers
+    assert "* top-tau: the 4 highest-SSI layers (100 % of 4)" in default
+    assert "That is more than half of the layers: prune refuses it without --allow-large." in " ".join(
+        default.split())
     assert runner.invoke(app, ["score", str(adapter), "--tau", "5"]).exit_code == EXIT_USAGE
     assert runner.invoke(app, ["score", str(adapter), "--tau", "5", "--allow-large", "-q"]).exit_code == EXIT_OK
 
