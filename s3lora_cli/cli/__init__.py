@@ -31,7 +31,6 @@ EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3, 4
 DEMO_ADAPTER = Path(__file__).resolve().parent.parent / "demo"
 
 
-
 class OneLineErrors(TyperGroup):
     """The command group; a usage error (an unknown option, a missing argument, a bad value) is one line on
     stderr, ``error: <what> (see 's3lora <command> --help')``, and exit code 2, as every other error is one line."""
@@ -53,7 +52,7 @@ class OneLineErrors(TyperGroup):
             words = sys.argv[1:] if args is None else list(args)
             command = next((word for word in words if word in self.commands), None)
             sys.stderr.write(usage_error_line(exc, f"{self.name} {command}" if command else self.name) + "\n")
-            code = EXIT_USAGE if exc.exit_code == 2 else exc.exit_code
+            code = EXIT_USAGE  # never 1, which would read as a failed gate
         except Abort:
             sys.stderr.write("error: interrupted; nothing was written\n")
             code = 130
@@ -246,12 +245,6 @@ def table_width() -> int | None:
 
         return shutil.get_terminal_size().columns
     return None
-
-
-def print_text(text: str) -> None:
-    """Write rendered text to stdout as it is (no wrapping, no markup)."""
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    sys.stdout.flush()
 
 
 def print_summary(lines) -> None:
