@@ -65,6 +65,18 @@ def test_hub_id_resolves_from_the_cache_at_a_revision(monkeypatch, tmp_path):
     assert json.loads(result.stdout)["adapter"]["path"] == str(snapshots / OLD)
 
 
+def test_check_takes_hub_ids_for_the_adapter_and_the_baseline(monkeypatch, tmp_path):
+    cache = hub_cache(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["check", "someuser/some-lora", "--baseline", "someuser/some-lora", "--max-increase",
+                                 "0", "-f", "json", "-q"])
+    assert result.exit_code == EXIT_OK, result.stderr
+    doc = json.loads(result.stdout)
+    snapshot = str(cache / "models--someuser--some-lora" / "snapshots" / MAIN)
+    assert doc["adapter"]["path"] == snapshot and doc["gate"]["baseline"]["path"] == snapshot
+
+
 def test_hub_id_not_cached_says_how_to_download_it(monkeypatch, tmp_path):
     cache = hub_cache(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
