@@ -256,6 +256,8 @@ def load_policy_file(path: Path) -> dict[str, Any]:
             raise UsageError(f"policy file {path} has a tool table but no tool.s3lora table")
     settings = {}
     for raw_key, value in table.items():
+        if isinstance(value, dict):  # a sub-table, such as [tool.s3lora.adapt], holds another command's settings
+            continue
         key = raw_key.replace("_", "-")
         if key not in SETTINGS:
             raise UsageError(f"policy file {path}: unknown key {raw_key!r}; known keys: {', '.join(SETTINGS)}")
