@@ -64,7 +64,7 @@ def test_compare_labelings_without_clusters_is_never_stable():
 
 def feed(buffer: TriggerBuffer, vectors, texts=None) -> list[dict]:
     texts = texts or ["x"] * len(vectors)
-    return [buffer.add(sample(i + 1, v, t), "all") for i, (v, t) in enumerate(zip(vectors, texts))]
+    return [buffer.add(sample(i + 1, v, t), "all") for i, (v, t) in enumerate(zip(vectors, texts, strict=True))]
 
 
 def test_three_blobs_become_stable_after_two_reclusterings_and_the_buffer_is_flushed():

@@ -90,6 +90,10 @@ def test_the_policy_file_sets_the_threshold_and_flags_win(tmp_path, model_dir):
     typo = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
                                    "--policy", str(policy)])
     assert typo.exit_code == 2 and "unknown adapt key 'threshhold'" in typo.stderr
+    policy.write_text('[tool.s3lora.adapt]\ncluster-selection = "dense"\n')
+    wrong = runner.invoke(cli.app, ["adapt", "cluster", str(tasks), "--state", str(tmp_path / "s"), "--model",
+                                    str(model_dir), "--policy", str(policy)])
+    assert wrong.exit_code == 2 and "expected one of eom, leaf" in wrong.stderr
 
 
 def test_the_gate_ignores_the_adapt_table_of_pyproject(tmp_path):

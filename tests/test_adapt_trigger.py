@@ -40,7 +40,7 @@ def test_generated_answers_and_margins_match_one_forward_pass_per_sample(lm):
     prompts = ["what is the capital of france", "spell garden", "add two and three five five"]
     answers = generate_answers(lm.model, lm.tokenizer, prompts, max_new_tokens=5)
     eos = lm.tokenizer.eos_token_id
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(prompts, answers, strict=True):
         # Reference: greedy decoding of the prompt alone (no padding), one full forward pass per step.
         ids = lm.tokenizer(format_prompt(lm.tokenizer, prompt), return_tensors="pt",
                            add_special_tokens=False)["input_ids"]
@@ -96,3 +96,27 @@ def test_a_stream_shorter_than_the_warm_up_uses_the_band_of_what_there_was(lm):
     tasks = [task(1, "spell garden", "n e d r a g"), task(2, "add two", "five")]
     records = list(run_trigger(lm.model, lm.tokenizer, tasks, TriggerPolicy(warmup=20), model_embedder(lm)))
     assert len(records) == 2 and all(r.warmup for r in records)
+
+
+def test_an_encoder_directory_embeds_as_its_mean_pooled_last_hidden_state(tmp_path):
+    from tiny_lm import tiny_tokenizer
+    from transformers import BertConfig, BertModel
+
+    from s3lora_cli.adapt.embedding import load_encoder_embedder
+
+    tokenizer = tiny_tokenizer(TEXTS)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    embed = load_encoder_embedder(tmp_path)
+    texts = ["spell garden backwards", "add two and three five five five"]
+    got = embed(texts)
+    model.eval()
+    for text, row in zip(texts, got, strict=True):  # reference: one text at a time, the plain mean over tokens
+        ids = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**ids).last_hidden_state[0].mean(dim=0).numpy()
+        assert np.allclose(row, expected, atol=1e-5)
+    assert embed.name == f"embedder:{tmp_path}"

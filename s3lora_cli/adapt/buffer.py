@@ -107,7 +107,9 @@ def cluster_labels(vectors: np.ndarray, policy: BufferPolicy) -> list[int]:
 
     if len(vectors) < policy.min_cluster_size:
         return [NOISE] * len(vectors)
-    return [int(x) for x in HDBSCAN(min_cluster_size=policy.min_cluster_size, copy=True).fit_predict(vectors)]
+    model = HDBSCAN(min_cluster_size=policy.min_cluster_size, cluster_selection_method=policy.cluster_selection,
+                    copy=True)
+    return [int(x) for x in model.fit_predict(vectors)]
 
 
 def label_centres(vectors: np.ndarray, labels: Sequence[int]) -> dict[int, np.ndarray]:
@@ -190,7 +192,7 @@ class TriggerBuffer:
         bucket.origin = origin
         formed = []
         for label in sorted(set(labels) - {NOISE}):
-            members = [s for s, k in zip(bucket.samples, labels) if k == label]
+            members = [s for s, k in zip(bucket.samples, labels, strict=True) if k == label]
             cluster = Cluster(id=self.state.next_cluster_id, bucket=bucket_key, members=members,
                               centre=np.zeros(0), keywords=[])
             self.state.next_cluster_id += 1
@@ -198,7 +200,7 @@ class TriggerBuffer:
             self.state.clusters.append(cluster)
             formed.append(cluster.id)
         # Flush: the clustered samples leave the buffer and the stability check starts afresh.
-        bucket.samples = [s for s, k in zip(bucket.samples, labels) if k == NOISE]
+        bucket.samples = [s for s, k in zip(bucket.samples, labels, strict=True) if k == NOISE]
         bucket.previous = None
         self.state.stabilisations.append({"line": line, "reclusterings": self.state.reclusterings})
         self._merge(bucket_key, origin)

@@ -41,14 +41,17 @@ class TriggerPolicy:
 class BufferPolicy:
     """When the Trigger Buffer re-clusters, what counts as stable, and how later samples join clusters.
 
-    min_buffer: samples before the first re-clustering; min_cluster_size: HDBSCAN's; stable_ari: adjusted Rand
-    index between the last two labelings over the same samples; stable_centre_cosine: least cosine of centres
-    matched by optimal assignment; assign_threshold: least 0.7 cosine + 0.3 keyword overlap (assign_weight_cosine,
-    1 - it) for a sample to join a stored cluster; merge_cosine: centres at least this close merge; min_cluster:
-    members before a cluster is handed off; keywords: how many words describe a cluster."""
+    min_buffer: samples before the first re-clustering; min_cluster_size and cluster_selection: HDBSCAN's
+    min_cluster_size and cluster_selection_method ("leaf": the finest clusters of its hierarchy, one per atomic
+    failure; "eom": excess of mass, which merges sibling clusters); stable_ari: adjusted Rand index between the
+    last two labelings over the same samples; stable_centre_cosine: least cosine of centres matched by optimal
+    assignment; assign_threshold: least assign_weight_cosine * cosine + (1 - it) * keyword overlap for a sample
+    to join a stored cluster; merge_cosine: centres at least this close merge; min_cluster: members before a
+    cluster is handed off; keywords: how many words describe a cluster."""
 
     min_buffer: int = 25
     min_cluster_size: int = 5
+    cluster_selection: str = "leaf"
     stable_ari: float = 0.8
     stable_centre_cosine: float = 0.5
     assign_threshold: float = 0.6
@@ -63,14 +66,22 @@ _RANGES: dict[str, tuple[float, float]] = {
     "weight_margin": (0, 1), "weight_bleu": (0, 1), "weight_rouge": (0, 1), "weight_similarity": (0, 1),
     "margin_cap": (1e-9, math.inf), "warmup": (0, math.inf), "band_low": (0, 100), "band_high": (0, 100),
     "band_factor": (0, 1), "threshold": (0, math.inf),
-    "min_buffer": (2, math.inf), "min_cluster_size": (2, math.inf), "stable_ari": (-1, 1),
+    "min_buffer": (2, math.inf), "min_cluster_size": (2, math.inf), "cluster_selection": (0, 0),
+    "stable_ari": (-1, 1),
     "stable_centre_cosine": (-1, 1), "assign_threshold": (-1, math.inf), "assign_weight_cosine": (0, 1),
     "merge_cosine": (-1, 1), "min_cluster": (1, math.inf), "keywords": (1, math.inf),
 }
 _DEFAULTS = {f.name: f.default for cls in (TriggerPolicy, BufferPolicy) for f in fields(cls)}
 
 
-def _validated(key: str, value: Any, where: str) -> float | int:
+CLUSTER_SELECTIONS = ("eom", "leaf")
+
+
+def _validated(key: str, value: Any, where: str) -> float | int | str:
+    if key == "cluster_selection":
+        if value not in CLUSTER_SELECTIONS:
+            raise UsageError(f"{where}: expected one of {', '.join(CLUSTER_SELECTIONS)}, got {value!r}")
+        return str(value)
     low, high = _RANGES[key]
     integer = isinstance(_DEFAULTS[key], int)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):

@@ -106,7 +106,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     before_first_eos = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) == 0  # [batch, steps]
     margins = logit_margins(logits, before_first_eos)
     answers = []
-    for row, keep, eos, margin in zip(new, before_first_eos, is_eos, margins):
+    for row, keep, eos, margin in zip(new, before_first_eos, is_eos, margins, strict=True):
         text = tokenizer.decode(row[keep & ~eos], skip_special_tokens=True).strip()
         answers.append(Generation(text=text, margin=margin))
     return answers
@@ -138,7 +138,7 @@ def measure_signals(tasks: Sequence[Task], generations: Sequence[Generation], em
     n = len(tasks)
     return [Signals(margin=g.margin, bleu=sentence_bleu(g.text, t.answer), rouge_l=rouge_l(g.text, t.answer),
                     similarity=cosine(vectors[i], vectors[n + i]))
-            for i, (t, g) in enumerate(zip(tasks, generations))]
+            for i, (t, g) in enumerate(zip(tasks, generations, strict=True))]
 
 
 def run_trigger(model: Any, tokenizer: Any, tasks: Iterable[Task], policy: TriggerPolicy, embed: Embedder, *,
@@ -170,7 +170,7 @@ def run_trigger(model: Any, tokenizer: Any, tasks: Iterable[Task], policy: Trigg
         done += len(batch)
         if progress is not None:
             progress(done)
-        for task, generation, signals in zip(batch, generations, measured):
+        for task, generation, signals in zip(batch, generations, measured, strict=True):
             if fixed:
                 yield emit(task, generation.text, signals, warmup=False)
                 continue
