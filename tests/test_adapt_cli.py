@@ -223,3 +223,20 @@ def test_cluster_cli_corrupt_existing_and_resumed_state(tmp_path, model_dir):
     other = runner.invoke(cli.app, ["adapt", "cluster", str(triggered), "--state", str(state), "--embedder",
                                     str(tmp_path / "absent"), "--resume"])
     assert other.exit_code == 3
+
+
+def test_an_interrupted_cluster_command_says_how_to_resume_and_resumes_to_the_same_state(tmp_path, model_dir,
+                                                                                         monkeypatch):
+    import s3lora_cli.adapt.embedding as embedding
+
+    triggered = tmp_path / "triggered.jsonl"
+    triggered.write_text("".join(triggered_lines()))
+    base = ["adapt", "cluster", str(triggered), "--model", str(model_dir), "--min-buffer", "20", "-q"]
+    monkeypatch.setattr(embedding, "model_embedder", lambda lm: TableEmbedder())
+    assert runner.invoke(cli.app, base + ["--state", str(tmp_path / "whole")]).exit_code == 0
+    monkeypatch.setattr(embedding, "model_embedder", lambda lm: TableEmbedder(stop_at=25))
+    stopped = runner.invoke(cli.app, base + ["--state", str(tmp_path / "part")])
+    assert stopped.exit_code == 130 and "--resume continues it" in stopped.stderr
+    monkeypatch.setattr(embedding, "model_embedder", lambda lm: TableEmbedder())
+    assert runner.invoke(cli.app, base + ["--state", str(tmp_path / "part"), "--resume"]).exit_code == 0
+    assert (tmp_path / "part" / STATE_FILE).read_text() == (tmp_path / "whole" / STATE_FILE).read_text()

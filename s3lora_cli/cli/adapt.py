@@ -225,11 +225,16 @@ def cluster(
     _, embed = _load_embedding(model, embedder, device, need_lm=False)
     console = stderr_console()
     bar, task_id = _progress(quiet, "cluster")
-    with _input_lines(triggered) as lines, (bar if bar is not None else _nothing()):
-        summary = run_buffer(
-            lines, state, buffer_policy, embed, resume=resume, bucket_by_tag=bucket_by is BucketBy.tag,
-            strict=strict, on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}", highlight=False),
-            progress=(lambda n: bar.update(task_id, completed=n)) if bar is not None else None)
+    try:
+        with _input_lines(triggered) as lines, (bar if bar is not None else _nothing()):
+            summary = run_buffer(
+                lines, state, buffer_policy, embed, resume=resume, bucket_by_tag=bucket_by is BucketBy.tag,
+                strict=strict, progress=(lambda n: bar.update(task_id, completed=n)) if bar is not None else None,
+                on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}", highlight=False))
+    except KeyboardInterrupt:
+        console.print(f"interrupted; the state in {escape(str(state))} is saved: --resume continues it",
+                      highlight=False)
+        raise typer.Exit(130) from None
     doc = {"lines": summary.lines, "triggered": summary.triggered, "bad_lines": summary.bad,
            "reclusterings": summary.reclusterings, "stabilisations": summary.stabilisations,
            "clusters": summary.clusters, "handed_off": list(summary.handed_off), "buffered": summary.buffered,
