@@ -240,3 +240,17 @@ def test_an_interrupted_cluster_command_says_how_to_resume_and_resumes_to_the_sa
     monkeypatch.setattr(embedding, "model_embedder", lambda lm: TableEmbedder())
     assert runner.invoke(cli.app, base + ["--state", str(tmp_path / "part"), "--resume"]).exit_code == 0
     assert (tmp_path / "part" / STATE_FILE).read_text() == (tmp_path / "whole" / STATE_FILE).read_text()
+
+
+def test_trigger_reads_stdin_and_a_state_directory_with_hand_off_files_is_not_overwritten(tmp_path, model_dir):
+    tasks = write_tasks(tmp_path / "tasks.jsonl", count=3)
+    piped = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", "-",
+                                    "--max-new-tokens", "2", "-q"], input=tasks.read_text())
+    assert piped.exit_code == 0, piped.stderr
+    assert [json.loads(line)["line"] for line in piped.stdout.splitlines()] == [1, 2, 3]
+    (tmp_path / "buffer" / "clusters").mkdir(parents=True)
+    (tmp_path / "buffer" / "clusters" / "cluster-0001.jsonl").write_text("mine\n")
+    result = runner.invoke(cli.app, ["adapt", "cluster", str(tasks), "--state", str(tmp_path / "buffer"),
+                                     "--model", str(model_dir)])
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert (tmp_path / "buffer" / "clusters" / "cluster-0001.jsonl").read_text() == "mine\n"

@@ -128,19 +128,20 @@ def write_handoff(directory: Path, state: BufferState, ready: list[Cluster]) -> 
 # --- the run --------------------------------------------------------------------------------------------------
 
 def prepare_state_directory(directory: Path, resume: bool, force: bool) -> None:
-    """Refuse to start over an existing state without --force, or to resume where there is none."""
+    """Refuse to start over an existing state or hand-off directory without --force, or to resume where there is
+    no state."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} is not a directory; --state takes a directory")
-    has_state = (directory / STATE_FILE).exists()
+    has_state = (directory / STATE_FILE).exists() or any((directory / HANDOFF_DIR).glob("*"))
     if resume:
-        if not has_state:
+        if not (directory / STATE_FILE).exists():
             raise AdapterInputError(f"{directory / STATE_FILE}: no buffer state to resume (run without --resume)")
         return
     if has_state and not force:
         raise UsageError(f"{directory} holds a buffer state; pass --resume to continue it or --force to start over")
     if has_state:
-        (directory / STATE_FILE).unlink()
+        (directory / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(directory / HANDOFF_DIR, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
 

@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Optional
 
@@ -160,18 +160,13 @@ def trigger(
                     yield item
 
         update = (lambda done: bar.update(task_id, completed=done)) if bar is not None else None
-        with bar if bar is not None else _nothing():
+        with bar if bar is not None else nullcontext():
             for record in run_trigger(lm.model, lm.tokenizer, good_tasks(), trigger_policy, embed,
                                       batch_size=batch_size, max_new_tokens=max_new_tokens, summary=summary,
                                       progress=update):
                 sink.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
     if not quiet:
         _print_trigger_summary(summary, bad)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _print_trigger_summary(summary, bad: int) -> None:
@@ -226,7 +221,7 @@ def cluster(
     console = stderr_console()
     bar, task_id = _progress(quiet, "cluster")
     try:
-        with _input_lines(triggered) as lines, (bar if bar is not None else _nothing()):
+        with _input_lines(triggered) as lines, (bar if bar is not None else nullcontext()):
             summary = run_buffer(
                 lines, state, buffer_policy, embed, resume=resume, bucket_by_tag=bucket_by is BucketBy.tag,
                 strict=strict, progress=(lambda n: bar.update(task_id, completed=n)) if bar is not None else None,
