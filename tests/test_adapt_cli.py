@@ -254,3 +254,20 @@ def test_trigger_reads_stdin_and_a_state_directory_with_hand_off_files_is_not_ov
                                      "--model", str(model_dir)])
     assert result.exit_code == 2 and "--force" in result.stderr
     assert (tmp_path / "buffer" / "clusters" / "cluster-0001.jsonl").read_text() == "mine\n"
+
+
+def test_bucket_by_tag_keeps_one_buffer_per_tag_and_the_default_one_for_all(tmp_path):
+    lines = []
+    for line in triggered_lines(90):
+        record = json.loads(line)
+        record["task"]["tag"] = "warm" if record["task"]["family"] in ("red", "green") else "cold"
+        lines.append(json.dumps(record) + "\n")
+    run_buffer(lines, tmp_path / "tagged", POLICY, TableEmbedder(), bucket_by_tag=True)
+    state, _, _ = load_state(tmp_path / "tagged")
+    assert set(state.buckets) == {"warm", "cold"}
+    for cluster in state.clusters:
+        assert {s.record["tag"] for s in cluster.members} == {cluster.bucket}
+    assert {c.bucket for c in state.clusters} == {"warm", "cold"}
+    run_buffer(lines, tmp_path / "single", POLICY, TableEmbedder())
+    single, _, _ = load_state(tmp_path / "single")
+    assert set(single.buckets) == {"all"} and {c.bucket for c in single.clusters} == {"all"}

@@ -164,6 +164,7 @@ def run_buffer(lines: Iterable[str], directory: Path, policy: BufferPolicy, embe
             raise UsageError(f"{directory / STATE_FILE} was built with {state.embedder}, not {embed.name}; "
                              "resume with the same model or --embedder")
     else:
+        directory.mkdir(parents=True, exist_ok=True)
         state, consumed, digest = BufferState(embedder=embed.name), 0, hashlib.sha256().hexdigest()
     buffer = TriggerBuffer(state, policy)
     hasher = hashlib.sha256()
