@@ -259,6 +259,8 @@ def load_policy_file(path: Path) -> dict[str, Any]:
             raise UsageError(f"policy file {path} has a tool table but no tool.s3lora table")
     settings = {}
     for raw_key, value in table.items():
+        if isinstance(value, dict):  # a sub-table, such as [tool.s3lora.adapt], holds another command's settings
+            continue
         key = raw_key.replace("_", "-")
         key = FORMER_KEYS.get(key, key)
         if key not in SETTINGS:

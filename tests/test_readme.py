@@ -35,20 +35,30 @@ def s3lora_invocations() -> list[list[str]]:
     return calls
 
 
+def leaf_commands(command=None, prefix: str = "") -> dict[str, object]:
+    """Every command by its full name ('score', 'adapt trigger'), through command groups."""
+    command = command or typer.main.get_command(cli.app)
+    found = {}
+    for name, sub in getattr(command, "commands", {}).items():
+        full = f"{prefix}{name}"
+        found.update(leaf_commands(sub, full + " ") if hasattr(sub, "commands") else {full: sub})
+    return found
+
+
 def command_params(name: str) -> set[str]:
-    group = typer.main.get_command(cli.app)
-    command = group.commands[name]
+    command = leaf_commands()[name]
     return {opt for p in command.params for opt in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
 
 
 def test_readme_commands_and_options_exist():
-    group = typer.main.get_command(cli.app)
+    commands = leaf_commands()
     calls = s3lora_invocations()
     assert calls, "the README shows no s3lora command"
     for words in calls:
-        assert words[0] in group.commands, words
-        known = command_params(words[0])
-        for word in words[1:]:
+        name = " ".join(words[:2]) if " ".join(words[:2]) in commands else words[0]
+        assert name in commands, words
+        known = command_params(name)
+        for word in words[len(name.split()):]:
             if word.startswith("-"):
                 assert word.split("=")[0] in known, (words, word)
 
@@ -56,12 +66,13 @@ def test_readme_commands_and_options_exist():
 def test_option_tables_name_real_options():
     group = typer.main.get_command(cli.app)
     top_level = {opt for p in group.params for opt in p.opts} | {"--help"}
+    commands = leaf_commands()
     for option in re.findall(r"`(--[a-z][a-z-]*)`", README):
-        assert option in top_level or any(option in command_params(name) for name in group.commands), option
+        assert option in top_level or any(option in command_params(name) for name in commands), option
 
 
 def test_every_option_is_documented():
-    for name in typer.main.get_command(cli.app).commands:
+    for name in leaf_commands():
         for option in command_params(name):
             if option.startswith("--") and option not in ("--help", "--no-strict-layers"):
                 assert f"`{option}" in README, (name, option)
