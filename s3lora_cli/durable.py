@@ -280,52 +280,55 @@ def make_temp_dir(parent: Path, target_name: str) -> Path:
     return tmp
 
 
-def discard(tmp: Path) -> None:
-    """Remove a temporary file or directory this process made (nothing if it is gone)."""
+def discard(tmp: Path | None) -> None:
+    """Remove a temporary file or directory this process made (nothing if it is gone; what cannot be removed
+    now is left for ``clean_stale``)."""
+    if tmp is None:
+        return
     _release(tmp)
     try:
         _remove(tmp)
-    except FileNotFoundError:
+    except OSError:
         pass
 
 
-def install_dir(tmp: Path, destination: Path, *, replace: bool) -> None:
-    """Rename the finished directory ``tmp`` to ``destination``. Without ``replace`` an existing destination is
-    refused (FileExistsError). With it, the two are exchanged atomically (renameat2 RENAME_EXCHANGE) and the old
-    one removed; where that is not available, the old one is renamed aside (a locked ``.s3lora-old`` name) and the
-    new one into place, and a run killed between the two renames has its old one restored by the next run that
-    writes there (``clean_stale``). At every moment ``destination`` is the old directory or the new one."""
+def install_dir(tmp: Path, destination: Path, *, replace: bool) -> Path | None:
+    """Rename the finished directory ``tmp`` to ``destination``; returns the replaced directory, now under a
+    temporary name, for the caller to ``discard`` (None when nothing was replaced). Without ``replace`` an
+    existing destination is refused (FileExistsError). With it, the two are exchanged atomically (renameat2
+    RENAME_EXCHANGE); where that is not available, the old one is renamed aside (a locked ``.s3lora-old`` name)
+    and the new one into place, and a run killed between the two renames has its old one restored by the next
+    run that writes there (``clean_stale``). At every moment ``destination`` is the old directory or the new
+    one. Call it inside ``deferred_signals`` to learn for sure whether it happened."""
     parent = destination.absolute().parent
-    exists = os.path.lexists(destination)
-    if not exists or not replace:
+    if not replace or not os.path.lexists(destination):
         rename_noreplace(tmp, destination)
         _release(tmp)
         _fsync_dir(parent)
-        return
+        return None
     if _renameat2(tmp, destination, _RENAME_EXCHANGE):
         _fsync_dir(parent)
-        discard(tmp)  # now the old directory
-        return
+        return tmp  # now the old directory, still owned by this process
     old = parent / owned_name(destination.name, OLD_KIND)
     with deferred_signals():
-        _own_target = _lock_fd(destination) if destination.is_dir() and not destination.is_symlink() else None
+        fd = _lock_fd(destination) if destination.is_dir() and not destination.is_symlink() else None
         try:
             os.rename(destination, old)
-            if _own_target is not None:
-                _held[str(old)] = _own_target
-                _own_target = None
-            try:
-                os.rename(tmp, destination)
-            except BaseException:
-                os.rename(old, destination)
-                _release(old)
-                raise
-        finally:
-            if _own_target is not None:
-                os.close(_own_target)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            _held[str(old)] = fd
+        try:
+            os.rename(tmp, destination)
+        except BaseException:
+            os.rename(old, destination)
+            _release(old)
+            raise
         _release(tmp)
     _fsync_dir(parent)
-    discard(old)
+    return old
 
 
 # --- signals --------------------------------------------------------------------------------------------------

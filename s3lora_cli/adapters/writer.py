@@ -25,7 +25,14 @@ from s3lora_cli.adapters.diffusers import METADATA_KEY
 from s3lora_cli.adapters.files import copy_planned, plan_copy
 from s3lora_cli.adapters.peft import BIN_NAME, SAFETENSORS_NAME
 from s3lora_cli.adapters.safetensors_io import TensorEntry, open_regular, read_safetensors_header
-from s3lora_cli.durable import discard, install_dir, make_temp_dir, write_file_atomic, write_text_atomic
+from s3lora_cli.durable import (
+    deferred_signals,
+    discard,
+    install_dir,
+    make_temp_dir,
+    write_file_atomic,
+    write_text_atomic,
+)
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError, describe_os_error
 
 REPORT_NAME = "s3lora-report.json"
@@ -227,7 +234,8 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
         skip |= {p.name for p in source_dir.glob(f"*{MLX_WEIGHTS}")}
     others = plan_copy(source_dir, skip=skip)
     parent = destination.absolute().parent
-    tmp = None
+    tmp = replaced = None
+    committed = False
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(parent, destination.name)
@@ -240,10 +248,14 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
         if config_text is not None:
             _write_text(tmp / CONFIG_NAME, config_text)
         _write_text(tmp / REPORT_NAME, report_text)
-        install_dir(tmp, destination, replace=force)
+        with deferred_signals():
+            replaced = install_dir(tmp, destination, replace=force)
+            tmp, committed = None, True
+        discard(replaced)
     except BaseException as exc:
-        if tmp is not None:
-            discard(tmp)
+        discard(tmp)
+        if committed and isinstance(exc, KeyboardInterrupt):
+            raise type(exc)(f"interrupted after the pruned adapter {destination} was written in full") from None
         if isinstance(exc, FileExistsError):  # it appeared while we were writing
             raise UsageError(f"{destination} exists; pass --force to replace it") from None
         if isinstance(exc, OSError):
