@@ -204,20 +204,24 @@ def _relative(path: Path, root: Path) -> str:
     return rel.as_posix() if rel.parts else "."
 
 
-def default_cache_dir(root: Path) -> Path:
-    """``<store>/.s3lora-cache`` (or beside the file, when the store is one weights file)."""
+def default_cache_dir(root: Path) -> Path | None:
+    """``<store>/.s3lora-cache``; None (no cache) when the store is one weights file, whose directory is the
+    adapter's own: nothing is ever written into an adapter."""
     root = Path(root)
-    return (root if root.is_dir() else root.parent) / CACHE_DIR_NAME
+    return root / CACHE_DIR_NAME if root.is_dir() else None
 
 
 # --- the cache --------------------------------------------------------------------------------------------
 
 def check_cache_dir(cache_dir: str | Path | None, adapters: Sequence[Path]) -> None:
-    """Refuse a cache directory inside an adapter's directory: nothing is ever written into an adapter."""
+    """Refuse a cache directory inside an adapter's directory (for a weights file with its config beside it, the
+    file's directory): nothing is ever written into an adapter."""
     if cache_dir is None:
         return
     for adapter in adapters:
         directory = adapter if adapter.is_dir() else None
+        if directory is None and (adapter.parent / CONFIG_NAME).is_file():
+            directory = adapter.parent
         if directory is not None and _inside(Path(cache_dir), directory):
             raise UsageError(f"--cache-dir {cache_dir} is inside the adapter {adapter}; choose a directory outside "
                              "every adapter (the default is <store>/.s3lora-cache)")

@@ -25,6 +25,7 @@ from s3lora_cli.cli import (
     STRICT_LAYERS,
     TOP_H,
     app,
+    check_apart,
     check_output,
     error_boundary,
     gate_flags,
@@ -76,6 +77,7 @@ def admit(
     gate_policy = resolve_policy(gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method,
                                             components, top_h), policy)
     check_output(output, force)
+    check_apart({"--output": output}, [adapter])
     result = admit_adapter(adapter, store, gate_policy, device=device, name=name, quarantine=quarantine,
                            audit_log=audit_log, neighbours=neighbours, duplicate_threshold=duplicate_threshold,
                            report_json=lambda gate: report.render_json(report.check_dict((gate,))))
@@ -87,6 +89,9 @@ def admit(
         recorder = Console(record=True, width=160, file=io.StringIO())
         recorder.print(report.render_admit_table(result))
         write_output(recorder.export_text(), output, force)
+    if not quiet:
+        for warning in result.warnings:
+            stderr_console().print(f"warning: {warning}", soft_wrap=True, markup=False)
     if not quiet and (fmt is not AdmitFormat.table or output is not None):
         stderr_console().print(report.admit_summary_line(result), soft_wrap=True, markup=False)
     if not result.admitted:

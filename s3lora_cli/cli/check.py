@@ -28,6 +28,7 @@ from s3lora_cli.cli import (
     TOP_H,
     InputFormat,
     app,
+    check_apart,
     check_output,
     error_boundary,
     gate_flags,
@@ -76,6 +77,8 @@ def check(
     gate_policy = resolve_policy(flags, policy)
     for path in (output, markdown_output, sarif_output):
         check_output(path, force)
+    check_apart({"--output": output, "--markdown-output": markdown_output, "--sarif-output": sarif_output},
+                [*adapters, *([gate_policy.baseline] if gate_policy.baseline is not None else [])])
     with progress_bar(quiet) as progress:
         results = check_adapters(adapters, gate_policy, device, progress, input_format=input_format.value,
                                  adapter_name=adapter_name)

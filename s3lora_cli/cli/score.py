@@ -24,6 +24,7 @@ from s3lora_cli.cli import (
     Format,
     InputFormat,
     app,
+    check_apart,
     check_output,
     error_boundary,
     progress_bar,
@@ -59,6 +60,7 @@ def score(
     """Rank every LoRA layer of an adapter by its Spectral Sharpness Index (highest first)."""
     path = _adapter_path(adapter, demo)
     check_output(output, force)
+    check_apart({"--output": output}, [path])
     options = ScoreOptions(method=method, components=components, top_h=top_h, exhaustive=exhaustive,
                            device=device, dtype=dtype, input_format=input_format.value, adapter_name=adapter_name)
     with progress_bar(quiet) as progress:
