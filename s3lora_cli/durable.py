@@ -212,7 +212,8 @@ def write_file_atomic(target: Path, write: Callable[[BinaryIO], None], *, replac
     parent = target.parent if str(target.parent) else Path(".")
     clean_stale(parent, target.name)
     tmp = parent / owned_name(target.name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+    with deferred_signals():  # no interruption between making the file and the try that removes it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
     try:
         _own(tmp)
         with os.fdopen(fd, "wb") as fh:
@@ -275,7 +276,7 @@ def make_temp_dir(parent: Path, target_name: str) -> Path:
     ``install_dir`` or ``discard``; temporary directories of killed runs for the same target are removed first."""
     clean_stale(parent, target_name)
     tmp = parent / owned_name(target_name)
-    tmp.mkdir()
+    os.mkdir(tmp)
     _own(tmp)
     return tmp
 

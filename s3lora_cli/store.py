@@ -624,8 +624,10 @@ def _copy_adapter(candidate: Path, weights: Path, config: Path | None, into: Pat
         planned = [PlannedFile(p, p.name, os.stat(p).st_size) for p in (weights, config) if p is not None]
         check_confined(weights, weights.parent)
         rel_weights = weights.name
-    tmp = durable.make_temp_dir(into, entry)
+    tmp = None
     try:
+        with durable.deferred_signals():  # no interruption between making it and knowing it
+            tmp = durable.make_temp_dir(into, entry)
         copy_planned(planned, tmp)
         copied_config = tmp / CONFIG_NAME if config is not None else None
         if entry_key(file_sha256(tmp / rel_weights), _config_sha256(copied_config)) != key:
@@ -751,7 +753,7 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
     weights = Path(gate.report.adapter.weights_file)
     config = _config_file(candidate, weights)
     config_sha = _config_sha256(config)
-    if config_sha != before and config is not None and before is not None:
+    if config_sha != before:
         raise AdapterInputError(f"{config} changed while it was being admitted; run admit again")
     key = entry_key(sha, config_sha)
     base = name or home.resolve().name or "adapter"
@@ -785,16 +787,17 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
         if present is None and os.path.lexists(destination):
             raise UsageError(f"{destination} exists with other content; remove it or pass --name")
         tmp = None
-        if present is not None:
-            destination = present
-            record.update(already_present=True, name=present.name, destination=str(present.resolve()))
-        else:
-            extra = {} if gate.passed else {ADMIT_RECORD_NAME: json.dumps(record, allow_nan=False, indent=2) + "\n"}
-            if not gate.passed and report_json is not None:
-                extra[REPORT_NAME] = report_json(gate)
-            tmp = _copy_adapter(candidate, weights, config, into, entry_name, key, extra)
         committed = False
         try:
+            if present is not None:
+                destination = present
+                record.update(already_present=True, name=present.name, destination=str(present.resolve()))
+            else:
+                extra = {} if gate.passed else {ADMIT_RECORD_NAME: json.dumps(record, allow_nan=False, indent=2)
+                                                + "\n"}
+                if not gate.passed and report_json is not None:
+                    extra[REPORT_NAME] = report_json(gate)
+                tmp = _copy_adapter(candidate, weights, config, into, entry_name, key, extra)
             audit.parent.mkdir(parents=True, exist_ok=True)
             with durable.deferred_signals():
                 appended = _Appended(audit, record)
@@ -814,8 +817,9 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
                 raise type(exc)(f"interrupted after {candidate} was {record['verdict']} into {destination} and "
                                 "logged") from None
             if isinstance(exc, OSError):
-                raise RuntimeProblem(f"cannot record or place the decision: {describe_os_error(exc)}; "
-                                     f"{candidate} was not {record['verdict']} and nothing was written") from None
+                done = "admitted" if gate.passed else "quarantined"
+                raise RuntimeProblem(f"cannot write the decision: {describe_os_error(exc)}; {candidate} was not "
+                                     f"{done}, nothing was written") from None
             raise
     if appended.warning:
         notes.insert(0, appended.warning)

@@ -331,7 +331,7 @@ def test_a_crash_mid_copy_leaves_the_store_consistent(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(files_mod, "copy_file", failing_copy)
     candidate = make_adapter(tmp_path / "second", 4)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(RuntimeProblem, match="No space left"):
         admit_adapter(candidate, pool, POLICY, device="cpu")
     assert len(copies) == 2 and files_under(pool) == before  # no partial adapter, no temp dir, no log line
     monkeypatch.undo()

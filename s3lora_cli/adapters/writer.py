@@ -238,7 +238,8 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
     committed = False
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_temp_dir(parent, destination.name)
+        with deferred_signals():  # no interruption between making it and knowing it
+            tmp = make_temp_dir(parent, destination.name)
         copy_planned(others, tmp)
         with open(tmp / layout.weights_name, "xb") as fh:
             write(fh)
