@@ -814,8 +814,8 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
         except BaseException as exc:
             durable.discard(tmp)
             if committed and isinstance(exc, KeyboardInterrupt):
-                raise type(exc)(f"interrupted after {candidate} was {record['verdict']} into {destination} and "
-                                "logged") from None
+                done = "admitted into" if gate.passed else "quarantined in"
+                raise type(exc)(f"interrupted after {candidate} was {done} {destination} and logged") from None
             if isinstance(exc, OSError):
                 done = "admitted" if gate.passed else "quarantined"
                 raise RuntimeProblem(f"cannot write the decision: {describe_os_error(exc)}; {candidate} was not "

@@ -505,38 +505,41 @@ def weights_written(directory: Path, at_least: int):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="signals and renameat2 as on Linux")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_prune_force_killed_at_several_points(tmp_path, sig):
-    """`prune --force` over an existing output, killed at several points of the copy (the temporary directory just
-    made, a third and two thirds of the weights written, the other files copied): the output is always the old one,
-    whole; SIGTERM exits 143 and leaves no temporary directory; after SIGKILL the next run removes it."""
+def test_prune_force_killed_at_several_points(tmp_path):
+    """`prune --force` over an existing output, killed at several points of the copy (SIGTERM: the temporary
+    directory just made, a third and two thirds of the weights written; SIGKILL: a third, two thirds): the output
+    is always the old one, whole; SIGTERM exits 143 and leaves no temporary directory; what SIGKILL leaves, the
+    next run removes."""
+    from s3lora_cli.policy import Selection
+    from s3lora_cli.pruning import prune_adapter
+    from s3lora_cli.scoring import ScoreOptions
+
     adapter = big_adapter(tmp_path / "adapter", 24)
     out = tmp_path / "pruned"
-    first = subprocess.run([sys.executable, "-m", "s3lora_cli", "prune", str(adapter), "--tau", "1", "-o", str(out),
-                            "-q", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr
+    prune_adapter(adapter, out, Selection.of(tau=1), options=ScoreOptions(device="cpu"))
     old = tree(out)
     size = (out / "adapter_model.safetensors").stat().st_size
-    points = {"temporary directory made": lambda: bool(owned(tmp_path)),
-              "a third of the weights": weights_written(tmp_path, size // 3),
-              "two thirds of the weights": weights_written(tmp_path, 2 * size // 3)}
-    for point, reached in points.items():
+    made = lambda: bool(owned(tmp_path))  # noqa: E731
+    third, two_thirds = weights_written(tmp_path, size // 3), weights_written(tmp_path, 2 * size // 3)
+    for sig, point, reached in ((signal.SIGTERM, "temporary directory made", made),
+                                (signal.SIGTERM, "a third of the weights", third),
+                                (signal.SIGTERM, "two thirds of the weights", two_thirds),
+                                (signal.SIGKILL, "a third of the weights", third),
+                                (signal.SIGKILL, "two thirds of the weights", two_thirds)):
         child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "prune", str(adapter), "--tau", "2", "-o",
                                   str(out), "--force", "-q", "--device", "cpu"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert wait_for(reached), point
         child.send_signal(sig)
         _, err = child.communicate(timeout=60)
-        assert tree(out) == old, point
+        assert tree(out) == old, (sig, point)
         if sig == signal.SIGTERM:
             assert child.returncode == 128 + signal.SIGTERM, (point, err)
             assert "interrupted" in err and "SIGTERM" in err and "Traceback" not in err, err
             assert owned(tmp_path) == [], point
         else:
             assert child.returncode == -signal.SIGKILL and owned(tmp_path), point
-    done = subprocess.run([sys.executable, "-m", "s3lora_cli", "prune", str(adapter), "--tau", "2", "-o", str(out),
-                           "--force", "-q", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    prune_adapter(adapter, out, Selection.of(tau=2), options=ScoreOptions(device="cpu"), force=True)
     assert tree(out) != old and owned(tmp_path) == []
 
 
@@ -553,9 +556,7 @@ def test_admit_killed_mid_copy_admits_nothing(tmp_path):
         _, err = child.communicate(timeout=60)
         assert child.returncode in (128 + sig, -sig), err
         assert discover(store) == [] and not (store / AUDIT_LOG_NAME).exists()
-    done = subprocess.run([sys.executable, "-m", "s3lora_cli", "admit", str(adapter), "--store", str(store),
-                           "--max-ssi", "0.999", "-q", "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert admit_adapter(adapter, store, GatePolicy(max_ssi=0.999), device="cpu").admitted
     assert len(discover(store)) == 1 and owned(store) == [] and len(read_audit_log(store / AUDIT_LOG_NAME)) == 1
 
 
