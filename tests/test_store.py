@@ -15,7 +15,6 @@ import pytest
 from adapter_factory import config_dict, layer_tensors, random_factors, write_adapter
 from typer.testing import CliRunner
 
-from s3lora_cli import store as store_mod
 from s3lora_cli.adapters import files as files_mod
 from s3lora_cli.cli import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, app
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError

@@ -21,6 +21,8 @@ MAX_OTHER_BYTES = 1 << 30
 at most MAX_OTHER_FILES files and MAX_OTHER_BYTES bytes in all."""
 MAX_DEPTH = 32
 TEMP_SUFFIXES = (".s3lora-tmp", ".s3lora-old")
+NOT_COPIED = frozenset({".git", ".hg", ".svn", ".cache"})
+"""Top-level folders that are not part of an adapter (version control, the Hub's download metadata)."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,11 @@ class PlannedFile:
 def plan_copy(source_dir: Path, skip: Iterable[str] = (), counted: bool = True,
               exempt: Iterable[str] = ()) -> list[PlannedFile]:
     """The files of ``source_dir`` to copy, sorted by relative path, leaving out the top-level names in ``skip``
-    and s3lora's own temporary names. Regular files and symlinks to regular files inside the directory (or, in a
-    Hugging Face cache snapshot, into its blobs) are taken; a symlink leading outside, a symlink to a directory
-    (a loop or a second copy of a tree), a named pipe, socket or device is refused with AdapterInputError naming
-    it. With ``counted``, the files not named in ``exempt`` (top-level names) are bounded by MAX_OTHER_FILES and
-    MAX_OTHER_BYTES."""
+    and NOT_COPIED, and s3lora's own temporary names. Regular files and symlinks to regular files inside the
+    directory (or, in a Hugging Face cache snapshot, into its blobs) are taken; a symlink leading outside, a
+    symlink to a directory (a loop or a second copy of a tree), a named pipe, socket or device is refused with
+    AdapterInputError naming it. With ``counted``, the files not named in ``exempt`` (top-level names) are
+    bounded by MAX_OTHER_FILES and MAX_OTHER_BYTES."""
     skip, exempt = set(skip), set(exempt)
     planned: list[PlannedFile] = []
     count = total = 0
@@ -56,7 +58,8 @@ def plan_copy(source_dir: Path, skip: Iterable[str] = (), counted: bool = True,
             raise AdapterInputError(f"{directory}: cannot be listed ({exc.strerror})") from None
         for entry in entries:
             rel = f"{prefix}{entry.name}"
-            if (not prefix and entry.name in skip) or entry.name.endswith(TEMP_SUFFIXES):
+            top_skipped = not prefix and (entry.name in skip or entry.name in NOT_COPIED)
+            if top_skipped or entry.name.endswith(TEMP_SUFFIXES):
                 continue
             path = Path(entry.path)
             info = os.lstat(path)
