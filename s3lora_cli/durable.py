@@ -206,11 +206,11 @@ def write_file_atomic(target: Path, write: Callable[[BinaryIO], None], *, replac
                       mode: int | None = None) -> None:
     """Write a file through ``write(fh)`` into a temporary file beside ``target``, fsync it, and rename it into
     place: a reader sees the old file or the whole new one. ``replace`` False refuses (FileExistsError) a
-    target that exists at the moment of the rename. Temporary files of killed runs for the same target are
-    removed first. ``mode``: the new file's permission bits (default: 0o666 less the umask)."""
+    target that exists at the moment of the rename. What killed runs left in the same directory is removed
+    first (``clean_stale``). ``mode``: the new file's permission bits (default: 0o666 less the umask)."""
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
-    clean_stale(parent, target.name)
+    clean_stale(parent)
     tmp = parent / owned_name(target.name)
     with deferred_signals():  # no interruption between making the file and the try that removes it
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
@@ -273,8 +273,8 @@ def _changed(where: str) -> Exception:
 
 def make_temp_dir(parent: Path, target_name: str) -> Path:
     """A new, empty temporary directory in ``parent`` for ``target_name``, owned (locked) by this process until
-    ``install_dir`` or ``discard``; temporary directories of killed runs for the same target are removed first."""
-    clean_stale(parent, target_name)
+    ``install_dir`` or ``discard``; what killed runs left in ``parent`` is removed first (``clean_stale``)."""
+    clean_stale(parent)
     tmp = parent / owned_name(target_name)
     os.mkdir(tmp)
     _own(tmp)

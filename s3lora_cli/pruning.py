@@ -87,7 +87,7 @@ def prune_adapter(path: str | Path, output: str | Path | None = None, selection:
     else:
         destination = Path(output) if output is not None else default_destination(weights_path.parent)
     if not dry_run:  # what a killed run left there goes first: a half-done --force swap gets its old output back
-        clean_stale(destination.absolute().parent, destination.name)
+        clean_stale(destination.absolute().parent)
     if layout.single_file:
         check_file_destination(weights_path, destination, force)
     else:

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from s3lora_cli import __version__
-from s3lora_cli.durable import write_text_atomic
+from s3lora_cli.durable import write_file_atomic
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError, describe_os_error
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3, 4
@@ -187,13 +187,16 @@ def check_output(output: Optional[Path], force: bool) -> None:
 
 
 def write_output(text: str, output: Optional[Path], force: bool) -> None:
-    """Write ``text`` to stdout, or atomically to ``output`` (temp file beside it, then rename)."""
+    """Write ``text`` to stdout, or atomically to ``output`` (temp file beside it, fsynced, then renamed)."""
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
     check_output(output, force)
-    write_text_atomic(output, text)
+    try:  # without --force, also a file that appeared while the command ran is never replaced
+        write_file_atomic(output, lambda fh: fh.write(text.encode("utf-8")), replace=force)
+    except FileExistsError:
+        raise UsageError(f"{output} exists; pass --force to overwrite it") from None
 
 
 @contextmanager
