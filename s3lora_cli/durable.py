@@ -48,9 +48,12 @@ def owned_name(target_name: str, kind: str = TEMP_KIND) -> str:
 
 
 def _lock_fd(path: Path) -> int | None:
-    """An fd of ``path`` holding an exclusive flock, or None where the file system has no locks."""
-    import fcntl
-
+    """An fd of ``path`` holding an exclusive flock, or None where the system or file system has no locks (the
+    pid in the name then decides alone)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
     flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and not path.is_symlink() else 0)
     fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
     try:

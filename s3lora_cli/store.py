@@ -388,12 +388,16 @@ def iter_scan(paths: Sequence[Path], root: str | Path, settings: ScanSettings, c
         with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
                                  initializer=_init_worker) as pool:
             futures = {pool.submit(scan_one, path, str(root), settings, cache): path for path in items}
-            for future in as_completed(futures):
-                try:
-                    yield future.result()
-                except Exception as exc:  # the worker process died (killed, out of memory)
-                    yield ScanRow(_relative(Path(futures[future]), Path(root)),
-                                  error=f"worker failed: {type(exc).__name__}: {_one_line(exc)}")
+            try:
+                for future in as_completed(futures):
+                    try:
+                        yield future.result()
+                    except Exception as exc:  # the worker process died (killed, out of memory)
+                        yield ScanRow(_relative(Path(futures[future]), Path(root)),
+                                      error=f"worker failed: {type(exc).__name__}: {_one_line(exc)}")
+            except BaseException:  # interrupted (SIGINT, SIGTERM): wait only for the adapters being scored
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
 
 def _ray_scan(items: list[str], root: str, settings: ScanSettings, cache: str | None,
