@@ -24,7 +24,8 @@ TEMP_KIND, OLD_KIND = "tmp", "old"
 way out (only without RENAME_EXCHANGE)."""
 
 _OWNED = re.compile(r"^\.(?P<base>.*)\.(?P<pid>\d+)-(?P<token>[0-9a-f]{8})\.s3lora-(?P<kind>tmp|old)$")
-_BASE_CHARS = 64  # of the target's name in a temporary name, so that the temporary name fits NAME_MAX too
+_BASE_CHARS = 200  # of the target's name in a temporary name, so that the temporary name fits NAME_MAX too
+_HASHED = re.compile(r".*~[0-9a-f]{12}")
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 _COPY_BLOCK = 8 << 20
@@ -127,8 +128,9 @@ def clean_stale(directory: Path, target_name: str | None = None) -> list[Path]:
         if not _abandoned(path, int(m["pid"])):
             continue
         if m["kind"] == OLD_KIND:
-            restored = _restore(path, directory, m["base"])
-            if restored:
+            if len(m["base"]) == _BASE_CHARS and _HASHED.fullmatch(m["base"]):
+                continue  # a name too long to recover from its hash: left for the user, never removed
+            if _restore(path, directory, m["base"]):
                 continue
         try:
             _remove(path)
@@ -140,8 +142,6 @@ def clean_stale(directory: Path, target_name: str | None = None) -> list[Path]:
 
 def _restore(old: Path, directory: Path, base: str) -> bool:
     """Rename a replaced directory back to its target when the target is missing (a half-done swap)."""
-    if base != base_of(base) or "~" in base:
-        return False  # a long name cannot be recovered from its hash
     target = directory / base
     if os.path.lexists(target):
         return False

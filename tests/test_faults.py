@@ -383,6 +383,22 @@ def test_a_name_too_long_is_an_environment_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
+def test_a_long_name_that_fits_is_written_and_its_temporary_name_fits_too(tmp_path):
+    """A 240-character output name fits NAME_MAX (255) but not with a temporary prefix and suffix around it: the
+    temporary name holds the first characters and a hash. A replaced directory of such a name, left by a swap cut
+    short, cannot be traced back to its name, so it is left for the user, never removed."""
+    adapter = make_adapter(tmp_path / "adapter")
+    name = "r" * 240
+    result = runner.invoke(app, ["score", str(adapter), "-o", str(tmp_path / name), "-f", "json", "-q",
+                                 "--device", "cpu"])
+    assert result.exit_code == EXIT_OK, result.output
+    assert json.loads((tmp_path / name).read_text())["layers"]
+    old = tmp_path / f".{durable.base_of(name)}.{DEAD_PID}-0000abcd.s3lora-old"
+    old.mkdir()
+    durable.clean_stale(tmp_path)
+    assert old.is_dir()
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 1 MiB tmpfs, where the machine lets this process mount one (root on Linux); skipped elsewhere: the
