@@ -4,37 +4,48 @@
     report = score_adapter("path/to/adapter")
     for layer in report.layers:
         print(layer.module, layer.ssi)
+
+The public names are imported on first use, so that ``s3lora --help`` does not load PyTorch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from s3lora_cli.adapters import open_adapter  # noqa: E402
-from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError  # noqa: E402
-from s3lora_cli.policy import Selection  # noqa: E402
-from s3lora_cli.pruning import PruneMode, PruneResult, prune_adapter  # noqa: E402
-from s3lora_cli.scoring import LayerScore, ScoreOptions, ScoreReport, score_adapter  # noqa: E402
-from s3lora_cli.spectral import Method, Spectrum, mas_svd, ssi  # noqa: E402
-from s3lora_cli.store import admit_adapter, scan_store  # noqa: E402
+_PUBLIC = {
+    "open_adapter": "s3lora_cli.adapters",
+    "AdapterInputError": "s3lora_cli.errors",
+    "RuntimeProblem": "s3lora_cli.errors",
+    "S3LoraError": "s3lora_cli.errors",
+    "UsageError": "s3lora_cli.errors",
+    "Selection": "s3lora_cli.policy",
+    "PruneMode": "s3lora_cli.pruning",
+    "PruneResult": "s3lora_cli.pruning",
+    "prune_adapter": "s3lora_cli.pruning",
+    "LayerScore": "s3lora_cli.scoring",
+    "ScoreOptions": "s3lora_cli.scoring",
+    "ScoreReport": "s3lora_cli.scoring",
+    "score_adapter": "s3lora_cli.scoring",
+    "Method": "s3lora_cli.spectral",
+    "Spectrum": "s3lora_cli.spectral",
+    "mas_svd": "s3lora_cli.spectral",
+    "ssi": "s3lora_cli.spectral",
+    "admit_adapter": "s3lora_cli.store",
+    "scan_store": "s3lora_cli.store",
+}
 
-__all__ = [
-    "__version__",
-    "AdapterInputError",
-    "LayerScore",
-    "Method",
-    "PruneMode",
-    "PruneResult",
-    "Selection",
-    "RuntimeProblem",
-    "S3LoraError",
-    "ScoreOptions",
-    "ScoreReport",
-    "Spectrum",
-    "UsageError",
-    "admit_adapter",
-    "mas_svd",
-    "open_adapter",
-    "prune_adapter",
-    "scan_store",
-    "score_adapter",
-    "ssi",
-]
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 's3lora_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -41,7 +41,7 @@ RULE_ORDER = {rule: i for i, rule in enumerate(Rule)}
 
 RULE_HELP = {
     Rule.NON_FINITE: "The layer's update has NaN or Inf values, so it cannot be scored; it always fails the gate.",
-    Rule.MAX_SSI: "The layer's Spectral Sharpness Index exceeds max-ssi (more than max-flagged such layers fail).",
+    Rule.MAX_SSI: "The layer's Spectral Sharpness Index exceeds max-ssi (more than max-violations such layers fail).",
     Rule.MAX_INCREASE: "The layer's SSI rose by more than max-increase over the same module in the baseline.",
     Rule.NEW_LAYER: "The layer is not in the baseline adapter (fails only with strict-layers).",
     Rule.MISSING_LAYER: "A layer of the baseline adapter is missing from this one (fails only with strict-layers).",
@@ -53,7 +53,7 @@ class GatePolicy:
     """The resolved gate settings and scoring options.
 
     max_ssi: fail a layer whose SSI is above this (in [0, 1]); None: no such rule.
-    max_flagged: how many layers may exceed max_ssi before the gate fails (default 0).
+    max_violations: how many layers may exceed max_ssi before the gate fails (default 0).
     max_increase: fail a layer whose SSI rose by more than this over the baseline (in [0, 1]).
     baseline: the approved adapter to compare with; max_increase and baseline come together.
     strict_layers: layers new in the candidate, or missing from it, fail the gate (otherwise only reported).
@@ -62,7 +62,7 @@ class GatePolicy:
     """
 
     max_ssi: float | None = None
-    max_flagged: int = 0
+    max_violations: int = 0
     max_increase: float | None = None
     baseline: Path | None = None
     strict_layers: bool = False
@@ -94,7 +94,7 @@ class Violation:
 
     value: what was compared with the limit (the SSI for max-ssi and new-layer, the rise in SSI for
     max-increase, the baseline's SSI for missing-layer, None for non-finite).
-    fails: whether the rule it broke failed the gate (False: tolerated by max-flagged, or by a
+    fails: whether the rule it broke failed the gate (False: tolerated by max-violations, or by a
     non-strict comparison).
     """
 
@@ -210,7 +210,7 @@ def _path(value: Any, where: str) -> Path:
 
 SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "max-ssi": lambda v, where: _number(v, where, 0.0, 1.0),
-    "max-flagged": lambda v, where: _count(v, where, 0),
+    "max-violations": lambda v, where: _count(v, where, 0),
     "max-increase": lambda v, where: _number(v, where, 0.0, 1.0),
     "baseline": _path,
     "strict-layers": _flag,
@@ -219,6 +219,9 @@ SETTINGS: dict[str, Callable[[Any, str], Any]] = {
     "top-h": lambda v, where: _count(v, where, 1),
 }
 """The keys of a policy (kebab-case, as the flags; snake_case is accepted) and their validators."""
+
+FORMER_KEYS = {"max-flagged": "max-violations"}
+"""Keys accepted under an earlier name (and the --max-flagged flag with them)."""
 
 
 def find_pyproject(start: Path) -> Path | None:
@@ -257,6 +260,7 @@ def load_policy_file(path: Path) -> dict[str, Any]:
     settings = {}
     for raw_key, value in table.items():
         key = raw_key.replace("_", "-")
+        key = FORMER_KEYS.get(key, key)
         if key not in SETTINGS:
             raise UsageError(f"policy file {path}: unknown key {raw_key!r}; known keys: {', '.join(SETTINGS)}")
         settings[key] = SETTINGS[key](value, f"{key} in {path}")
@@ -330,7 +334,7 @@ def evaluate(report: ScoreReport, policy: GatePolicy, baseline: ScoreReport | No
                                                             None, c.baseline_ssi, "in the baseline adapter only"))
     outcomes = [RuleOutcome(Rule.NON_FINITE, None, 0, len(found[Rule.NON_FINITE]), BUILT_IN)]
     if policy.max_ssi is not None:
-        outcomes.append(RuleOutcome(Rule.MAX_SSI, policy.max_ssi, policy.max_flagged, len(found[Rule.MAX_SSI]),
+        outcomes.append(RuleOutcome(Rule.MAX_SSI, policy.max_ssi, policy.max_violations, len(found[Rule.MAX_SSI]),
                                     policy.source("max-ssi")))
     if policy.max_increase is not None:
         outcomes.append(RuleOutcome(Rule.MAX_INCREASE, policy.max_increase, 0, len(found[Rule.MAX_INCREASE]),

@@ -457,19 +457,30 @@ def _pair_medians(r, u, v, iu, iv, deltas, objectives):  # pragma: no cover - co
         objectives[a, b] = objective
 
 
-def _objectives64(r, u, v, deltas, out):  # pragma: no cover - compiled
-    """out[p, i] = sum_j |r_ij - deltas[p] (u[p, i] v[p, j])| in float64 (the product u v first, as written),
-    for each pair p over one residual chunk: r [c, k], u [P, c], v [P, k]; per row, for a caller to add
-    up in a fixed order."""
-    c, k = r.shape
+def _objectives64(p, q, u, v, deltas, out):  # pragma: no cover - compiled
+    """out[pair, i] = sum_j |R_ij - deltas[pair] (u[pair, i] v[pair, j])| in float64, with R_ij = sum_l p_il q_jl
+    formed in float64 (l ascending), for each pair over one chunk of rows: p [c, s], q [k, s], u [P, c],
+    v [P, k]. Each row's terms go to eight interleaved lanes (term j to lane j mod 8), combined as
+    ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)). Compiled without fastmath: this order, which
+    ``spectral._row_objectives64`` follows too, is the one computed on every CPU."""
+    c, s = p.shape
+    k = q.shape[0]
     for i in numba.prange(c):
-        for p in range(u.shape[0]):
-            ui = np.float64(u[p, i])
-            delta = deltas[p]
-            total = 0.0
+        row = np.empty(k)
+        for j in range(k):
+            x = 0.0
+            for col in range(s):
+                x += np.float64(p[i, col]) * np.float64(q[j, col])
+            row[j] = x
+        lanes = np.empty(8)
+        for pair in range(u.shape[0]):
+            ui = np.float64(u[pair, i])
+            delta = deltas[pair]
+            lanes[:] = 0.0
             for j in range(k):
-                total += abs(np.float64(r[i, j]) - delta * (ui * np.float64(v[p, j])))
-            out[p, i] = total
+                lanes[j & 7] += abs(row[j] - delta * (ui * np.float64(v[pair, j])))
+            low = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+            out[pair, i] = low + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 
 
 def _inverse_cdf(cdf, draws, out):  # pragma: no cover - compiled
@@ -512,8 +523,8 @@ if available:
                                fastmath={"reassoc"})(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
     _inverse_cdf = numba.njit(cache=True, nogil=True, error_model="numpy")(_inverse_cdf)
-    _objectives64 = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
-                               fastmath={"reassoc"})(_objectives64)
+    _objectives64 = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
+                               error_model="numpy")(_objectives64)
     _sample_brackets = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
                                   error_model="numpy")(_sample_brackets)
     _sort_pairs = numba.njit(cache=True, nogil=True)(_sort_pairs)
@@ -580,11 +591,11 @@ def pair_medians(r: np.ndarray, u: np.ndarray, v: np.ndarray, iu: np.ndarray, iv
     return deltas, objectives
 
 
-def objectives64(r: np.ndarray, u: np.ndarray, v: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    """Run ``_objectives64``; returns [P] float64, each pair's rows added in order."""
-    out = np.empty((u.shape[0], r.shape[0]))
-    _objectives64(r, u, v, deltas, out)
-    return out.sum(axis=1)
+def objectives64(p: np.ndarray, q: np.ndarray, u: np.ndarray, v: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """Run ``_objectives64``; returns [P, c] float64, each pair's per-row sums."""
+    out = np.empty((u.shape[0], p.shape[0]))
+    _objectives64(p, q, u, v, deltas, out)
+    return out
 
 
 def inverse_cdf(cdf: np.ndarray, draws: np.ndarray) -> np.ndarray:

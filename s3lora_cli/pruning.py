@@ -129,9 +129,9 @@ def _pruned_entries(result: PruneResult) -> list[dict[str, Any]]:
 
 
 def prune_document(result: PruneResult) -> dict[str, Any]:
-    """The score report's JSON document (``report.report_dict``, pruned layers flagged) plus ``prune`` (mode,
+    """The score report's JSON document (``report.report_dict``, pruned layers marked ``pruned``) plus ``prune`` (mode,
     selection, output, whether it was written) and ``pruned``: one entry per pruned layer, in rank order."""
-    doc = report.report_dict(result.report, set(result.modules), result.selection.tau)
+    doc = report.report_dict(result.report, set(result.modules), result.selection.tau, mark=report.PRUNED)
     doc["parameters"].update(result.selection.as_dict(), mode=result.mode.value)
     doc["prune"] = {
         "mode": result.mode.value,

@@ -1,24 +1,45 @@
-"""Renderers of a ScoreReport (JSON, Markdown, CSV, the Rich table) and of the gate's GateResults (JSON, Markdown,
-SARIF 2.1.0, the Rich verdict); pure functions."""
+"""Renderers of a ScoreReport (JSON, Markdown, CSV, the text table) and of the gate's GateResults (JSON, Markdown,
+SARIF 2.1.0, the text verdict), laid out for a terminal width when given; pure functions that return text."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from rich.console import Group
-from rich.table import Table
-from rich.text import Text
-
 from s3lora_cli.gate import RULE_HELP, GateResult, Rule, Violation
+from s3lora_cli.policy import LARGE_SELECTION, MAD_TO_SIGMA, Spread, percent, spread
 from s3lora_cli.scoring import LayerScore, ScoreReport
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOOL_NAME = "s3lora"
+
+OUTLIER_Z = 3.5
+"""A robust z-score above this stands out (Iglewicz and Hoaglin's cut-off for the modified z-score)."""
+
+# The words every output uses for what it marks: one per command, the same in the table, JSON, Markdown and CSV.
+TOP_TAU = "top_tau"  # score: among the tau highest-SSI layers (paper Eq. 5), what prune --tau would remove
+PRUNED = "pruned"  # prune: the layers whose update was (or, in a dry run, would be) removed
+VIOLATION = "violation"  # check, admit: the layer broke a gate rule
+SUMMARY_KEYS = {TOP_TAU: "top_tau", PRUNED: "pruned", VIOLATION: "violations"}
+
+MEANING = (
+    "SSI (Spectral Sharpness Index) is the share of a layer's update in its single strongest direction: near "
+    "1/h when spread evenly over h directions, 1 when it is all one direction. S3LoRA treats a sharply "
+    "concentrated update as a safety risk (it can shift the model's outputs unstably and erode its safety "
+    "alignment) and prunes the top-tau layers by SSI: a ranking, with no absolute threshold."
+)
+NEXT_STEPS = (
+    "With a high SSI: compare with an approved baseline (s3lora check --baseline DIR --max-increase X), prune "
+    "the top-tau (s3lora prune) and evaluate the pruned adapter on your tasks, and review the layers that "
+    "stand out (high z)."
+)
 
 
 def _finite(x: float | None, digits: int = 12) -> float | None:
@@ -27,7 +48,8 @@ def _finite(x: float | None, digits: int = 12) -> float | None:
     return None if x is None else float(format(float(x), f".{digits}g"))
 
 
-def layer_dict(rank: int, score: LayerScore, flagged: bool) -> dict[str, Any]:
+def layer_dict(rank: int, score: LayerScore, marked: bool, mark: str = TOP_TAU,
+               robust_z: float | None = None) -> dict[str, Any]:
     layer = score.layer
     return {
         "rank": rank,
@@ -39,22 +61,27 @@ def layer_dict(rank: int, score: LayerScore, flagged: bool) -> dict[str, Any]:
         "scaling": layer.scaling,
         "dtype": layer.dtype,
         "ssi": _finite(score.ssi),
+        "robust_z": _finite(robust_z),
         "sigma": [_finite(s) for s in score.sigma],
         "sigma_1": _finite(score.sigma_1),
         "sigma_sum": _finite(score.sigma_sum),
         "components": score.components,
         "top_h": score.top_h,
+        "fit_rank": score.fit_rank,
         "picks": [{"a": p.a, "b": p.b, "delta": _finite(p.delta)} for p in score.picks],
-        "flagged": flagged,
+        mark: marked,
         "notes": list(score.notes),
         "error": score.error,
     }
 
 
-def report_dict(report: ScoreReport, flagged: set[str] | tuple = (), tau: int | None = None) -> dict[str, Any]:
-    """The JSON document of a report (schema_version 1, documented in README.md)."""
+def report_dict(report: ScoreReport, marked: set[str] | tuple = (), tau: int | None = None,
+                mark: str = TOP_TAU) -> dict[str, Any]:
+    """The JSON document of a report (schema_version 2, documented in README.md). ``marked`` are the modules
+    that ``mark`` (TOP_TAU, PRUNED or VIOLATION) applies to."""
     a = report.adapter
     scored = [s for s in report.layers if s.ssi is not None]
+    where = spread(report)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": TOOL_NAME, "version": report.tool_version},
@@ -75,11 +102,15 @@ def report_dict(report: ScoreReport, flagged: set[str] | tuple = (), tau: int | 
         "summary": {
             "layers": len(report.layers),
             "scored": len(scored),
-            "failed": len(report.layers) - len(scored),
+            "non_finite": len(report.layers) - len(scored),
             "max_ssi": _finite(scored[0].ssi) if scored else None,
-            "flagged": [s.module for s in report.layers if s.module in flagged],
+            "median_ssi": _finite(where.median),
+            "mad_ssi": _finite(where.mad),
+            "rank_one_fits": sum(s.fit_rank == 1 and s.components > 1 for s in scored),
+            SUMMARY_KEYS[mark]: [s.module for s in report.layers if s.module in marked],
         },
-        "layers": [layer_dict(i, s, s.module in flagged) for i, s in enumerate(report.layers, start=1)],
+        "layers": [layer_dict(i, s, s.module in marked, mark, where.robust_z[s.module])
+                   for i, s in enumerate(report.layers, start=1)],
         "not_analysed": [
             {"key": t.key, "module": t.module, "shape": list(t.shape), "reason": t.reason} for t in report.not_analysed
         ],
@@ -94,69 +125,295 @@ def _fmt(x: float | None, spec: str = ".6f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _rows(report: ScoreReport, flagged) -> list[list[str]]:
+# --- text tables that fit a width -------------------------------------------------------------------------
+
+ELLIPSIS = "…"
+GAP = "  "
+MODULE_MIN = 28
+"""Module names are shortened (from the left) to no fewer characters than this, or than their longest last
+component plus the ellipsis, before the table gives up columns."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a text table. ``drop``: 0 for a column that is always shown, else the order in which
+    columns give way when the table is too wide (1 first); ``early`` columns give way before the names are
+    shortened, the others after. ``shorten``: "left" keeps a cell's end (module names, paths), "right" its
+    start (free text); None: never shortened."""
+
+    header: str
+    right: bool = False
+    drop: int = 0
+    early: bool = False
+    shorten: str | None = None
+
+
+def _cut(text: str, width: int, side: str | None) -> str:
+    if len(text) <= width or side is None:
+        return text
+    if width <= 1:
+        return ELLIPSIS[:width]
+    return ELLIPSIS + text[len(text) - width + 1:] if side == "left" else text[:width - 1] + ELLIPSIS
+
+
+def _min_width(column: Column, cells: list[str], natural: int) -> int:
+    if column.shorten == "left":
+        last = max((len(c.rsplit(".", 1)[-1].rsplit("/", 1)[-1]) + 1 for c in cells), default=1)
+        return min(natural, max(last, MODULE_MIN, len(column.header)))
+    if column.shorten == "right":
+        return min(natural, max(12, len(column.header)))
+    return natural
+
+
+def _total(widths: dict[int, int]) -> int:
+    return sum(widths.values()) + len(GAP) * (len(widths) - 1)
+
+
+def _shrunk(kept: list[int], natural: list[int], minimum: list[int], columns: Sequence[Column],
+            width: int) -> dict[int, int]:
+    widths = {i: natural[i] for i in kept}
+    over = _total(widths) - width
+    for i in sorted(kept, key=lambda i: columns[i].shorten != "right"):  # free text first, then names
+        if over <= 0:
+            break
+        take = min(over, widths[i] - minimum[i])
+        widths[i] -= take
+        over -= take
+    return widths
+
+
+def text_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None
+               ) -> tuple[list[str], list[str]]:
+    """The lines of a table (a header line, then one line per row; columns separated by two spaces) and the
+    headers of the columns left out. With ``width`` None every column is shown in full. Otherwise columns give
+    way and cells are shortened, in the order ``Column`` describes, until the lines fit ``width`` (or only the
+    columns that are always shown are left, at their shortest)."""
+    cells = [[row[i] for row in rows] for i in range(len(columns))]
+    natural = [max([len(c.header)] + [len(x) for x in cells[i]]) for i, c in enumerate(columns)]
+    kept = list(range(len(columns)))
+    widths = {i: natural[i] for i in kept}
+    if width is not None:
+        minimum = [_min_width(c, cells[i], natural[i]) for i, c in enumerate(columns)]
+        order = sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: columns[i].drop)
+        for i in order:
+            if columns[i].early and _total({k: natural[k] for k in kept}) > width:
+                kept.remove(i)
+        widths = _shrunk(kept, natural, minimum, columns, width)
+        for i in order:
+            if not columns[i].early and i in kept and _total(widths) > width:
+                kept.remove(i)
+                widths = _shrunk(kept, natural, minimum, columns, width)
+    lines = []
+    for row in [[c.header for c in columns], *rows]:
+        parts = []
+        for i in kept:
+            text = _cut(row[i], widths[i], columns[i].shorten)
+            parts.append(text.rjust(widths[i]) if columns[i].right else text.ljust(widths[i]))
+        lines.append(GAP.join(parts).rstrip())
+    return lines, [columns[i].header for i in range(len(columns)) if i not in kept]
+
+
+def _wrapped(text: str, width: int | None) -> list[str]:
+    if width is None:
+        return [text]
+    return textwrap.wrap(text, width=max(width, 40), subsequent_indent="  ", break_on_hyphens=False,
+                         break_long_words=False) or [""]
+
+
+def common_prefix(modules: Sequence[str]) -> str:
+    """The dotted prefix all ``modules`` share (``model.layers.``), never a whole name: each keeps at least its
+    last component."""
+    if len(modules) < 2:
+        return ""
+    split = [m.split(".") for m in modules]
+    n = 0
+    while all(len(parts) > n + 1 for parts in split) and len({parts[n] for parts in split}) == 1:
+        n += 1
+    return ".".join(split[0][:n]) + "." if n else ""
+
+
+# --- the score table (score, prune, the ranked layers of check) --------------------------------------------
+
+LAYER_COLUMNS = (
+    Column("rank", right=True),
+    Column(""),  # the mark: * for top-tau or pruned, ! for a violation
+    Column("module", shorten="left"),
+    Column("ssi", right=True),
+    Column("z", right=True, drop=8),
+    Column("fit", right=True, drop=7),
+    Column("kind", drop=4, early=True),
+    Column("shape", right=True, drop=5, early=True),
+    Column("r", right=True, drop=6),
+    Column("sigma_1", right=True, drop=3, early=True),
+    Column("sigma_sum", right=True, drop=2, early=True),
+    Column("notes", drop=1, early=True, shorten="right"),
+)
+MARK_SYMBOL = {TOP_TAU: "*", PRUNED: "*", VIOLATION: "!"}
+CSV_HEADERS = ["rank", "mark", "module", "kind", "shape", "r", "ssi", "robust_z", "fit_rank", "components",
+               "sigma_1", "sigma_sum", "notes"]
+
+
+def fit_note(score: LayerScore) -> str | None:
+    """Why a layer's SSI is 1 by construction: its L1 fit is rank 1 although it took several components."""
+    if score.fit_rank != 1 or score.components < 2 or not score.picks:
+        return None
+    if len({p.b for p in score.picks}) == 1:
+        shared = f"all {len(score.picks)} picks share right candidate {score.picks[0].b}"
+    elif len({p.a for p in score.picks}) == 1:
+        shared = f"all {len(score.picks)} picks share left candidate {score.picks[0].a}"
+    else:
+        shared = f"picks 2-{len(score.picks)} added no second direction"
+    return f"rank-1 fit ({shared}): SSI is 1 by construction"
+
+
+def _notes(score: LayerScore) -> str:
+    note = fit_note(score)
+    return "; ".join(([score.error] if score.error else []) + list(score.notes) + ([note] if note else []))
+
+
+def _fit(score: LayerScore) -> str:
+    return "-" if score.fit_rank is None else f"{score.fit_rank}/{score.components}"
+
+
+def _layer_cells(rank: int, score: LayerScore, mark: str, z: float | None, module: str) -> list[str]:
+    shape = "x".join(str(n) for n in score.layer.shape)
+    return [str(rank), mark, module, _fmt(score.ssi, ".4f"), _fmt(z, "+.1f"), _fit(score), score.layer.kind.value,
+            shape, str(score.layer.r), _fmt(score.sigma_1, ".4g"), _fmt(score.sigma_sum, ".4g"), _notes(score)]
+
+
+def _rows(report: ScoreReport, marked, mark: str, where: Spread, top: int | None, prefix: str = "",
+          only_marked: bool = False) -> list[list[str]]:
     rows = []
     for i, s in enumerate(report.layers, start=1):
-        shape = "x".join(str(n) for n in s.layer.shape)
-        notes = "; ".join(([s.error] if s.error else []) + list(s.notes))
-        rows.append([str(i), "*" if s.module in flagged else "", s.module, s.layer.kind.value, shape, str(s.layer.r),
-                     _fmt(s.ssi, ".4f"), _fmt(s.sigma_1, ".4g"), _fmt(s.sigma_sum, ".4g"), notes])
+        if (top is not None and i > top) or (only_marked and s.module not in marked):
+            continue
+        symbol = MARK_SYMBOL[mark] if s.module in marked else ""
+        rows.append(_layer_cells(i, s, symbol, where.robust_z[s.module], s.module[len(prefix):]))
     return rows
 
 
-HEADERS = ["rank", "flag", "module", "kind", "shape", "r", "ssi", "sigma_1", "sigma_sum", "notes"]
-
-
-def render_csv(report: ScoreReport, flagged=()) -> str:
+def render_csv(report: ScoreReport, marked=(), mark: str = TOP_TAU) -> str:
+    where = spread(report)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(HEADERS)
-    writer.writerows(_rows(report, flagged))
+    writer.writerow([mark if h == "mark" else h for h in CSV_HEADERS])
+    for i, s in enumerate(report.layers, start=1):
+        shape = "x".join(str(n) for n in s.layer.shape)
+        z = where.robust_z[s.module]
+        writer.writerow([i, "yes" if s.module in marked else "", s.module, s.layer.kind.value, shape, s.layer.r,
+                         _fmt(s.ssi, ".4f"), _fmt(z, ".4f"), "" if s.fit_rank is None else s.fit_rank,
+                         s.components, _fmt(s.sigma_1, ".4g"), _fmt(s.sigma_sum, ".4g"), _notes(s)])
     return out.getvalue()
 
 
-def render_markdown(report: ScoreReport, flagged=(), tau: int | None = None) -> str:
+def legend(report: ScoreReport, marked, mark: str, tau: int | None = None, selection: str | None = None
+           ) -> list[str]:
+    """What the marks and columns of the layer table mean (the same sentences under the table and in Markdown)."""
+    scored = sum(s.ssi is not None for s in report.layers)
+    count = sum(s.module in marked for s in report.layers)
+    symbol = MARK_SYMBOL[mark]
+    if mark == TOP_TAU:
+        line = (f"{symbol} top-tau: the {count} highest-SSI layers ({percent(count, scored)} of {scored}), what "
+                f"`s3lora prune --tau {tau}` would remove (the paper's action; it ranks, it sets no SSI threshold).")
+        if count > LARGE_SELECTION * scored:
+            line += " That is more than half of the layers: prune refuses it without --allow-large."
+    elif mark == PRUNED:
+        line = f"{symbol} pruned: {count} of {scored} layers ({percent(count, scored)}), selected by {selection}."
+    else:
+        line = f"{symbol} violation: the layer broke a gate rule ({count} of {len(report.layers)} layers)."
+    where = spread(report)
+    lines = [line]
+    if where.mad:
+        lines.append(f"z: robust z-score of SSI within this adapter, (ssi - median) / ({MAD_TO_SIGMA} MAD), median "
+                     f"{where.median:.4f}, MAD {where.mad:.4f}; above {OUTLIER_Z:g} stands out.")
+    else:
+        lines.append("z: robust z-score of SSI within this adapter; '-' here: half or more of the layers share one "
+                     "SSI (MAD 0), so there is no scale to measure against.")
+    ones = sum(s.fit_rank == 1 and s.components > 1 for s in report.layers)
+    lines.append(f"fit: rank of the L1 fit / M components; 1/M means S'_2..S'_h are 0, so SSI is 1 by "
+                 f"construction ({ones} layer(s) here).")
+    non_finite = len(report.layers) - scored
+    if non_finite:
+        lines.append(f"-: {non_finite} layer(s) not scored: non-finite values (NaN or Inf); `check` fails on them.")
+    return lines
+
+
+def render_table(report: ScoreReport, marked=(), mark: str = TOP_TAU, *, tau: int | None = None,
+                 selection: str | None = None, width: int | None = None, top: int | None = None,
+                 only_marked: bool = False) -> str:
+    """The ranked layer table as text, for ``width`` columns (None: full rows), with its legend. ``top``
+    lists only the first rows; ``only_marked`` only the marked ones."""
+    modules = [s.module for s in report.layers]
+    prefix = common_prefix(modules) if width is not None else ""
+    where = spread(report)
+    rows = _rows(report, marked, mark, where, top, prefix, only_marked)
+    title = f"s3lora {report.parameters['method']} scores: {report.adapter.path} ({len(report.layers)} LoRA layers, " \
+            "highest SSI first)"
+    lines, hidden = text_table(LAYER_COLUMNS, rows, width)
+    out = [*_wrapped(title, width), *lines]
+    shown = len(rows)
+    if shown < len(report.layers):
+        rest = len(report.layers) - shown
+        hint = "--verbose lists every layer" if only_marked else "omit --top to list every layer"
+        out.append(f"... {rest} more layer(s) not listed; {hint}")
+    notes = legend(report, marked, mark, tau, selection)
+    if prefix:
+        notes.append(f"module: names without their common prefix '{prefix}'.")
+    if hidden:
+        notes.append(f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal, or --format json, "
+                     "shows them).")
+    for note in notes:
+        out += _wrapped(note, width)
+    return "\n".join(out) + "\n"
+
+
+def render_markdown(report: ScoreReport, marked=(), tau: int | None = None, mark: str = TOP_TAU, *,
+                    selection: str | None = None, top: int | None = None) -> str:
     a = report.adapter
+    headers = [h for h in (c.header for c in LAYER_COLUMNS)]
+    headers[1] = mark.replace("_", "-")
     lines = [
         f"### s3lora: {a.path}",
         "",
-        f"{summary_line(report, flagged, tau)}",
+        summary_line(report, marked, tau, mark),
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---:" if h in ("rank", "r", "ssi", "sigma_1", "sigma_sum") else "---" for h in HEADERS) + "|",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if c.right else "---" for c in LAYER_COLUMNS) + "|",
     ]
-    for row in _rows(report, flagged):
+    where = spread(report)
+    for row in _rows(report, marked, mark, where, top):
         row[2] = f"`{row[2]}`"
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    if top is not None and top < len(report.layers):
+        lines.append(f"\n{len(report.layers) - top} more layer(s) not listed.")
+    lines.append("")
+    lines += [f"- {note}" for note in legend(report, marked, mark, tau, selection)]
     return "\n".join(lines) + "\n"
 
 
-def render_table(report: ScoreReport, flagged=(), tau: int | None = None) -> Table:
-    title = f"S3LoRA {report.parameters['method']} scores: {report.adapter.path}"
-    caption = f"* = in the top-{tau} by SSI (would be pruned with --tau {tau})" if tau is not None else None
-    table = Table(title=title, caption=caption)
-    for h in HEADERS:
-        justify = "right" if h in ("rank", "r", "ssi", "sigma_1", "sigma_sum") else "left"
-        table.add_column("" if h == "flag" else h, justify=justify, no_wrap=h != "notes", overflow="fold")
-    for row in _rows(report, flagged):
-        style = "bold red" if row[1] else None
-        table.add_row(*row, style=style)
-    return table
-
-
-def summary_line(report: ScoreReport, flagged=(), tau: int | None = None) -> str:
+def summary_line(report: ScoreReport, marked=(), tau: int | None = None, mark: str = TOP_TAU) -> str:
     scored = [s for s in report.layers if s.ssi is not None]
-    failed = len(report.layers) - len(scored)
+    non_finite = len(report.layers) - len(scored)
     parts = [f"{len(scored)} LoRA layers scored with {report.parameters['method']} on {report.device}"]
     if scored:
-        parts.append(f"max SSI {scored[0].ssi:.4f} ({scored[0].module})")
-    if tau is not None:
-        parts.append(f"{len(flagged)} in the top-{tau}")
-    if failed:
-        parts.append(f"{failed} not scored (non-finite values)")
+        where = spread(report)
+        parts.append(f"max SSI {scored[0].ssi:.4f} ({scored[0].module}), median {where.median:.4f}")
+        outliers = sum((z or 0.0) > OUTLIER_Z for z in where.robust_z.values())
+        if where.mad:
+            parts.append(f"{outliers} layer(s) stand out (z > {OUTLIER_Z:g})")
+    if mark == TOP_TAU and tau is not None:
+        count = sum(s.module in marked for s in report.layers)
+        parts.append(f"top-tau: {count} of {len(scored)} layers ({percent(count, len(scored))})")
+    if non_finite:
+        parts.append(f"{non_finite} not scored (non-finite values)")
     if report.not_analysed:
         parts.append(f"{len(report.not_analysed)} non-LoRA tensors not analysed")
     return "; ".join(parts)
+
+
+def score_summary(report: ScoreReport, marked=(), tau: int | None = None) -> list[str]:
+    """The lines ``score`` writes to stderr: the summary, what SSI means, and what to do with a high value."""
+    return [summary_line(report, marked, tau), MEANING, NEXT_STEPS]
 
 
 # --- the gate (s3lora check): JSON, Markdown, SARIF 2.1.0 and the Rich verdict -------------------------------
@@ -176,7 +433,7 @@ def _fmt_limit(limit: float | None) -> str:
 
 
 def _verdict_word(v: Violation, result: GateResult) -> str:
-    """'fails', 'tolerated' (within max-flagged) or 'reported' (new or missing layers without strict-layers)."""
+    """'fails', 'tolerated' (within max-violations) or 'reported' (new or missing layers without strict-layers)."""
     if v.fails:
         return "fails"
     outcome = next(o for o in result.rules if o.rule is v.rule)
@@ -221,7 +478,7 @@ def check_dict(results: tuple[GateResult, ...] | list[GateResult]) -> dict[str, 
     for several, {schema_version, tool, passed, adapters: [that document for each adapter]}."""
     docs = []
     for result in results:
-        docs.append({**report_dict(result.report, _violating(result)), "gate": gate_dict(result)})
+        docs.append({**report_dict(result.report, _violating(result), mark=VIOLATION), "gate": gate_dict(result)})
     if len(docs) == 1:
         return docs[0]
     return {"schema_version": SCHEMA_VERSION, "tool": {"name": TOOL_NAME, "version": results[0].report.tool_version},
@@ -234,21 +491,23 @@ def _violating(result: GateResult) -> set[str]:
 
 
 def _rule_text(o) -> str:
+    """A rule as applied, e.g. 'max-ssi 0.6: 2 violations, 1 allowed' or 'non-finite: 0 violations'."""
     limit = "" if o.limit is None else f" {o.limit:g}"
     allowed = "" if not o.allowed else f", {o.allowed} allowed"
-    return f"{o.rule.value}{limit}{allowed}"
+    return f"{o.rule.value}{limit}: {o.violations} violation{'' if o.violations == 1 else 's'}{allowed}"
 
 
 def gate_summary_line(result: GateResult) -> str:
-    """One line for stderr and the table verdict, e.g. 'FAILED adapters/new: 2 violations of max-ssi 0.6'."""
+    """One line for stderr and the verdict, e.g. 'FAILED adapters/new: 2 layer(s) fail the gate (max-ssi 0.6:
+    2 violations; non-finite: 0 violations)'."""
     failing = result.failing
     word = "passed" if result.passed else "FAILED"
     rules = "; ".join(_rule_text(o) for o in result.rules if o.allowed is not None)
     if failing:
-        return f"{word} {result.report.adapter.path}: {len(failing)} failing layer(s) ({rules})"
+        return f"{word} {result.report.adapter.path}: {len(failing)} layer(s) fail the gate ({rules})"
     others = len(result.violations)
-    extra = f", {others} tolerated or reported" if others else ""
-    return f"{word} {result.report.adapter.path}: no failing layer{extra} ({rules})"
+    extra = f", {others} violation(s) tolerated or reported" if others else ""
+    return f"{word} {result.report.adapter.path}: no layer fails the gate{extra} ({rules})"
 
 
 def _md(text: str) -> str:
@@ -269,12 +528,12 @@ def render_gate_markdown(results: tuple[GateResult, ...] | list[GateResult]) -> 
     for result in results:
         mark = "✅" if result.passed else "❌"
         lines += ["", f"#### {mark} `{_md(result.report.adapter.path)}`: {'passed' if result.passed else 'failed'}", ""]
-        lines += ["| rule | limit | allowed | found | result | set by |", "|---|---:|---:|---:|---|---|"]
+        lines += ["| rule | limit | allowed | violations | result | set by |", "|---|---:|---:|---:|---|---|"]
         for o in result.rules:
             lines.append(f"| {o.rule.value} | {_fmt_limit(o.limit)} | {_allowed_text(o.allowed)} | {o.violations} "
                          f"| {'passed' if o.passed else '**failed**'} | {_md(o.source)} |")
         if result.violations:
-            lines += ["", "| layer | rule | value | limit | verdict |", "|---|---|---:|---:|---|"]
+            lines += ["", "Violations:", "", "| layer | rule | value | limit | verdict |", "|---|---|---:|---:|---|"]
             for v in result.violations:
                 lines.append(f"| `{_md(v.module)}` | {v.rule.value} | {_fmt_value(v)} | {_fmt_limit(v.limit)} "
                              f"| {_verdict_word(v, result)} |")
@@ -295,9 +554,10 @@ def _ranked_markdown(result: GateResult) -> list[str]:
         word = _verdict_word(v, result)
         if severity[word] < severity.get(verdicts.get(v.module, ""), 3):
             verdicts[v.module] = word
-    header = ["rank", "module", "ssi"] + (["baseline", "change"] if result.baseline is not None else []) + ["gate"]
+    header = ["rank", "module", "ssi"] + (["baseline", "change"] if result.baseline is not None else [])
+    header.append("violation")
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if h in ("module", "gate") else "---:" for h in header) + "|"]
+             "|" + "|".join("---" if h in ("module", "violation") else "---:" for h in header) + "|"]
     for i, s in enumerate(result.report.layers, start=1):
         row = [str(i), f"`{_md(s.module)}`", _fmt(s.ssi, ".4f")]
         if result.baseline is not None:
@@ -337,7 +597,7 @@ def _sarif_rule(rule: Rule) -> dict[str, Any]:
 def sarif_dict(results: tuple[GateResult, ...] | list[GateResult], root: Path | None = None) -> dict[str, Any]:
     """SARIF 2.1.0: one run, one result per violating layer, located in the adapter's weights file (relative to
     ``root`` when under it) with the module as the logical location. level: error when the layer fails the
-    gate, warning when max-flagged tolerates it, note for a new or missing layer without strict-layers."""
+    gate, warning when max-violations tolerates it, note for a new or missing layer without strict-layers."""
     rules = list(Rule)
     out = []
     for result in results:
@@ -350,7 +610,7 @@ def sarif_dict(results: tuple[GateResult, ...] | list[GateResult], root: Path | 
                 "ruleId": v.rule.value,
                 "ruleIndex": rules.index(v.rule),
                 "level": {"fails": "error", "tolerated": "warning", "reported": "note"}[verdict],
-                "message": {"text": f"{v.module} ({a.path}): {v.message}"},
+                "message": {"text": f"{v.rule.value} violation ({verdict}): {v.module} ({a.path}): {v.message}"},
                 "locations": [{
                     "physicalLocation": {"artifactLocation": artifact, "region": {"startLine": 1}},
                     "logicalLocations": [{"name": v.module.rsplit(".", 1)[-1], "fullyQualifiedName": v.module,
@@ -373,33 +633,31 @@ def sarif_dict(results: tuple[GateResult, ...] | list[GateResult], root: Path | 
     }
 
 
-def render_gate_table(result: GateResult) -> Group:
-    """The verdict, the rules and the violating layers first, then the ranked table (those layers starred)."""
-    style = "bold green" if result.passed else "bold red"
-    parts: list[Any] = [Text(gate_summary_line(result), style=style)]
-    rules = Table(box=None, pad_edge=False, show_edge=False)
-    for h in ("rule", "limit", "allowed", "found", "result", "set by"):
-        rules.add_column(h, justify="right" if h in ("limit", "allowed", "found") else "left", no_wrap=True)
-    for o in result.rules:
-        cells = (o.rule.value, _fmt_limit(o.limit), _allowed_text(o.allowed), str(o.violations),
-                 "passed" if o.passed else "FAILED", o.source)
-        rules.add_row(*map(Text, cells), style=None if o.passed else "red")
-    parts.append(rules)
+RULE_COLUMNS = (Column("rule"), Column("limit", right=True), Column("allowed", right=True),
+                Column("violations", right=True), Column("result"), Column("set by", shorten="left"))
+VIOLATION_COLUMNS = (Column("layer", shorten="left"), Column("rule"), Column("value", right=True),
+                     Column("limit", right=True), Column("verdict"), Column("detail", drop=1, shorten="right"))
+
+
+def render_gate_text(result: GateResult, width: int | None = None, verbose: bool = False) -> str:
+    """The verdict, the rules and the violations; then every layer ranked by SSI with ``verbose``, else only the
+    layers that broke a rule (which the violations already list, so none)."""
+    out = _wrapped(gate_summary_line(result), width)
+    rule_rows = [[o.rule.value, _fmt_limit(o.limit), _allowed_text(o.allowed), str(o.violations),
+                  "passed" if o.passed else "FAILED", o.source] for o in result.rules]
+    out += text_table(RULE_COLUMNS, rule_rows, width)[0]
     if result.violations:
-        table = Table(box=None, pad_edge=False, show_edge=False)
-        for h in ("layer", "rule", "value", "limit", "verdict", "detail"):
-            table.add_column(h, justify="right" if h in ("value", "limit") else "left", no_wrap=h != "detail")
-        for v in result.violations:
-            cells = (v.module, v.rule.value, _fmt_value(v), _fmt_limit(v.limit), _verdict_word(v, result), v.message)
-            table.add_row(*map(Text, cells), style="red" if v.fails else None)  # Text: no markup in names
-        parts += [Text(""), table]
+        rows = [[v.module, v.rule.value, _fmt_value(v), _fmt_limit(v.limit), _verdict_word(v, result), v.message]
+                for v in result.violations]
+        out += ["", *text_table(VIOLATION_COLUMNS, rows, width)[0]]
     if result.baseline is not None:
-        parts.append(Text(f"\ncompared with {result.baseline.adapter.path} by module name: "
-                          f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing"))
-    ranked = render_table(result.report, _violating(result))
-    ranked.caption = "* = listed among the violations above"
-    parts += [Text(""), ranked]
-    return Group(*parts)
+        out += ["", f"compared with {result.baseline.adapter.path} by module name: "
+                    f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing"]
+    if verbose:
+        out += ["", render_table(result.report, _violating(result), VIOLATION, width=width).rstrip("\n")]
+    else:
+        out.append(f"({len(result.report.layers)} layers scored; --verbose lists them all, ranked by SSI)")
+    return "\n".join(out) + "\n"
 
 
 # --- adapter stores (s3lora scan, s3lora admit): JSON, JSON lines and the Rich tables -----------------------
@@ -441,7 +699,7 @@ def _scan_parameters(settings: ScanSettings) -> dict[str, Any]:
     policy = settings.policy
     return {"method": o.method.value, "components": o.components, "top_h": o.top_h, "dtype": o.dtype,
             "max_ssi": None if policy is None else policy.max_ssi,
-            "max_flagged": None if policy is None else policy.max_flagged,
+            "max_violations": None if policy is None else policy.max_violations,
             "max_increase": None if policy is None else policy.max_increase,
             "baseline": None if policy is None or policy.baseline is None else str(policy.baseline)}
 
@@ -483,18 +741,16 @@ def _neighbours_text(row: ScanRow) -> str:
     return ", ".join(f"{n.path} {n.cosine:.3f}{' DUP' if n.duplicate else ''}" for n in row.neighbours)
 
 
-def render_scan_table(result: ScanResult, similar: bool = False) -> Table:
+def render_scan_table(result: ScanResult, similar: bool = False, width: int | None = None) -> str:
     """The store's adapters ranked by risk: verdict, max SSI, layers over the threshold, the top layers."""
     threshold = None if result.settings.policy is None else result.settings.policy.max_ssi
     over = "over" if threshold is None else f"> {threshold:g}"
-    table = Table(title=f"s3lora scan: {result.root}")
-    headers = ["rank", "adapter", "verdict", "max ssi", over, "layers", "top layers"]
-    headers += ["nearest (cosine)"] if similar else []
-    headers += ["detail"]
-    for h in headers:
-        table.add_column(h, justify="right" if h in ("rank", "max ssi", over, "layers") else "left",
-                         no_wrap=h in ("rank", "verdict", "max ssi", over, "layers"), overflow="fold")
-    styles = {"failed": "bold red", "error": "yellow"}
+    columns = [Column("rank", right=True), Column("adapter", shorten="left"), Column("verdict"),
+               Column("max ssi", right=True), Column(over, right=True, drop=3), Column("layers", right=True, drop=4),
+               Column("top layers", drop=1, shorten="right")]
+    columns += [Column("nearest (cosine)", drop=2, shorten="right")] if similar else []
+    columns += [Column("detail", drop=5, shorten="right")]
+    rows = []
     for i, row in enumerate(result.rows, start=1):
         top = ", ".join(f"{t.module} {_fmt(t.ssi, '.3f')}" for t in row.top_layers)
         detail = row.error or "; ".join(row.failing[:3]) + (" ..." if len(row.failing) > 3 else "")
@@ -502,8 +758,13 @@ def render_scan_table(result: ScanResult, similar: bool = False) -> Table:
                  "-" if row.over_threshold is None else str(row.over_threshold), str(row.layers), top]
         cells += [_neighbours_text(row)] if similar else []
         cells += [detail]
-        table.add_row(*map(Text, cells), style=styles.get(row.verdict))
-    return table
+        rows.append(cells)
+    lines, hidden = text_table(columns, rows, width)
+    out = [*_wrapped(f"s3lora scan: {result.root}", width), *lines]
+    if hidden:
+        out += _wrapped(f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal, or --format json, "
+                        "shows them).", width)
+    return "\n".join(out) + "\n"
 
 
 def admit_dict(result: AdmitResult) -> dict[str, Any]:
@@ -524,16 +785,13 @@ def admit_summary_line(result: AdmitResult) -> str:
     return f"{word} {result.gate.report.adapter.path}: {where} {result.destination}{extra}"
 
 
-def render_admit_table(result: AdmitResult) -> Group:
-    """The decision, the gate's verdict and table, and the nearest adapters of the store."""
-    parts: list[Any] = [Text(admit_summary_line(result), style="bold green" if result.admitted else "bold red"),
-                        render_gate_table(result.gate)]
+def render_admit_text(result: AdmitResult, width: int | None = None, verbose: bool = False) -> str:
+    """The decision, the gate's verdict, and the nearest adapters of the store."""
+    out = [*_wrapped(admit_summary_line(result), width), render_gate_text(result.gate, width, verbose).rstrip("\n")]
     if result.neighbours:
-        table = Table(title="nearest adapters in the store", box=None, pad_edge=False, show_edge=False)
-        for h in ("adapter", "cosine", "shared modules", "duplicate"):
-            table.add_column(h, justify="right" if h in ("cosine", "shared modules") else "left")
-        for n in result.neighbours:
-            table.add_row(Text(n.path), f"{n.cosine:.4f}", str(n.shared_modules), "yes" if n.duplicate else "",
-                          style="red" if n.duplicate else None)
-        parts += [Text(""), table]
-    return Group(*parts)
+        columns = (Column("adapter", shorten="left"), Column("cosine", right=True),
+                   Column("shared modules", right=True), Column("duplicate"))
+        rows = [[n.path, f"{n.cosine:.4f}", str(n.shared_modules), "yes" if n.duplicate else ""]
+                for n in result.neighbours]
+        out += ["", "nearest adapters in the store", *text_table(columns, rows, width)[0]]
+    return "\n".join(out) + "\n"

@@ -14,7 +14,7 @@ from s3lora_cli import __version__
 from s3lora_cli.adapters import Adapter, LoraLayer, SkippedTensor, open_adapter
 from s3lora_cli.adapters.detect import check_adapter_name, check_format_name
 from s3lora_cli.errors import RuntimeProblem, UsageError
-from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, EPS_SSI, Method, Pick, mas_svd
+from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, EPS_SSI, RANK_RTOL, Method, Pick, mas_svd
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -104,6 +104,17 @@ class LayerScore:
     @property
     def sigma_sum(self) -> float | None:
         return None if self.ssi is None else float(sum(self.sigma))
+
+    @property
+    def fit_rank(self) -> int | None:
+        """How many of the S' values in SSI are not numerically zero (below RANK_RTOL times S'_1, the rule
+        the candidates use): the rank of the L1 fit F among them (of dW for ``svd``). 1 means SSI is 1 by
+        construction (S'_2..S'_h are 0), whatever the layer's size; None for an unscored layer."""
+        if self.ssi is None:
+            return None
+        if not self.sigma or self.sigma[0] == 0.0:
+            return 0
+        return sum(s > self.sigma[0] * RANK_RTOL for s in self.sigma)
 
 
 @dataclass(frozen=True)

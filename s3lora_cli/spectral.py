@@ -918,34 +918,67 @@ def _best(res: _Residual, us, vs, evaluated: dict) -> tuple[tuple[int, int], tup
     """The pair with the smallest objective (ties to the smallest a, then b) and its (delta, objective).
 
     An objective's last bits depend on how its pass split the entries around the bracket (an entry
-    inside adds weight * |ratio - delta| with the ratio rounded, one outside adds from R itself); pairs
-    within NEAR_TIE * eps of the best are compared on |R - delta u v^T| summed in float64 in one fixed order,
-    so that the pick never depends on the brackets.
+    inside adds weight * |ratio - delta| with the ratio rounded, one outside adds from R itself), and the
+    compute-dtype residual's last bits on how the CPU's matrix product rounds. Pairs within NEAR_TIE * eps of
+    the best are therefore compared on objectives decided in float64 (``_objectives64``): the same bits on
+    every CPU, thread count and chunking, compiled or not, so that the pick never depends on the machine.
     """
     best = min(obj for _, obj in evaluated.values())
     tie = NEAR_TIE * torch.finfo(us.dtype).eps * abs(best)
     near = sorted(pair for pair, (_, obj) in evaluated.items() if obj <= best + tie)
     if len(near) == 1:
         return near[0], evaluated[near[0]]
-    f64 = torch.float64
-    summed = {pair: 0.0 for pair in near}
-    compiled = kernels.available and us.device.type == "cpu"
-    if compiled:
-        u = us.T[[a for a, _ in near]].contiguous()
-        v = vs.T[[b for _, b in near]].contiguous().numpy()
-        deltas = np.array([evaluated[pair][0] for pair in near])
-    for rows, r_chunk in res.chunks():
-        if compiled:
-            found = kernels.objectives64(r_chunk.numpy(), u[:, rows].contiguous().numpy(), v, deltas)
-            for pair, value in zip(near, found.tolist(), strict=True):
-                summed[pair] += value
-            continue
-        r64 = r_chunk.to(f64)
-        for a, b in near:
-            e = r64 - evaluated[a, b][0] * (us[rows, a].to(f64)[:, None] * vs[:, b].to(f64)[None, :])
-            summed[a, b] += float(e.abs().sum())
+    summed = _objectives64(res.p, res.q, us, vs, near, [evaluated[pair][0] for pair in near])
     pair = min(near, key=lambda pair: (summed[pair], pair))
     return pair, (evaluated[pair][0], summed[pair])
+
+
+def _objectives64(p, q, us, vs, pairs: list, deltas: list) -> dict[tuple[int, int], float]:
+    """Each pair's objective sum_ij |R_ij - delta u_i v_j| decided in float64, in one order fixed by its
+    definition alone, so that its bits do not depend on the CPU, the thread count, the chunking or the path:
+
+    - R_ij = sum_l p_il q_jl, formed in float64, l ascending (for float32 factors every product is exact);
+    - each term |R_ij - delta (u_i v_j)| rounded as written (the product u_i v_j first);
+    - each row's terms added in eight interleaved lanes (term j to lane j mod 8), the lanes combined as
+      ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)) (``kernels.objectives64`` and ``_row_objectives64``);
+    - the rows' sums added with ``math.fsum``, exactly rounded, hence in no particular order.
+    p: [d, s], q: [k, s], us: [d, Mu], vs: [k, Mv]; pairs (a, b) 0-based with their deltas.
+    """
+    compiled = kernels.available and p.device.type == "cpu"
+    rows_sums: list[list] = [[] for _ in pairs]
+    u = us.T[[a for a, _ in pairs]].contiguous()
+    v = vs.T[[b for _, b in pairs]].contiguous()
+    q_np = q.contiguous().numpy() if compiled else None
+    for rows in _row_chunks(p.shape[0], q.shape[0]):
+        if compiled:
+            found = kernels.objectives64(p[rows].contiguous().numpy(), q_np, u[:, rows].contiguous().numpy(),
+                                         v.numpy(), np.asarray(deltas, np.float64))
+        else:
+            found = _row_objectives64(p[rows], q, u[:, rows], v, deltas)
+        for sums, row_values in zip(rows_sums, found.tolist(), strict=True):
+            sums.extend(row_values)
+    return {pair: math.fsum(sums) for pair, sums in zip(pairs, rows_sums, strict=True)}
+
+
+def _row_objectives64(p, q, u, v, deltas: list) -> torch.Tensor:
+    """The tensor implementation of ``kernels.objectives64`` (same operations in the same order, the same
+    bits): [P, c] per-row sums for the rows of p: [c, s] against u: [P, c], v: [P, k]."""
+    f64 = torch.float64
+    p64, q64 = p.to(f64), q.to(f64)
+    r64 = torch.zeros(p.shape[0], q.shape[0], dtype=f64, device=p.device)
+    for col in range(p.shape[1]):
+        r64 += p64[:, col, None] * q64[None, :, col]
+    width = -(-q.shape[0] // 8) * 8
+    out = torch.empty(u.shape[0], p.shape[0], dtype=f64, device=p.device)
+    for index, delta in enumerate(deltas):
+        terms = torch.zeros(p.shape[0], width, dtype=f64, device=p.device)  # zero padding adds +0.0: no change
+        terms[:, :q.shape[0]] = (r64 - delta * (u[index].to(f64)[:, None] * v[index].to(f64)[None, :])).abs()
+        lanes = torch.zeros(p.shape[0], 8, dtype=f64, device=p.device)
+        for start in range(0, width, 8):
+            lanes += terms[:, start:start + 8]
+        out[index] = ((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])) + (
+            (lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7]))
+    return out
 
 
 def _screened(res: _Residual, us, vs, pairs, state: _FitState) -> dict[tuple[int, int], tuple[float, float]]:

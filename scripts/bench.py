@@ -7,13 +7,23 @@
     python scripts/bench.py --cases 70B-all --blocks 4 --skip-ratios   # a prefix of the blocks, extrapolated
     python scripts/bench.py --cases 135M-all                  # a small model's adapter (210 small layers)
 
+    python scripts/bench.py --cases 7B-qkvo 7B-qkvo-isotropic 7B-qkvo-mixed --floor   # against the floor
+    python scripts/bench.py --cases 135M-all --concurrent 2   # two processes at once against one alone
+
 Adapters are generated deterministically into a temporary directory (nothing large is committed), written
-one tensor at a time, so that even the 1.7 GB 70B adapter never sits in memory. Their updates have the
-decaying spectra of trained adapters: lora_B's r columns are scaled by 1/(1+i), and every eighth layer is
-sharp (one direction 20x stronger).
+one tensor at a time, so that even the 1.7 GB 70B adapter never sits in memory. Their updates have one of
+three spectra (the case's name says which; real adapters have all kinds):
+- decaying (the default): lora_B's r columns scaled by 1/(1+i), every eighth layer sharp (one direction 20x
+  stronger), as trained adapters often are;
+- isotropic: plain Gaussian factors, an update whose r singular values are all close (a freshly initialised or
+  lightly trained adapter): every step of the greedy fit is a near tie;
+- mixed: decaying, isotropic and sharp layers in turn.
 
 Per case: the wall time of the whole `s3lora score` process (start-up included), the time per layer, the
-peak resident memory of that process, and, measured in the same run on a sample of layers:
+peak resident memory of that process; with --floor, the floor measured in the same run (per layer, M passes
+of the cheapest exact kernel over all d x k residual entries: one read of every entry per greedy step, nothing
+else) and score / floor; with --concurrent N, N processes at once against one alone; and, measured in the same
+run on a sample of layers:
 - default (screened) against --exhaustive, with the picks compared;
 - default against the dense float64 reference of the tests, on layers it can finish;
 - --method svd against --method mas-svd (whole adapter).
@@ -37,10 +47,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+QKVO_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096)}
+ALL_135M = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+            "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
 CASES = {
-    # name: (blocks, {proj: (out, in)}, r)
-    "7B-qkvo": (32, {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
-                     "o_proj": (4096, 4096)}, 8),
+    # name: (blocks, {proj: (out, in)}, r); the spectrum is in the name (see spectrum_of)
+    "7B-qkvo": (32, QKVO_7B, 8),
+    "7B-qkvo-isotropic": (32, QKVO_7B, 8),
+    "7B-qkvo-mixed": (32, QKVO_7B, 8),
     "7B-all": (32, {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
                     "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
                     "down_proj": (4096, 11008)}, 16),
@@ -48,19 +62,29 @@ CASES = {
                      "o_proj": (8192, 8192), "gate_proj": (28672, 8192), "up_proj": (28672, 8192),
                      "down_proj": (8192, 28672)}, 16),
     # a small model's adapter: SmolLM2-135M shapes (hidden 576, kv 192, MLP 1536), all seven projections
-    "135M-all": (30, {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
-                      "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}, 8),
+    "135M-all": (30, ALL_135M, 8),
+    "135M-all-mixed": (30, ALL_135M, 8),
+    # T5-large r=16 on q and v (144 layers of 1024 x 1024, as the encoder's and decoder's attention have them)
+    "t5-large-mixed": (72, {"q": (1024, 1024), "v": (1024, 1024)}, 16),
 }
 MLP = {"gate_proj", "up_proj", "down_proj"}
 THREAD_ENV = dict(os.environ)
 """The environment of the `s3lora score` processes (``--threads`` sets the thread counts here)."""
 
 
-def layer_factors(index: int, out: int, inp: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def spectrum_of(case: str) -> str:
+    return "isotropic" if case.endswith("-isotropic") else "mixed" if case.endswith("-mixed") else "decaying"
+
+
+def layer_factors(index: int, out: int, inp: int, r: int,
+                  spectrum: str = "decaying") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + index)
     a = torch.randn(r, inp, generator=gen) / inp**0.5
-    b = torch.randn(out, r, generator=gen) * 1e-2 / torch.arange(1, r + 1, dtype=torch.float32)
-    if index % 8 == 0:
+    b = torch.randn(out, r, generator=gen) * 1e-2
+    kind = spectrum if spectrum != "mixed" else ("decaying", "isotropic", "sharp")[index % 3]
+    if kind != "isotropic":
+        b /= torch.arange(1, r + 1, dtype=torch.float32)
+    if kind == "sharp" or (kind == "decaying" and spectrum == "decaying" and index % 8 == 0):
         b[:, 0] *= 20.0
     return a.to(torch.bfloat16), b.to(torch.bfloat16)
 
@@ -90,7 +114,7 @@ def write_adapter(path: Path, case: str, blocks: int | None = None) -> Path:
         index = 0
         for _ in range(blocks):
             for out, inp in projs.values():
-                a, b = layer_factors(index, out, inp, r)
+                a, b = layer_factors(index, out, inp, r, spectrum_of(case))
                 index += 1
                 fh.write(a.contiguous().view(torch.int16).numpy().tobytes())
                 fh.write(b.contiguous().view(torch.int16).numpy().tobytes())
@@ -160,6 +184,57 @@ def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
             "max_rel_ssi_error_vs_reference": ssi_err, "same_picks_reference": same_picks_ref, **timings}
 
 
+def floor_seconds(adapter: Path, repeats: int = 2) -> float:
+    """The floor of a case, in-process: per layer, M = min(8, r) passes of the exact kernel (one pair, a bracket
+    that keeps no ratio) over all d x k entries of its residual, formed once per shape beforehand (at most
+    CACHE_ENTRIES of them; larger layers read the formed chunks again). The best of ``repeats``."""
+    import numpy as np
+
+    from s3lora_cli import kernels, open_adapter, spectral
+
+    if not kernels.available:
+        raise SystemExit("--floor needs numba")
+    with open_adapter(adapter) as opened:
+        shapes = [(layer.shape[0], layer.shape[1], layer.r) for layer in opened.layers]
+    per_shape = {}
+    for d, k, r in sorted(set(shapes)):
+        gen = torch.Generator().manual_seed(d * 7 + k)
+        left, right = torch.randn(d, r, generator=gen), torch.randn(r, k, generator=gen)
+        rows_list = list(spectral._row_chunks(d, k))
+        room, formed = spectral.CACHE_ENTRIES, []
+        for rows in rows_list:
+            if room >= (rows.stop - rows.start) * k:
+                formed.append((left[rows] @ right).numpy())
+                room -= formed[-1].size
+        u, v = torch.randn(d, generator=gen).numpy(), torch.randn(k, generator=gen).numpy()
+        scratch: dict = {}
+        kernels.bracket_pass(formed[0], u[rows_list[0]], v, np.inf, np.inf, scratch)  # compiled and warm
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(min(8, r)):
+                for index, rows in enumerate(rows_list):
+                    chunk = formed[index % len(formed)]
+                    kernels.bracket_pass(chunk[: rows.stop - rows.start], u[rows], v, np.inf, np.inf, scratch)
+            best = min(best, time.perf_counter() - start)
+        per_shape[d, k, r] = best
+    return sum(per_shape[shape] for shape in shapes)
+
+
+def concurrent_walls(adapter: Path, n: int, *extra: str) -> list[float]:
+    """Wall seconds of each of n `s3lora score` processes started together."""
+    cmd = [sys.executable, "-m", "s3lora_cli", "score", str(adapter), "--format", "json", "--quiet", *extra]
+    start = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=THREAD_ENV)
+             for _ in range(n)]
+    walls = []
+    for proc in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()}")
+        walls.append(time.perf_counter() - start)
+    return walls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["demo", "7B-qkvo"], choices=["demo", *CASES, "store"])
@@ -169,6 +244,9 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256,
                         help="rows and columns of each sampled layer that the dense reference runs on")
     parser.add_argument("--skip-ratios", action="store_true")
+    parser.add_argument("--floor", action="store_true", help="measure each case's floor and print score / floor")
+    parser.add_argument("--concurrent", type=int, default=0, metavar="N",
+                        help="also run N score processes at once and compare each with one alone")
     parser.add_argument("--blocks", type=int, help="generate only the first N transformer blocks of each case and "
                         "extrapolate the time to all of them")
     parser.add_argument("--threads", type=int, help="threads for torch, BLAS and the compiled kernels "
@@ -203,6 +281,15 @@ def main() -> None:
             print(f"[{case}] mas-svd: {wall:.1f} s wall for {n} layers "
                   f"({wall / n * 1000:.0f} ms/layer incl. start-up), peak RSS {rss:.0f} MiB, "
                   f"max SSI {doc['summary']['max_ssi']:.4f}")
+            if args.floor:
+                floor = floor_seconds(adapter)
+                print(f"[{case}] floor (M exact-kernel passes over every entry): {floor:.2f} s; "
+                      f"score / floor = {wall / floor:.2f}x (start-up included)")
+            if args.concurrent > 1:
+                walls = concurrent_walls(adapter, args.concurrent, "--device", args.device)
+                print(f"[{case}] {args.concurrent} processes at once: " + ", ".join(f"{w:.1f}" for w in walls)
+                      + f" s; slowest / alone = {max(walls) / wall:.2f}x (ideal on {os.cpu_count()} cores: "
+                      f"{max(1.0, args.concurrent * min(1, 2 / max(os.cpu_count() or 1, 1))):.1f}x)")
             wall_svd, rss_svd, _ = run_score(adapter, "--device", args.device, "--method", "svd")
             print(f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
                   f"mas-svd / svd = {wall / wall_svd:.1f}x")

@@ -1,4 +1,5 @@
-"""Regenerate the golden files of `s3lora check` (tests/golden/check-*.md, check-*.sarif).
+"""Regenerate the golden files: those of `s3lora check` (tests/golden/check-*.md, check-*.sarif) and the text
+tables at 80, 100, 120 and 200 columns and full width (tests/golden/*-table-*.txt, from tests/test_tables.py).
 
 Writes the tiny test adapters into a temporary directory, runs each scenario of tests/test_check.py from there
 (so no absolute path enters the files), and writes the Markdown and SARIF outputs. Review the diff before
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import test_check  # noqa: E402
+import test_tables  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +30,7 @@ def main() -> None:
                         for name, text in test_check.render_golden(scenario).items()}
         finally:
             os.chdir(here)
+    rendered.update(test_tables.render_goldens())
     for name, text in rendered.items():
         (test_check.GOLDEN / name).write_text(text)
         print(f"wrote {test_check.GOLDEN / name}")

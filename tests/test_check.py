@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -108,35 +109,35 @@ def fake_report(ssis: dict[str, float | None], path: str = "fake") -> ScoreRepor
     return ScoreReport(info, ScoreOptions(device="cpu"), "cpu", tuple(sorted(layers, key=rank_key)), ())
 
 
-def test_max_ssi_is_strict_and_max_flagged_is_an_allowance():
+def test_max_ssi_is_strict_and_max_violations_is_an_allowance():
     report = fake_report({"a": 0.9, "b": 0.6, "c": 0.61, "d": 0.2})
     result = evaluate(report, GatePolicy(max_ssi=0.6))
     assert not result.passed
     assert [(v.module, v.rule, v.value, v.limit) for v in result.violations] == [
         ("a", Rule.MAX_SSI, 0.9, 0.6), ("c", Rule.MAX_SSI, 0.61, 0.6)]  # b is at the limit: passes
-    assert evaluate(report, GatePolicy(max_ssi=0.6, max_flagged=2)).passed  # 2 exceed, 2 allowed
-    tolerated = evaluate(report, GatePolicy(max_ssi=0.6, max_flagged=2))
+    assert evaluate(report, GatePolicy(max_ssi=0.6, max_violations=2)).passed  # 2 exceed, 2 allowed
+    tolerated = evaluate(report, GatePolicy(max_ssi=0.6, max_violations=2))
     assert len(tolerated.violations) == 2 and not any(v.fails for v in tolerated.violations)
-    assert not evaluate(report, GatePolicy(max_ssi=0.6, max_flagged=1)).passed
+    assert not evaluate(report, GatePolicy(max_ssi=0.6, max_violations=1)).passed
     assert evaluate(report, GatePolicy(max_ssi=0.9)).passed
 
 
 def test_non_finite_layers_always_fail():
     report = fake_report({"a": 0.1, "broken": None})
-    result = evaluate(report, GatePolicy(max_ssi=1.0, max_flagged=100))
+    result = evaluate(report, GatePolicy(max_ssi=1.0, max_violations=100))
     assert not result.passed
     (v,) = result.violations
     assert (v.module, v.rule, v.value, v.fails) == ("broken", Rule.NON_FINITE, None, True)
     assert "non-finite" in v.message
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(st.one_of(st.none(), st.floats(0, 1)), min_size=1, max_size=8), st.floats(0, 1), st.integers(0, 4))
-def test_the_verdict_is_the_rule(ssis, max_ssi, max_flagged):
+def test_the_verdict_is_the_rule(ssis, max_ssi, max_violations):
     report = fake_report({f"m{i}": s for i, s in enumerate(ssis)})
-    result = evaluate(report, GatePolicy(max_ssi=max_ssi, max_flagged=max_flagged))
+    result = evaluate(report, GatePolicy(max_ssi=max_ssi, max_violations=max_violations))
     over = [s for s in ssis if s is not None and s > max_ssi]
-    assert result.passed == (None not in ssis and len(over) <= max_flagged)
+    assert result.passed == (None not in ssis and len(over) <= max_violations)
     assert len(result.violations) == len(over) + ssis.count(None)
 
 
@@ -174,22 +175,23 @@ def test_a_policy_needs_a_rule_and_max_increase_a_baseline():
 # --- the policy: file format and precedence -----------------------------------------------------------------
 
 def test_precedence_flags_then_policy_file_then_pyproject(tmp_path):
+    # max-flagged: the former name of max-violations, still read
     (tmp_path / "pyproject.toml").write_text("[tool.s3lora]\nmax-ssi = 0.7\nmax-flagged = 2\nmethod = 'svd'\n")
     nested = tmp_path / "a" / "b"
     nested.mkdir(parents=True)
     assert find_pyproject(nested) == (tmp_path / "pyproject.toml").resolve()
     from_pyproject = resolve_policy({}, None, cwd=nested)
-    assert (from_pyproject.max_ssi, from_pyproject.max_flagged, from_pyproject.method) == (0.7, 2, Method.SVD)
+    assert (from_pyproject.max_ssi, from_pyproject.max_violations, from_pyproject.method) == (0.7, 2, Method.SVD)
     assert from_pyproject.source("max-ssi") == str((tmp_path / "pyproject.toml").resolve())
     policy_file = tmp_path / "gate.toml"
     policy_file.write_text("max_ssi = 0.8\ncomponents = 2\n")  # snake_case works too
     from_file = resolve_policy({}, policy_file, cwd=nested)  # --policy replaces pyproject.toml
-    assert (from_file.max_ssi, from_file.max_flagged, from_file.components, from_file.method) == (0.8, 0, 2,
+    assert (from_file.max_ssi, from_file.max_violations, from_file.components, from_file.method) == (0.8, 0, 2,
                                                                                                Method.MAS_SVD)
-    flags = resolve_policy({"max-ssi": 0.5, "max-flagged": None, "top-h": 1}, policy_file, cwd=nested)
+    flags = resolve_policy({"max-ssi": 0.5, "max-violations": None, "top-h": 1}, policy_file, cwd=nested)
     assert (flags.max_ssi, flags.components, flags.top_h) == (0.5, 2, 1)
     assert flags.source("max-ssi") == COMMAND_LINE and flags.source("components") == str(policy_file)
-    assert flags.source("max-flagged") == "built-in"
+    assert flags.source("max-violations") == "built-in"
 
 
 def test_policy_file_may_be_a_pyproject_and_baseline_is_relative_to_it(tmp_path):
@@ -205,7 +207,7 @@ def test_policy_file_may_be_a_pyproject_and_baseline_is_relative_to_it(tmp_path)
 @pytest.mark.parametrize("text, fragment", [
     ("max-ssi = 'high'\n", "max-ssi in"),
     ("max-ssi = 1.5\n", "between 0 and 1"),
-    ("max-flagged = -1\n", "at least 0"),
+    ("max-violations = -1\n", "at least 0"),
     ("max-flagged = 1.5\n", "whole number"),
     ("max-sssi = 0.5\n", "unknown key 'max-sssi'"),
     ("method = 'fft'\n", "mas-svd, spsvd, svd"),
@@ -226,23 +228,39 @@ def test_pass_exits_0_with_the_verdict_first(in_workdir):
     result = run("adapters/smooth", "--max-ssi", "0.8")
     assert result.exit_code == EXIT_OK, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("passed adapters/smooth: no failing layer")
-    assert "S3LoRA mas-svd scores" in result.stdout  # then the ranked table
+    assert lines[0] == ("passed adapters/smooth: no layer fails the gate (non-finite: 0 violations; max-ssi 0.8: "
+                        "0 violations)")
+    assert "s3lora mas-svd scores" not in result.stdout  # the ranked table only with --verbose
+    verbose = run("adapters/smooth", "--max-ssi", "0.8", "--verbose")
+    assert verbose.stdout.startswith(lines[0]) and "s3lora mas-svd scores" in verbose.stdout
+
+
+def test_fail_lists_the_violations_and_with_verbose_every_layer(in_workdir):
+    short = run("adapters/sharp", "--max-ssi", "0.8")
+    assert "(4 layers scored; --verbose lists them all, ranked by SSI)" in short.stdout
+    assert len(short.stdout.splitlines()) == 8  # verdict, 3 lines of rules, blank, 2 of violations, the hint
+    full = run("adapters/sharp", "--max-ssi", "0.8", "-v")
+    ranked = full.stdout.split("s3lora mas-svd scores")[1].splitlines()
+    assert [line.split()[1] for line in ranked[2:3]] == ["!"]  # the violation, marked in the ranked table
+    assert "! violation: the layer broke a gate rule (1 of 4 layers)." in full.stdout
 
 
 def test_fail_exits_1_and_lists_each_violating_layer(in_workdir):
     result = run("adapters/sharp", "--max-ssi", "0.8")
     assert result.exit_code == EXIT_GATE_FAILED, result.output
-    verdict = result.stdout.split("S3LoRA mas-svd scores")[0]  # the verdict comes before the table
-    assert verdict.startswith("FAILED adapters/sharp: 1 failing layer(s)")
+    verdict = result.stdout
+    assert verdict.startswith("FAILED adapters/sharp: 1 layer(s) fail the gate (non-finite: 0 violations; "
+                              "max-ssi 0.8: 1 violation)")
     row = next(line for line in verdict.splitlines() if line.startswith(SHARPENED))
     assert row.split()[:5] == [SHARPENED, "max-ssi", row.split()[2], "0.8", "fails"]
     assert float(row.split()[2]) > 0.8
 
 
-def test_max_flagged_tolerates(in_workdir):
+def test_max_violations_tolerates(in_workdir):
+    assert run("adapters/sharp", "--max-ssi", "0.8", "--max-violations", "1").exit_code == EXIT_OK
+    assert run("adapters/sharp", "--max-ssi", "0.8", "--max-violations", "0").exit_code == EXIT_GATE_FAILED
+    # the former name of the option still works
     assert run("adapters/sharp", "--max-ssi", "0.8", "--max-flagged", "1").exit_code == EXIT_OK
-    assert run("adapters/sharp", "--max-ssi", "0.8", "--max-flagged", "0").exit_code == EXIT_GATE_FAILED
 
 
 def test_several_adapters_fail_if_any_fails(in_workdir):
@@ -271,7 +289,8 @@ def test_json_is_the_score_report_plus_gate(in_workdir):
     (v,) = gate["violations"]
     assert set(v) == {"module", "rule", "value", "limit", "ssi", "baseline_ssi", "fails", "message"}
     assert (v["module"], v["rule"], v["limit"], v["fails"]) == (SHARPENED, "max-ssi", 0.8, True)
-    assert v["value"] == doc["layers"][0]["ssi"] and doc["layers"][0]["flagged"]
+    assert v["value"] == doc["layers"][0]["ssi"] and doc["layers"][0]["violation"]
+    assert doc["summary"]["violations"] == [SHARPENED] and not any(layer["violation"] for layer in doc["layers"][1:])
     assert "FAILED adapters/sharp" in result.stderr  # the verdict line goes to stderr, the document to stdout
 
 
@@ -359,7 +378,7 @@ def test_baseline_comparison_end_to_end(in_workdir):
 @pytest.mark.parametrize("args, fragment", [
     ([], "no gate rule"),
     (["--max-ssi", "1.5"], "--max-ssi must be between 0 and 1"),
-    (["--max-ssi", "0.5", "--max-flagged", "-1"], "--max-flagged must be at least 0"),
+    (["--max-ssi", "0.5", "--max-violations", "-1"], "--max-violations must be at least 0"),
     (["--baseline", "adapters/approved"], "--baseline needs --max-increase"),
     (["--max-increase", "0.1"], "needs a baseline"),
     (["--policy", "missing.toml"], "does not exist"),
@@ -414,7 +433,7 @@ def test_cuda_asked_for_where_absent_exits_4(in_workdir):
 SCENARIOS = {
     "max-ssi": ["adapters/smooth", "adapters/sharp", "--max-ssi", "0.8"],
     "baseline": ["adapters/candidate", "--baseline", "adapters/approved", "--max-increase", "0.05",
-                 "--max-ssi", "0.8", "--max-flagged", "1"],
+                 "--max-ssi", "0.8", "--max-violations", "1"],
 }
 
 
@@ -472,7 +491,7 @@ def test_sarif_has_one_result_per_violating_layer(in_workdir):
     assert len(results) == len(doc["gate"]["violations"]) == 6
     levels = {(r["properties"]["module"], r["ruleId"]): r["level"] for r in results}
     assert levels[(SHARPENED, "max-increase")] == "error"
-    assert levels[(SHARPENED, "max-ssi")] == "warning"  # tolerated by --max-flagged 1
+    assert levels[(SHARPENED, "max-ssi")] == "warning"  # tolerated by --max-violations 1
     assert levels[("model.layers.0.self_attn.v_proj", "missing-layer")] == "note"
     rules = [rule["id"] for rule in log["runs"][0]["tool"]["driver"]["rules"]]
     assert all(rules[r["ruleIndex"]] == r["ruleId"] for r in results)

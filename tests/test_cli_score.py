@@ -43,7 +43,7 @@ def test_json_schema_and_order(adapter):
     result = run("score", adapter, "--format", "json", "--tau", "1")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["schema_version"] == 1
+    assert doc["schema_version"] == 2
     assert doc["tool"]["name"] == "s3lora"
     assert set(doc["adapter"]) >= {"path", "sha256", "base_model_name_or_path", "peft_type", "r", "lora_alpha",
                                    "target_modules", "format"}
@@ -56,7 +56,7 @@ def test_json_schema_and_order(adapter):
         assert set(layer) >= {"module", "ssi", "sigma", "r", "scaling", "shape", "kind", "notes"}
         assert layer["kind"] == "linear" and layer["r"] == 4 and layer["scaling"] == 2.0
         assert len(layer["sigma"]) == 4 and layer["sigma"][0] == layer["sigma_1"]
-    assert layers[0]["flagged"] and not any(layer["flagged"] for layer in layers[1:])
+    assert layers[0]["top_tau"] and not any(layer["top_tau"] for layer in layers[1:])
     assert doc["layers"][0]["shape"] == [8, 16]
 
 
@@ -202,7 +202,7 @@ def test_non_finite_layer_is_reported_not_fatal(tmp_path):
     doc = json.loads(result.stdout, parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
     bad = doc["layers"][-1]
     assert bad["module"] == "model.layers.1.q_proj" and bad["ssi"] is None and "non-finite" in bad["error"]
-    assert doc["summary"]["failed"] == 1
+    assert doc["summary"]["non_finite"] == 1
     assert "warning: model.layers.1.q_proj" in result.stderr
 
 
@@ -265,12 +265,12 @@ def test_usage_errors_from_typer_exit_2(adapter):
 
 
 def test_unexpected_errors_never_look_like_a_failed_gate(adapter, monkeypatch):
-    import s3lora_cli.cli.score as score_cmd
+    import s3lora_cli.scoring
 
     def boom(*args, **kwargs):
         raise ValueError("boom")
 
-    monkeypatch.setattr(score_cmd, "score_adapter", boom)
+    monkeypatch.setattr(s3lora_cli.scoring, "score_adapter", boom)
     _expect(run("score", adapter), EXIT_RUNTIME, "internal error", "boom")
 
 

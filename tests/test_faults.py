@@ -37,11 +37,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_adapter(path: Path, seed: int = 1, sharp: bool = False, **config) -> Path:
+    """Two blocks of q_proj (16x16) and v_proj (8x16), r = 4; ``sharp``: block 0's v_proj nearly rank one."""
     tensors = {}
-    for i, (proj, out) in enumerate((("q_proj", 16), ("v_proj", 8))):
-        a, b = random_factors(out, 16, 4, seed * 10 + i, sharp=sharp and proj == "v_proj")
-        tensors.update(layer_tensors(f"model.layers.0.self_attn.{proj}", a, b))
+    for block in range(2):
+        for i, (proj, out) in enumerate((("q_proj", 16), ("v_proj", 8))):
+            sharp_here = sharp and (block, proj) == (0, "v_proj")
+            a, b = random_factors(out, 16, 4, seed * 10 + 2 * block + i, sharp=sharp_here)
+            tensors.update(layer_tensors(f"model.layers.{block}.self_attn.{proj}", a, b))
     return write_adapter(path, tensors, config_dict(**config))
+
+
+def prune_cli(adapter: Path, out: Path, *more: str):
+    """`s3lora prune ADAPTER --tau 1 -o OUT -q --device cpu MORE...` through the CLI runner."""
+    return runner.invoke(app, ["prune", str(adapter), "--tau", "1", "-o", str(out), "-q", "--device", "cpu", *more])
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -120,7 +128,7 @@ def test_prune_and_admit_refuse_what_is_not_a_file_inside_the_adapter(tmp_path):
     for case, adapter in hostile_dirs(tmp_path).items():
         before = tree(tmp_path)
         out = tmp_path / f"{case}-out"
-        result = runner.invoke(app, ["prune", str(adapter), "--tau", "1", "-o", str(out), "-q", "--device", "cpu"])
+        result = prune_cli(adapter, out)
         one_line_error(result, EXIT_INPUT, NAMED[case], "refused")
         store = tmp_path / f"{case}-store"
         result = runner.invoke(app, ["admit", str(adapter), "--store", str(store), "--max-ssi", "0.99", "-q",
@@ -141,7 +149,7 @@ def test_a_symlink_to_a_file_inside_is_copied_as_a_file(tmp_path):
     (adapter / ".git" / "objects").mkdir(parents=True)
     (adapter / ".git" / "objects" / "pack").write_bytes(b"\0" * 100)
     out = tmp_path / "out"
-    assert runner.invoke(app, ["prune", str(adapter), "-o", str(out), "-q", "--device", "cpu"]).exit_code == EXIT_OK
+    assert prune_cli(adapter, out).exit_code == EXIT_OK
     assert (out / "vocab.txt").read_text() == "a b c\n" and not (out / "vocab.txt").is_symlink()
     assert (out / "tokenizer" / "vocab.txt").is_file() and not (out / ".git").exists()
     result = admit_adapter(adapter, tmp_path / "store", POLICY, device="cpu")
@@ -152,13 +160,13 @@ def test_the_other_files_are_bounded(tmp_path, monkeypatch):
     adapter = make_adapter(tmp_path / "adapter")
     (adapter / "optimizer.pt").write_bytes(b"\0" * 4096)
     monkeypatch.setattr(files_mod, "MAX_OTHER_BYTES", 4095)
-    result = runner.invoke(app, ["prune", str(adapter), "-o", str(tmp_path / "out"), "-q", "--device", "cpu"])
+    result = prune_cli(adapter, tmp_path / "out")
     one_line_error(result, EXIT_INPUT, "4096 bytes", "over the limit")
     with pytest.raises(Exception, match="over the limit"):
         admit_adapter(adapter, tmp_path / "store", POLICY, device="cpu")
     monkeypatch.setattr(files_mod, "MAX_OTHER_BYTES", 4096)
     monkeypatch.setattr(files_mod, "MAX_OTHER_FILES", 0)
-    one_line_error(runner.invoke(app, ["prune", str(adapter), "-o", str(tmp_path / "out"), "-q", "--device", "cpu"]),
+    one_line_error(prune_cli(adapter, tmp_path / "out"),
                    EXIT_INPUT, "number 1", "over the limit")
     assert not (tmp_path / "out").exists() and discover(tmp_path / "store") == []
     assert not (tmp_path / "store" / AUDIT_LOG_NAME).exists()
@@ -351,7 +359,7 @@ def test_environment_errors_are_one_line_naming_the_path(tmp_path, monkeypatch, 
     result = runner.invoke(app, ["score", str(adapter), "-o", str(out), "-f", "json", "-q", "--device", "cpu"])
     one_line_error(result, EXIT_RUNTIME, str(tmp_path), os.strerror(code))
     assert not out.exists()
-    result = runner.invoke(app, ["prune", str(adapter), "-o", str(tmp_path / "pruned"), "-q", "--device", "cpu"])
+    result = prune_cli(adapter, tmp_path / "pruned")
     one_line_error(result, EXIT_RUNTIME, "pruned", os.strerror(code), "nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -378,7 +386,7 @@ def test_a_name_too_long_is_an_environment_error(tmp_path):
     adapter = make_adapter(tmp_path / "adapter")
     result = runner.invoke(app, ["score", str(adapter), "-o", str(tmp_path / ("x" * 300)), "-q", "--device", "cpu"])
     one_line_error(result, EXIT_RUNTIME, "File name too long", "shorter name")
-    result = runner.invoke(app, ["prune", str(adapter), "-o", str(tmp_path / ("y" * 300)), "-q", "--device", "cpu"])
+    result = prune_cli(adapter, tmp_path / ("y" * 300))
     one_line_error(result, EXIT_RUNTIME, "File name too long")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -415,7 +423,7 @@ def tiny_tmpfs(tmp_path):
 def test_a_really_full_file_system(tmp_path, tiny_tmpfs):
     adapter = make_adapter(tmp_path / "adapter")
     (adapter / "notes.bin").write_bytes(os.urandom(2 << 20))  # more than the tmpfs holds
-    result = runner.invoke(app, ["prune", str(adapter), "-o", str(tiny_tmpfs / "pruned"), "-q", "--device", "cpu"])
+    result = prune_cli(adapter, tiny_tmpfs / "pruned")
     one_line_error(result, EXIT_RUNTIME, str(tiny_tmpfs / "pruned"), "No space left on device", "nothing was written")
     assert list(tiny_tmpfs.iterdir()) == []
     store = tiny_tmpfs / "store"
@@ -439,7 +447,7 @@ def test_what_killed_runs_left_is_cleaned_by_the_next_run(tmp_path):
     try:
         live_dir = tmp_path / f".pruned.{live.pid}-0000abcd.s3lora-tmp"  # a run still at work: left alone
         live_dir.mkdir()
-        assert runner.invoke(app, ["prune", str(adapter), "-o", str(out), "-q", "--device", "cpu"]).exit_code == 0
+        assert prune_cli(adapter, out).exit_code == 0
         assert runner.invoke(app, ["score", str(adapter), "-o", str(tmp_path / "report.json"), "-q",
                                    "--device", "cpu"]).exit_code == 0
         assert not stale_dir.exists() and not stale_file.exists() and live_dir.exists()
@@ -453,7 +461,7 @@ def test_a_swap_cut_short_gets_its_old_output_back(tmp_path, monkeypatch):
     between the two leaves only the aside copy, which the next run that writes there renames back first."""
     adapter = make_adapter(tmp_path / "adapter")
     out = tmp_path / "pruned"
-    assert runner.invoke(app, ["prune", str(adapter), "-o", str(out), "-q", "--device", "cpu"]).exit_code == 0
+    assert prune_cli(adapter, out).exit_code == 0
     old = tree(out)
     os.rename(out, tmp_path / f".pruned.{DEAD_PID}-0000abcd.s3lora-old")  # the state a kill there leaves
     result = runner.invoke(app, ["prune", str(adapter), "--tau", "2", "-o", str(out), "-q", "--device", "cpu"])
@@ -513,8 +521,9 @@ def big_adapter(path: Path, mib: int) -> Path:
     import torch
 
     a, b = random_factors(8, 8, 2, 0)
-    tensors = {**layer_tensors("model.layers.0.q_proj", a, b), **layer_tensors("model.layers.1.q_proj", b.T, a.T),
-               "model.embed_tokens.weight": torch.arange(mib << 18, dtype=torch.float32)}
+    tensors = {f"model.layers.{i}.q_proj.lora_{ab}.weight": t for i in range(4)
+               for ab, t in (("A", (a if i % 2 else b.T) * (i + 1)), ("B", (b if i % 2 else a.T) * (i + 1)))}
+    tensors["model.embed_tokens.weight"] = torch.arange(mib << 18, dtype=torch.float32)
     write_adapter(path, tensors, config_dict(r=2))
     for i in range(4):
         (path / f"notes-{i}.txt").write_text(f"note {i}\n")
@@ -730,7 +739,8 @@ import resource, sys
 limit = int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 from s3lora_cli.cli import app
-app(["prune", sys.argv[1], "-o", sys.argv[2], "--tau", "1", "-q", "--device", "cpu", "--format", "json"])
+app(["prune", sys.argv[1], "-o", sys.argv[2], "--tau", "1", "--allow-large", "-q", "--device", "cpu", "--format",
+     "json"])
 """
 
 

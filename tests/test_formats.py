@@ -151,9 +151,14 @@ def test_diffusers_scaling_rules(tmp_path):
 
 def test_detection_errors_name_what_was_found_and_the_option(tmp_path):
     unknown = tmp_path / "u.safetensors"
-    save_file({"model.weight": torch.ones(2, 2)}, str(unknown))
+    save_file({"model.scale": torch.ones(2, 2)}, str(unknown))
     result = invoke("score", unknown)
     assert result.exit_code == 3 and "no LoRA tensor names" in result.output and "--input-format" in result.output
+    full = tmp_path / "model.safetensors"  # a full model's weights: says so, and still names the option
+    save_file({"model.embed_tokens.weight": torch.ones(2, 2), "lm_head.weight": torch.ones(2, 2)}, str(full))
+    result = invoke("score", full)
+    assert result.exit_code == 3 and "this is a full model, not a LoRA adapter" in result.stderr
+    assert "--input-format" in result.stderr and len(result.stderr.splitlines()) == 1
     mixed = tmp_path / "m.safetensors"
     save_file({"lora_unet_a.lora_down.weight": torch.ones(2, 4), "unet.b.lora_A.weight": torch.ones(2, 4)}, str(mixed))
     result = invoke("score", mixed)

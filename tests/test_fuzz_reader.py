@@ -19,6 +19,7 @@ import torch
 from adapter_factory import config_dict, layer_tensors, random_factors, write_adapter
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from s3lora_cli import ScoreOptions, report, score_adapter
 from s3lora_cli.adapters.safetensors_io import SafetensorsSource
@@ -262,7 +263,8 @@ def run_reader(directory: Path, weights: bytes, config: bytes) -> str:
     return "scored"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=examples(300), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_mutated_adapters_score_or_are_refused(data):
     weights, config = mutate(HypothesisDraw(data))

@@ -385,9 +385,14 @@ def test_scoring_holds_one_layer_at_a_time(tmp_path, monkeypatch):
 
 STREAM = """
 import resource, sys
-limit = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+import torch
 from s3lora_cli.cli import app
+from s3lora_cli.spectral import mas_svd
+mas_svd(torch.randn(8, 2), torch.randn(2, 8))  # what scoring the small layer loads and compiles, before the limit
+with open("/proc/self/status") as status:
+    used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))
+headroom = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_DATA, (used + headroom, used + headroom))
 app(["score", sys.argv[1], "-q", "--device", "cpu", "--format", "json"])
 """
 
@@ -395,8 +400,9 @@ app(["score", sys.argv[1], "-q", "--device", "cpu", "--format", "json"])
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_DATA bounds mmap only on Linux")
 def test_file_larger_than_the_memory_limit(tmp_path):
     """A 512 MiB adapter (a sparse file: a huge non-LoRA tensor beside one small layer) scores in a process whose
-    data segment (heap and private mappings) is limited to 384 MiB: nothing reads, maps or allocates by the
-    file's size; sha256 streams it."""
+    data segment (heap and private mappings) may grow by 256 MiB at most once torch and s3lora are loaded (the
+    limit is set above what the interpreter holds then, which differs by build: torch's CUDA build maps far more
+    than its CPU build): nothing reads, maps or allocates by the file's size; sha256 streams it."""
     a, b = random_factors(8, 8, 2, 0)
     huge = 2 ** 29 // 4
     header = {f"{PREFIX}{STEM}.lora_A.weight": entry("F32", [2, 8], 0, 64),
@@ -405,12 +411,26 @@ def test_file_larger_than_the_memory_limit(tmp_path):
     path = raw_adapter(tmp_path / "adapter", safetensors_bytes(header, a.numpy().tobytes() + b.numpy().tobytes()))
     with open(path / WEIGHTS, "r+b") as fh:
         fh.truncate(fh.seek(0, 2) + 4 * huge)
-    result = subprocess.run([sys.executable, "-c", STREAM, str(path), str(384 * 2 ** 20)], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", STREAM, str(path), str(256 * 2 ** 20)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert [layer["module"] for layer in report["layers"]] == [STEM]
     assert [item["key"] for item in report["not_analysed"]] == [f"{PREFIX}model.embed_tokens.weight"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_DATA bounds mmap only on Linux")
+def test_the_memory_limit_test_can_fail(tmp_path):
+    """The limit of the test above is tight enough to catch a read by the file's size: a process that reads
+    the 512 MiB file into memory under the same limit fails."""
+    path = tmp_path / "big"
+    with open(path, "wb") as fh:
+        fh.truncate(2 ** 29)
+    reader = STREAM.replace('app(["score", sys.argv[1], "-q", "--device", "cpu", "--format", "json"])',
+                            "open(sys.argv[1], 'rb').read()")
+    result = subprocess.run([sys.executable, "-c", reader, str(path), str(256 * 2 ** 20)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "MemoryError" in result.stderr
 
 
 # ---- the pattern rule itself ---------------------------------------------------------------------------------

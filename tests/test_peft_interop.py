@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
+from profiles import examples
 from safetensors.torch import load_file, save_file
 from tiny_models import (
     add_lora,
@@ -317,7 +318,7 @@ _PATTERN = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(keys=st.lists(_PATTERN, max_size=4, unique=True),
        module=st.lists(_SEGMENT, min_size=1, max_size=5).map(".".join))
 def test_pattern_key_matches_peft(keys, module):

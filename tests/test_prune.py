@@ -13,6 +13,7 @@ import re
 import types
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,17 @@ def test_every_selection_is_a_prefix_of_the_ranking(ssis, threshold, tau, fracti
         assert list(chosen) == scored[:len(chosen)]
     assert len(top_fraction(report, fraction)) == min(len(scored), math.ceil(round(fraction * len(scored), 9)))
     assert all(s.ssi >= threshold for s in above_threshold(report, threshold))
-    assert select_layers(report, Selection(tau=tau)) == top_tau(report, tau)
+    tau = max(tau, 1)  # prune refuses --tau 0
+    assert select_layers(report, Selection(tau=tau, allow_large=True)) == top_tau(report, tau)
+    # without allow_large, a tau above the scored layers or a selection of more than half of them is refused
+    for selection in (Selection(tau=tau), Selection(threshold=threshold), Selection(fraction=fraction)):
+        large = (selection.tau or 0) > len(scored) or len(select_layers(report, replace(selection, allow_large=True))
+                                                         ) > len(scored) / 2
+        if large:
+            with pytest.raises(UsageError, match="--allow-large"):
+                select_layers(report, selection)
+        else:
+            assert select_layers(report, selection) == select_layers(report, replace(selection, allow_large=True))
 
 
 def test_exclude_modules_merge_keeps_the_form_peft_reads():
@@ -147,7 +158,7 @@ def test_exclude_modules_merge_keeps_the_form_peft_reads():
 
 def test_default_prunes_top_tau_into_a_sibling(adapter, tmp_path):
     before = tree_hash(adapter)
-    result = expect(run(adapter, "--tau", "2"), EXIT_OK, "pruned 2 layer(s)", "adapter-pruned")
+    result = expect(run(adapter, "--tau", "2"), EXIT_OK, "pruned 2 of 4 scored layers (50 %)", "adapter-pruned")
     out = tmp_path / "adapter-pruned"
     assert str(out) in result.stdout and SHARP in result.stdout
     assert tree_hash(adapter) == before
@@ -162,7 +173,7 @@ def test_pruned_modules_are_the_top_tau_of_score(adapter, tmp_path):
     options = ScoreOptions(method=Method.SVD, components=2, top_h=1, device="cpu")
     expected = [s.module for s in top_tau(score_adapter(adapter, options), 3)]
     result = expect(run(adapter, "--tau", "3", "--method", "svd", "--components", "2", "--top-h", "1",
-                        "--device", "cpu", "--format", "json", "-q"), EXIT_OK)
+                        "--device", "cpu", "--format", "json", "-q", "--allow-large"), EXIT_OK)
     doc = json.loads(result.stdout)
     assert result.stderr == ""
     assert [p["module"] for p in doc["pruned"]] == expected
@@ -171,7 +182,8 @@ def test_pruned_modules_are_the_top_tau_of_score(adapter, tmp_path):
                                          "mode": "zero"}.items()
     assert doc["prune"] == {"mode": "zero", "selection": {"tau": 3, "threshold": None, "fraction": None},
                             "output": str(tmp_path / "adapter-pruned"), "written": True}
-    assert doc["summary"]["flagged"] == expected
+    assert doc["summary"]["pruned"] == expected
+    assert [layer["pruned"] for layer in doc["layers"]] == [True] * 3 + [False]
     written = json.loads((tmp_path / "adapter-pruned" / REPORT_NAME).read_text())
     assert written == doc  # s3lora-report.json is the same document
     assert json.loads(metadata(tmp_path / "adapter-pruned")["s3lora.parameters"])["method"] == "svd"
@@ -216,7 +228,8 @@ def test_drop_mode_keeps_every_config_key(tmp_path):
 
 
 def test_drop_of_every_layer_is_refused(adapter, tmp_path):
-    expect(run(adapter, "--mode", "drop"), EXIT_USAGE, "all 4 LoRA layers", "--mode zero")
+    expect(run(adapter, "--mode", "drop", "--tau", "4", "--allow-large"), EXIT_USAGE, "all 4 LoRA layers",
+           "--mode zero")
     assert not (tmp_path / "adapter-pruned").exists()
 
 
@@ -226,7 +239,8 @@ def test_dry_run_writes_nothing(adapter, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["prune"]["written"] is False and [p["module"] for p in doc["pruned"]] == [SHARP]
     assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    table = expect(run(adapter, "--tau", "1", "--dry-run"), EXIT_OK, "dry run: would prune 1 layer(s)")
+    table = expect(run(adapter, "--tau", "1", "--dry-run"), EXIT_OK,
+                   "dry run: would prune 1 of 4 scored layers (25 %)")
     assert SHARP in table.stdout and tree_hash(tmp_path) == before
 
 
@@ -234,7 +248,8 @@ def test_markdown_and_csv(adapter, tmp_path):
     md = expect(run(adapter, "--tau", "1", "-f", "markdown", "--dry-run"), EXIT_OK).stdout
     assert md.startswith("### s3lora") and f"`{SHARP}`" in md
     csv_text = expect(run(adapter, "--tau", "1", "-f", "csv", "--dry-run"), EXIT_OK).stdout
-    assert csv_text.splitlines()[1].split(",")[1:3] == ["*", SHARP]
+    assert csv_text.splitlines()[0].split(",")[:3] == ["rank", "pruned", "module"]
+    assert csv_text.splitlines()[1].split(",")[1:3] == ["yes", SHARP]
 
 
 def test_weights_file_path_and_bin_input(adapter, tmp_path):
@@ -348,8 +363,8 @@ def test_failed_rename_keeps_the_old_output(adapter, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "rename", rename)
     monkeypatch.setattr(durable, "_renameat2", lambda *args: False)  # the two-rename fallback
-    expect(run(adapter, "--tau", "3", "-o", out, "--force"), EXIT_RUNTIME, "No space left", "nothing was written")
-    expect(run(adapter, "--tau", "3", "-o", tmp_path / "new"), EXIT_RUNTIME, "cannot write")
+    expect(run(adapter, "--tau", "2", "-o", out, "--force"), EXIT_RUNTIME, "No space left", "nothing was written")
+    expect(run(adapter, "--tau", "2", "-o", tmp_path / "new"), EXIT_RUNTIME, "cannot write")
     assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "pruned"]
 
 
@@ -415,7 +430,7 @@ def test_peft_loads_the_pruned_adapter(saved, tmp_path, case, mode):
     base, src = saved[case]
     before = tree_hash(src)
     out = tmp_path / "pruned"
-    expect(run(src, "--tau", "3", "--mode", mode, "-o", out, "-q"), EXIT_OK)
+    expect(run(src, "--tau", "3", "--mode", mode, "-o", out, "-q", "--allow-large"), EXIT_OK)
     assert tree_hash(src) == before
     pruned = {p["module"]: p for p in json.loads((out / REPORT_NAME).read_text())["pruned"]}
     assert len(pruned) == 3

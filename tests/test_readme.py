@@ -54,9 +54,10 @@ def test_readme_commands_and_options_exist():
 
 
 def test_option_tables_name_real_options():
-    commands = typer.main.get_command(cli.app).commands
+    group = typer.main.get_command(cli.app)
+    top_level = {opt for p in group.params for opt in p.opts} | {"--help"}
     for option in re.findall(r"`(--[a-z][a-z-]*)`", README):
-        assert any(option in command_params(name) for name in commands), option
+        assert option in top_level or any(option in command_params(name) for name in group.commands), option
 
 
 def test_every_option_is_documented():
@@ -88,3 +89,23 @@ def test_ci_runs_the_readme_test_command():
     assert test_command in (ROOT / ".ci" / "run").read_text()
     assert "pip install --quiet torch==2.13.0" in (ROOT / ".ci" / "run").read_text()
     assert test_command in (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+
+
+def test_license_file_matches_the_package_metadata():
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    license_id = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]["text"]
+    text = (ROOT / "LICENSE").read_text()
+    assert license_id == "Apache-2.0"
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"] and "END OF TERMS AND CONDITIONS" in text
+
+
+def test_readme_opens_with_what_ssi_means_and_what_to_do():
+    opening = README[:README.index("## Quick start")]
+    for words in ("Spectral Sharpness Index", "safety risk", "top tau", "rank-based", "Compare with a baseline",
+                  "Prune and evaluate", "Review", "violation", "non-finite", "top-tau"):
+        assert words in opening, words

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from s3lora_cli.similarity import UpdateSet, pairwise_similarity, similarity, update_inner, update_norm
 
@@ -53,7 +54,7 @@ def update_sets(draw, n: int):
     return sets
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(update_sets(4))
 def test_pairwise_matches_the_dense_reference(sets):
     queries, keys = sets[:2], sets[1:]
@@ -69,7 +70,7 @@ def test_pairwise_matches_the_dense_reference(sets):
                 assert -1.0 <= got <= 1.0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 5), st.integers(1, 5), st.integers(0, 1000))
 def test_inner_and_norm_from_factors(d, k, r1, r2, seed):
     l1, rt1 = factors(d, k, r1, seed)

@@ -105,7 +105,7 @@ def test_policy_file_applies_to_scan(store: Path, tmp_path: Path):
     policy = tmp_path / "policy.toml"
     policy.write_text("max-ssi = 0.95\nmax-flagged = 1\n")
     settings = scan_settings({}, policy, "cpu")
-    assert settings.policy.max_ssi == 0.95 and settings.policy.max_flagged == 1
+    assert settings.policy.max_ssi == 0.95 and settings.policy.max_violations == 1
 
 
 def test_cache_makes_a_rescan_equal_and_never_writes_into_adapters(store: Path, tmp_path: Path):
@@ -169,7 +169,7 @@ def test_cli_scan_table_json_jsonl(store: Path):
     assert table.exit_code == EXIT_OK, table.output
     assert "team-a/sharp" in table.stdout and "failed" in table.stdout
     doc = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)
-    assert doc["schema_version"] == 1 and doc["summary"] == {"adapters": 4, "passed": 2, "failed": 1, "errors": 1,
+    assert doc["schema_version"] == 2 and doc["summary"] == {"adapters": 4, "passed": 2, "failed": 1, "errors": 1,
                                                             "cached": 4 - 1, "with_duplicates": 0}
     assert [a["path"] for a in doc["adapters"]][0] == "team-a/sharp" and doc["parameters"]["max_ssi"] == 0.9
     assert doc["adapters"][0]["neighbours"] is None

@@ -68,6 +68,50 @@ def test_install_is_cpu_only_torch_first():
     assert lines[-1].endswith('"$PACKAGE"')
 
 
+def run_install_step(tmp_path: Path, env: dict[str, str]) -> tuple[int, list[list[str]], str]:
+    """Run the install step's script with a stand-in ``python`` that records its arguments instead of installing;
+    returns (exit code, the recorded command lines, stdout and stderr)."""
+    (install,) = [s for s in steps() if "pip install" in s.get("run", "")]
+    assert set(install["env"]) == {"PACKAGE", "WORKFLOW_REPOSITORY", "WORKFLOW_SHA"}
+    assert install["env"]["WORKFLOW_REPOSITORY"] == "${{ job.workflow_repository }}"
+    assert install["env"]["WORKFLOW_SHA"] == "${{ job.workflow_sha }}"
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir(exist_ok=True)
+    log.write_text("")
+    stub = bin_dir / "python"
+    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> "{log}"\nprintf "\\n" >> "{log}"\n')
+    stub.chmod(0o755)
+    script = tmp_path / "install.sh"
+    script.write_text(install["run"])
+    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], capture_output=True,
+                          text=True, env={"PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]]), **env})
+    calls = [line.rstrip("\0").split("\0") for line in log.read_text().splitlines() if line]
+    return proc.returncode, calls, proc.stdout + proc.stderr
+
+
+def test_install_defaults_to_the_repository_and_commit_the_workflow_comes_from(tmp_path):
+    from packaging.requirements import Requirement
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    rc, calls, _ = run_install_step(tmp_path, {"PACKAGE": "", "WORKFLOW_REPOSITORY": "someorg/s3lora",
+                                                "WORKFLOW_SHA": sha})
+    assert rc == 0 and calls[-1][:3] == ["-m", "pip", "install"]
+    requirement = Requirement(calls[-1][3])  # what pip is given: a PEP 508 direct reference
+    assert requirement.name == "s3lora" and requirement.url == f"git+https://github.com/someorg/s3lora@{sha}"
+    rc, calls, _ = run_install_step(tmp_path, {"PACKAGE": "s3lora @ git+https://github.com/fork/s3lora@v2",
+                                                "WORKFLOW_REPOSITORY": "someorg/s3lora", "WORKFLOW_SHA": sha})
+    assert rc == 0 and calls[-1][3] == "s3lora @ git+https://github.com/fork/s3lora@v2"  # the input wins
+    rc, calls, out = run_install_step(tmp_path, {"PACKAGE": "", "WORKFLOW_REPOSITORY": "", "WORKFLOW_SHA": ""})
+    assert rc == 4 and "set the package input" in out and calls == []
+    call = load(GATE)["on"]["workflow_call"]["inputs"]["package"]
+    assert call["default"] == "" and "package index" not in CALLER.read_text() and "package:" not in CALLER.read_text()
+
+
+def test_readme_ci_example_is_the_tested_caller():
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert CALLER.read_text() in blocks
+
+
 def test_no_expression_is_spliced_into_a_script():
     # inputs reach the scripts through env only: no ${{ }} in a run block (script injection, and testability)
     for step in steps():

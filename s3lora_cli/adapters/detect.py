@@ -1,6 +1,7 @@
 """Finding adapters on disk and telling their formats apart: PEFT, kohya-ss / LyCORIS, diffusers and MLX-LM, by
 file names, config fields and tensor-name patterns; and the path rules every reader follows (no symlink out of
-the adapter directory, except a Hugging Face cache snapshot's links into its own ``blobs/``)."""
+the adapter directory, except a Hugging Face cache snapshot's links into its own ``blobs/``); and what a user's
+adapter argument names: a path, a file of an adapter standing for its directory, or a Hub id in the local cache."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MLX_WEIGHTS = "adapters.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 HF_CACHE_PREFIXES = ("models--", "datasets--", "spaces--")
+FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+"""Files of a full model checkpoint as transformers saves it (with config.json)."""
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_FULL_MODEL_NOTE = ("this is a full model, not a LoRA adapter: s3lora audits the adapter that LoRA fine-tuning "
+                    "saves (PEFT's adapter_config.json + adapter_model.safetensors, or a kohya, diffusers or MLX-LM "
+                    "LoRA file)")
 
 _KOHYA = re.compile(r"^lora_(?:unet|te\d?)_|\.(?:lora_down|lora_up)\.weight$"
                     r"|\.(?:hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$")
@@ -154,6 +163,8 @@ def _directory_format(path: Path) -> str:
     if _nested_peft(path):
         return "peft"
     files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if (path / "config.json").is_file() and any((path / name).is_file() for name in FULL_MODEL_FILES):
+        raise AdapterInputError(f"{path}: {_FULL_MODEL_NOTE}")
     if len(files) == 1:
         return _file_format(files[0])
     found = ", ".join(p.name for p in files) or "no adapter weights"
@@ -182,6 +193,9 @@ def _file_format(path: Path) -> str:
         return found.pop()
     if not found:
         sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        if any(key.endswith(".weight") for key in keys):
+            raise AdapterInputError(f"{path}: {_FULL_MODEL_NOTE}; its {len(keys)} tensors ({sample}) hold no LoRA "
+                                    f"factors (if it is a LoRA adapter in another layout, pass --input-format)")
         raise AdapterInputError(f"{path}: no LoRA tensor names that s3lora knows among {len(keys)} tensors "
                                 f"({sample or 'none'}); if it is a LoRA adapter, pass --input-format "
                                 f"({', '.join(FORMATS)})")
@@ -195,6 +209,54 @@ def detect_format(path: Path) -> str:
         raise AdapterInputError(f"{path}: no such file or directory")
     path = resolve_snapshot(path)
     return _directory_format(path) if path.is_dir() else _file_format(path)
+
+
+def hub_cache_dir() -> Path:
+    """Where the Hugging Face Hub caches repositories: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub (as huggingface_hub resolves it)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
+    """The cached snapshot of Hub repository ``repo_id`` (``org/name``) at ``revision`` (a branch or tag named
+    under ``refs/``, or a commit; default main), read from the local cache; nothing is downloaded."""
+    cache = hub_cache_dir()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    wanted = revision or "main"
+    download = (f"download it first (huggingface-cli download {repo_id}"
+                + (f" --revision {revision}" if revision else "") + "), or pass its local directory")
+    if not (repo / "snapshots").is_dir():
+        raise AdapterInputError(f"{repo_id}: not a local path, and the Hugging Face Hub id is not in the cache "
+                                f"{cache}; {download}")
+    ref = repo / "refs" / wanted
+    commit = ref.read_text(encoding="utf-8", errors="replace").strip() if ref.is_file() else wanted
+    snapshot = repo / "snapshots" / commit
+    if not re.fullmatch(r"[0-9a-fA-F]{7,64}", commit) or not snapshot.is_dir():
+        cached = sorted(p.name for p in (repo / "snapshots").iterdir() if p.is_dir())
+        raise AdapterInputError(f"{repo_id}: revision {wanted} is not in the cache {cache} (cached snapshots: "
+                                f"{', '.join(cached) or 'none'}); {download}")
+    return snapshot
+
+
+def resolve_adapter_path(spec: str | Path, revision: str | None = None) -> Path:
+    """What an adapter argument names: an existing path (a file of a PEFT, MLX-LM or diffusers adapter that is
+    not its weights, such as its adapter_config.json, stands for the adapter's directory), else a Hugging Face
+    Hub id ``org/name`` resolved from the local cache at ``revision``."""
+    path = Path(spec)
+    if path.exists():
+        if revision is not None:
+            raise UsageError(f"--revision applies to a Hugging Face Hub id (org/name); {path} is a local path")
+        folder = path.parent
+        if path.is_file() and path.suffix not in (".safetensors", ".bin") and (
+                _is_peft_dir(folder) or _is_mlx_dir(folder) or (folder / DIFFUSERS_WEIGHTS).is_file()):
+            return folder
+        return path
+    if _HUB_ID.fullmatch(str(spec)) and not str(spec).startswith("."):
+        return resolve_hub_id(str(spec), revision)
+    raise AdapterInputError(f"{path}: no such file or directory")
 
 
 def find_adapters(root: Path) -> list[Path]:

@@ -1,5 +1,8 @@
 """The s3lora command line: the Typer app, the error boundary that maps errors to exit codes, and the
-helpers the commands share. Each command lives in its own module of this package."""
+helpers the commands share. Each command lives in its own module of this package.
+
+Only Typer is imported here and by the commands' modules at import time: PyTorch, numba and Rich are
+imported when a command runs, so that ``--help`` and ``--version`` answer at once."""
 
 from __future__ import annotations
 
@@ -14,9 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer import Abort
+from typer.core import TyperGroup
+
+try:  # Typer 0.2x vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older Typer, with click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from s3lora_cli import __version__
 from s3lora_cli.durable import write_file_atomic
@@ -26,42 +33,106 @@ EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 DEMO_ADAPTER = Path(__file__).resolve().parent.parent / "demo"
 
+
+class OneLineErrors(TyperGroup):
+    """The command group; a usage error (an unknown option, a missing argument, a bad value) is one line on
+    stderr, ``error: <what> (see 's3lora <command> --help')``, and exit code 2, as every other error is one line."""
+
+    def get_help_option(self, ctx):
+        # --help, not given, is None; Typer would load pydantic (a tenth of a second) to coerce that to a bool
+        option = super().get_help_option(ctx)
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            sys.stdout.write(exc.format_message() + "\n")
+            code = EXIT_OK
+        except ClickException as exc:
+            words = sys.argv[1:] if args is None else list(args)
+            command = next((word for word in words if word in self.commands), None)
+            sys.stderr.write(usage_error_line(exc, f"{self.name} {command}" if command else self.name) + "\n")
+            code = EXIT_USAGE  # never 1, which would read as a failed gate
+        except Abort:
+            sys.stderr.write("error: interrupted; nothing was written\n")
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def usage_error_line(exc: ClickException, command: str) -> str:
+    """One line for a usage error: its message (on one line) and where the help of its ``command`` is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    return f"error: {message} (see '{ctx.command_path if ctx is not None else command} --help')"
+
+
 app = typer.Typer(
     name="s3lora",
+    cls=OneLineErrors,
     help="Audit LoRA adapters for sharp, risky updates (S3LoRA: MAS-SVD + Spectral Sharpness Index), "
     "without the base model and without data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
+class MethodName(str, enum.Enum):
+    """The --method choices: the values of ``spectral.Method`` (a test keeps them equal), named here so that
+    parsing the command line does not import the math."""
+
+    MAS_SVD = "mas-svd"
+    SPSVD = "spsvd"
+    SVD = "svd"
+
+    def method(self):
+        from s3lora_cli.spectral import Method
+
+        return Method(self.value)
+
+
+# Defaults of the library that the options' help names (a test keeps them equal to the library's).
+DEFAULT_TAU = 10
+DEFAULT_COMPONENTS = 8
+
+
 # Options shared by the commands that score (one definition each).
-COMPONENTS = typer.Option(None, "--components", "-M", help="M, rank-1 components (default: min(8, r)).")
-TOP_H = typer.Option(None, "--top-h", help="h, singular values in SSI's denominator (default: M).")
-EXHAUSTIVE = typer.Option(False, "--exhaustive", help="Evaluate every candidate pair exactly (no screening).")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+COMPONENTS = typer.Option(None, "--components", "-M", help="M, the rank-1 components of the L1 fit "
+                          f"(default: min({DEFAULT_COMPONENTS}, r), r the layer's rank).")
+TOP_H = typer.Option(None, "--top-h", help="h, the singular values in SSI's denominator (default: M).")
+EXHAUSTIVE = typer.Option(False, "--exhaustive", help="Evaluate every candidate pair exactly, without "
+                          "screening (same result, slower).")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.")
 DTYPE = typer.Option("float32", "--dtype", help="Compute dtype of the L1 fit: float32 or float64.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar, summary or warnings on stderr.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Print every layer, not only the layers that matter.")
 
 # The gate's options (check, scan, admit); a policy file or [tool.s3lora] supplies what they leave unset.
-MAX_SSI = typer.Option(None, "--max-ssi", help="Fail a layer whose SSI is above this.")
-MAX_FLAGGED = typer.Option(None, "--max-flagged",
-                           help="How many layers may exceed --max-ssi before the gate fails (default 0).")
+MAX_SSI = typer.Option(None, "--max-ssi", help="A layer whose SSI is above this is a violation (default: no "
+                       "such rule).")
+MAX_VIOLATIONS = typer.Option(None, "--max-violations", "--max-flagged", help="How many layers may exceed --max-ssi "
+                              "(violations tolerated) before the gate fails (default: 0).")
 BASELINE = typer.Option(None, "--baseline",
                         help="Approved adapter to compare with, layer by layer (matched by module name).")
 MAX_INCREASE = typer.Option(None, "--max-increase",
-                            help="Fail a layer whose SSI rose by more than this over --baseline.")
+                            help="A layer whose SSI rose by more than this over --baseline is a violation.")
 STRICT_LAYERS = typer.Option(None, "--strict-layers/--no-strict-layers", help="Also fail on layers new in, or "
                              "missing from, the adapter vs --baseline (default: only report them).")
 POLICY = typer.Option(None, "--policy",
-                      help="TOML policy file, read instead of pyproject.toml's \\[tool.s3lora]; flags win.")
-GATE_METHOD = typer.Option(None, "--method", help="Spectral method (default mas-svd).")
+                      help="TOML policy file, read instead of pyproject.toml's [tool.s3lora] table; flags win.")
+GATE_METHOD = typer.Option(None, "--method", help="Spectral method: mas-svd (the paper), spsvd or svd "
+                          "(default: mas-svd).")
 
 
-def gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method, components, top_h) -> dict:
+def gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers, method, components, top_h) -> dict:
     """The gate's command-line values, by the names the policy file uses (None: not given)."""
-    return {"max-ssi": max_ssi, "max-flagged": max_flagged, "baseline": baseline, "max-increase": max_increase,
+    return {"max-ssi": max_ssi, "max-violations": max_violations, "baseline": baseline, "max-increase": max_increase,
             "strict-layers": strict_layers, "method": method, "components": components, "top-h": top_h}
 
 
@@ -75,6 +146,8 @@ class InputFormat(str, enum.Enum):
 
 INPUT_FORMAT = typer.Option(InputFormat.auto, "--input-format",
                             help="Adapter format: auto (detect), peft, kohya, diffusers or mlx.")
+REVISION = typer.Option(None, "--revision", help="For a Hugging Face Hub id (org/name): the cached revision to "
+                        "read, a branch, tag or commit (default: main).")
 ADAPTER_NAME = typer.Option(None, "--adapter", help="Which of several PEFT adapters saved in one directory "
                             "(its adapter_name; 'default' is the directory's own).")
 
@@ -86,11 +159,15 @@ class Format(str, enum.Enum):
     csv = "csv"
 
 
-def stderr_console() -> Console:
+def stderr_console():
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
 def _fail(code: int, message: str) -> typer.Exit:
+    from rich.markup import escape
+
     stderr_console().print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
@@ -201,10 +278,13 @@ def write_output(text: str, output: Optional[Path], force: bool) -> None:
 
 @contextmanager
 def progress_bar(quiet: bool):
-    """A Rich progress bar on stderr; yields the callback score_adapter calls after each layer."""
-    if quiet:
+    """A Rich progress bar on stderr, when stderr is a terminal; yields the callback score_adapter calls after
+    each layer (None: no bar)."""
+    if quiet or not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), console=stderr_console(), transient=True)
     with bar:
@@ -216,6 +296,31 @@ def progress_bar(quiet: bool):
         yield update
 
 
+def table_width() -> int | None:
+    """The width tables are laid out for: $COLUMNS when set, else the terminal's width when stdout is a
+    terminal, else None (a pipe or a file gets full rows)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        import shutil
+
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def print_summary(lines) -> None:
+    """Summary and warning lines to stderr: each one line, or, on a terminal, wrapped at its width between words."""
+    import shutil
+    import textwrap
+
+    width = shutil.get_terminal_size().columns if sys.stderr.isatty() else None
+    for line in lines:
+        wrapped = textwrap.wrap(line, width, subsequent_indent="  ", break_long_words=False) if width else [line]
+        sys.stderr.write("\n".join(wrapped or [""]) + "\n")
+    sys.stderr.flush()
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"s3lora {__version__}")
@@ -224,9 +329,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
 ) -> None:
-    """Audit LoRA adapters for sharp, risky updates."""
+    """Audit LoRA adapters for sharp, risky updates: rank the layers of an adapter by S3LoRA's Spectral Sharpness
+    Index (SSI), prune the sharpest, and gate adapters in CI."""
 
 
 def run() -> None:

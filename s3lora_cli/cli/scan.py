@@ -3,52 +3,42 @@
 from __future__ import annotations
 
 import enum
-import io
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from s3lora_cli import report
 from s3lora_cli.cli import (
     BASELINE,
     COMPONENTS,
     DEVICE,
     EXIT_GATE_FAILED,
     GATE_METHOD,
-    MAX_FLAGGED,
     MAX_INCREASE,
     MAX_SSI,
+    MAX_VIOLATIONS,
     POLICY,
     STRICT_LAYERS,
     TOP_H,
+    MethodName,
     app,
     check_apart,
     check_output,
     error_boundary,
     gate_flags,
+    print_summary,
     stderr_console,
+    table_width,
     write_output,
 )
 from s3lora_cli.errors import UsageError
-from s3lora_cli.spectral import Method
-from s3lora_cli.store import (
-    DEFAULT_DUPLICATE_THRESHOLD,
-    DEFAULT_NEIGHBOURS,
-    DEFAULT_TOP,
-    ScanResult,
-    check_cache_dir,
-    default_cache_dir,
-    discover,
-    iter_scan,
-    risk_key,
-    scan_settings,
-    with_neighbours,
-)
+
+# The store's defaults, named in the options' help (a test keeps them equal to s3lora_cli.store's).
+DEFAULT_TOP = 3
+DEFAULT_NEIGHBOURS = 3
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
 
 NEIGHBOURS = typer.Option(DEFAULT_NEIGHBOURS, "--neighbours", help="How many nearest adapters to list.")
 DUPLICATE_THRESHOLD = typer.Option(DEFAULT_DUPLICATE_THRESHOLD, "--duplicate-threshold",
@@ -64,7 +54,7 @@ class ScanFormat(str, enum.Enum):
 @app.command()
 @error_boundary
 def scan(
-    store: Path = typer.Argument(..., help="Directory of adapters, searched recursively."),
+    store: Path = typer.Argument(..., metavar="STORE", help="Directory of adapters, searched recursively."),
     fmt: ScanFormat = typer.Option(ScanFormat.table, "--format", "-f", help="table, json, or jsonl (streamed)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
@@ -79,12 +69,12 @@ def scan(
     top: int = typer.Option(DEFAULT_TOP, "--top", help="How many of each adapter's highest-SSI layers to list."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if an adapter fails the gate or cannot be read."),
     max_ssi: Optional[float] = MAX_SSI,
-    max_flagged: Optional[int] = MAX_FLAGGED,
+    max_violations: Optional[int] = MAX_VIOLATIONS,
     baseline: Optional[Path] = BASELINE,
     max_increase: Optional[float] = MAX_INCREASE,
     strict_layers: Optional[bool] = STRICT_LAYERS,
     policy: Optional[Path] = POLICY,
-    method: Optional[Method] = GATE_METHOD,
+    method: Optional[MethodName] = GATE_METHOD,
     components: Optional[int] = COMPONENTS,
     top_h: Optional[int] = TOP_H,
     device: str = DEVICE,
@@ -92,13 +82,25 @@ def scan(
 ) -> None:
     """Score every adapter under STORE and rank them by risk (gate failures first, then by max SSI). Exit codes:
     0 the scan ran (with --strict: and every adapter passed), 1 with --strict only, 2 usage, 3 input, 4 runtime."""
+    from s3lora_cli import report
+    from s3lora_cli.store import (
+        ScanResult,
+        check_cache_dir,
+        default_cache_dir,
+        discover,
+        iter_scan,
+        risk_key,
+        scan_settings,
+        with_neighbours,
+    )
+
     if ray is not None and workers != 1:
         raise UsageError("--ray and --workers exclude each other: Ray schedules its own workers")
     if no_cache and cache_dir is not None:
         raise UsageError("--no-cache and --cache-dir exclude each other")
     check_output(output, force)
-    settings = scan_settings(gate_flags(max_ssi, max_flagged, baseline, max_increase, strict_layers, method,
-                                        components, top_h), policy, device, top)
+    settings = scan_settings(gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers,
+                                        method and method.value, components, top_h), policy, device, top)
     if strict and settings.policy is None:
         raise UsageError("--strict needs a gate rule: --max-ssi, --baseline with --max-increase, or a policy")
     paths = discover(store)
@@ -117,34 +119,34 @@ def scan(
     result = ScanResult(store, tuple(sorted(rows, key=risk_key)), settings, cache)
     if similar:
         result = with_neighbours(result, neighbours, duplicate_threshold)
-    if fmt is ScanFormat.table and output is None:  # a pipe gets full lines rather than a folded table
-        Console(width=None if sys.stdout.isatty() else 200).print(report.render_scan_table(result, similar))
-    elif not stream:
-        write_output(_render(result, fmt, similar), output, force)
+    if not stream:
+        write_output(_render(result, fmt, similar, table_width() if output is None else None), output, force)
     if not quiet:
         if not paths:
-            stderr_console().print(f"warning: no adapters found under {store}", soft_wrap=True, markup=False)
-        stderr_console().print(report.scan_summary_line(result.rows, cache), soft_wrap=True, markup=False)
+            print_summary([f"warning: no adapters found under {store}"])
+        print_summary([report.scan_summary_line(result.rows, cache)])
     if strict and any(r.verdict in ("failed", "error") for r in result.rows):
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
-def _render(result: ScanResult, fmt: ScanFormat, similar: bool) -> str:
+def _render(result, fmt: ScanFormat, similar: bool, width: int | None) -> str:
+    from s3lora_cli import report
+
     if fmt is ScanFormat.json:
         return report.render_json(report.scan_dict(result, similar))
     if fmt is ScanFormat.jsonl:
         return "".join(report.render_jsonl_line(report.scan_row_dict(r, similar)) for r in result.rows)
-    recorder = Console(record=True, width=200, file=io.StringIO())
-    recorder.print(report.render_scan_table(result, similar))
-    return recorder.export_text()
+    return report.render_scan_table(result, similar, width)
 
 
 @contextmanager
 def _progress(quiet: bool, total: int):
     """A progress bar of adapters on stderr; yields the function to call after each one."""
-    if quiet or total == 0:
+    if quiet or total == 0 or not sys.stderr.isatty():
         yield lambda: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=stderr_console(), transient=True)
     with bar:
