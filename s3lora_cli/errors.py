@@ -17,3 +17,26 @@ class AdapterInputError(S3LoraError):
 
 class RuntimeProblem(S3LoraError):
     """The environment cannot run the computation (for example CUDA asked for but not available)."""
+
+
+_OS_HINTS = {
+    "ENOSPC": "free some space or write elsewhere",
+    "EDQUOT": "free some space or write elsewhere",
+    "EROFS": "the file system is read-only; write elsewhere",
+    "EACCES": "check the permissions, or write elsewhere",
+    "EPERM": "check the permissions, or write elsewhere",
+    "ENAMETOOLONG": "choose a shorter name",
+    "EMFILE": "too many open files; raise the limit (ulimit -n)",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an error of the operating system: the path it concerns, the reason, and what to do
+    (``/st/x: No space left on device; free some space or write elsewhere``); never a Python repr."""
+    import errno
+
+    reason = exc.strerror or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(paths)
+    hint = _OS_HINTS.get(errno.errorcode.get(exc.errno or 0, ""))
+    return f"{where + ': ' if where else ''}{reason}{'; ' + hint if hint else ''}"

@@ -23,6 +23,7 @@ from s3lora_cli.adapters.writer import (
     layout_for,
     write_pruned_adapter,
 )
+from s3lora_cli.durable import clean_stale
 from s3lora_cli.errors import UsageError
 from s3lora_cli.policy import Selection, select_layers
 from s3lora_cli.scoring import LayerScore, ScoreOptions, ScoreReport, score_adapter
@@ -83,9 +84,13 @@ def prune_adapter(path: str | Path, output: str | Path | None = None, selection:
     layout, weights_path = _layout(path, options)
     if layout.single_file:
         destination = Path(output) if output is not None else default_file_destination(weights_path)
-        check_file_destination(weights_path, destination, force)
     else:
         destination = Path(output) if output is not None else default_destination(weights_path.parent)
+    if not dry_run:  # what a killed run left there goes first: a half-done --force swap gets its old output back
+        clean_stale(destination.absolute().parent)
+    if layout.single_file:
+        check_file_destination(weights_path, destination, force)
+    else:
         check_destination(weights_path.parent, destination, force)
     scores = score_adapter(path, options, progress=progress)
     pruned = tuple(_plan(score, mode) for score in select_layers(scores, selection))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -16,6 +17,14 @@ from s3lora_cli.errors import RuntimeProblem, UsageError
 from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, EPS_SSI, RANK_RTOL, Method, Pick, mas_svd
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# The range each compute dtype scores exactly, as a bound on ||left||_F * ||right||_F (>= every entry and every row
+# and column norm of dW). Measured on this engine: float32 goes wrong (silently, then with an error) once dW's
+# entries near float32's largest value (bound ~4e39); float64 once the bound passes ~1e100, where the spectrum's
+# products leave its range. Both limits keep 8 and 20 orders of magnitude from those edges.
+FLOAT32_LIMIT = 1e30
+FLOAT64_LIMIT = 1e80
+FLOAT64_NOTE = "scored in float64: the update's values are beyond what float32 scores exactly"
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -143,15 +152,36 @@ def rank_key(score: LayerScore) -> tuple:
 
 
 def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, options: ScoreOptions) -> LayerScore:
-    """Score one layer from its factors (dW = left @ right)."""
+    """Score one layer from its factors (dW = left @ right: [d, r] @ [r, k]).
+
+    A layer with NaN or Inf values, or whose values are out of the range float64 scores exactly, is returned
+    unscored with the reason in ``error``, as is one the engine cannot score; the run goes on. A layer beyond
+    float32's range (FLOAT32_LIMIT) is scored in float64, its factors first balanced by a power of two (exact:
+    dW is unchanged to the last bit), so that SSI is the spec's own, 1e-6 constant included: nothing is rescaled.
+    """
     m = min(options.components or DEFAULT_COMPONENTS, layer.r)
     h = options.top_h or m
     notes = list(layer.notes)
+
+    def unscored(error: str) -> LayerScore:
+        return LayerScore(layer, None, (), m, h, notes=tuple(notes), error=error)
+
     for name, tensor in (("lora_B", left), ("lora_A", right)):
         if not bool(torch.isfinite(tensor).all()):
-            return LayerScore(layer, None, (), m, h, notes=tuple(notes),
-                              error=f"non-finite values (NaN or Inf) in {name}; not scored")
-    spectrum = mas_svd(left, right, components=m, top_h=h, method=options.method, exhaustive=options.exhaustive)
+            return unscored(f"non-finite values (NaN or Inf) in {name}; not scored")
+    bound = update_bound(left, right)
+    if not bound <= FLOAT64_LIMIT:
+        return unscored(f"values out of range (||lora_B|| * ||lora_A|| = {bound:.3g}, above {FLOAT64_LIMIT:g}, "
+                        "where float64 cannot score it exactly); not scored")
+    if bound > FLOAT32_LIMIT and left.dtype != torch.float64:
+        left, right = balanced(left.to(torch.float64), right.to(torch.float64))
+        notes.append(FLOAT64_NOTE)
+    try:
+        spectrum = mas_svd(left, right, components=m, top_h=h, method=options.method, exhaustive=options.exhaustive)
+    except (ArithmeticError, ValueError, RuntimeError) as exc:  # torch's LinAlgError is a RuntimeError
+        return unscored(f"could not be scored ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})")
+    if not math.isfinite(spectrum.ssi) or not all(math.isfinite(x) for x in spectrum.sigma):
+        return unscored("the spectrum is not finite (values out of range); not scored")
     if options.method is not Method.SVD and spectrum.candidates != (m, m):
         rank_note = f"dW has rank below M={m}: {min(spectrum.candidates)} candidate direction(s) used"
         notes.append("all-zero update: SSI is 0" if spectrum.candidates == (0, 0) else rank_note)
@@ -161,11 +191,34 @@ def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, optio
                       spectrum.pairs_exact, spectrum.pairs_total, tuple(notes))
 
 
+def update_bound(left: torch.Tensor, right: torch.Tensor) -> float:
+    """||left||_F * ||right||_F in float64 (inf when even that overflows): an upper bound on every entry, row
+    norm and column norm of dW = left @ right, and on ||dW||_F."""
+    return float(torch.linalg.vector_norm(left.to(torch.float64))) * \
+        float(torch.linalg.vector_norm(right.to(torch.float64)))
+
+
+def balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left * 2^k, right * 2^-k) with k making the two norms about equal: dW = left @ right is unchanged
+    exactly (a power of two only moves the exponent, and float64 has room for it), while neither factor alone
+    is far from sqrt of dW's size, so the norms and Gram matrices of the factors stay in range."""
+    nl, nr = float(torch.linalg.vector_norm(left)), float(torch.linalg.vector_norm(right))
+    if not (nl > 0 and nr > 0 and math.isfinite(nl) and math.isfinite(nr)):
+        return left, right
+    k = round(0.5 * (math.log2(nr) - math.log2(nl)))
+    return torch.ldexp(left, torch.tensor(k)), torch.ldexp(right, torch.tensor(-k))
+
+
 def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device) -> Iterator[LayerScore]:
-    """Score the adapter's layers one at a time, in file order (only one layer's tensors in memory)."""
+    """Score the adapter's layers one at a time, in file order (only one layer's tensors in memory). Factors
+    whose scaling takes them past float32's range are read again in float64 (their stored values may be finite)."""
     dtype = DTYPES[options.dtype]
     for layer in adapter.layers:
         left, right = adapter.load_factors(layer, dtype, device)
+        if dtype != torch.float64 and not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
+            wide = adapter.load_factors(layer, torch.float64, device)
+            if all(bool(torch.isfinite(t).all()) for t in wide):
+                left, right = wide
         yield score_layer(left, right, layer, options)
         del left, right
 

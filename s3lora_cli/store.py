@@ -9,8 +9,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import closing, contextmanager
@@ -21,11 +20,14 @@ from typing import Any
 
 import torch
 
-from s3lora_cli import __version__
+from s3lora_cli import __version__, durable
 from s3lora_cli.adapters import LayerKind, LoraLayer, SkippedTensor, find_adapters, open_adapter
 from s3lora_cli.adapters.base import file_sha256
-from s3lora_cli.adapters.writer import write_text_atomic
-from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError
+from s3lora_cli.adapters.config import CONFIG_NAME
+from s3lora_cli.adapters.detect import check_confined
+from s3lora_cli.adapters.files import PlannedFile, copy_planned, plan_copy
+from s3lora_cli.durable import write_text_atomic
+from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError, describe_os_error
 from s3lora_cli.gate import (
     SETTINGS,
     GatePolicy,
@@ -50,7 +52,6 @@ from s3lora_cli.similarity import UpdateSet, pairwise_similarity
 from s3lora_cli.spectral import EPS_NORM, EPS_SSI, Method
 
 CACHE_DIR_NAME = ".s3lora-cache"
-TEMP_PREFIX = ".s3lora-tmp-"
 LOCK_NAME = ".s3lora.lock"
 AUDIT_LOG_NAME = ".s3lora-audit.jsonl"
 QUARANTINE_SUFFIX = ".quarantine"
@@ -203,20 +204,24 @@ def _relative(path: Path, root: Path) -> str:
     return rel.as_posix() if rel.parts else "."
 
 
-def default_cache_dir(root: Path) -> Path:
-    """``<store>/.s3lora-cache`` (or beside the file, when the store is one weights file)."""
+def default_cache_dir(root: Path) -> Path | None:
+    """``<store>/.s3lora-cache``; None (no cache) when the store is one weights file, whose directory is the
+    adapter's own: nothing is ever written into an adapter."""
     root = Path(root)
-    return (root if root.is_dir() else root.parent) / CACHE_DIR_NAME
+    return root / CACHE_DIR_NAME if root.is_dir() else None
 
 
 # --- the cache --------------------------------------------------------------------------------------------
 
 def check_cache_dir(cache_dir: str | Path | None, adapters: Sequence[Path]) -> None:
-    """Refuse a cache directory inside an adapter's directory: nothing is ever written into an adapter."""
+    """Refuse a cache directory inside an adapter's directory (for a weights file with its config beside it, the
+    file's directory): nothing is ever written into an adapter."""
     if cache_dir is None:
         return
     for adapter in adapters:
         directory = adapter if adapter.is_dir() else None
+        if directory is None and (adapter.parent / CONFIG_NAME).is_file():
+            directory = adapter.parent
         if directory is not None and _inside(Path(cache_dir), directory):
             raise UsageError(f"--cache-dir {cache_dir} is inside the adapter {adapter}; choose a directory outside "
                              "every adapter (the default is <store>/.s3lora-cache)")
@@ -383,12 +388,16 @@ def iter_scan(paths: Sequence[Path], root: str | Path, settings: ScanSettings, c
         with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
                                  initializer=_init_worker) as pool:
             futures = {pool.submit(scan_one, path, str(root), settings, cache): path for path in items}
-            for future in as_completed(futures):
-                try:
-                    yield future.result()
-                except Exception as exc:  # the worker process died (killed, out of memory)
-                    yield ScanRow(_relative(Path(futures[future]), Path(root)),
-                                  error=f"worker failed: {type(exc).__name__}: {_one_line(exc)}")
+            try:
+                for future in as_completed(futures):
+                    try:
+                        yield future.result()
+                    except Exception as exc:  # the worker process died (killed, out of memory)
+                        yield ScanRow(_relative(Path(futures[future]), Path(root)),
+                                      error=f"worker failed: {type(exc).__name__}: {_one_line(exc)}")
+            except BaseException:  # interrupted (SIGINT, SIGTERM): wait only for the adapters being scored
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
 
 def _ray_scan(items: list[str], root: str, settings: ScanSettings, cache: str | None,
@@ -521,9 +530,13 @@ def with_neighbours(result: ScanResult, k: int = DEFAULT_NEIGHBOURS,
 class AdmitResult:
     """What ``admit`` did with one adapter.
 
-    gate: the gate's verdict. admitted: it passed and is in the store. destination: its directory in the store
-    (admitted) or in the quarantine (refused). already_present: the same weights were already there, so nothing
-    was copied. neighbours: its nearest adapters in the store. record: the line appended to the audit log.
+    gate: the gate's verdict. admitted: it passed and is in the store. name: its entry's directory name,
+    ``<name>-<key[:12]>``. sha256: of its weights file. key: its content key (``entry_key``: the weights and the
+    config). destination: its directory in the store (admitted) or in the quarantine (refused). already_present:
+    an entry with the same key was already there (under this name or another), so nothing was copied.
+    neighbours: its nearest adapters in the store. record: the line appended to the audit log. broken: members
+    of the store that could not be read (left out of the neighbours). warnings: what the caller should show
+    (a torn last line of the audit log, broken members).
     """
 
     gate: GateResult
@@ -535,6 +548,9 @@ class AdmitResult:
     neighbours: tuple[Neighbour, ...]
     audit_log: Path
     record: dict[str, Any]
+    key: str = ""
+    broken: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def quarantine_dir(store: Path) -> Path:
@@ -545,13 +561,32 @@ def quarantine_dir(store: Path) -> Path:
     return store.parent / f"{store.name}{QUARANTINE_SUFFIX}"
 
 
-def _copy_file(src: str, dst: str) -> str:
-    return shutil.copy2(src, dst)
+def entry_key(weights_sha256: str, config_sha256: str | None) -> str:
+    """An entry's content key: the hex sha256 of its weights file's sha256 and its config file's sha256 (or of
+    no config), so that the same weights with another lora_alpha, rank_pattern, ... are another entry."""
+    doc = {"weights": weights_sha256, "config": config_sha256}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _weights_sha256(path: Path) -> str:
-    with closing(open_adapter(path)) as adapter:
-        return adapter.sha256()
+def _config_file(adapter: Path, weights: Path) -> Path | None:
+    config = (adapter if adapter.is_dir() else weights.parent) / CONFIG_NAME
+    return config if config.is_file() else None
+
+
+def _config_sha256(config: Path | None) -> str | None:
+    if config is None:
+        return None
+    try:
+        return file_sha256(config)
+    except OSError as exc:
+        raise AdapterInputError(f"{config}: cannot be read ({describe_os_error(exc)})") from None
+
+
+def _member_key(member: Path) -> str:
+    """The content key of an entry already in the store (or quarantine)."""
+    with closing(open_adapter(member)) as adapter:
+        weights = Path(adapter.weights_path)
+        return entry_key(adapter.sha256(), _config_sha256(_config_file(member, weights)))
 
 
 def _inside(path: Path, other: Path) -> bool:
@@ -560,53 +595,96 @@ def _inside(path: Path, other: Path) -> bool:
 
 
 def clean_stale(directory: Path) -> list[Path]:
-    """Remove the temporary directories an interrupted admit left in ``directory``; call only under the lock
-    (which every admit holds while it has a temporary directory). Returns what was removed."""
-    removed = []
-    if directory.is_dir():
-        for entry in sorted(directory.iterdir()):
-            if entry.name.startswith(TEMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
+    """Remove the temporary directories killed admits left in ``directory`` (those of live processes, here or on
+    another machine, stay). Returns what was removed."""
+    return durable.clean_stale(Path(directory))
 
 
-def _copy_adapter(candidate: Path, weights: Path, into: Path, expected_sha256: str,
+def _find_entry(into: Path, key: str) -> Path | None:
+    """The entry of ``into`` with content ``key``, under any name; None when there is none. An entry that cannot
+    be read is not a match."""
+    if not into.is_dir():
+        return None
+    for candidate in sorted(into.glob(f"*-{key[:12]}")):
+        if candidate.name.startswith(".") or not candidate.is_dir():
+            continue
+        try:
+            if _member_key(candidate) == key:
+                return candidate
+        except (S3LoraError, OSError):
+            continue
+    return None
+
+
+def _copy_adapter(candidate: Path, weights: Path, config: Path | None, into: Path, entry: str, key: str,
                   extra_files: Mapping[str, str]) -> Path:
-    """Copy the adapter into a fresh temporary directory inside ``into``, check the weights are the ones the gate
-    scored, add ``extra_files``, and return the temporary directory (renamed into place by the caller)."""
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=into))
+    """Copy the adapter into a fresh temporary directory inside ``into`` (only regular files inside the adapter
+    directory, ``files.plan_copy``), check that the copy has the content key the gate scored, add
+    ``extra_files``, and return the temporary directory (renamed into place by the caller)."""
+    if candidate.is_dir():
+        rel_weights = weights.resolve().relative_to(candidate.resolve()).as_posix()
+        planned = plan_copy(candidate, exempt={rel_weights.split("/")[0], CONFIG_NAME})
+    else:
+        planned = [PlannedFile(p, p.name, os.stat(p).st_size) for p in (weights, config) if p is not None]
+        check_confined(weights, weights.parent)
+        rel_weights = weights.name
+    tmp = None
     try:
-        if candidate.is_dir():
-            shutil.copytree(candidate, tmp, symlinks=False, copy_function=_copy_file, dirs_exist_ok=True)
-        else:
-            _copy_file(str(weights), str(tmp / weights.name))
-            config = weights.parent / "adapter_config.json"
-            if config.is_file():
-                _copy_file(str(config), str(tmp / config.name))
-        if candidate.is_dir():
-            copied = tmp / weights.resolve().relative_to(candidate.resolve())
-        else:
-            copied = tmp / weights.name
-        if file_sha256(copied) != expected_sha256:
-            raise AdapterInputError(f"{weights} changed while it was being admitted; run admit again")
+        with durable.deferred_signals():  # no interruption between making it and knowing it
+            tmp = durable.make_temp_dir(into, entry)
+        copy_planned(planned, tmp)
+        copied_config = tmp / CONFIG_NAME if config is not None else None
+        if entry_key(file_sha256(tmp / rel_weights), _config_sha256(copied_config)) != key:
+            raise AdapterInputError(f"{weights} or its config changed while it was being admitted; run admit again")
         for name, text in extra_files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+            with open(tmp / name, "x", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
         return tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        durable.discard(tmp)
         raise
 
 
-def _append_line(log: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line with a single write (O_APPEND), flushed to disk."""
-    data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _Appended:
+    """One record appended to the audit log and fsynced, which can still be taken back (``undo``) until the
+    admission it records is in place: the log holds whole lines only, and only of decisions that took effect."""
+
+    def __init__(self, log: Path, record: Mapping[str, Any]) -> None:
+        data = (json.dumps(record, allow_nan=False) + "\n").encode("utf-8")
+        self.warning: str | None = None
+        self._fd = os.open(log, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._size = os.fstat(self._fd).st_size
+            if self._size and os.pread(self._fd, 1, self._size - 1) != b"\n":
+                self.warning = (f"{log}: its last line is incomplete (a write was cut short); it is left as it is, "
+                                "readers skip it, and the new record starts on a line of its own")
+                data = b"\n" + data
+            try:
+                durable.write_all(self._fd, data)
+                os.fsync(self._fd)
+            except BaseException:
+                self.undo()
+                raise
+        except BaseException:
+            self.close()
+            raise
+
+    def undo(self) -> None:
+        """Cut the log back to what it was before this record (the store's lock keeps others from appending)."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @contextmanager
@@ -626,20 +704,35 @@ def _locked(store: Path, timeout: float) -> Iterator[None]:
         lock.release()
 
 
+def _readable_members(store: Path) -> tuple[list[Path], list[str]]:
+    """The store's adapters that can be opened, and a one-line reason for each one that cannot."""
+    good, broken = [], []
+    for member in discover(store):
+        try:
+            _factor_size(member)
+        except (S3LoraError, OSError) as exc:
+            reason = describe_os_error(exc) if isinstance(exc, OSError) else _one_line(exc)
+            broken.append(f"{_relative(member, store)}: {reason}")
+            continue
+        good.append(member)
+    return good, broken
+
+
 def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, *, device: str = "auto",
                   name: str | None = None, quarantine: str | Path | None = None, audit_log: str | Path | None = None,
                   neighbours: int = DEFAULT_NEIGHBOURS, duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
                   report_json: Callable[[GateResult], str] | None = None,
                   clock: Callable[[], datetime] | None = None,
                   lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> AdmitResult:
-    """Run the gate on ``candidate``; copy it into ``store`` as ``<name>-<sha256[:12]>/`` when it passes, or into
+    """Run the gate on ``candidate``; copy it into ``store`` as ``<name>-<key[:12]>/`` when it passes, or into
     the quarantine (default ``<store>.quarantine/``) with its report when it fails; append the decision to the
     audit log (default ``<store>/.s3lora-audit.jsonl``).
 
-    The copy goes to a temporary directory inside the destination and is renamed into place under a lock on the
-    store (``<store>/.s3lora.lock``), which also serialises the audit log; temporary directories left by an
-    interrupted admit are removed under the same lock. ``report_json(gate)``, when given, is written beside a
-    quarantined adapter as s3lora-report.json."""
+    The copy is made in a temporary directory inside the destination. Under a lock on the store
+    (``<store>/.s3lora.lock``), which also serialises the audit log, the record is appended and fsynced, then the
+    copy renamed into place; if the rename fails the record is cut off again, and if the record cannot be
+    written nothing is renamed: an entry is in place only with its record (SIGINT and SIGTERM wait until both
+    are done). ``report_json(gate)``, when given, is written beside a quarantined adapter as s3lora-report.json."""
     candidate, store = Path(candidate), Path(store)
     if store.exists() and not store.is_dir():
         raise UsageError(f"--store {store} is not a directory")
@@ -653,21 +746,37 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
         raise UsageError(f"--neighbours must be at least 0, got {neighbours}")
     quarantine = Path(quarantine) if quarantine is not None else quarantine_dir(store)
     audit = Path(audit_log) if audit_log is not None else store / AUDIT_LOG_NAME
+    home = candidate if candidate.is_dir() else candidate.parent
+    for option, path in (("--quarantine", quarantine), ("--audit-log", audit)):
+        if _inside(path, home) or (candidate.is_dir() and _inside(candidate, path)):
+            raise UsageError(f"{option} {path} overlaps the adapter {candidate}; nothing is ever written into an "
+                             "input: choose a path outside it")
+    before = _config_sha256(_config_file(candidate, candidate))
     gate = check_adapters([candidate], policy, device)[0]
     sha = gate.report.adapter.sha256
     weights = Path(gate.report.adapter.weights_file)
-    base = name or (candidate if candidate.is_dir() else candidate.parent).resolve().name or "adapter"
-    entry_name = f"{base}-{sha[:12]}"
+    config = _config_file(candidate, weights)
+    config_sha = _config_sha256(config)
+    if config_sha != before:
+        raise AdapterInputError(f"{config} changed while it was being admitted; run admit again")
+    key = entry_key(sha, config_sha)
+    base = name or home.resolve().name or "adapter"
+    entry_name = f"{base}-{key[:12]}"
     store.mkdir(parents=True, exist_ok=True)
-    members = discover(store)
-    near = nearest_neighbours([candidate], members, store, neighbours, duplicate_threshold)[candidate]
+    members, broken = _readable_members(store)
+    notes = [f"{store}/{b}; left out of the neighbours" for b in broken]
+    try:
+        near = nearest_neighbours([candidate], members, store, neighbours, duplicate_threshold)[candidate]
+    except S3LoraError as exc:
+        near = ()
+        notes.append(f"the store's neighbours could not be computed ({_one_line(exc)})")
     into = store if gate.passed else quarantine
     into.mkdir(parents=True, exist_ok=True)
     destination = into / entry_name
     now = (clock or (lambda: datetime.now(timezone.utc)))()
     record: dict[str, Any] = {
         "time": now.isoformat(), "adapter": str(candidate.resolve()), "name": entry_name, "sha256": sha,
-        "verdict": "admitted" if gate.passed else "refused", "already_present": False,
+        "key": key, "verdict": "admitted" if gate.passed else "refused", "already_present": False,
         "destination": str(destination.resolve()),
         "reasons": [f"{v.module}: {v.message}" for v in gate.failing],
         "rules": [{"rule": o.rule.value, "limit": o.limit, "allowed": o.allowed, "violations": o.violations,
@@ -678,33 +787,70 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
     with _locked(store, lock_timeout):
         for directory in {store, into}:
             clean_stale(directory)
-        if destination.exists():
-            if _weights_sha256(destination) != sha:
-                raise UsageError(f"{destination} exists with other weights; remove it or pass --name")
-            record["already_present"] = True
-        else:
-            extra = {} if gate.passed else {ADMIT_RECORD_NAME: json.dumps(record, allow_nan=False, indent=2) + "\n"}
-            if not gate.passed and report_json is not None:
-                extra[REPORT_NAME] = report_json(gate)
-            tmp = _copy_adapter(candidate, weights, into, sha, extra)
-            try:
-                os.rename(tmp, destination)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        audit.parent.mkdir(parents=True, exist_ok=True)
-        _append_line(audit, record)
-    return AdmitResult(gate, gate.passed, entry_name, sha, destination, record["already_present"], near, audit,
-                       record)
+        present = _find_entry(into, key)
+        if present is None and os.path.lexists(destination):
+            raise UsageError(f"{destination} exists with other content; remove it or pass --name")
+        tmp = None
+        committed = False
+        try:
+            if present is not None:
+                destination = present
+                record.update(already_present=True, name=present.name, destination=str(present.resolve()))
+            else:
+                extra = {} if gate.passed else {ADMIT_RECORD_NAME: json.dumps(record, allow_nan=False, indent=2)
+                                                + "\n"}
+                if not gate.passed and report_json is not None:
+                    extra[REPORT_NAME] = report_json(gate)
+                tmp = _copy_adapter(candidate, weights, config, into, entry_name, key, extra)
+            audit.parent.mkdir(parents=True, exist_ok=True)
+            with durable.deferred_signals():
+                appended = _Appended(audit, record)
+                try:
+                    if tmp is not None:
+                        durable.install_dir(tmp, destination, replace=False)
+                        tmp = None
+                except BaseException:
+                    appended.undo()
+                    raise
+                finally:
+                    appended.close()
+                committed = True
+        except BaseException as exc:
+            durable.discard(tmp)
+            if committed and isinstance(exc, KeyboardInterrupt):
+                done = "admitted into" if gate.passed else "quarantined in"
+                raise type(exc)(f"interrupted after {candidate} was {done} {destination} and logged") from None
+            if isinstance(exc, OSError):
+                done = "admitted" if gate.passed else "quarantined"
+                raise RuntimeProblem(f"cannot write the decision: {describe_os_error(exc)}; {candidate} was not "
+                                     f"{done}, nothing was written") from None
+            raise
+    if appended.warning:
+        notes.insert(0, appended.warning)
+    return AdmitResult(gate, gate.passed, record["name"], sha, destination, record["already_present"], near,
+                       audit, record, key, tuple(broken), tuple(notes))
 
 
 def read_audit_log(path: str | Path) -> list[dict[str, Any]]:
-    """The records of an audit log, oldest first."""
+    """The records of an audit log, oldest first. A line that is not one whole JSON object (the torn last line
+    of a write that was cut short) is skipped with a ``warnings.warn``."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_bytes().split(b"\n")
     except OSError as exc:
-        raise AdapterInputError(f"{path}: cannot read the audit log ({_one_line(exc)})") from None
-    return [json.loads(line) for line in lines if line.strip()]
+        raise AdapterInputError(f"{path}: cannot read the audit log ({describe_os_error(exc)})") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(f"{path}: line {number} is not a whole record (a write cut short?); skipped", stacklevel=2)
+            continue
+        records.append(record)
+    return records
 
 
 __all__ = ["AdmitResult", "Neighbour", "ScanResult", "ScanRow", "ScanSettings", "TopLayer", "admit_adapter",

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from tiny_models import lora_modules, peft_delta, save_lora, tiny_bert, tiny_gpt2, tiny_llama
 from typer.testing import CliRunner
 
+from s3lora_cli import durable
 from s3lora_cli.adapters.writer import REPORT_NAME, merged_exclude_modules
 from s3lora_cli.cli import EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, app
 from s3lora_cli.errors import AdapterInputError, UsageError
@@ -337,14 +338,14 @@ def test_library_returns_data_and_prints_nothing(adapter, tmp_path, capfd):
 
 
 def test_crash_while_saving_leaves_nothing(adapter, tmp_path, monkeypatch):
-    import safetensors.torch
+    from s3lora_cli.adapters.writer import WeightsSource
 
-    def half_written_then_interrupted(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\x00" * 100)
+    def half_written_then_interrupted(self, fh, **kwargs):
+        fh.write(b"\x00" * 100)
         raise KeyboardInterrupt
 
     before = tree_hash(tmp_path)
-    monkeypatch.setattr(safetensors.torch, "save_file", half_written_then_interrupted)
+    monkeypatch.setattr(WeightsSource, "write", half_written_then_interrupted)
     expect(run(adapter, "--tau", "1"), 130, "interrupted")
     assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -361,6 +362,7 @@ def test_failed_rename_keeps_the_old_output(adapter, tmp_path, monkeypatch):
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(durable, "_renameat2", lambda *args: False)  # the two-rename fallback
     expect(run(adapter, "--tau", "2", "-o", out, "--force"), EXIT_RUNTIME, "No space left", "nothing was written")
     expect(run(adapter, "--tau", "2", "-o", tmp_path / "new"), EXIT_RUNTIME, "cannot write")
     assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "pruned"]

@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from adapter_factory import layer_tensors, random_factors, write_adapter
+from adapter_factory import config_dict, layer_tensors, random_factors, write_adapter
 from typer.testing import CliRunner
 
-from s3lora_cli import store as store_mod
+from s3lora_cli.adapters import files as files_mod
 from s3lora_cli.cli import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, app
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
 from s3lora_cli.gate import GatePolicy
@@ -23,7 +23,6 @@ from s3lora_cli.scoring import ScoreOptions, score_adapter
 from s3lora_cli.store import (
     AUDIT_LOG_NAME,
     LOCK_NAME,
-    TEMP_PREFIX,
     ScanSettings,
     admit_adapter,
     discover,
@@ -38,6 +37,8 @@ from s3lora_cli.store import (
 )
 
 runner = CliRunner()
+DEAD_PID = 2 ** 30  # above any pid_max: the pid of a process that is gone
+TEMP_PREFIX = f".killed.{DEAD_PID}-"  # what a killed run leaves: .<target>.<pid>-<token>.s3lora-tmp
 POLICY = GatePolicy(max_ssi=0.9)
 FIXED_TIME = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
@@ -155,7 +156,7 @@ def test_two_worker_processes_give_the_same_rows(store: Path):
 
 def test_discover_skips_hidden_directories(store: Path):
     make_adapter(store / ".s3lora-cache" / "x", 7)
-    make_adapter(store / f"{TEMP_PREFIX}abc", 7)
+    make_adapter(store / f"{TEMP_PREFIX}0000abcd.s3lora-tmp", 7)
     assert [p.relative_to(store).as_posix() for p in discover(store)] == \
            ["broken", "team-a/calm", "team-a/sharp", "team-b/calm-copy"]
 
@@ -250,7 +251,7 @@ def test_admit_passes_into_the_store_and_logs(tmp_path: Path):
     candidate = make_adapter(tmp_path / "incoming" / "calm", 1)
     result = admit_adapter(candidate, pool, POLICY, device="cpu", clock=lambda: FIXED_TIME)
     assert result.admitted and not result.already_present
-    assert result.destination == pool / f"calm-{result.sha256[:12]}"
+    assert result.destination == pool / f"calm-{result.key[:12]}"
     assert files_under(result.destination) == files_under(candidate)
     (entry,) = read_audit_log(pool / AUDIT_LOG_NAME)
     assert entry["time"] == "2026-01-02T03:04:05+00:00" and entry["verdict"] == "admitted"
@@ -260,9 +261,16 @@ def test_admit_passes_into_the_store_and_logs(tmp_path: Path):
     assert [e["already_present"] for e in read_audit_log(pool / AUDIT_LOG_NAME)] == [False, True]
     # the copy is found by scan, and a near-duplicate of it is flagged at the next admit
     assert [p.name for p in discover(pool)] == [result.name]
+    # the same content under another name is not copied twice
     twin = admit_adapter(make_adapter(tmp_path / "incoming" / "twin", 1), pool, POLICY, device="cpu", name="twin2")
-    assert twin.already_present is False and twin.neighbours[0].duplicate
-    assert twin.record["duplicates"] == [{"path": result.name, "cosine": 1.0}]
+    assert twin.already_present and twin.destination == result.destination and twin.key == result.key
+    # the same weights with another lora_alpha (an update 8x larger) are another entry, flagged as a near-duplicate
+    louder = make_adapter(tmp_path / "incoming" / "louder", 1)
+    (louder / "adapter_config.json").write_text(json.dumps(config_dict(lora_alpha=64)))
+    loud = admit_adapter(louder, pool, POLICY, device="cpu")
+    assert loud.admitted and not loud.already_present and loud.sha256 == result.sha256 and loud.key != result.key
+    assert loud.neighbours[0].duplicate and loud.record["duplicates"] == [{"path": result.name, "cosine": 1.0}]
+    assert sorted(p.name for p in discover(pool)) == sorted([result.name, loud.name])
 
 
 def test_admit_refuses_into_quarantine_with_the_report(tmp_path: Path):
@@ -312,20 +320,22 @@ def test_a_crash_mid_copy_leaves_the_store_consistent(tmp_path: Path, monkeypatc
     before = files_under(pool)
     copies = []
 
-    def failing_copy(src, dst):
+    real_copy = files_mod.copy_file
+
+    def failing_copy(src, dst, size):
         copies.append(src)
         if len(copies) == 2:
             raise OSError(28, "No space left on device")
-        return store_mod.shutil.copy2(src, dst)
+        return real_copy(src, dst, size)
 
-    monkeypatch.setattr(store_mod, "_copy_file", failing_copy)
+    monkeypatch.setattr(files_mod, "copy_file", failing_copy)
     candidate = make_adapter(tmp_path / "second", 4)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(RuntimeProblem, match="No space left"):
         admit_adapter(candidate, pool, POLICY, device="cpu")
     assert len(copies) == 2 and files_under(pool) == before  # no partial adapter, no temp dir, no log line
     monkeypatch.undo()
     # a process killed mid-copy leaves its temp dir: scan ignores it and the next admit removes it
-    stale = pool / f"{TEMP_PREFIX}killed"
+    stale = pool / f"{TEMP_PREFIX}0000abcd.s3lora-tmp"
     stale.mkdir()
     (stale / "adapter_config.json").write_text("{}")
     (stale / "adapter_model.safetensors").write_bytes(b"half")
@@ -340,12 +350,14 @@ def test_a_crash_mid_copy_leaves_the_store_consistent(tmp_path: Path, monkeypatc
 def test_weights_changed_after_the_gate_are_not_admitted(tmp_path: Path, monkeypatch):
     pool = tmp_path / "pool"
 
-    def tampering_copy(src, dst):
-        store_mod.shutil.copy2(src, dst)
-        if dst.endswith(".safetensors"):
-            Path(dst).write_bytes(Path(dst).read_bytes() + b" ")
+    real_copy = files_mod.copy_file
 
-    monkeypatch.setattr(store_mod, "_copy_file", tampering_copy)
+    def tampering_copy(src, dst, size):
+        real_copy(src, dst, size)
+        if dst.name.endswith(".safetensors"):
+            dst.write_bytes(dst.read_bytes() + b" ")
+
+    monkeypatch.setattr(files_mod, "copy_file", tampering_copy)
     with pytest.raises(AdapterInputError, match="changed while it was being admitted"):
         admit_adapter(make_adapter(tmp_path / "calm", 1), pool, POLICY, device="cpu")
     assert sorted(p.name for p in pool.iterdir()) == [LOCK_NAME]
@@ -366,7 +378,7 @@ def test_admit_refuses_a_name_taken_by_other_weights(tmp_path: Path):
     pool = tmp_path / "pool"
     first = admit_adapter(make_adapter(tmp_path / "a", 1), pool, POLICY, device="cpu")
     make_adapter(first.destination, 6)  # someone replaced the weights inside the store
-    with pytest.raises(UsageError, match="exists with other weights"):
+    with pytest.raises(UsageError, match="exists with other content"):
         admit_adapter(make_adapter(tmp_path / "b" / "a", 1), pool, POLICY, device="cpu")
 
 
@@ -382,7 +394,7 @@ def test_two_admits_at_once_in_processes(tmp_path: Path):
     log = read_audit_log(pool / AUDIT_LOG_NAME)
     assert sorted(e["name"].split("-")[0] for e in log) == ["one", "two"]
     assert sorted(p.name.split("-")[0] for p in discover(pool)) == ["one", "two"]
-    assert not [p for p in pool.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    assert not [p for p in pool.iterdir() if p.name.endswith(".s3lora-tmp")]
     for c in candidates:
         dest = pool / json.loads(outs[candidates.index(c)][0])["admit"]["name"]
         assert files_under(dest) == files_under(c)

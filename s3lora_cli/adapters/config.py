@@ -32,6 +32,14 @@ MAX_PATTERN_CHARS = 256
 MAX_PATTERN_REPEATS = 2
 MAX_MODULE_CHARS = 512
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_REGEX_KEYS = 64
+"""At most this many rank_pattern (and alpha_pattern) keys that are regular expressions beyond module names;
+keys that are module names (letters, digits, '_', '-', '.', ...) are not limited: they are matched through a
+trie, without trying each key on each module."""
+MAX_TRIE_STEPS = 20_000
+"""Work allowed per module name when matching the module-name keys (a module name and keys that agree with it
+only through many '.' wildcards); real configs take about the name's length."""
+_SPECIAL = frozenset("^$*+?{}[]\\|()")
 PATTERN_RULE = (f"keys are regular expressions of at most {MAX_PATTERN_CHARS} characters, without backreferences, "
                 f"with at most {MAX_PATTERN_REPEATS} repetitions (*, +, {{m,n}}), each on a single character, "
                 "class or '.', not on a group")
@@ -93,9 +101,98 @@ def _one_character(body) -> bool:
     return len(body) == 1 and body[0][0] in _ONE_CHARACTER
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def _compiled(key: str) -> re.Pattern:
     return re.compile(rf"(.*\.)?({key})$")
+
+
+def is_plain_key(key: str) -> bool:
+    """Whether a pattern key is a module name as PEFT reads it: no regular-expression syntax but '.', which
+    (as in PEFT's regex) matches any character but a newline."""
+    return not any(c in _SPECIAL for c in key) and "\n" not in key
+
+
+class PatternMatcher:
+    """PEFT's ``get_pattern_key`` for one rank_pattern / alpha_pattern: the first key (in the config's order) for
+    which ``re.match(rf"(.*\\.)?({key})$", module)`` matches, in time that does not grow with the number of keys.
+
+    A key is matched at the end of the module name, starting at its beginning or just after a '.': for a plain
+    key (``is_plain_key``) that is a walk of a trie of the reversed keys along the reversed name ('.' in a key
+    follows any character), so all plain keys together cost about the name's length (at most MAX_TRIE_STEPS);
+    the other keys, at most MAX_REGEX_KEYS, are tried as PEFT tries them. A name with a newline (where '$' and
+    '.' differ) is matched the literal way, key by key.
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = list(keys)
+        self._trie: dict = {}
+        self._regex: list[tuple[int, str]] = []
+        for index, key in enumerate(self.keys):
+            if len(key) <= MAX_PATTERN_CHARS and is_plain_key(key):
+                node = self._trie
+                for char in reversed(key):
+                    node = node.setdefault(char, {})
+                node.setdefault(None, index)  # the first of equal keys wins
+                continue
+            problem = check_pattern(key)
+            if problem is not None:
+                raise AdapterInputError(f"rank_pattern / alpha_pattern key {short_repr(key)} is refused: {problem}; "
+                                        f"{PATTERN_RULE}")
+            self._regex.append((index, key))
+        if len(self._regex) > MAX_REGEX_KEYS:
+            raise AdapterInputError(f"rank_pattern / alpha_pattern has {len(self._regex)} keys that are regular "
+                                    f"expressions (at most {MAX_REGEX_KEYS}); module names as keys are not limited")
+
+    def match(self, module: str) -> str | None:
+        """The first key that matches ``module``, or None."""
+        if self.keys and len(module) > MAX_MODULE_CHARS:
+            raise AdapterInputError(f"module name of {len(module)} characters ({module[:60]!r}...) is too long to "
+                                    f"match rank_pattern / alpha_pattern keys against (at most {MAX_MODULE_CHARS})")
+        if "\n" in module:
+            return next((key for key in self.keys if _compiled(key).match(module)), None)
+        best = self._plain_match(module)
+        for index, key in self._regex:
+            if best is not None and index > best:
+                break
+            if _compiled(key).match(module):
+                best = index
+                break
+        return None if best is None else self.keys[best]
+
+    def _plain_match(self, module: str) -> int | None:
+        """The smallest index of a plain key matching ``module`` (see the class)."""
+        best = None
+        frontier = [self._trie]
+        steps = 0
+        n = len(module)
+        for depth in range(n + 1):
+            start = n - depth  # the key would be module[start:]
+            if start == 0 or module[start - 1] == ".":
+                for node in frontier:
+                    index = node.get(None)
+                    if index is not None and (best is None or index < best):
+                        best = index
+            if depth == n:
+                break
+            char = module[start - 1]
+            advanced = []
+            for node in frontier:
+                child = node.get(char)
+                if child is not None:
+                    advanced.append(child)
+                if char != ".":
+                    wild = node.get(".")
+                    if wild is not None:
+                        advanced.append(wild)
+            steps += len(frontier)
+            if steps > MAX_TRIE_STEPS:
+                raise AdapterInputError(f"rank_pattern / alpha_pattern keys take too long to match {module[:60]!r} "
+                                        f"(over {MAX_TRIE_STEPS} steps: many keys that differ only where they have "
+                                        "'.'); write them as module names or fewer regular expressions")
+            frontier = advanced
+            if not frontier:
+                break
+        return best
 
 
 def pattern_key(pattern_keys: list[str], module: str) -> str | None:
@@ -103,18 +200,9 @@ def pattern_key(pattern_keys: list[str], module: str) -> str | None:
     ``get_pattern_key`` matches it: ``re.match(rf"(.*\\.)?({key})$", module)``; None if none does.
 
     Raises AdapterInputError for a key that ``check_pattern`` refuses, or, when there are keys, for a module
-    name longer than MAX_MODULE_CHARS (both bound the time a match can take)."""
-    if pattern_keys and len(module) > MAX_MODULE_CHARS:
-        raise AdapterInputError(f"module name of {len(module)} characters ({module[:60]!r}...) is too long to "
-                                f"match rank_pattern / alpha_pattern keys against (at most {MAX_MODULE_CHARS})")
-    for key in pattern_keys:
-        problem = check_pattern(key)
-        if problem is not None:
-            raise AdapterInputError(f"rank_pattern / alpha_pattern key {short_repr(key)} is refused: {problem}; "
-                                    f"{PATTERN_RULE}")
-        if _compiled(key).match(module):
-            return key
-    return None
+    name longer than MAX_MODULE_CHARS (both bound the time a match can take). To match many modules, build one
+    ``PatternMatcher`` (as AdapterConfig does)."""
+    return PatternMatcher(pattern_keys).match(module)
 
 
 @dataclass(frozen=True)
@@ -134,10 +222,15 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @functools.cached_property
+    def _matchers(self) -> tuple[PatternMatcher, PatternMatcher]:
+        return PatternMatcher(list(self.rank_pattern)), PatternMatcher(list(self.alpha_pattern))
+
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """r and lora_alpha of one module, with ``rank_pattern`` / ``alpha_pattern`` applied as PEFT does."""
-        r_key = pattern_key(list(self.rank_pattern), module)
-        a_key = pattern_key(list(self.alpha_pattern), module)
+        rank_matcher, alpha_matcher = self._matchers
+        r_key = rank_matcher.match(module)
+        a_key = alpha_matcher.match(module)
         r = self.rank_pattern[r_key] if r_key is not None else self.r
         alpha = self.alpha_pattern[a_key] if a_key is not None else self.lora_alpha
         return r, alpha
@@ -163,7 +256,7 @@ def _pattern(raw: dict, key: str, path: Path, *, integer: bool) -> dict:
     if not isinstance(value, dict):
         raise AdapterInputError(f"{path}: '{key}' must be an object mapping module patterns to values")
     for pattern, item in value.items():
-        problem = check_pattern(pattern)
+        problem = None if len(pattern) <= MAX_PATTERN_CHARS and is_plain_key(pattern) else check_pattern(pattern)
         if problem is not None:
             raise AdapterInputError(f"{path}: '{key}' key {short_repr(pattern)} is refused: {problem}; {PATTERN_RULE}")
         where = f"'{key}' value for {short_repr(pattern)}"

@@ -5,15 +5,16 @@ leaves no half-written adapter; the input is only ever read."""
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
-import tempfile
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -21,11 +22,25 @@ from s3lora_cli.adapters.base import LoraLayer, file_sha256
 from s3lora_cli.adapters.config import CONFIG_NAME
 from s3lora_cli.adapters.detect import MLX_WEIGHTS, check_confined, hf_cache_blobs
 from s3lora_cli.adapters.diffusers import METADATA_KEY
+from s3lora_cli.adapters.files import copy_planned, plan_copy
 from s3lora_cli.adapters.peft import BIN_NAME, SAFETENSORS_NAME
-from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
+from s3lora_cli.adapters.safetensors_io import TensorEntry, open_regular, read_safetensors_header
+from s3lora_cli.durable import (
+    deferred_signals,
+    discard,
+    install_dir,
+    make_temp_dir,
+    write_file_atomic,
+    write_text_atomic,
+)
+from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError, describe_os_error
 
 REPORT_NAME = "s3lora-report.json"
 """The score report written beside the pruned adapter."""
+BLOCK_BYTES = 8 << 20
+"""The weights are copied in blocks of this size: the memory a prune needs does not grow with the file."""
+
+__all__ = ["LayerEdit", "Layout", "PruneMode", "WeightsSource", "write_pruned_adapter", "write_text_atomic"]
 
 
 class PruneMode(str, enum.Enum):
@@ -174,15 +189,16 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
     """Write the adapter at ``weights_path`` with ``edits`` applied to ``destination`` in the input's format
     (``layout``; default: a PEFT adapter directory), and return ``destination``.
 
-    - the weights (safetensors): every tensor not edited is copied bit for bit (name, dtype, values); the
-      safetensors metadata keeps the input's keys and adds ``metadata`` (provenance); PEFT's gets ``format: pt``.
-      For a diffusers file whose header holds ``lora_adapter_metadata``, dropped modules join its components'
-      ``exclude_modules``.
+    - the weights (safetensors), streamed one block at a time (memory does not grow with the file): every
+      tensor not edited is copied bit for bit (name, dtype, bytes); the safetensors metadata keeps the input's
+      keys and adds ``metadata`` (provenance); PEFT's gets ``format: pt``. For a diffusers file whose header holds
+      ``lora_adapter_metadata``, dropped modules join its components' ``exclude_modules``.
     - a directory output: adapter_config.json copied byte for byte, unless a PEFT layer is dropped: then the same
-      keys, unknown ones included, with the dropped modules added to ``exclude_modules``; every other file and
-      folder of the input directory copied; ``report_text`` in s3lora-report.json. A single-file output is the
-      weights file alone.
-    ``expected_sha256`` (the weights hash the edits were planned on) guards against an input that changed since.
+      keys, unknown ones included, with the dropped modules added to ``exclude_modules``; the other files of the
+      input directory copied (``files.plan_copy``: regular files inside it, bounded); ``report_text`` in
+      s3lora-report.json. A single-file output is the weights file alone.
+    Everything is written beside the destination and renamed into place (``durable``). ``expected_sha256`` (the
+    weights hash the edits were planned on) guards against an input that changed since.
     """
     layout = layout or Layout("peft", False, SAFETENSORS_NAME)
     dropped = [e.layer.module for e in edits if e.mode is PruneMode.DROP]
@@ -193,20 +209,21 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
         check_file_destination(weights_path, destination, force)
     else:
         check_destination(source_dir, destination, force)
-    tensors, old_metadata = _read_weights(weights_path, expected_sha256)
-    for edit in edits:
-        for name in edit.tensor_names:
-            if name not in tensors:
-                raise AdapterInputError(f"{weights_path}: tensor {name!r} of {edit.layer.module} is not in the file")
-            if edit.mode is PruneMode.ZERO:
-                tensors[name] = torch.zeros_like(tensors[name])
-            else:
-                del tensors[name]
+    source = WeightsSource.open(weights_path, edits)
+    old_metadata = source.metadata
     new_metadata = {**old_metadata, **({"format": "pt"} if layout.family == "peft" else {}), **metadata}
     if dropped and layout.family == "diffusers" and METADATA_KEY in old_metadata:
         new_metadata[METADATA_KEY] = _excluded_in_header(old_metadata[METADATA_KEY], dropped)
+    mode = stat.S_IMODE(os.stat(weights_path).st_mode)
+    write = functools.partial(source.write, metadata=new_metadata, expected_sha256=expected_sha256)
     if layout.single_file:
-        _write_single_file(tensors, new_metadata, weights_path, destination, force)
+        try:
+            destination.absolute().parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomic(destination, write, replace=force, mode=mode)
+        except FileExistsError:  # it appeared while we were writing
+            raise UsageError(f"{destination} exists; pass --force to replace it") from None
+        except OSError as exc:
+            raise _not_written(destination, exc) from None
         return destination
     config_text = None
     if (source_dir / CONFIG_NAME).is_file():
@@ -215,44 +232,42 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
     skip = {weights_path.name, layout.weights_name, SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME, REPORT_NAME}
     if layout.family == "mlx":  # the other training checkpoints are not pruned: leave them out
         skip |= {p.name for p in source_dir.glob(f"*{MLX_WEIGHTS}")}
+    others = plan_copy(source_dir, skip=skip)
     parent = destination.absolute().parent
-    tmp = parent / f".{destination.name}.{secrets.token_hex(4)}.s3lora-tmp"
+    tmp = replaced = None
+    committed = False
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        _copy_other_files(source_dir, tmp, skip=skip)
-        _save_weights(tensors, tmp / layout.weights_name, new_metadata)
-        shutil.copymode(weights_path, tmp / layout.weights_name)
+        with deferred_signals():  # no interruption between making it and knowing it
+            tmp = make_temp_dir(parent, destination.name)
+        copy_planned(others, tmp)
+        with open(tmp / layout.weights_name, "xb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp / layout.weights_name, mode)
         if config_text is not None:
             _write_text(tmp / CONFIG_NAME, config_text)
         _write_text(tmp / REPORT_NAME, report_text)
-        _install(tmp, destination, force)
+        with deferred_signals():
+            replaced = install_dir(tmp, destination, replace=force)
+            tmp, committed = None, True
+        discard(replaced)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
+        if committed and isinstance(exc, KeyboardInterrupt):
+            raise type(exc)(f"interrupted after the pruned adapter {destination} was written in full") from None
+        if isinstance(exc, FileExistsError):  # it appeared while we were writing
+            raise UsageError(f"{destination} exists; pass --force to replace it") from None
         if isinstance(exc, OSError):
-            raise RuntimeProblem(f"cannot write the pruned adapter to {destination} ({exc}); nothing was written, "
-                                 "the input is unchanged") from exc
+            raise _not_written(destination, exc) from None
         raise
     return destination
 
 
-def _write_single_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], weights_path: Path,
-                       destination: Path, force: bool) -> None:
-    parent = destination.absolute().parent
-    tmp = parent / f".{destination.name}.{secrets.token_hex(4)}.s3lora-tmp"
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _save_weights(tensors, tmp, metadata)
-        shutil.copymode(weights_path, tmp)
-        if os.path.lexists(destination) and not force:  # it appeared while we were writing
-            raise UsageError(f"{destination} exists; pass --force to replace it")
-        os.replace(tmp, destination)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise RuntimeProblem(f"cannot write the pruned adapter to {destination} ({exc}); nothing was written, "
-                                 "the input is unchanged") from exc
-        raise
+def _not_written(destination: Path, exc: OSError) -> RuntimeProblem:
+    return RuntimeProblem(f"cannot write the pruned adapter to {destination}: {describe_os_error(exc)}; nothing "
+                          "was written, the input is unchanged")
 
 
 def _excluded_in_header(text: str, dropped: Sequence[str]) -> str:
@@ -270,23 +285,123 @@ def _excluded_in_header(text: str, dropped: Sequence[str]) -> str:
     return json.dumps(flat, indent=2, sort_keys=True)
 
 
-def _read_weights(weights_path: Path, expected_sha256: str | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of the weights file (the file's own bytes, no conversion) and its safetensors metadata."""
-    try:
-        if weights_path.suffix == ".safetensors":
-            from safetensors import safe_open
+@dataclass(frozen=True)
+class WeightsSource:
+    """The input weights file and the plan of the pruned one: which tensors are copied, zeroed or left out.
 
-            with safe_open(str(weights_path), framework="pt", device="cpu") as fh:
-                metadata = dict(fh.metadata() or {})
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        else:  # adapter_model.bin: plain tensors only; clone so that no two names share storage
-            state = torch.load(str(weights_path), map_location="cpu", weights_only=True)
-            metadata, tensors = {}, {str(k): v.detach().clone().contiguous() for k, v in state.items()}
-    except Exception as exc:
-        raise AdapterInputError(f"{weights_path}: cannot be read for pruning ({exc})") from None
-    if expected_sha256 is not None and file_sha256(weights_path) != expected_sha256:
-        raise AdapterInputError(f"{weights_path} changed while s3lora was reading it; nothing was written, run again")
-    return tensors, metadata
+    entries: every tensor of the input, (name, entry) in the order of its bytes in the file; zero / drop: the
+    names the edits zero and remove; metadata: the input's safetensors metadata ({} for a .bin)."""
+
+    path: Path
+    entries: tuple[tuple[str, TensorEntry], ...]
+    data_start: int
+    zero: frozenset[str]
+    drop: frozenset[str]
+    metadata: dict[str, str]
+
+    @classmethod
+    def open(cls, path: Path, edits: Sequence[LayerEdit]) -> WeightsSource:
+        """Read (only) the header of ``path`` and check that every tensor the edits name is in it."""
+        if path.suffix == ".safetensors":
+            header = read_safetensors_header(path)
+            entries = tuple(sorted(header.tensors.items(), key=lambda kv: kv[1].begin))
+            data_start, metadata = header.data_start, header.metadata
+        else:
+            entries, data_start, metadata = (), 0, {}
+        names = {name for name, _ in entries} if entries or path.suffix == ".safetensors" else None
+        zero, drop = set(), set()
+        for edit in edits:
+            for name in edit.tensor_names:
+                if names is not None and name not in names:
+                    raise AdapterInputError(f"{path}: tensor {name!r} of {edit.layer.module} is not in the file")
+                (zero if edit.mode is PruneMode.ZERO else drop).add(name)
+        return cls(path, entries, data_start, frozenset(zero), frozenset(drop), dict(metadata))
+
+    def write(self, fh: BinaryIO, *, metadata: Mapping[str, str], expected_sha256: str | None) -> None:
+        """Write the pruned safetensors file to ``fh``: the header, then each kept tensor's bytes (copied, or
+        zeros for a zeroed one) in the input's order, one block at a time. The input's bytes are hashed as
+        they are read, so an input that changed since it was scored (``expected_sha256``) is refused."""
+        if self.path.suffix != ".safetensors":
+            self._write_from_pickle(fh, metadata, expected_sha256)
+            return
+        kept = [(name, e) for name, e in self.entries if name not in self.drop]
+        _write_header(fh, [(name, e.dtype, e.shape, e.end - e.begin) for name, e in kept], metadata)
+        digest = hashlib.sha256()
+        try:
+            with open_regular(self.path) as src:
+                head = src.read(self.data_start)
+                digest.update(head)
+                for name, e in self.entries:
+                    left = e.end - e.begin
+                    while left:
+                        block = src.read(min(left, BLOCK_BYTES))
+                        if not block:
+                            raise AdapterInputError(f"{self.path} changed while s3lora was reading it; nothing was "
+                                                    "written, run again")
+                        left -= len(block)
+                        digest.update(block)
+                        if name in self.drop:
+                            continue
+                        fh.write(bytes(len(block)) if name in self.zero else block)
+                tail = src.read(1)
+        except OSError as exc:
+            raise AdapterInputError(f"{self.path}: cannot be read for pruning ({describe_os_error(exc)})") from None
+        if tail or len(head) != self.data_start or (
+                expected_sha256 is not None and digest.hexdigest() != expected_sha256):
+            raise AdapterInputError(f"{self.path} changed while s3lora was reading it; nothing was written, run again")
+
+    def _write_from_pickle(self, fh: BinaryIO, metadata: Mapping[str, str], expected_sha256: str | None) -> None:
+        """adapter_model.bin (plain tensors, ``weights_only=True``), memory-mapped where its format allows, written
+        as safetensors one tensor at a time."""
+        try:
+            try:
+                state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, ValueError):  # the legacy (non-zip) format cannot be mapped
+                state = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterInputError(f"{self.path}: cannot be read for pruning ({exc})") from None
+        if not isinstance(state, dict):
+            raise AdapterInputError(f"{self.path}: cannot be read for pruning (not a state dict)")
+        names = sorted(str(k) for k in state if str(k) not in self.drop)
+        for name in sorted(self.zero | self.drop):
+            if name not in state:
+                raise AdapterInputError(f"{self.path}: tensor {name!r} is not in the file")
+        tensors = {str(k): v for k, v in state.items()}
+        for name in names:
+            if tensors[name].dtype not in _SAFETENSORS_NAMES:
+                raise AdapterInputError(f"{self.path}: tensor {name!r} has dtype {tensors[name].dtype}, which s3lora "
+                                        "cannot write to safetensors")
+        plan = [(n, _SAFETENSORS_NAMES[tensors[n].dtype], tuple(tensors[n].shape),
+                 tensors[n].numel() * tensors[n].element_size()) for n in names]
+        _write_header(fh, plan, metadata)
+        for name in names:
+            tensor = tensors[name]
+            if name in self.zero:
+                fh.write(bytes(tensor.numel() * tensor.element_size()))
+            else:
+                fh.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if expected_sha256 is not None and file_sha256(self.path) != expected_sha256:
+            raise AdapterInputError(f"{self.path} changed while s3lora was reading it; nothing was written, run again")
+
+
+_SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_header(fh: BinaryIO, tensors: Sequence[tuple[str, str, tuple[int, ...], int]],
+                  metadata: Mapping[str, str]) -> None:
+    """The safetensors header of ``tensors`` (name, dtype, shape, bytes), laid out in that order, with
+    ``metadata``: the 8-byte little-endian length, then the JSON padded with spaces to a multiple of 8."""
+    doc: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape, size in tensors:
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    fh.write(len(text).to_bytes(8, "little"))
+    fh.write(text)
 
 
 def _pruned_config(config_path: Path, dropped: Sequence[str]) -> str:
@@ -298,71 +413,8 @@ def _pruned_config(config_path: Path, dropped: Sequence[str]) -> str:
     return json.dumps(raw, indent=2) + "\n"
 
 
-def _copy_other_files(source_dir: Path, target: Path, skip: set[str]) -> None:
-    """Copy README, tokenizer files, training arguments, ... (symlinks followed: the copy holds the content; a
-    symlink leading outside the adapter directory is refused, except a cache snapshot's links into its blobs)."""
-    for entry in sorted(source_dir.iterdir()):
-        if entry.name in skip or entry.name.endswith((".s3lora-tmp", ".s3lora-old")):
-            continue
-        check_confined(entry, source_dir)
-        if entry.is_dir():
-            for inner in entry.rglob("*"):
-                check_confined(inner, source_dir)
-        if entry.is_dir():
-            shutil.copytree(entry, target / entry.name, symlinks=False)
-        elif entry.is_file():
-            shutil.copy2(entry, target / entry.name)
-
-
-def _save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
-    _fsync(path)
-
-
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _install(tmp: Path, destination: Path, force: bool) -> None:
-    """Rename the finished directory into place. An existing destination (``force``) is first renamed aside and
-    restored if the second rename fails, so at every moment the destination is either the old or the new one."""
-    if not os.path.lexists(destination):
-        os.rename(tmp, destination)
-        return
-    if not force:  # it appeared while we were writing
-        raise UsageError(f"{destination} exists; pass --force to replace it")
-    old = destination.absolute().parent / f".{destination.name}.{secrets.token_hex(4)}.s3lora-old"
-    os.rename(destination, old)
-    try:
-        os.rename(tmp, destination)
-    except BaseException:
-        os.rename(old, destination)
-        raise
-    if old.is_symlink() or not old.is_dir():
-        old.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it, renamed into place: a reader sees the old
-    file or the whole new one, never part of it."""
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

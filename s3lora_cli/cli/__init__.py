@@ -10,6 +10,7 @@ import ctypes
 import enum
 import functools
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +26,11 @@ except ImportError:  # pragma: no cover - older Typer, with click itself
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from s3lora_cli import __version__
-from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError
+from s3lora_cli.durable import write_file_atomic
+from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError, describe_os_error
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_RUNTIME = 0, 1, 2, 3, 4
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 DEMO_ADAPTER = Path(__file__).resolve().parent.parent / "demo"
 
 
@@ -169,13 +172,37 @@ def _fail(code: int, message: str) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI cancellation, ``docker stop``, ``timeout``), raised where the program is, like Ctrl-C, so that
+    every write path removes its temporary files on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Handle SIGTERM like SIGINT while a command runs (only in the main thread, where handlers can be set)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def error_boundary(command):
     """Map every exception to a documented exit code with a one-line message; never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except UsageError as exc:
@@ -184,14 +211,48 @@ def error_boundary(command):
             raise _fail(EXIT_INPUT, str(exc)) from None
         except (RuntimeProblem, S3LoraError) as exc:
             raise _fail(EXIT_RUNTIME, str(exc)) from None
-        except KeyboardInterrupt:
-            raise _fail(130, "interrupted; nothing was written") from None
+        except KeyboardInterrupt as exc:
+            code, name = (EXIT_SIGTERM, "SIGTERM") if isinstance(exc, Terminated) else (EXIT_SIGINT, "SIGINT")
+            said = str(exc) or ("interrupted; no output was left half-written (an output completed before the "
+                                "interruption is kept)")
+            raise _fail(code, f"{said} ({name})") from None
         except MemoryError:
             raise _fail(EXIT_RUNTIME, "out of memory; try --device cpu, or a machine with more memory") from None
-        except Exception as exc:  # a bug or an environment problem: never let it look like a failed gate
-            raise _fail(EXIT_RUNTIME, f"internal error: {type(exc).__name__}: {exc}. Please report it.") from None
+        except OSError as exc:  # the environment (no space, read-only, permissions, a name too long), not a bug
+            raise _fail(EXIT_RUNTIME, describe_os_error(exc)) from None
+        except Exception as exc:  # a bug: never let it look like a failed gate
+            raise _fail(EXIT_RUNTIME, f"internal error: {type(exc).__name__}: {_first_line(exc)}. Please report it."
+                        ) from None
 
     return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def check_apart(outputs: dict[str, Optional[Path]], inputs: list[Path]) -> None:
+    """Refuse an output that is, or resolves (through symlinks) to, an input adapter's file, or that lies inside
+    an input adapter's directory; and two output options naming one file. ``outputs``: option -> path (None: not
+    given); ``inputs``: the adapters as given (a directory, or a weights file whose config lies beside it)."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        target = Path(os.path.abspath(path)).resolve()
+        if target in seen:
+            raise UsageError(f"{option} {path} is also {seen[target]}; give each output its own file")
+        seen[target] = option
+        for adapter in inputs:
+            if not os.path.lexists(adapter):
+                continue
+            source = Path(adapter).resolve()
+            files = [source, source.parent / "adapter_config.json"] if source.is_file() else []
+            if target in files or (source.is_dir() and (target == source or source in target.parents)):
+                raise UsageError(f"{option} {path} is a file of the input adapter {adapter}"
+                                 f"{f' (it resolves to {target})' if target != Path(os.path.abspath(path)) else ''}; "
+                                 "the input is never written to: give another path")
 
 
 def check_output(output: Optional[Path], force: bool) -> None:
@@ -203,15 +264,16 @@ def check_output(output: Optional[Path], force: bool) -> None:
 
 
 def write_output(text: str, output: Optional[Path], force: bool) -> None:
-    """Write ``text`` to stdout, or atomically to ``output`` (temp file beside it, then rename)."""
+    """Write ``text`` to stdout, or atomically to ``output`` (temp file beside it, fsynced, then renamed)."""
     if output is None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    from s3lora_cli.adapters.writer import write_text_atomic
-
     check_output(output, force)
-    write_text_atomic(output, text)
+    try:  # without --force, also a file that appeared while the command ran is never replaced
+        write_file_atomic(output, lambda fh: fh.write(text.encode("utf-8")), replace=force)
+    except FileExistsError:
+        raise UsageError(f"{output} exists; pass --force to overwrite it") from None
 
 
 @contextmanager

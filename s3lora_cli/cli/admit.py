@@ -23,6 +23,7 @@ from s3lora_cli.cli import (
     VERBOSE,
     MethodName,
     app,
+    check_apart,
     check_output,
     error_boundary,
     gate_flags,
@@ -77,6 +78,7 @@ def admit(
     gate_policy = resolve_policy(gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers,
                                             method and method.value, components, top_h), policy)
     check_output(output, force)
+    check_apart({"--output": output}, [adapter])
     result = admit_adapter(adapter, store, gate_policy, device=device, name=name, quarantine=quarantine,
                            audit_log=audit_log, neighbours=neighbours, duplicate_threshold=duplicate_threshold,
                            report_json=lambda gate: report.render_json(report.check_dict((gate,))))
@@ -85,6 +87,8 @@ def admit(
     else:
         width = table_width() if output is None else None
         write_output(report.render_admit_text(result, width, verbose), output, force)
+    if not quiet:
+        print_summary([f"warning: {warning}" for warning in result.warnings])
     if not quiet and (fmt is not AdmitFormat.table or output is not None):
         print_summary([report.admit_summary_line(result)])
     if not result.admitted:

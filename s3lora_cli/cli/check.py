@@ -27,6 +27,7 @@ from s3lora_cli.cli import (
     InputFormat,
     MethodName,
     app,
+    check_apart,
     check_output,
     error_boundary,
     gate_flags,
@@ -87,6 +88,8 @@ def check(
     for path in (output, markdown_output, sarif_output):
         check_output(path, force)
     paths = [resolve_adapter_path(a, revision) for a in adapters]
+    check_apart({"--output": output, "--markdown-output": markdown_output, "--sarif-output": sarif_output},
+                [*paths, *([gate_policy.baseline] if gate_policy.baseline is not None else [])])
     with progress_bar(quiet) as progress:
         results = check_adapters(paths, gate_policy, device, progress, input_format=input_format.value,
                                  adapter_name=adapter_name)

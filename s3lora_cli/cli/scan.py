@@ -24,6 +24,7 @@ from s3lora_cli.cli import (
     TOP_H,
     MethodName,
     app,
+    check_apart,
     check_output,
     error_boundary,
     gate_flags,
@@ -103,6 +104,7 @@ def scan(
     if strict and settings.policy is None:
         raise UsageError("--strict needs a gate rule: --max-ssi, --baseline with --max-increase, or a policy")
     paths = discover(store)
+    check_apart({"--output": output}, list(paths))
     cache = None if no_cache else (cache_dir or default_cache_dir(store))
     check_cache_dir(cache, paths)
     stream = fmt is ScanFormat.jsonl and output is None and not similar

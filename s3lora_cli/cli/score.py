@@ -23,6 +23,7 @@ from s3lora_cli.cli import (
     InputFormat,
     MethodName,
     app,
+    check_apart,
     check_output,
     error_boundary,
     print_summary,
@@ -72,6 +73,7 @@ def score(
         raise UsageError(f"--top must be at least 1, got {top}")
     path = resolve_adapter_path(_adapter_path(adapter, demo), revision)
     check_output(output, force)
+    check_apart({"--output": output}, [path])
     options = ScoreOptions(method=method.method(), components=components, top_h=top_h, exhaustive=exhaustive,
                            device=device, dtype=dtype, input_format=input_format.value, adapter_name=adapter_name)
     with progress_bar(quiet) as progress:
