@@ -771,9 +771,10 @@ def admit_dict(result: AdmitResult) -> dict[str, Any]:
     """``admit --format json``: the ``check --format json`` document plus an ``admit`` object."""
     return {
         **check_dict((result.gate,)),
-        "admit": {"admitted": result.admitted, "name": result.name, "sha256": result.sha256,
+        "admit": {"admitted": result.admitted, "name": result.name, "sha256": result.sha256, "key": result.key,
                   "destination": str(result.destination), "already_present": result.already_present,
-                  "audit_log": str(result.audit_log), "neighbours": [_neighbour_dict(n) for n in result.neighbours]},
+                  "audit_log": str(result.audit_log), "neighbours": [_neighbour_dict(n) for n in result.neighbours],
+                  "broken": list(result.broken), "warnings": list(result.warnings)},
     }
 
 

@@ -296,6 +296,8 @@ def test_cli_admit_exit_codes_and_json(tmp_path: Path):
     assert ok.exit_code == EXIT_OK, ok.output
     doc = json.loads(ok.stdout)
     assert doc["gate"]["passed"] and doc["admit"]["admitted"] and Path(doc["admit"]["destination"]).is_dir()
+    assert doc["admit"]["name"].endswith("-" + doc["admit"]["key"][:12])
+    assert (doc["admit"]["broken"], doc["admit"]["warnings"]) == ([], [])
     assert "admitted" in ok.stderr
     refused = runner.invoke(app, ["admit", str(sharp), "--store", str(pool), "--max-ssi", "0.9", "-q"])
     assert refused.exit_code == EXIT_GATE_FAILED
