@@ -63,3 +63,45 @@ def test_layers_point_one_way():
             if name == owner or name.startswith(owner + "."):
                 for bad in forbidden:
                     assert not any(i.startswith(bad) for i in imported if i != name), (name, bad)
+
+
+MODEL_LAYER = ("s3lora_cli.lm", "s3lora_cli.evaluation", "s3lora_cli.cli.eval")
+"""The modules that may import a model library (transformers, peft) or the model loader."""
+
+
+def test_only_the_eval_command_imports_the_evaluation_subsystem():
+    for name, imported in modules().items():
+        if any(name == m or name.startswith(m + ".") for m in MODEL_LAYER):
+            continue
+        for optional in ("s3lora_cli.evaluation", "s3lora_cli.lm", "transformers", "peft"):
+            assert not _uses(imported, optional), (name, optional)
+    for name, imported in modules().items():
+        if name.startswith("s3lora_cli.evaluation"):
+            assert not _uses(imported, "s3lora_cli.cli") and not _uses(imported, "typer"), name
+    # the command imports it when it runs, not when the command line is built
+    tree = ast.parse((PACKAGE / "cli" / "eval.py").read_text())
+    top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert not any(m.startswith("s3lora_cli.evaluation") for m in top_level if m)
+
+
+def test_score_prune_and_check_never_load_a_model_library():
+    """Run the core commands in a fresh interpreter and look at what it imported."""
+    import subprocess
+    import sys
+
+    program = """
+import sys
+import s3lora_cli
+from typer.testing import CliRunner
+from s3lora_cli.cli import DEMO_ADAPTER, app
+runner = CliRunner()
+for args in (["score", "--demo", "-q"], ["prune", str(DEMO_ADAPTER), "--tau", "2", "--dry-run", "-q"],
+             ["check", str(DEMO_ADAPTER), "--max-ssi", "0.99", "-q"]):
+    assert runner.invoke(app, args).exit_code in (0, 1), args
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "peft", "accelerate", "matplotlib")
+                or m.startswith(("s3lora_cli.evaluation", "s3lora_cli.lm")))
+print(",".join(loaded))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout
