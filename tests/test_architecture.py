@@ -65,37 +65,54 @@ def test_layers_point_one_way():
                     assert not any(i.startswith(bad) for i in imported if i != name), (name, bad)
 
 
-def test_the_core_never_imports_the_adapt_subsystem():
-    """Only the adapt command module refers to s3lora_cli.adapt, and only inside its commands."""
+MODEL_LAYER = ("s3lora_cli.lm", "s3lora_cli.evaluation", "s3lora_cli.cli.eval", "s3lora_cli.adapt",
+               "s3lora_cli.cli.adapt")
+"""The modules that may import a model library (transformers, peft) or the model loader."""
+
+
+def test_only_the_model_commands_import_the_model_layer():
     for name, imported in modules().items():
-        if not (name.startswith("s3lora_cli.adapt") or name == "s3lora_cli.cli.adapt"):
-            assert not _uses(imported, "s3lora_cli.adapt"), name
-    tree = ast.parse((PACKAGE / "cli" / "adapt.py").read_text())
-    top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert not any(m.startswith("s3lora_cli.adapt") or m.startswith("s3lora_cli.lm") for m in top_level)
+        if any(name == m or name.startswith(m + ".") for m in MODEL_LAYER):
+            continue
+        for optional in ("s3lora_cli.evaluation", "s3lora_cli.adapt", "s3lora_cli.lm", "transformers", "peft"):
+            assert not _uses(imported, optional), (name, optional)
+    for name, imported in modules().items():
+        if name.startswith(("s3lora_cli.evaluation", "s3lora_cli.adapt")):
+            assert not _uses(imported, "s3lora_cli.cli") and not _uses(imported, "typer"), name
 
 
-def test_score_prune_and_check_load_neither_adapt_nor_transformers(tmp_path):
-    """Importing s3lora_cli, the CLI, and running score, prune and check on the demo adapter never loads
-    s3lora_cli.adapt, s3lora_cli.lm, transformers, scikit-learn or the metric libraries (the test fails when
-    one of them is loaded: it lists them)."""
+def test_the_model_commands_import_their_subsystems_when_they_run():
+    """Not when the command line is built: --help and the core commands never load them."""
+    for command, subsystems in (("eval.py", ("s3lora_cli.evaluation", "s3lora_cli.lm")),
+                                ("adapt.py", ("s3lora_cli.adapt", "s3lora_cli.lm"))):
+        tree = ast.parse((PACKAGE / "cli" / command).read_text())
+        top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert not any(m.startswith(subsystems) for m in top_level if m), command
+
+
+def test_score_prune_and_check_never_load_a_model_library(tmp_path):
+    """Run the core commands in a fresh interpreter and look at what it imported: no model library, no metric
+    library, none of the model subsystems (the test lists what was loaded)."""
     import subprocess
     import sys
 
-    code = (
-        "import sys\n"
-        "import s3lora_cli\n"
-        "from typer.testing import CliRunner\n"
-        "from s3lora_cli import cli\n"
-        f"out = {str(tmp_path / 'pruned')!r}\n"
-        "for args in (['score', '--demo', '-q'], ['check', str(cli.DEMO_ADAPTER), '--max-ssi', '0.9', '-q'],\n"
-        "             ['prune', str(cli.DEMO_ADAPTER), '--tau', '1', '-o', out, '-q']):\n"
-        "    r = CliRunner().invoke(cli.app, args)\n"
-        "    assert r.exit_code in (0, 1), (args, r.exit_code, r.stderr)\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'sklearn', 'sacrebleu', 'rouge_score')"
-        " or m == 's3lora_cli.adapt' or m.startswith('s3lora_cli.adapt.') or m == 's3lora_cli.lm']\n"
-        "print(bad)\n"
-        "assert not bad, bad\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    program = f"""
+import sys
+import s3lora_cli
+from typer.testing import CliRunner
+from s3lora_cli.cli import DEMO_ADAPTER, app
+runner = CliRunner()
+out = {str(tmp_path / "pruned")!r}
+for args in (["score", "--demo", "-q"], ["prune", str(DEMO_ADAPTER), "--tau", "1", "-o", out, "-q"],
+             ["prune", str(DEMO_ADAPTER), "--tau", "2", "--dry-run", "-q"],
+             ["check", str(DEMO_ADAPTER), "--max-ssi", "0.9", "-q"]):
+    result = runner.invoke(app, args)
+    assert result.exit_code in (0, 1), (args, result.exit_code, result.stderr)
+libraries = ("transformers", "peft", "accelerate", "matplotlib", "sklearn", "sacrebleu", "rouge_score")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in libraries
+                or m.split(".")[:2] in (["s3lora_cli", "evaluation"], ["s3lora_cli", "adapt"], ["s3lora_cli", "lm"]))
+print(",".join(loaded))
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", done.stdout

@@ -367,3 +367,4 @@ from s3lora_cli.cli import check as _check  # noqa: E402,F401
 from s3lora_cli.cli import scan as _scan  # noqa: E402,F401
 from s3lora_cli.cli import admit as _admit  # noqa: E402,F401
 from s3lora_cli.cli import adapt as _adapt  # noqa: E402,F401
+from s3lora_cli.cli import eval as _eval  # noqa: E402,F401
