@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -343,13 +344,25 @@ _DEFERRED = {signal.SIGINT, signal.SIGTERM}
 @contextmanager
 def deferred_signals() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back while a result is committed (a few renames and one log line), so that an
-    interruption lands before the commit or after it, never inside. They are delivered when the block ends."""
-    try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
-    except (AttributeError, OSError, ValueError):  # no pthread_sigmask (Windows)
+    interruption lands before the commit or after it, never inside. They are delivered when the block ends.
+
+    The signals are held by Python-level handlers that only note them, not by blocking them in this thread: the
+    kernel may deliver a process-directed signal to any thread that does not block it (PyTorch's, numba's), and
+    Python then runs its handler in the main thread at once. Only the main thread can set handlers; elsewhere
+    the block holds nothing back."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[int] = []
+    previous = {}
+    for signum in _DEFERRED:
+        if signal.getsignal(signum) is None:  # a handler not set from Python: it could not be put back
+            continue
+        previous[signum] = signal.signal(signum, lambda received, frame: pending.append(received))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):  # each once, in the order received
+            signal.raise_signal(signum)

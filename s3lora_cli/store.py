@@ -814,7 +814,7 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
                     raise
                 finally:
                     appended.close()
-                committed = True
+                committed = True  # inside the block: a signal held back is delivered after this, never before
         except BaseException as exc:
             durable.discard(tmp)
             if committed and isinstance(exc, KeyboardInterrupt):

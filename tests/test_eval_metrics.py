@@ -133,12 +133,13 @@ def test_planned_variants_prune_what_prune_selects(tmp_path):
     assert [v.name for v in variants] == ["base", "adapter", "pruned", "tau=0", "tau=1", "tau=3"]
     dry = prune_adapter(adapter, tmp_path / "out", selection, options=ScoreOptions(device="cpu"), dry_run=True)
     assert variants[2].pruned == dry.modules and len(dry.modules) == 2
-    for variant, tau in zip(variants[3:], (0, 1, 3), strict=True):
-        assert variant.pruned == prune_adapter(adapter, tmp_path / "out", Selection.of(tau=tau),
+    assert variants[3].pruned == ()  # tau = 0 prunes nothing (prune itself refuses it)
+    for variant, tau in zip(variants[4:], (1, 3), strict=True):  # a sweep may take most layers: allowed there
+        assert variant.pruned == prune_adapter(adapter, tmp_path / "out", Selection.of(tau=tau, allow_large=True),
                                                options=ScoreOptions(device="cpu"), dry_run=True).modules
     # tau = 0 is the adapter itself, evaluated once
     assert variants[3].same_model_as == variants[1].same_model_as != variants[0].same_model_as
-    threshold = plan_variants(report, Selection.of(threshold=0.0))[2]
+    threshold = plan_variants(report, Selection.of(threshold=0.0, allow_large=True))[2]
     assert len(threshold.pruned) == len(report.layers) and threshold.tau is None
     from_file = plan_variants(None, None, pruned_file=tmp_path / "p")
     assert from_file[2] == Variant("pruned", VariantKind.PRUNED_FILE, selection=str(tmp_path / "p"))

@@ -80,7 +80,9 @@ def eval_command(
 
     sweep = evaluation.parse_sweep(sweep_tau) if sweep_tau is not None else ()
     given = any(v is not None for v in (tau, threshold, fraction))
-    selection = Selection.of(tau, threshold, fraction) if given or (pruned is None and not sweep) else None
+    # eval writes nothing, so a selection of most of the adapter is measured rather than refused (as prune does)
+    selection = (Selection.of(tau, threshold, fraction, allow_large=True) if given or (pruned is None and not sweep)
+                 else None)
     if selection is not None and pruned is not None:
         raise UsageError("give --pruned or --tau / --threshold / --fraction, not both")
     if plot is not None and not sweep:

@@ -62,8 +62,11 @@ def plan_variants(report: ScoreReport | None, selection: Selection | None, sweep
     elif selection is not None:
         chosen = tuple(s.module for s in select_layers(report, selection))
         variants.append(Variant("pruned", VariantKind.PRUNED, chosen, selection.tau, selection.describe()))
-    for tau in sweep:
-        sweep_selection = Selection(tau=tau)
+    for tau in sweep:  # a curve over how much is cut: large selections are its point, and 0 is the adapter
+        if tau == 0:
+            variants.append(Variant("tau=0", VariantKind.PRUNED, (), 0, "tau 0 (nothing pruned)"))
+            continue
+        sweep_selection = Selection(tau=tau, allow_large=True)
         chosen = tuple(s.module for s in select_layers(report, sweep_selection))
         variants.append(Variant(f"tau={tau}", VariantKind.PRUNED, chosen, tau, sweep_selection.describe()))
     return tuple(variants)
