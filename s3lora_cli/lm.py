@@ -9,7 +9,6 @@ file's content hash; later loads read that directory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -47,21 +46,15 @@ def _require_transformers():
     return transformers
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def converted_gguf_directory(gguf_file: Path) -> Path:
     """A Hugging Face directory holding the model and tokenizer of ``gguf_file``, converted once and cached.
 
     The conversion is written to a temporary directory beside the cache entry and renamed into place, so a
     killed conversion leaves no half-written entry."""
     gguf_file = Path(gguf_file)
-    target = cache_root() / "gguf" / _file_digest(gguf_file)[:32]
+    from s3lora_cli.adapters.base import file_sha256
+
+    target = cache_root() / "gguf" / file_sha256(gguf_file)[:32]
     if (target / "config.json").is_file():
         return target
     transformers = _require_transformers()

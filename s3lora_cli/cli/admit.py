@@ -45,7 +45,8 @@ def admit(
     adapter: Path = typer.Argument(..., metavar="ADAPTER", help="The adapter directory (or weights file) to admit."),
     store: Path = typer.Option(..., "--store", help="The store directory (created if missing)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name in the store (default: the adapter's directory "
-                                       "name); the entry is <name>-<first 12 hex digits of the weights' sha256>."),
+                                       "name); the entry is <name>-<first 12 hex digits of its content key "
+                                       "(weights and config)>."),
     quarantine: Optional[Path] = typer.Option(None, "--quarantine", help="Where refused adapters go "
                                               "(default <store>.quarantine beside the store)."),
     audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="JSON-lines log of every decision "

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import io
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -102,7 +100,10 @@ def eval_command(
         result = evaluation.evaluate(adapter, base, options, progress)
     _render(result, fmt, output, force)
     if plot is not None:
-        _write_bytes_atomic(plot, render.render_plot(result))
+        from s3lora_cli import durable
+
+        png = render.render_plot(result)
+        durable.write_file_atomic(plot, lambda fh: fh.write(png))
     if not quiet:
         _summary(result, plot)
 
@@ -157,18 +158,6 @@ def _check_outputs(outputs: list[Optional[Path]], force: bool, inputs: list[Opti
             source = source.resolve()
             if target == source or source in target.parents:
                 raise UsageError(f"{out} is an input of this run ({source}); write the output elsewhere")
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _quiet_transformers() -> None:
