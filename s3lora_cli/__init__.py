@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from s3lora_cli._version import __version__
 
 _PUBLIC = {
     "open_adapter": "s3lora_cli.adapters",
@@ -20,7 +20,7 @@ _PUBLIC = {
     "RuntimeProblem": "s3lora_cli.errors",
     "S3LoraError": "s3lora_cli.errors",
     "UsageError": "s3lora_cli.errors",
-    "Selection": "s3lora_cli.policy",
+    "Selection": "s3lora_cli.selection",
     "PruneMode": "s3lora_cli.pruning",
     "PruneResult": "s3lora_cli.pruning",
     "prune_adapter": "s3lora_cli.pruning",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from s3lora_cli import __version__, report
+from s3lora_cli._version import __version__
 from s3lora_cli.adapters import LoraLayer, open_adapter
 from s3lora_cli.adapters.writer import (
     LayerEdit,
@@ -23,10 +23,11 @@ from s3lora_cli.adapters.writer import (
     layout_for,
     write_pruned_adapter,
 )
+from s3lora_cli.document import PRUNED, render_json, report_dict
 from s3lora_cli.durable import clean_stale
 from s3lora_cli.errors import UsageError
-from s3lora_cli.policy import Selection, select_layers
 from s3lora_cli.scoring import LayerScore, ScoreOptions, ScoreReport, score_adapter
+from s3lora_cli.selection import Selection, select_layers
 
 __all__ = ["PruneMode", "PruneResult", "PrunedLayer", "prune_adapter", "prune_document"]
 
@@ -104,7 +105,7 @@ def prune_adapter(path: str | Path, output: str | Path | None = None, selection:
     if not dry_run:
         edits = [LayerEdit(p.score.layer, p.action) for p in pruned]
         write_pruned_adapter(Path(scores.adapter.weights_file), destination, edits, metadata=provenance(result),
-                             report_text=report.render_json(prune_document(result)), force=force,
+                             report_text=render_json(prune_document(result)), force=force,
                              expected_sha256=scores.adapter.sha256, layout=layout)
     return result
 
@@ -129,9 +130,10 @@ def _pruned_entries(result: PruneResult) -> list[dict[str, Any]]:
 
 
 def prune_document(result: PruneResult) -> dict[str, Any]:
-    """The score report's JSON document (``report.report_dict``, pruned layers marked ``pruned``) plus ``prune`` (mode,
-    selection, output, whether it was written) and ``pruned``: one entry per pruned layer, in rank order."""
-    doc = report.report_dict(result.report, set(result.modules), result.selection.tau, mark=report.PRUNED)
+    """The score report's JSON document (``document.report_dict``, pruned layers marked ``pruned``) plus
+    ``prune`` (mode, selection, output, whether it was written) and ``pruned``: one entry per pruned layer, in
+    rank order."""
+    doc = report_dict(result.report, set(result.modules), result.selection.tau, mark=PRUNED)
     doc["parameters"].update(result.selection.as_dict(), mode=result.mode.value)
     doc["prune"] = {
         "mode": result.mode.value,

@@ -13,21 +13,19 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+# The JSON report's serialisation lives in document.py; its names are re-exported for the renderers' callers.
+from s3lora_cli.document import PRUNED as PRUNED
+from s3lora_cli.document import SCHEMA_VERSION, TOOL_NAME, TOP_TAU, VIOLATION
+from s3lora_cli.document import finite as _finite
+from s3lora_cli.document import layer_dict as layer_dict
+from s3lora_cli.document import render_json as render_json
+from s3lora_cli.document import report_dict as report_dict
 from s3lora_cli.gate import RULE_HELP, GateResult, Rule, Violation
-from s3lora_cli.policy import LARGE_SELECTION, MAD_TO_SIGMA, Spread, percent, spread
 from s3lora_cli.scoring import LayerScore, ScoreReport
-
-SCHEMA_VERSION = 2
-TOOL_NAME = "s3lora"
+from s3lora_cli.selection import LARGE_SELECTION, MAD_TO_SIGMA, Spread, percent, spread
 
 OUTLIER_Z = 3.5
 """A robust z-score above this stands out (Iglewicz and Hoaglin's cut-off for the modified z-score)."""
-
-# The words every output uses for what it marks: one per command, the same in the table, JSON, Markdown and CSV.
-TOP_TAU = "top_tau"  # score: among the tau highest-SSI layers (paper Eq. 5), what prune --tau would remove
-PRUNED = "pruned"  # prune: the layers whose update was (or, in a dry run, would be) removed
-VIOLATION = "violation"  # check, admit: the layer broke a gate rule
-SUMMARY_KEYS = {TOP_TAU: "top_tau", PRUNED: "pruned", VIOLATION: "violations"}
 
 MEANING = (
     "SSI (Spectral Sharpness Index) is the share of a layer's update in its single strongest direction: near "
@@ -40,85 +38,6 @@ NEXT_STEPS = (
     "the top-tau (s3lora prune) and evaluate the pruned adapter on your tasks, and review the layers that "
     "stand out (high z)."
 )
-
-
-def _finite(x: float | None, digits: int = 12) -> float | None:
-    """A float rounded to ``digits`` significant digits, so that the last bits of a platform's BLAS do not
-    change the document; None stays None (JSON null)."""
-    return None if x is None else float(format(float(x), f".{digits}g"))
-
-
-def layer_dict(rank: int, score: LayerScore, marked: bool, mark: str = TOP_TAU,
-               robust_z: float | None = None) -> dict[str, Any]:
-    layer = score.layer
-    return {
-        "rank": rank,
-        "module": layer.module,
-        "kind": layer.kind.value,
-        "shape": list(layer.shape),
-        "r": layer.r,
-        "lora_alpha": layer.lora_alpha,
-        "scaling": layer.scaling,
-        "dtype": layer.dtype,
-        "ssi": _finite(score.ssi),
-        "robust_z": _finite(robust_z),
-        "sigma": [_finite(s) for s in score.sigma],
-        "sigma_1": _finite(score.sigma_1),
-        "sigma_sum": _finite(score.sigma_sum),
-        "components": score.components,
-        "top_h": score.top_h,
-        "fit_rank": score.fit_rank,
-        "picks": [{"a": p.a, "b": p.b, "delta": _finite(p.delta)} for p in score.picks],
-        mark: marked,
-        "notes": list(score.notes),
-        "error": score.error,
-    }
-
-
-def report_dict(report: ScoreReport, marked: set[str] | tuple = (), tau: int | None = None,
-                mark: str = TOP_TAU) -> dict[str, Any]:
-    """The JSON document of a report (schema_version 2, documented in README.md). ``marked`` are the modules
-    that ``mark`` (TOP_TAU, PRUNED or VIOLATION) applies to."""
-    a = report.adapter
-    scored = [s for s in report.layers if s.ssi is not None]
-    where = spread(report)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": TOOL_NAME, "version": report.tool_version},
-        "adapter": {
-            "path": a.path,
-            "weights_file": a.weights_file,
-            "sha256": a.sha256,
-            "format": a.format,
-            "base_model_name_or_path": a.base_model_name_or_path,
-            "peft_type": a.peft_type,
-            "r": a.r,
-            "lora_alpha": a.lora_alpha,
-            "use_rslora": a.use_rslora,
-            "use_dora": a.use_dora,
-            "target_modules": sorted(a.target_modules) if isinstance(a.target_modules, list) else a.target_modules,
-        },
-        "parameters": {**report.parameters, "tau": tau},
-        "summary": {
-            "layers": len(report.layers),
-            "scored": len(scored),
-            "non_finite": len(report.layers) - len(scored),
-            "max_ssi": _finite(scored[0].ssi) if scored else None,
-            "median_ssi": _finite(where.median),
-            "mad_ssi": _finite(where.mad),
-            "rank_one_fits": sum(s.fit_rank == 1 and s.components > 1 for s in scored),
-            SUMMARY_KEYS[mark]: [s.module for s in report.layers if s.module in marked],
-        },
-        "layers": [layer_dict(i, s, s.module in marked, mark, where.robust_z[s.module])
-                   for i, s in enumerate(report.layers, start=1)],
-        "not_analysed": [
-            {"key": t.key, "module": t.module, "shape": list(t.shape), "reason": t.reason} for t in report.not_analysed
-        ],
-    }
-
-
-def render_json(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, allow_nan=False, indent=2) + "\n"
 
 
 def _fmt(x: float | None, spec: str = ".6f") -> str:
@@ -662,7 +581,7 @@ def render_gate_text(result: GateResult, width: int | None = None, verbose: bool
 
 # --- adapter stores (s3lora scan, s3lora admit): JSON, JSON lines and the Rich tables -----------------------
 
-from s3lora_cli import __version__  # noqa: E402
+from s3lora_cli._version import __version__  # noqa: E402
 from s3lora_cli.store import AdmitResult, Neighbour, ScanResult, ScanRow, ScanSettings  # noqa: E402
 
 

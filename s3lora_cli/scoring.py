@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from s3lora_cli import __version__
+from s3lora_cli._version import __version__
 from s3lora_cli.adapters import Adapter, LoraLayer, SkippedTensor, open_adapter
 from s3lora_cli.adapters.detect import check_adapter_name, check_format_name
 from s3lora_cli.errors import RuntimeProblem, UsageError

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from s3lora_cli import __version__, durable
+from s3lora_cli import durable
+from s3lora_cli._version import __version__
 from s3lora_cli.adapters import LayerKind, LoraLayer, SkippedTensor, find_adapters, open_adapter
 from s3lora_cli.adapters.base import file_sha256
 from s3lora_cli.adapters.config import CONFIG_NAME

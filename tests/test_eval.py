@@ -24,9 +24,9 @@ from s3lora_cli.evaluation import EvalOptions, VariantKind, evaluate  # noqa: E4
 from s3lora_cli.evaluation import render as eval_render  # noqa: E402
 from s3lora_cli.evaluation import runner as eval_runner  # noqa: E402
 from s3lora_cli.lm import load_causal_lm  # noqa: E402
-from s3lora_cli.policy import Selection  # noqa: E402
 from s3lora_cli.pruning import PruneMode, prune_adapter  # noqa: E402
 from s3lora_cli.scoring import ScoreOptions  # noqa: E402
+from s3lora_cli.selection import Selection  # noqa: E402
 
 WORDS = ("what is the capital of france spain italy germany portugal paris madrid rome berlin lisbon "
          "city country name one two three four five yes no sorry i cannot help")

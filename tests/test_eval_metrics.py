@@ -23,9 +23,9 @@ from s3lora_cli.evaluation.metrics import (
 )
 from s3lora_cli.evaluation.tasks import DEFAULT_REFUSAL_MARKERS, read_markers, read_tasks
 from s3lora_cli.evaluation.variants import Variant, VariantKind, parse_sweep, plan_variants
-from s3lora_cli.policy import Selection
 from s3lora_cli.pruning import prune_adapter
 from s3lora_cli.scoring import ScoreOptions, score_adapter
+from s3lora_cli.selection import Selection
 
 
 def test_answer_matching():

@@ -559,9 +559,9 @@ def test_prune_force_killed_at_several_points(tmp_path):
     directory just made, a third of the weights written; SIGKILL: two thirds written): the output
     is always the old one, whole; SIGTERM exits 143 and leaves no temporary directory; what SIGKILL leaves, the
     next run removes."""
-    from s3lora_cli.policy import Selection
     from s3lora_cli.pruning import prune_adapter
     from s3lora_cli.scoring import ScoreOptions
+    from s3lora_cli.selection import Selection
 
     adapter = big_adapter(tmp_path / "adapter", 24)
     out = tmp_path / "pruned"

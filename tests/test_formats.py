@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from s3lora_cli.adapters import LayerKind, detect_format, find_adapters, open_adapter
 from s3lora_cli.cli import app
 from s3lora_cli.errors import AdapterInputError, UsageError
-from s3lora_cli.policy import Selection
 from s3lora_cli.pruning import PruneMode, prune_adapter
 from s3lora_cli.scoring import ScoreOptions, score_adapter
+from s3lora_cli.selection import Selection
 
 runner = CliRunner()
 

@@ -76,12 +76,12 @@ def test_help_and_the_cli_import_no_torch_numba_or_rich():
 
 
 def test_light_copies_equal_the_library():
-    from s3lora_cli import policy, spectral, store
+    from s3lora_cli import selection, spectral, store
     from s3lora_cli.pruning import PruneMode
 
     assert [m.value for m in MethodName] == [m.value for m in spectral.Method]
     assert [m.value for m in ModeName] == [m.value for m in PruneMode]
-    assert (DEFAULT_TAU, DEFAULT_COMPONENTS) == (policy.DEFAULT_TAU, spectral.DEFAULT_COMPONENTS)
+    assert (DEFAULT_TAU, DEFAULT_COMPONENTS) == (selection.DEFAULT_TAU, spectral.DEFAULT_COMPONENTS)
     assert (DEFAULT_TOP, DEFAULT_NEIGHBOURS, DEFAULT_DUPLICATE_THRESHOLD) == (
         store.DEFAULT_TOP, store.DEFAULT_NEIGHBOURS, store.DEFAULT_DUPLICATE_THRESHOLD)
     assert MethodName.SVD.method() is spectral.Method.SVD

@@ -32,9 +32,9 @@ from s3lora_cli import durable
 from s3lora_cli.adapters.writer import REPORT_NAME, merged_exclude_modules
 from s3lora_cli.cli import EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, app
 from s3lora_cli.errors import AdapterInputError, UsageError
-from s3lora_cli.policy import Selection, above_threshold, select_layers, top_fraction, top_tau
 from s3lora_cli.pruning import PruneMode, prune_adapter
 from s3lora_cli.scoring import ScoreOptions, score_adapter
+from s3lora_cli.selection import Selection, above_threshold, select_layers, top_fraction, top_tau
 from s3lora_cli.spectral import Method
 
 runner = CliRunner()

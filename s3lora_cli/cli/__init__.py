@@ -25,7 +25,7 @@ try:  # Typer 0.2x vendors click
 except ImportError:  # pragma: no cover - older Typer, with click itself
     from click.exceptions import ClickException, NoArgsIsHelpError
 
-from s3lora_cli import __version__
+from s3lora_cli._version import __version__
 from s3lora_cli.durable import write_file_atomic
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError, describe_os_error
 

@@ -73,8 +73,8 @@ def eval_command(
     """Evaluate base, adapter and pruned adapter side by side on your prompts (needs the eval extra)."""
     from s3lora_cli import evaluation
     from s3lora_cli.evaluation import render
-    from s3lora_cli.policy import Selection
     from s3lora_cli.scoring import ScoreOptions
+    from s3lora_cli.selection import Selection
 
     sweep = evaluation.parse_sweep(sweep_tau) if sweep_tau is not None else ()
     given = any(v is not None for v in (tau, threshold, fraction))

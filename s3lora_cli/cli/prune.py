@@ -78,9 +78,9 @@ def prune(
     """Zero (or drop) the LoRA update of the highest-SSI layers; the frozen base weights are untouched."""
     from s3lora_cli import report
     from s3lora_cli.adapters.detect import resolve_adapter_path
-    from s3lora_cli.policy import Selection
     from s3lora_cli.pruning import PruneMode, prune_adapter, prune_document
     from s3lora_cli.scoring import ScoreOptions
+    from s3lora_cli.selection import Selection
 
     selection = Selection.of(tau, threshold, fraction, allow_large)
     path = resolve_adapter_path(adapter, revision)
@@ -107,8 +107,8 @@ def prune(
 
 
 def _summary(result) -> list[str]:
-    from s3lora_cli.policy import percent
     from s3lora_cli.pruning import PruneMode
+    from s3lora_cli.selection import percent
 
     lines = [f"note: {p.module}: {p.note}" for p in result.pruned if p.note]
     counts = ", ".join(f"{sum(p.action is m for p in result.pruned)} {m.value}" for m in PruneMode)

@@ -66,8 +66,8 @@ def score(
     layer's update in its strongest direction, which S3LoRA treats as a safety risk when concentrated."""
     from s3lora_cli import report
     from s3lora_cli.adapters.detect import resolve_adapter_path
-    from s3lora_cli.policy import marked_tau, top_tau
     from s3lora_cli.scoring import ScoreOptions, score_adapter
+    from s3lora_cli.selection import marked_tau, top_tau
 
     if top is not None and top < 1:
         raise UsageError(f"--top must be at least 1, got {top}")

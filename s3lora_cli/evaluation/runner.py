@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from s3lora_cli import __version__
+from s3lora_cli._version import __version__
 from s3lora_cli.errors import AdapterInputError, UsageError
 from s3lora_cli.evaluation.metrics import Scores, TokenSums, scores, token_sums
 from s3lora_cli.evaluation.tasks import DEFAULT_REFUSAL_MARKERS, Task, TaskFile, read_tasks
@@ -29,8 +29,8 @@ from s3lora_cli.evaluation.variants import (
     plan_variants,
     require_libraries,
 )
-from s3lora_cli.policy import Selection
 from s3lora_cli.scoring import ScoreOptions, ScoreReport, resolve_device, score_adapter
+from s3lora_cli.selection import Selection
 
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_BATCH_SIZE = 16

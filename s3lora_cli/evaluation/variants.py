@@ -15,8 +15,8 @@ from typing import Any
 
 from s3lora_cli.adapters import Adapter, LoraLayer, open_adapter
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
-from s3lora_cli.policy import Selection, select_layers
 from s3lora_cli.scoring import ScoreReport
+from s3lora_cli.selection import Selection, select_layers
 
 ADAPTER_NAME = "default"
 PRUNED_FILE_NAME = "pruned"
@@ -53,7 +53,7 @@ class Variant:
 
 def plan_variants(report: ScoreReport | None, selection: Selection | None, sweep: Sequence[int] = (),
                   pruned_file: Path | None = None) -> tuple[Variant, ...]:
-    """base, adapter, then the pruned adapter (``selection`` applied to ``report`` with ``policy.select_layers``,
+    """base, adapter, then the pruned adapter (``selection`` applied to ``report`` with ``selection.select_layers``,
     exactly as ``s3lora prune`` selects; or ``pruned_file``), then one variant per sweep point (the top-tau
     layers by SSI)."""
     variants = [Variant("base", VariantKind.BASE), Variant("adapter", VariantKind.ADAPTER)]

@@ -1,4 +1,4 @@
-"""The policy's numbers and limits: the robust z-score against a slow reference, the rank of the fit against a
+"""The selection's numbers and limits: the robust z-score against a slow reference, the rank of the fit against a
 dense one, the safe selection of prune (and the tau score marks), and what the summaries say about them."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from s3lora_cli.cli import EXIT_OK, EXIT_USAGE, app
 from s3lora_cli.errors import UsageError
-from s3lora_cli.policy import MAD_TO_SIGMA, Selection, marked_tau, spread
 from s3lora_cli.report import fit_note
 from s3lora_cli.scoring import ScoreOptions, score_adapter
+from s3lora_cli.selection import MAD_TO_SIGMA, Selection, marked_tau, spread
 from s3lora_cli.spectral import RANK_RTOL, Method
 
 runner = CliRunner()
