@@ -40,3 +40,9 @@ def describe_os_error(exc: OSError) -> str:
     where = " -> ".join(paths)
     hint = _OS_HINTS.get(errno.errorcode.get(exc.errno or 0, ""))
     return f"{where + ': ' if where else ''}{reason}{'; ' + hint if hint else ''}"
+
+
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first line of an exception's message (``default`` when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else default

@@ -289,6 +289,27 @@ def resolve_policy(flags: Mapping[str, Any], policy_file: Path | None = None,
     return GatePolicy(**{key.replace("-", "_"): value for key, value in merged.items()}, sources=sources)
 
 
+RULE_KEYS = ("max-ssi", "max-increase", "baseline")
+"""The settings that make a gate rule (``baseline`` only with ``max-increase``)."""
+
+
+def resolve_optional_policy(flags: Mapping[str, Any], policy_file: Path | None = None, device: str = "auto",
+                            cwd: Path | None = None) -> tuple[GatePolicy | None, ScoreOptions]:
+    """The policy and scoring options of a command whose gate is optional (``scan``), from the same flags and
+    sources as ``resolve_policy``: with a rule (max-ssi, max-increase or baseline) anywhere, the policy and its
+    options; without one, no policy and the options the flags and the file give (flags win)."""
+    source = policy_file if policy_file is not None else find_pyproject(cwd or Path.cwd())
+    from_file = load_policy_file(source) if source is not None else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if any(k in given or k in from_file for k in RULE_KEYS):
+        policy = resolve_policy(flags, policy_file, cwd)
+        return policy, policy.score_options(device)
+    merged = {**from_file, **{k: SETTINGS[k](v, f"--{k}") for k, v in given.items()}}
+    options = ScoreOptions(method=merged.get("method", Method.MAS_SVD), components=merged.get("components"),
+                           top_h=merged.get("top-h"), device=device)
+    return None, options
+
+
 # --- rules ------------------------------------------------------------------------------------------------
 
 def compare(report: ScoreReport, baseline: ScoreReport) -> tuple[LayerChange, ...]:

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 # The JSON report's serialisation lives in document.py; its names are re-exported for the renderers' callers.
+from s3lora_cli._version import __version__
 from s3lora_cli.document import PRUNED as PRUNED
 from s3lora_cli.document import SCHEMA_VERSION, TOOL_NAME, TOP_TAU, VIOLATION
 from s3lora_cli.document import finite as _finite
@@ -23,6 +24,7 @@ from s3lora_cli.document import report_dict as report_dict
 from s3lora_cli.gate import RULE_HELP, GateResult, Rule, Violation
 from s3lora_cli.scoring import LayerScore, ScoreReport
 from s3lora_cli.selection import LARGE_SELECTION, MAD_TO_SIGMA, Spread, percent, spread
+from s3lora_cli.store import AdmitResult, Neighbour, ScanResult, ScanRow, ScanSettings
 
 OUTLIER_Z = 3.5
 """A robust z-score above this stands out (Iglewicz and Hoaglin's cut-off for the modified z-score)."""
@@ -581,8 +583,6 @@ def render_gate_text(result: GateResult, width: int | None = None, verbose: bool
 
 # --- adapter stores (s3lora scan, s3lora admit): JSON, JSON lines and the Rich tables -----------------------
 
-from s3lora_cli._version import __version__  # noqa: E402
-from s3lora_cli.store import AdmitResult, Neighbour, ScanResult, ScanRow, ScanSettings  # noqa: E402
 
 
 def _neighbour_dict(n: Neighbour) -> dict[str, Any]:

@@ -24,11 +24,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from s3lora_cli import durable
-from s3lora_cli import store as store_mod
 from s3lora_cli.adapters import files as files_mod
 from s3lora_cli.cli import EXIT_GATE_FAILED, EXIT_INPUT, EXIT_OK, EXIT_RUNTIME, EXIT_SIGINT, EXIT_USAGE, app
+from s3lora_cli.errors import RuntimeProblem
 from s3lora_cli.gate import GatePolicy
 from s3lora_cli.store import AUDIT_LOG_NAME, admit_adapter, discover, read_audit_log
+from s3lora_cli.store import admission as admission_mod
 
 runner = CliRunner()
 POLICY = GatePolicy(max_ssi=0.99)
@@ -78,7 +79,7 @@ def one_line_error(result, code: int, *fragments: str) -> str:
 
 
 class FaultyOs:
-    """``os`` as durable.py and store.py see it, with chosen calls replaced (the fault injection layer)."""
+    """``os`` as durable.py and the store see it, with chosen calls replaced (the fault injection layer)."""
 
     def __init__(self, **overrides):
         self.__dict__.update(overrides)
@@ -183,7 +184,7 @@ def test_a_file_that_grows_while_it_is_copied_is_refused(tmp_path, monkeypatch):
             fh.write("more\n" * 1000)
         return planned
 
-    monkeypatch.setattr(store_mod, "plan_copy", plan_then_grow)
+    monkeypatch.setattr(admission_mod, "plan_copy", plan_then_grow)
     with pytest.raises(Exception, match="changed size while it was copied"):
         admit_adapter(adapter, tmp_path / "store", POLICY, device="cpu")
     assert discover(tmp_path / "store") == [] and not (tmp_path / "store" / AUDIT_LOG_NAME).exists()
@@ -234,7 +235,7 @@ def test_a_failed_rename_takes_the_record_back(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
 
     monkeypatch.setattr(durable, "install_dir", no_room)
-    with pytest.raises(store_mod.RuntimeProblem, match="No space left on device"):
+    with pytest.raises(RuntimeProblem, match="No space left on device"):
         admit_adapter(make_adapter(tmp_path / "second", 2), store, POLICY, device="cpu")
     assert tree(store) == before
 
