@@ -315,18 +315,18 @@ def test_no_output_option_may_name_a_file_of_an_input(tmp_path):
 
 
 def test_an_output_that_appears_while_the_command_runs_is_not_replaced(tmp_path, monkeypatch):
-    import s3lora_cli.cli as cli
+    import s3lora_cli.cli.output as output_mod
 
     adapter = make_adapter(tmp_path / "adapter")
     out = tmp_path / "report.json"
-    real_check = cli.check_output
+    real_check = output_mod.check_output
 
     def someone_else_writes(output, force):
         real_check(output, force)
         if output == out:
             out.write_text("theirs")
 
-    monkeypatch.setattr(cli, "check_output", someone_else_writes)
+    monkeypatch.setattr(output_mod, "check_output", someone_else_writes)
     result = runner.invoke(app, ["score", str(adapter), "-o", str(out), "-f", "json", "-q", "--device", "cpu"])
     one_line_error(result, EXIT_USAGE, str(out), "exists", "--force")
     assert out.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "report.json"]

@@ -11,7 +11,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from s3lora_cli import __version__
-from s3lora_cli.cli import DEFAULT_COMPONENTS, DEFAULT_TAU, EXIT_USAGE, MethodName, app
+from s3lora_cli.cli import DEFAULT_COMPONENTS, DEFAULT_TAU, EXIT_USAGE, ExitCode, MethodName, app
 from s3lora_cli.cli.prune import ModeName
 from s3lora_cli.cli.scan import DEFAULT_DUPLICATE_THRESHOLD, DEFAULT_NEIGHBOURS, DEFAULT_TOP
 
@@ -102,3 +102,37 @@ def test_errors_of_the_installed_command_are_one_line(tmp_path):
         assert out.returncode == code, (args, out.stderr)
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, (args, out.stderr)
         assert out.stdout == ""
+
+
+@pytest.mark.parametrize("how", ["flag", "environment", "neither"])
+def test_debug_shows_the_traceback_of_an_internal_error(monkeypatch, how):
+    """An internal error is one line and exit 4; --debug or S3LORA_DEBUG=1 adds its traceback, still exit 4."""
+    import s3lora_cli.scoring as scoring
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(scoring, "score_adapter", boom)
+    monkeypatch.delenv("S3LORA_DEBUG", raising=False)
+    args = ["score", "--demo", "-q"]
+    if how == "flag":
+        args = ["--debug", *args]
+    elif how == "environment":
+        monkeypatch.setenv("S3LORA_DEBUG", "1")
+    result = runner.invoke(app, args)
+    assert result.exit_code == ExitCode.RUNTIME == 4 and result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: internal error: RuntimeError: boom. Please report it.", result.stderr
+    if how == "neither":
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    else:
+        assert result.stderr.startswith("Traceback (most recent call last):") and "in boom" in result.stderr
+    again = runner.invoke(app, ["score", "--demo", "-q"])  # --debug holds for its own run only
+    assert ("Traceback" in again.stderr) == (how == "environment")
+
+
+def test_exit_codes_are_one_enum():
+    from s3lora_cli.cli import EXIT_SIGINT, EXIT_SIGTERM
+
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 130, 143]
+    assert (EXIT_SIGINT, EXIT_SIGTERM) == (ExitCode.INTERRUPTED, ExitCode.TERMINATED) == (130, 143)

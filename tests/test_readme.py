@@ -83,6 +83,10 @@ def test_exit_code_table_matches_the_cli():
     assert set(table) == {"0", "1", "2", "3", "4"}
     assert (cli.EXIT_OK, cli.EXIT_GATE_FAILED, cli.EXIT_USAGE, cli.EXIT_INPUT, cli.EXIT_RUNTIME) == (0, 1, 2, 3, 4)
     assert "gate" in table["1"] and "usage" in table["2"] and "input" in table["3"] and "runtime" in table["4"]
+    signals = re.findall(r"^\| (\d+), (\d+) \| (.+?) \|$", README, flags=re.M)
+    assert [(int(a), int(b)) for a, b, _ in signals] == [(cli.ExitCode.INTERRUPTED, cli.ExitCode.TERMINATED)]
+    assert "SIGINT" in signals[0][2] and "SIGTERM" in signals[0][2]
+    assert {int(code) for code in table} | {130, 143} == {int(code) for code in cli.ExitCode}
 
 
 def test_readme_demo_commands_run():

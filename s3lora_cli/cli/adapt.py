@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import IO, Optional
+from typing import Optional
 
 import typer
 
-from s3lora_cli.cli import POLICY, QUIET, app, check_output, error_boundary, stderr_console, write_output
+from s3lora_cli.cli.app import app
+from s3lora_cli.cli.boundary import error_boundary
+from s3lora_cli.cli.options import Force, Output, PolicyFile, Quiet
+from s3lora_cli.cli.output import Target, check_output, escape, stderr_console, write_output
 from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
 
 ADAPT_EXTRA_HINT = "install the adapt extra: pip install 's3lora[adapt]'"
@@ -34,13 +35,6 @@ STRICT = typer.Option(False, "--strict", help="Stop at the first bad input line 
 class BucketBy(str, enum.Enum):
     none = "none"
     tag = "tag"
-
-
-def escape(text: str) -> str:
-    """Rich's markup escape, imported when a command prints (help never loads Rich)."""
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
 
 
 def _require_extra() -> None:
@@ -70,26 +64,9 @@ def _input_lines(path: Path) -> Iterator[Iterator[str]]:
             raise AdapterInputError(f"{path}: not UTF-8 text ({exc})") from None
 
 
-@contextmanager
-def _jsonl_sink(output: Optional[Path], force: bool) -> Iterator[IO[str]]:
-    """Where JSON lines go: stdout, or a temporary file beside ``output`` renamed onto it once complete."""
-    if output is None:
-        yield sys.stdout
-        sys.stdout.flush()
-        return
-    check_output(output, force)
-    parent = output.parent if str(output.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the mode of a file created the ordinary way, not mkstemp's 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield handle
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _jsonl_sink(output: Optional[Path], force: bool):
+    """Where JSON lines go: stdout, or ``output`` written atomically once complete."""
+    return Target(output, force).stream()
 
 
 def _same_file(a: Path, b: Optional[Path]) -> bool:
@@ -123,9 +100,9 @@ def trigger(
     model: Optional[Path] = MODEL,
     tasks: Path = typer.Option(..., "--tasks", help="JSONL task stream ({\"prompt\", \"answer\", \"tag\"}); "
                                "'-' reads stdin."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the JSONL records here, not stdout."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
-    policy: Optional[Path] = POLICY,
+    output: Output = None,
+    force: Force = False,
+    policy: PolicyFile = None,
     embedder: Optional[Path] = EMBEDDER,
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples generated together."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
@@ -135,7 +112,7 @@ def trigger(
                                               "(default 0.5)."),
     strict: bool = STRICT,
     device: str = ADAPT_DEVICE,
-    quiet: bool = QUIET,
+    quiet: Quiet = False,
 ) -> None:
     """Generate each task's answer, score it against the gold answer (logit margin, BLEU, ROUGE-L, embedding
     similarity) and write every sample with its signals, score and decision as JSON lines; a summary per tag
@@ -203,7 +180,7 @@ def cluster(
     force: bool = typer.Option(False, "--force", help="Start over, replacing the state in --state."),
     model: Optional[Path] = MODEL,
     embedder: Optional[Path] = EMBEDDER,
-    policy: Optional[Path] = POLICY,
+    policy: PolicyFile = None,
     min_buffer: Optional[int] = typer.Option(None, "--min-buffer", help="Samples before the first re-clustering "
                                              "(default 25)."),
     min_cluster: Optional[int] = typer.Option(None, "--min-cluster", help="Members before a cluster is handed "
@@ -211,7 +188,7 @@ def cluster(
     bucket_by: BucketBy = typer.Option(BucketBy.none, "--bucket-by", help="none (one bucket) or tag."),
     strict: bool = STRICT,
     device: str = ADAPT_DEVICE,
-    quiet: bool = QUIET,
+    quiet: Quiet = False,
 ) -> None:
     """Cluster the triggered samples (HDBSCAN, re-run until stable), assign later ones online, merge close
     clusters, and hand off clusters of --min-cluster samples as JSONL files under STATE/clusters/ (manifest.json
@@ -251,15 +228,16 @@ def cluster(
 @adapt_app.command("demo-tasks")
 @error_boundary
 def demo_tasks(
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the stream here, not stdout."),
+    output: Output = None,
     seed: int = typer.Option(0, "--seed", help="Fixes the order of the stream."),
     per_family: int = typer.Option(25, "--per-family", min=1, help="Samples of each family."),
     warmup: int = typer.Option(20, "--warmup", min=0, help="In-distribution samples at the head of the stream."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
+    force: Force = False,
 ) -> None:
     """Write the offline demo task stream (JSONL): families the small model answers mixed with families it
     cannot, each sample's family in a 'family' field the pipeline never reads."""
     from s3lora_cli.adapt.demo import demo_jsonl
 
-    check_output(output, force)
-    write_output(demo_jsonl(seed=seed, warmup=warmup, per_family=per_family), output, force)
+    target = Target(output, force)
+    target.check()
+    target.write(demo_jsonl(seed=seed, warmup=warmup, per_family=per_family))

@@ -4,34 +4,35 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from s3lora_cli.cli import (
-    BASELINE,
-    COMPONENTS,
-    DEVICE,
-    EXIT_GATE_FAILED,
-    GATE_METHOD,
-    MAX_INCREASE,
-    MAX_SSI,
-    MAX_VIOLATIONS,
-    POLICY,
-    STRICT_LAYERS,
-    TOP_H,
-    VERBOSE,
-    MethodName,
-    app,
-    check_apart,
-    check_output,
-    error_boundary,
+from s3lora_cli.cli.app import app
+from s3lora_cli.cli.boundary import ExitCode, error_boundary
+from s3lora_cli.cli.options import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_NEIGHBOURS,
+    FORMAT,
+    Baseline,
+    Components,
+    Device,
+    DuplicateThreshold,
+    Force,
+    MaxIncrease,
+    MaxSsi,
+    MaxViolations,
+    MethodOption,
+    Neighbours,
+    Output,
+    PolicyFile,
+    Quiet,
+    StrictLayers,
+    TopH,
+    Verbose,
     gate_flags,
-    print_summary,
-    table_width,
-    write_output,
 )
-from s3lora_cli.cli.scan import DUPLICATE_THRESHOLD, NEIGHBOURS
+from s3lora_cli.cli.output import Target, check_apart, print_summary
 
 
 class AdmitFormat(str, enum.Enum):
@@ -39,35 +40,53 @@ class AdmitFormat(str, enum.Enum):
     json = "json"
 
 
+AdapterPath = Annotated[
+    Path, typer.Argument(metavar="ADAPTER", help="The adapter directory (or weights file) to admit.")
+]
+StoreOption = Annotated[Path, typer.Option("--store", help="The store directory (created if missing).")]
+Name = Annotated[
+    Optional[str],
+    typer.Option(
+        "--name",
+        help="Name in the store (default: the adapter's directory name); the entry is <name>-<first 12 hex digits "
+        "of its content key (weights and config)>.",
+    ),
+]
+Quarantine = Annotated[
+    Optional[Path],
+    typer.Option("--quarantine", help="Where refused adapters go (default <store>.quarantine beside the store)."),
+]
+AuditLog = Annotated[
+    Optional[Path],
+    typer.Option("--audit-log", help="JSON-lines log of every decision (default <store>/.s3lora-audit.jsonl)."),
+]
+
+
 @app.command()
 @error_boundary
 def admit(
-    adapter: Path = typer.Argument(..., metavar="ADAPTER", help="The adapter directory (or weights file) to admit."),
-    store: Path = typer.Option(..., "--store", help="The store directory (created if missing)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name in the store (default: the adapter's directory "
-                                       "name); the entry is <name>-<first 12 hex digits of its content key "
-                                       "(weights and config)>."),
-    quarantine: Optional[Path] = typer.Option(None, "--quarantine", help="Where refused adapters go "
-                                              "(default <store>.quarantine beside the store)."),
-    audit_log: Optional[Path] = typer.Option(None, "--audit-log", help="JSON-lines log of every decision "
-                                             "(default <store>/.s3lora-audit.jsonl)."),
-    neighbours: int = NEIGHBOURS,
-    duplicate_threshold: float = DUPLICATE_THRESHOLD,
-    max_ssi: Optional[float] = MAX_SSI,
-    max_violations: Optional[int] = MAX_VIOLATIONS,
-    baseline: Optional[Path] = BASELINE,
-    max_increase: Optional[float] = MAX_INCREASE,
-    strict_layers: Optional[bool] = STRICT_LAYERS,
-    policy: Optional[Path] = POLICY,
-    method: Optional[MethodName] = GATE_METHOD,
-    components: Optional[int] = COMPONENTS,
-    top_h: Optional[int] = TOP_H,
-    device: str = DEVICE,
-    fmt: AdmitFormat = typer.Option(AdmitFormat.table, "--format", "-f", help="table or json."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No decision line on stderr."),
-    verbose: bool = VERBOSE,
+    adapter: AdapterPath,
+    store: StoreOption,
+    name: Name = None,
+    quarantine: Quarantine = None,
+    audit_log: AuditLog = None,
+    neighbours: Neighbours = DEFAULT_NEIGHBOURS,
+    duplicate_threshold: DuplicateThreshold = DEFAULT_DUPLICATE_THRESHOLD,
+    max_ssi: MaxSsi = None,
+    max_violations: MaxViolations = None,
+    baseline: Baseline = None,
+    max_increase: MaxIncrease = None,
+    strict_layers: StrictLayers = None,
+    policy: PolicyFile = None,
+    method: MethodOption = None,
+    components: Components = None,
+    top_h: TopH = None,
+    device: Device = "auto",
+    fmt: Annotated[AdmitFormat, FORMAT] = AdmitFormat.table,
+    output: Output = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run the gate on ADAPTER: copy it into --store when it passes (exit 0), into the quarantine with its report
     when it fails (exit 1); every decision is appended to the audit log. Exit codes as for check: 2 usage,
@@ -76,21 +95,33 @@ def admit(
     from s3lora_cli.gate import resolve_policy
     from s3lora_cli.store import admit_adapter
 
-    gate_policy = resolve_policy(gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers,
-                                            method and method.value, components, top_h), policy)
-    check_output(output, force)
+    flags = gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers, method, components, top_h)
+    gate_policy = resolve_policy(flags, policy)
+    target = Target(output, force)
+    target.check()
     check_apart({"--output": output}, [adapter])
-    result = admit_adapter(adapter, store, gate_policy, device=device, name=name, quarantine=quarantine,
-                           audit_log=audit_log, neighbours=neighbours, duplicate_threshold=duplicate_threshold,
-                           report_json=lambda gate: report.render_json(report.check_dict((gate,))))
-    if fmt is AdmitFormat.json:
-        write_output(report.render_json(report.admit_dict(result)), output, force)
-    else:
-        width = table_width() if output is None else None
-        write_output(report.render_admit_text(result, width, verbose), output, force)
+    result = admit_adapter(
+        adapter,
+        store,
+        gate_policy,
+        device=device,
+        name=name,
+        quarantine=quarantine,
+        audit_log=audit_log,
+        neighbours=neighbours,
+        duplicate_threshold=duplicate_threshold,
+        report_json=lambda gate: report.render_json(report.check_dict((gate,))),
+    )
+    target.render(
+        fmt,
+        {
+            AdmitFormat.json: lambda: report.render_json(report.admit_dict(result)),
+            AdmitFormat.table: lambda: report.render_admit_text(result, target.width(), verbose),
+        },
+    )
     if not quiet:
         print_summary([f"warning: {warning}" for warning in result.warnings])
     if not quiet and (fmt is not AdmitFormat.table or output is not None):
         print_summary([report.admit_summary_line(result)])
     if not result.admitted:
-        raise typer.Exit(EXIT_GATE_FAILED)
+        raise typer.Exit(ExitCode.GATE_FAILED)

@@ -7,25 +7,29 @@ import io
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from s3lora_cli.cli import (
-    ADAPTER_NAME,
-    COMPONENTS,
+from s3lora_cli.cli.app import app
+from s3lora_cli.cli.boundary import error_boundary
+from s3lora_cli.cli.options import (
     DEFAULT_TAU,
-    DEVICE,
-    QUIET,
-    TOP_H,
+    FORMAT,
+    AdapterName,
+    Components,
+    Device,
+    Force,
     Format,
-    MethodName,
-    app,
-    check_output,
-    error_boundary,
-    stderr_console,
-    write_output,
+    Fraction,
+    MethodOption,
+    Output,
+    Quiet,
+    Threshold,
+    TopH,
+    score_options,
 )
+from s3lora_cli.cli.output import Target, check_output, stderr_console
 from s3lora_cli.errors import UsageError
 
 DEFAULT_MAX_NEW_TOKENS, DEFAULT_BATCH_SIZE = 32, 16
@@ -43,8 +47,8 @@ def eval_command(
                                           "s3lora prune) instead of pruning on the fly."),
     tau: Optional[int] = typer.Option(None, "--tau", help=f"Prune the tau highest-SSI layers on the fly (default: "
                                       f"{DEFAULT_TAU}, unless --threshold, --fraction, --pruned or --sweep-tau)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Prune every layer with SSI >= this (0-1)."),
-    fraction: Optional[float] = typer.Option(None, "--fraction", help="Prune the top fraction of layers by SSI."),
+    threshold: Threshold = None,
+    fraction: Fraction = None,
     sweep_tau: Optional[str] = typer.Option(None, "--sweep-tau", help="Also evaluate the adapter pruned at each of "
                                             "these tau values, e.g. 0,2,4,10 (the utility curve)."),
     refusals: Optional[Path] = typer.Option(None, "--refusals", help='JSONL of {"prompt": ...}: report the share '
@@ -58,31 +62,24 @@ def eval_command(
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Prompts per forward pass."),
     chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Wrap each prompt as a "
                                        "user turn with the tokenizer's chat template (when it has one)."),
-    fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    fmt: Annotated[Format, FORMAT] = Format.table,
+    output: Output = None,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the --sweep-tau utility curve to this PNG file "
                                         "(needs matplotlib)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --output and --plot files if they exist."),
-    method: MethodName = typer.Option(MethodName.MAS_SVD, "--method", help="Spectral method that ranks the layers."),
-    components: Optional[int] = COMPONENTS,
-    top_h: Optional[int] = TOP_H,
-    device: str = DEVICE,
-    quiet: bool = QUIET,
-    adapter_name: Optional[str] = ADAPTER_NAME,
+    force: Force = False,
+    method: MethodOption = None,
+    components: Components = None,
+    top_h: TopH = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    adapter_name: AdapterName = None,
 ) -> None:
     """Evaluate base, adapter and pruned adapter side by side on your prompts (needs the eval extra)."""
     from s3lora_cli import evaluation
     from s3lora_cli.evaluation import render
-    from s3lora_cli.scoring import ScoreOptions
-    from s3lora_cli.selection import Selection
 
     sweep = evaluation.parse_sweep(sweep_tau) if sweep_tau is not None else ()
-    given = any(v is not None for v in (tau, threshold, fraction))
-    # eval writes nothing, so a selection of most of the adapter is measured rather than refused (as prune does)
-    selection = (Selection.of(tau, threshold, fraction, allow_large=True) if given or (pruned is None and not sweep)
-                 else None)
-    if selection is not None and pruned is not None:
-        raise UsageError("give --pruned or --tau / --threshold / --fraction, not both")
+    selection = _selection(tau, threshold, fraction, pruned, sweep)
     if plot is not None and not sweep:
         raise UsageError("--plot draws the --sweep-tau curve; give --sweep-tau too")
     _check_outputs([output, plot], force, [adapter, base, tasks, pruned, refusals, refusal_markers])
@@ -94,37 +91,55 @@ def eval_command(
         tasks=tasks, refusals=refusals, refusal_markers=markers, selection=selection, pruned=pruned, sweep_tau=sweep,
         limit=limit, strict=strict, max_new_tokens=max_new_tokens, batch_size=batch_size,
         chat_template=chat_template, device=device, adapter_name=adapter_name,
-        score=ScoreOptions(method=method.method(), components=components, top_h=top_h))
+        score=score_options(method, components, top_h))
     _quiet_transformers()
     with _progress(quiet) as progress:
         result = evaluation.evaluate(adapter, base, options, progress)
-    _render(result, fmt, output, force)
+    _render(result, fmt, Target(output, force))
     if plot is not None:
-        from s3lora_cli import durable
-
-        png = render.render_plot(result)
-        durable.write_file_atomic(plot, lambda fh: fh.write(png))
+        Target(plot, force).write(render.render_plot(result))
     if not quiet:
         _summary(result, plot)
 
 
-def _render(result, fmt: Format, output: Optional[Path], force: bool) -> None:
+def _selection(tau: Optional[int], threshold: Optional[float], fraction: Optional[float], pruned: Optional[Path],
+               sweep: tuple[int, ...]) -> Any:
+    """The layers to prune on the fly (None: --pruned, or only the sweep)."""
+    from s3lora_cli.selection import Selection
+
+    given = any(v is not None for v in (tau, threshold, fraction))
+    if given and pruned is not None:
+        raise UsageError("give --pruned or --tau / --threshold / --fraction, not both")
+    if not given and (pruned is not None or sweep):
+        return None
+    # eval writes nothing, so a selection of most of the adapter is measured rather than refused (as prune does)
+    return Selection.of(tau, threshold, fraction, allow_large=True)
+
+
+def _render(result: Any, fmt: Format, target: Target) -> None:
     from rich.console import Console
 
     from s3lora_cli.evaluation import render
 
-    if fmt is Format.json:
-        write_output(render.render_json(result), output, force)
-    elif fmt is Format.markdown:
-        write_output(render.render_markdown(result), output, force)
-    elif fmt is Format.csv:
-        write_output(render.render_csv(result), output, force)
-    elif output is None:
+    if fmt is Format.table and target.path is None:
         Console(width=None if sys.stdout.isatty() else 200).print(render.render_table(result))
-    else:
-        recorder = Console(record=True, width=160, file=io.StringIO())
-        recorder.print(render.render_table(result))
-        write_output(recorder.export_text(), output, force)
+        return
+    target.render(fmt, {
+        Format.json: lambda: render.render_json(result),
+        Format.markdown: lambda: render.render_markdown(result),
+        Format.csv: lambda: render.render_csv(result),
+        Format.table: lambda: _table_text(result),
+    })
+
+
+def _table_text(result: Any) -> str:
+    from rich.console import Console
+
+    from s3lora_cli.evaluation import render
+
+    recorder = Console(record=True, width=160, file=io.StringIO())
+    recorder.print(render.render_table(result))
+    return str(recorder.export_text())
 
 
 def _summary(result, plot: Optional[Path]) -> None:

@@ -4,45 +4,41 @@ from __future__ import annotations
 
 import enum
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from s3lora_cli.cli import (
-    BASELINE,
-    COMPONENTS,
-    DEVICE,
-    EXIT_GATE_FAILED,
-    GATE_METHOD,
-    MAX_INCREASE,
-    MAX_SSI,
-    MAX_VIOLATIONS,
-    POLICY,
-    STRICT_LAYERS,
-    TOP_H,
-    MethodName,
-    app,
-    check_apart,
-    check_output,
-    error_boundary,
+from s3lora_cli.cli.app import app
+from s3lora_cli.cli.boundary import ExitCode, error_boundary
+from s3lora_cli.cli.options import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_NEIGHBOURS,
+    DEFAULT_TOP,
+    FORMAT,
+    Baseline,
+    Components,
+    Device,
+    DuplicateThreshold,
+    Force,
+    MaxIncrease,
+    MaxSsi,
+    MaxViolations,
+    MethodOption,
+    Neighbours,
+    Output,
+    PolicyFile,
+    Quiet,
+    StrictLayers,
+    TopH,
     gate_flags,
-    print_summary,
-    stderr_console,
-    table_width,
-    write_output,
 )
+from s3lora_cli.cli.output import Target, check_apart, print_summary, stderr_console
 from s3lora_cli.errors import UsageError
 
-# The store's defaults, named in the options' help (a test keeps them equal to s3lora_cli.store's).
-DEFAULT_TOP = 3
-DEFAULT_NEIGHBOURS = 3
-DEFAULT_DUPLICATE_THRESHOLD = 0.95
-
-NEIGHBOURS = typer.Option(DEFAULT_NEIGHBOURS, "--neighbours", help="How many nearest adapters to list.")
-DUPLICATE_THRESHOLD = typer.Option(DEFAULT_DUPLICATE_THRESHOLD, "--duplicate-threshold",
-                                   help="Flag a neighbour whose update cosine is at least this.")
+__all__ = ["DEFAULT_DUPLICATE_THRESHOLD", "DEFAULT_NEIGHBOURS", "DEFAULT_TOP", "ScanFormat", "scan"]
 
 
 class ScanFormat(str, enum.Enum):
@@ -51,104 +47,142 @@ class ScanFormat(str, enum.Enum):
     jsonl = "jsonl"
 
 
+Store = Annotated[Path, typer.Argument(metavar="STORE", help="Directory of adapters, searched recursively.")]
+Workers = Annotated[int, typer.Option("--workers", "-j", help="Local worker processes.")]
+Ray = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        help="Run on Ray: auto (the running cluster), an ADDRESS (host:port), or local (start Ray here). Needs pip "
+        "install 's3lora[ray]'.",
+    ),
+]
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", help="Score cache (default <store>/.s3lora-cache).")]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Score every adapter again; read and write no cache.")]
+Similar = Annotated[bool, typer.Option("--similar", help="List each adapter's nearest adapters by update cosine.")]
+Top = Annotated[int, typer.Option("--top", help="How many of each adapter's highest-SSI layers to list.")]
+Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 if an adapter fails the gate or cannot be read.")]
+
+
 @app.command()
 @error_boundary
 def scan(
-    store: Path = typer.Argument(..., metavar="STORE", help="Directory of adapters, searched recursively."),
-    fmt: ScanFormat = typer.Option(ScanFormat.table, "--format", "-f", help="table, json, or jsonl (streamed)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --output file if it exists."),
-    workers: int = typer.Option(1, "--workers", "-j", help="Local worker processes."),
-    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: auto (the running cluster), an ADDRESS "
-                                      "(host:port), or local (start Ray here). Needs pip install 's3lora[ray]'."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Score cache (default <store>/.s3lora-cache)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Score every adapter again; read and write no cache."),
-    similar: bool = typer.Option(False, "--similar", help="List each adapter's nearest adapters by update cosine."),
-    neighbours: int = NEIGHBOURS,
-    duplicate_threshold: float = DUPLICATE_THRESHOLD,
-    top: int = typer.Option(DEFAULT_TOP, "--top", help="How many of each adapter's highest-SSI layers to list."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 if an adapter fails the gate or cannot be read."),
-    max_ssi: Optional[float] = MAX_SSI,
-    max_violations: Optional[int] = MAX_VIOLATIONS,
-    baseline: Optional[Path] = BASELINE,
-    max_increase: Optional[float] = MAX_INCREASE,
-    strict_layers: Optional[bool] = STRICT_LAYERS,
-    policy: Optional[Path] = POLICY,
-    method: Optional[MethodName] = GATE_METHOD,
-    components: Optional[int] = COMPONENTS,
-    top_h: Optional[int] = TOP_H,
-    device: str = DEVICE,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary on stderr."),
+    store: Store,
+    fmt: Annotated[ScanFormat, FORMAT] = ScanFormat.table,
+    output: Output = None,
+    force: Force = False,
+    workers: Workers = 1,
+    ray: Ray = None,
+    cache_dir: CacheDir = None,
+    no_cache: NoCache = False,
+    similar: Similar = False,
+    neighbours: Neighbours = DEFAULT_NEIGHBOURS,
+    duplicate_threshold: DuplicateThreshold = DEFAULT_DUPLICATE_THRESHOLD,
+    top: Top = DEFAULT_TOP,
+    strict: Strict = False,
+    max_ssi: MaxSsi = None,
+    max_violations: MaxViolations = None,
+    baseline: Baseline = None,
+    max_increase: MaxIncrease = None,
+    strict_layers: StrictLayers = None,
+    policy: PolicyFile = None,
+    method: MethodOption = None,
+    components: Components = None,
+    top_h: TopH = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """Score every adapter under STORE and rank them by risk (gate failures first, then by max SSI). Exit codes:
     0 the scan ran (with --strict: and every adapter passed), 1 with --strict only, 2 usage, 3 input, 4 runtime."""
     from s3lora_cli import report
-    from s3lora_cli.store import (
-        ScanResult,
-        check_cache_dir,
-        default_cache_dir,
-        discover,
-        iter_scan,
-        risk_key,
-        scan_settings,
-        with_neighbours,
-    )
+    from s3lora_cli.store import ScanResult, risk_key, scan_settings, with_neighbours
 
     if ray is not None and workers != 1:
         raise UsageError("--ray and --workers exclude each other: Ray schedules its own workers")
     if no_cache and cache_dir is not None:
         raise UsageError("--no-cache and --cache-dir exclude each other")
-    check_output(output, force)
-    settings = scan_settings(gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers,
-                                        method and method.value, components, top_h), policy, device, top)
+    target = Target(output, force)
+    target.check()
+    flags = gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers, method, components, top_h)
+    settings = scan_settings(flags, policy, device, top)
     if strict and settings.policy is None:
         raise UsageError("--strict needs a gate rule: --max-ssi, --baseline with --max-increase, or a policy")
-    paths = discover(store)
-    check_apart({"--output": output}, list(paths))
-    cache = None if no_cache else (cache_dir or default_cache_dir(store))
-    check_cache_dir(cache, paths)
+    paths, cache = _paths_and_cache(store, target, None if no_cache else cache_dir, no_cache)
     stream = fmt is ScanFormat.jsonl and output is None and not similar
-    rows = []
-    with _progress(quiet, len(paths)) as advance:
-        for row in iter_scan(paths, store, settings, cache, workers, ray):
-            rows.append(row)
-            advance()
-            if stream:
-                sys.stdout.write(report.render_jsonl_line(report.scan_row_dict(row)))
-                sys.stdout.flush()
+    rows = _scan(paths, store, settings, cache, workers, ray, quiet, stream)
     result = ScanResult(store, tuple(sorted(rows, key=risk_key)), settings, cache)
     if similar:
         result = with_neighbours(result, neighbours, duplicate_threshold)
     if not stream:
-        write_output(_render(result, fmt, similar, table_width() if output is None else None), output, force)
+        target.render(fmt, _renderers(result, similar, target.width()))
     if not quiet:
-        if not paths:
-            print_summary([f"warning: no adapters found under {store}"])
+        print_summary([f"warning: no adapters found under {store}"] if not paths else [])
         print_summary([report.scan_summary_line(result.rows, cache)])
     if strict and any(r.verdict in ("failed", "error") for r in result.rows):
-        raise typer.Exit(EXIT_GATE_FAILED)
+        raise typer.Exit(ExitCode.GATE_FAILED)
 
 
-def _render(result, fmt: ScanFormat, similar: bool, width: int | None) -> str:
+def _paths_and_cache(
+    store: Path, target: Target, cache_dir: Optional[Path], no_cache: bool
+) -> tuple[list[Path], Optional[Path]]:
+    """The store's adapters and the cache directory (None: no cache); the output and the cache refused if they
+    lie inside an adapter."""
+    from s3lora_cli.store import check_cache_dir, default_cache_dir, discover
+
+    paths = discover(store)
+    check_apart({"--output": target.path}, list(paths))
+    cache = None if no_cache else (cache_dir or default_cache_dir(store))
+    check_cache_dir(cache, paths)
+    return paths, cache
+
+
+def _scan(
+    paths: list[Path],
+    store: Path,
+    settings: Any,
+    cache: Optional[Path],
+    workers: int,
+    ray: Optional[str],
+    quiet: bool,
+    stream: bool,
+) -> list[Any]:
+    """The rows of the scan, each written to stdout as a JSON line as it finishes when ``stream``."""
+    from s3lora_cli import report
+    from s3lora_cli.store import iter_scan
+
+    rows = []
+    with _progress(quiet, len(paths)) as advance, Target().stream() as sink:
+        for row in iter_scan(paths, store, settings, cache, workers, ray):
+            rows.append(row)
+            advance()
+            if stream:
+                sink.write(report.render_jsonl_line(report.scan_row_dict(row)))
+                sink.flush()
+    return rows
+
+
+def _renderers(result: Any, similar: bool, width: int | None) -> dict[ScanFormat, Callable[[], str]]:
     from s3lora_cli import report
 
-    if fmt is ScanFormat.json:
-        return report.render_json(report.scan_dict(result, similar))
-    if fmt is ScanFormat.jsonl:
-        return "".join(report.render_jsonl_line(report.scan_row_dict(r, similar)) for r in result.rows)
-    return report.render_scan_table(result, similar, width)
+    return {
+        ScanFormat.json: lambda: report.render_json(report.scan_dict(result, similar)),
+        ScanFormat.jsonl: lambda: "".join(
+            report.render_jsonl_line(report.scan_row_dict(r, similar)) for r in result.rows
+        ),
+        ScanFormat.table: lambda: report.render_scan_table(result, similar, width),
+    }
 
 
 @contextmanager
-def _progress(quiet: bool, total: int):
+def _progress(quiet: bool, total: int) -> Iterator[Callable[[], None]]:
     """A progress bar of adapters on stderr; yields the function to call after each one."""
     if quiet or total == 0 or not sys.stderr.isatty():
         yield lambda: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=stderr_console(), transient=True)
+    columns = (TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*columns, console=stderr_console(), transient=True)
     with bar:
         task = bar.add_task("", total=total)
         yield lambda: bar.advance(task)
