@@ -9,12 +9,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from s3lora_cli.adapters.config import AdapterConfig
+from s3lora_cli.adapters.safetensors_io import TensorSource
 from s3lora_cli.errors import AdapterInputError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class LayerKind(str, enum.Enum):
@@ -145,12 +149,17 @@ def summary_config(layers: Sequence[LoraLayer], raw: dict | None = None,
 
 
 class FactorFile:
-    """What every reader of a file of low-rank factors shares: the weights file's hash, loading a layer's
-    factors stored the PEFT way round (keys "A" = down, "B" = up), closing. Subclasses set ``weights_path`` and
-    ``_source`` (a tensor source of ``s3lora_cli.adapters.safetensors_io``)."""
+    """What every reader of a file of low-rank factors shares (``Adapter``): the weights file's hash, loading a
+    layer's factors stored the PEFT way round (keys "A" = down, "B" = up), closing. A subclass sets the
+    ``Adapter`` attributes and ``_source``, and overrides ``load_factors`` where its layers are stored otherwise."""
 
+    path: Path
     weights_path: Path
-    _source: object
+    format: str
+    config: AdapterConfig
+    layers: tuple[LoraLayer, ...]
+    skipped: tuple[SkippedTensor, ...]
+    _source: TensorSource
 
     def sha256(self) -> str:
         return file_sha256(self.weights_path)
@@ -164,8 +173,8 @@ class FactorFile:
     def close(self) -> None:
         self._source.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

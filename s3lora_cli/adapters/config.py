@@ -14,7 +14,7 @@ from s3lora_cli.adapters.safetensors_io import open_regular, short_repr, unique_
 from s3lora_cli.errors import AdapterInputError
 
 try:  # Python >= 3.11
-    from re import _constants, _parser
+    from re import _constants, _parser  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover
     import sre_constants as _constants
     import sre_parse as _parser

@@ -22,7 +22,7 @@ from s3lora_cli.adapters.base import (
 )
 from s3lora_cli.adapters.config import lora_scaling
 from s3lora_cli.adapters.detect import check_confined
-from s3lora_cli.adapters.safetensors_io import SafetensorsSource
+from s3lora_cli.adapters.safetensors_io import SafetensorsSource, TensorSource
 from s3lora_cli.errors import AdapterInputError
 
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
@@ -35,7 +35,7 @@ _OTHER = {
 }
 
 
-def alpha_value(source: SafetensorsSource, key: str) -> float:
+def alpha_value(source: TensorSource, key: str) -> float:
     """The scalar ``.alpha`` of a module (stored as a 0-d or one-element tensor)."""
     tensor = source.get(key)
     if tensor.numel() != 1:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from s3lora_cli.adapters.base import LayerKind, LoraLayer, SkippedTensor, file_sha256, require_pair, sorted_index
+from s3lora_cli.adapters.base import FactorFile, LayerKind, LoraLayer, SkippedTensor, require_pair, sorted_index
 from s3lora_cli.adapters.config import CONFIG_NAME, AdapterConfig, read_config
 from s3lora_cli.adapters.detect import check_adapter_name, check_confined, resolve_snapshot
-from s3lora_cli.adapters.safetensors_io import PickleSource, SafetensorsSource
+from s3lora_cli.adapters.safetensors_io import PickleSource, SafetensorsSource, TensorSource
 from s3lora_cli.errors import AdapterInputError, UsageError
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -88,7 +88,7 @@ class _Parts:
     embedding: bool = False
 
 
-class PeftAdapter:
+class PeftAdapter(FactorFile):
     """A PEFT LoRA adapter opened for reading; see ``s3lora_cli.adapters.base.Adapter``."""
 
     def __init__(self, path: Path, adapter_name: str | None = None) -> None:
@@ -96,10 +96,12 @@ class PeftAdapter:
         self.weights_path, config_path = locate(path, adapter_name)
         self.config: AdapterConfig = read_config(config_path)
         self.format = "peft-safetensors" if self.weights_path.suffix == ".safetensors" else "peft-bin"
+        source: TensorSource
         if self.format == "peft-bin":
-            self._source = PickleSource(self.weights_path)
+            source = PickleSource(self.weights_path)
         else:
-            self._source = SafetensorsSource(self.weights_path)
+            source = SafetensorsSource(self.weights_path)
+        self._source = source
         self.layers, self.skipped = self._index()
 
     def _index(self) -> tuple[tuple[LoraLayer, ...], tuple[SkippedTensor, ...]]:
@@ -213,9 +215,6 @@ class PeftAdapter:
         scaling = self.config.scaling(module)
         return LoraLayer(module, kind, shape, rank, alpha, scaling, dtype, keys, tuple(notes), groups)
 
-    def sha256(self) -> str:
-        return file_sha256(self.weights_path)
-
     def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d, r], right [r, k]) with dW = left @ right = scaling * B @ A in the spec's orientation."""
@@ -227,15 +226,6 @@ class PeftAdapter:
         if layer.groups > 1:  # group g's outputs read only channels g * r/G .. (g+1) * r/G - 1 of lora_A's output
             b = torch.block_diag(*b.chunk(layer.groups, dim=0))
         return layer.scaling * b, a.reshape(a.shape[0], -1)
-
-    def close(self) -> None:
-        self._source.close()
-
-    def __enter__(self) -> PeftAdapter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # Wrappers PEFT puts between a module and its parameters; a raw model.state_dict() keeps them in the keys:

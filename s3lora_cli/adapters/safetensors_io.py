@@ -11,6 +11,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -199,6 +200,24 @@ def short_repr(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+class TensorSource(Protocol):
+    """A weights file opened for reading, one tensor at a time: what every reader indexes and loads from."""
+
+    path: Path
+    keys: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str]
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` (a new tensor that owns its memory)."""
+        ...
+
+    def close(self) -> None:
+        """Release the file."""
+        ...
+
+
 class SafetensorsSource:
     """A safetensors file opened for reading: the header is validated first (``read_safetensors_header``),
     then ``get`` reads one tensor's bytes at a time with a bounded read. The file is not memory-mapped, so a
@@ -207,7 +226,7 @@ class SafetensorsSource:
     def __init__(self, path: Path) -> None:
         header = read_safetensors_header(path)
         self.path = path
-        self._header = header
+        self._header: SafetensorsHeader | None = header
         self._size = header.data_start + max((e.end for e in header.tensors.values()), default=0)
         self.keys = sorted(header.tensors)
         self.shapes = {k: header.tensors[k].shape for k in self.keys}
@@ -216,8 +235,9 @@ class SafetensorsSource:
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key``, read from the file now (a new tensor that owns its memory)."""
-        entry = self._header.tensors.get(key) if self._header is not None else None
-        if entry is None:
+        header = self._header
+        entry = header.tensors.get(key) if header is not None else None
+        if header is None or entry is None:
             raise AdapterInputError(f"{self.path}: no tensor {short_repr(key)} open for reading")
         dtype = _TORCH_DTYPES.get(entry.dtype)
         if dtype is None:
@@ -228,7 +248,7 @@ class SafetensorsSource:
             with open_regular(self.path) as fh:
                 if os.fstat(fh.fileno()).st_size != self._size:
                     raise AdapterInputError(f"{self.path}: the file changed while it was read")
-                fh.seek(self._header.data_start + entry.begin)
+                fh.seek(header.data_start + entry.begin)
                 got = fh.readinto(buffer)
         except OSError as exc:
             raise AdapterInputError(f"{self.path}: tensor {short_repr(key)} cannot be read ({one_line(exc)})") from None

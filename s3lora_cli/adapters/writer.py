@@ -309,7 +309,8 @@ class WeightsSource:
         else:
             entries, data_start, metadata = (), 0, {}
         names = {name for name, _ in entries} if entries or path.suffix == ".safetensors" else None
-        zero, drop = set(), set()
+        zero: set[str] = set()
+        drop: set[str] = set()
         for edit in edits:
             for name in edit.tensor_names:
                 if names is not None and name not in names:
