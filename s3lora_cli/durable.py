@@ -206,7 +206,7 @@ def _fsync_dir(directory: Path) -> None:
 
 # --- files ----------------------------------------------------------------------------------------------------
 
-def write_file_atomic(target: Path, write: Callable[[BinaryIO], None], *, replace: bool = True,
+def write_file_atomic(target: Path, write: Callable[[BinaryIO], object], *, replace: bool = True,
                       mode: int | None = None) -> None:
     """Write a file through ``write(fh)`` into a temporary file beside ``target``, fsync it, and rename it into
     place: a reader sees the old file or the whole new one. ``replace`` False refuses (FileExistsError) a
@@ -364,5 +364,5 @@ def deferred_signals() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for signum in dict.fromkeys(pending):  # each once, in the order received
-            signal.raise_signal(signum)
+        for received in dict.fromkeys(pending):  # each once, in the order received
+            signal.raise_signal(received)

@@ -252,7 +252,7 @@ def load_policy_file(path: Path) -> dict[str, Any]:
     (so a pyproject.toml works), otherwise its top-level keys. A relative baseline is taken relative to the
     file's directory; an unknown key is an error, since a misspelt limit would silently not apply."""
     doc = _read_toml(path)
-    table = doc
+    table: Any = doc
     if "tool" in doc:
         table = doc["tool"].get(POLICY_TABLE[1]) if isinstance(doc["tool"], dict) else None
         if not isinstance(table, dict):

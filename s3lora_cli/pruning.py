@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from s3lora_cli._version import __version__
 from s3lora_cli.adapters import LoraLayer, open_adapter
@@ -125,8 +125,8 @@ def _plan(score: LayerScore, mode: PruneMode) -> PrunedLayer:
 
 def _pruned_entries(result: PruneResult) -> list[dict[str, Any]]:
     ranks = {s.module: i for i, s in enumerate(result.report.layers, start=1)}
-    return [{"module": p.module, "rank": ranks[p.module], "ssi": round(p.score.ssi, 10), "action": p.action.value,
-             "tensors": list(p.tensors), "note": p.note} for p in result.pruned]
+    return [{"module": p.module, "rank": ranks[p.module], "ssi": round(cast(float, p.score.ssi), 10),
+             "action": p.action.value, "tensors": list(p.tensors), "note": p.note} for p in result.pruned]
 
 
 def prune_document(result: PruneResult) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def prune_document(result: PruneResult) -> dict[str, Any]:
 
 def provenance(result: PruneResult) -> dict[str, str]:
     """The safetensors metadata s3lora adds to a pruned adapter (values are strings, JSON where structured)."""
-    compact = {"separators": (",", ":"), "allow_nan": False}
+    compact: dict[str, Any] = {"separators": (",", ":"), "allow_nan": False}
     parameters = {**result.report.parameters, **result.selection.as_dict(), "mode": result.mode.value}
     return {
         "s3lora.version": __version__,

@@ -49,7 +49,7 @@ def marked_tau(report: ScoreReport, tau: int | None, allow_large: bool = False) 
 def above_threshold(report: ScoreReport, threshold: float) -> tuple[LayerScore, ...]:
     """Every scored layer with SSI >= threshold, in rank order (SSI descending, then module name)."""
     _check_threshold(threshold)
-    return tuple(score for score in _scored(report) if score.ssi >= threshold)
+    return tuple(score for score in _scored(report) if score.ssi is not None and score.ssi >= threshold)
 
 
 def top_fraction(report: ScoreReport, fraction: float) -> tuple[LayerScore, ...]:
@@ -131,6 +131,7 @@ def select_layers(report: ScoreReport, selection: Selection) -> tuple[LayerScore
     elif selection.threshold is not None:
         chosen = above_threshold(report, selection.threshold)
     else:
+        assert selection.fraction is not None  # a Selection has exactly one of tau, threshold and fraction
         chosen = top_fraction(report, selection.fraction)
     if len(chosen) > LARGE_SELECTION * scored and not selection.allow_large:
         raise UsageError(f"{selection.option()} selects {len(chosen)} of the {scored} scored layers "
@@ -160,7 +161,7 @@ class Spread:
 
 def spread(report: ScoreReport) -> Spread:
     """The robust z-score of every layer's SSI against the adapter's median and MAD (see Spread)."""
-    values = [s.ssi for s in _scored(report)]
+    values = [s.ssi for s in report.layers if s.ssi is not None]
     if not values:
         return Spread(None, None, {s.module: None for s in report.layers})
     median = statistics.median(values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from typer.core import TyperGroup
 try:  # Typer 0.2x vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover - older Typer, with click itself
-    from click.exceptions import ClickException, NoArgsIsHelpError
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[assignment]
 
 from s3lora_cli._version import __version__
 from s3lora_cli.cli.boundary import DEBUG_VARIABLE, Debug, ExitCode
@@ -36,21 +37,23 @@ class OneLineErrors(TyperGroup):
 
     def main(
         self,
-        args: Any = None,
-        prog_name: Any = None,
-        complete_var: Any = None,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except NoArgsIsHelpError as exc:
             sys.stdout.write(exc.format_message() + "\n")
             code = ExitCode.OK
         except ClickException as exc:
             words = sys.argv[1:] if args is None else list(args)
             command = next((word for word in words if word in self.commands), None)
-            sys.stderr.write(usage_error_line(exc, f"{self.name} {command}" if command else self.name) + "\n")
+            name = self.name or "s3lora"
+            sys.stderr.write(usage_error_line(exc, f"{name} {command}" if command else name) + "\n")
             code = ExitCode.USAGE  # never 1, which would read as a failed gate
         except Abort:
             sys.stderr.write("error: interrupted; nothing was written\n")

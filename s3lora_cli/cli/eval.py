@@ -201,10 +201,11 @@ class _progress:
         if self.bar is None:
             return None
         self.bar.__enter__()
-        task = self.bar.add_task("loading", total=None)
+        bar = self.bar
+        task = bar.add_task("loading", total=None)
 
         def update(done: int, total: int, what: str) -> None:
-            self.bar.update(task, completed=done, total=total, description=what)
+            bar.update(task, completed=done, total=total, description=what)
 
         return update
 

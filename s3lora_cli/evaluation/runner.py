@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -139,7 +139,7 @@ def evaluate(adapter: str | Path, base: str | Path, options: EvalOptions,
     lm = load_causal_lm(base, device)
     check_base_matches(lm.model, layers, base, adapter)
     if pruned_dir is not None:
-        check_base_matches(lm.model, pruned_layers, base, options.pruned)
+        check_base_matches(lm.model, pruned_layers, base, cast(Path, options.pruned))
     report = None
     if options.selection is not None or options.sweep_tau:
         score_options = ScoreOptions(**{**options.score.__dict__, "device": str(device),
@@ -182,7 +182,7 @@ class _Runner:
     def run(self, variants: Sequence[Variant], tasks: Sequence[Task], refusals: Sequence[Task] | None,
             progress: Progress | None) -> tuple[VariantResult, ...]:
         contexts = [self.context_ids(t.prompt) for t in tasks]
-        golds = [self.answer_ids(t.answer) for t in tasks]
+        golds = [self.answer_ids(cast(str, t.answer)) for t in tasks]  # tasks have answers (refusals do not)
         for task, ids in zip(tasks, golds, strict=True):
             if not ids:
                 raise AdapterInputError(f"{self.options.tasks}:{task.line}: the answer {task.answer!r} is no token "
@@ -219,7 +219,7 @@ class _Runner:
                     done += 1
                     if progress is not None:
                         progress(done, total, unique[key].name)
-        gold_texts = [t.answer for t in tasks]
+        gold_texts = [cast(str, t.answer) for t in tasks]
         results = []
         for v in variants:
             key = v.same_model_as

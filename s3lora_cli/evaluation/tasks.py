@@ -72,6 +72,7 @@ def read_tasks(path: str | Path, *, need_answer: bool = True, limit: int | None 
                 raise AdapterInputError(f"{path}:{number}: {reason} (without --strict such lines are skipped)")
             skipped.append(BadLine(number, reason))
             continue
+        assert task is not None  # a line is a task or has a reason
         tasks.append(task)
     if not tasks:
         what = '{"prompt": ..., "answer": ...}' if need_answer else '{"prompt": ...}'

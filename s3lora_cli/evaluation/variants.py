@@ -60,6 +60,7 @@ def plan_variants(report: ScoreReport | None, selection: Selection | None, sweep
     if pruned_file is not None:
         variants.append(Variant("pruned", VariantKind.PRUNED_FILE, selection=str(pruned_file)))
     elif selection is not None:
+        assert report is not None  # scored whenever a selection or a sweep needs it
         chosen = tuple(s.module for s in select_layers(report, selection))
         variants.append(Variant("pruned", VariantKind.PRUNED, chosen, selection.tau, selection.describe()))
     for tau in sweep:  # a curve over how much is cut: large selections are its point, and 0 is the adapter
@@ -67,6 +68,7 @@ def plan_variants(report: ScoreReport | None, selection: Selection | None, sweep
             variants.append(Variant("tau=0", VariantKind.PRUNED, (), 0, "tau 0 (nothing pruned)"))
             continue
         sweep_selection = Selection(tau=tau, allow_large=True)
+        assert report is not None
         chosen = tuple(s.module for s in select_layers(report, sweep_selection))
         variants.append(Variant(f"tau={tau}", VariantKind.PRUNED, chosen, tau, sweep_selection.describe()))
     return tuple(variants)

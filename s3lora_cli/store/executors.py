@@ -5,7 +5,7 @@ task died (killed, out of memory), when there is no result."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ R = TypeVar("R")
 Done = tuple[str, R | None, str | None]
 
 
-def run_here(task: Callable[..., R], items: Sequence[str], args: tuple[Any, ...]) -> Iterator[Done[R]]:
+def run_here(task: Callable[..., R], items: Sequence[str], args: tuple[Any, ...]) -> Generator[Done[R], None, None]:
     """In this process, in order."""
     for item in items:
         yield item, task(item, *args), None
@@ -29,7 +29,7 @@ def _init_worker() -> None:
 
 def run_in_processes(
     task: Callable[..., R], items: Sequence[str], args: tuple[Any, ...], workers: int
-) -> Iterator[Done[R]]:
+) -> Generator[Done[R], None, None]:
     """In ``workers`` spawned processes (one torch thread each), in completion order. Interrupted (SIGINT,
     SIGTERM), it waits only for the tasks already running."""
     import multiprocessing
@@ -50,7 +50,9 @@ def run_in_processes(
             raise
 
 
-def run_on_ray(task: Callable[..., R], items: Sequence[str], args: tuple[Any, ...], address: str) -> Iterator[Done[R]]:
+def run_on_ray(
+    task: Callable[..., R], items: Sequence[str], args: tuple[Any, ...], address: str
+) -> Generator[Done[R], None, None]:
     """As Ray tasks of one CPU each, in completion order. ``address``: "auto", an address such as
     "10.0.0.1:6379", or "local" for a Ray instance started here; a Ray instance already initialised in this
     process is used as it is (and left running)."""

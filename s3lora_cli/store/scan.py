@@ -38,7 +38,9 @@ def row_of(rel: str, report: ScoreReport, settings: ScanSettings, cached: bool =
     """The scan row of a scored adapter: the gate applied with the settings' policy, when there is one."""
     scored = [s for s in report.layers if s.ssi is not None]
     top = tuple(TopLayer(s.module, s.ssi) for s in report.layers[: settings.top])
-    passed, failing, over = None, (), None
+    passed: bool | None = None
+    failing: tuple[str, ...] = ()
+    over: int | None = None
     if settings.policy is not None:
         result = evaluate(report, settings.policy, settings.baseline)
         passed = result.passed
