@@ -1,4 +1,5 @@
-"""Regenerate the golden files: those of `s3lora check` (tests/golden/check-*.md, check-*.sarif) and the text
+"""Regenerate the golden files: those of `s3lora check` (tests/golden/check-*.md, check-*.sarif), of the score and
+prune reports (tests/golden/score-*.json|md, prune-*.json|md, from tests/test_golden_reports.py) and the text
 tables at 80, 100, 120 and 200 columns and full width (tests/golden/*-table-*.txt, from tests/test_tables.py).
 
 Writes the tiny test adapters into a temporary directory, runs each scenario of tests/test_check.py from there
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import test_check  # noqa: E402
+import test_golden_reports  # noqa: E402
 import test_tables  # noqa: E402
 
 
@@ -28,6 +30,8 @@ def main() -> None:
         try:
             rendered = {name: text for scenario in test_check.SCENARIOS
                         for name, text in test_check.render_golden(scenario).items()}
+            rendered.update({name: text for scenario in test_golden_reports.SCENARIOS
+                             for name, text in test_golden_reports.render_golden(scenario).items()})
         finally:
             os.chdir(here)
     rendered.update(test_tables.render_goldens())
