@@ -11,7 +11,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -217,14 +217,28 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
     mode = stat.S_IMODE(os.stat(weights_path).st_mode)
     write = functools.partial(source.write, metadata=new_metadata, expected_sha256=expected_sha256)
     if layout.single_file:
-        try:
-            destination.absolute().parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(destination, write, replace=force, mode=mode)
-        except FileExistsError:  # it appeared while we were writing
-            raise UsageError(f"{destination} exists; pass --force to replace it") from None
-        except OSError as exc:
-            raise _not_written(destination, exc) from None
-        return destination
+        _write_file(destination, write, mode, force)
+    else:
+        _write_directory(weights_path, destination, layout, dropped, write, mode, report_text, force)
+    return destination
+
+
+def _write_file(destination: Path, write: Callable[[BinaryIO], object], mode: int, force: bool) -> None:
+    """A single-file output: the weights file alone, written atomically."""
+    try:
+        destination.absolute().parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(destination, write, replace=force, mode=mode)
+    except FileExistsError:  # it appeared while we were writing
+        raise UsageError(f"{destination} exists; pass --force to replace it") from None
+    except OSError as exc:
+        raise _not_written(destination, exc) from None
+
+
+def _write_directory(weights_path: Path, destination: Path, layout: Layout, dropped: list[str],
+                     write: Callable[[BinaryIO], object], mode: int, report_text: str, force: bool) -> None:
+    """A directory output: the weights, the config (with ``dropped`` excluded, for PEFT), the input directory's
+    other files and the report, made in a temporary directory beside ``destination`` and renamed into place."""
+    source_dir = weights_path.parent
     config_text = None
     if (source_dir / CONFIG_NAME).is_file():
         check_confined(source_dir / CONFIG_NAME, source_dir)
@@ -262,7 +276,6 @@ def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[
         if isinstance(exc, OSError):
             raise _not_written(destination, exc) from None
         raise
-    return destination
 
 
 def _not_written(destination: Path, exc: OSError) -> RuntimeProblem:
