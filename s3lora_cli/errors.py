@@ -46,3 +46,8 @@ def first_line(exc: BaseException, default: str = "") -> str:
     """The first line of an exception's message (``default`` when it has none)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else default
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none, for one-line errors."""
+    return first_line(exc, type(exc).__name__)

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from s3lora_cli.errors import AdapterInputError
+from s3lora_cli.errors import AdapterInputError, one_line
 
 # safetensors' own limit on the JSON header; a larger length field is corrupt or hostile.
 MAX_HEADER_BYTES = 100_000_000
@@ -320,8 +320,3 @@ def dtype_name(safetensors_dtype: str) -> str:
     """torch's name of a safetensors dtype ("BF16" -> "bfloat16"), the spelling the .bin reader gives too."""
     return _SAFETENSORS_DTYPES.get(safetensors_dtype, safetensors_dtype.lower())
 
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name if it has none), for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

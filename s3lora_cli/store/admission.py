@@ -21,7 +21,7 @@ from s3lora_cli.adapters.base import file_sha256
 from s3lora_cli.adapters.config import CONFIG_NAME
 from s3lora_cli.adapters.detect import check_confined
 from s3lora_cli.adapters.files import PlannedFile, copy_planned, plan_copy
-from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError, describe_os_error, first_line
+from s3lora_cli.errors import AdapterInputError, RuntimeProblem, S3LoraError, UsageError, describe_os_error, one_line
 from s3lora_cli.gate import GatePolicy, GateResult, check_adapters
 from s3lora_cli.store.audit_log import AUDIT_LOG_NAME, AppendedRecord
 from s3lora_cli.store.discovery import discover, inside, relative
@@ -213,7 +213,7 @@ def _neighbours_in(
         near = nearest_neighbours([candidate], members, store, k, threshold)[candidate]
     except S3LoraError as exc:
         near = ()
-        notes.append(f"the store's neighbours could not be computed ({first_line(exc, type(exc).__name__)})")
+        notes.append(f"the store's neighbours could not be computed ({one_line(exc)})")
     return near, broken, notes
 
 
@@ -397,7 +397,7 @@ def _readable_members(store: Path) -> tuple[list[Path], list[str]]:
         try:
             factor_size(member)
         except (S3LoraError, OSError) as exc:
-            reason = describe_os_error(exc) if isinstance(exc, OSError) else first_line(exc, type(exc).__name__)
+            reason = describe_os_error(exc) if isinstance(exc, OSError) else one_line(exc)
             broken.append(f"{relative(member, store)}: {reason}")
             continue
         good.append(member)

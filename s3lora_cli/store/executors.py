@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from s3lora_cli.errors import RuntimeProblem, first_line
+from s3lora_cli.errors import RuntimeProblem, one_line
 
 R = TypeVar("R")
 Done = tuple[str, R | None, str | None]
@@ -44,7 +44,7 @@ def run_in_processes(
                 try:
                     yield futures[future], future.result(), None
                 except Exception as exc:  # the worker process died (killed, out of memory)
-                    yield futures[future], None, f"worker failed: {type(exc).__name__}: {_line(exc)}"
+                    yield futures[future], None, f"worker failed: {type(exc).__name__}: {one_line(exc)}"
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -79,7 +79,7 @@ def run_on_ray(
                 try:
                     yield item, ray.get(ref), None
                 except Exception as exc:  # the task's worker died
-                    yield item, None, f"Ray task failed: {type(exc).__name__}: {_line(exc)}"
+                    yield item, None, f"Ray task failed: {type(exc).__name__}: {one_line(exc)}"
     finally:
         if started:
             ray.shutdown()
@@ -93,10 +93,6 @@ def _connect(ray: Any, address: str) -> None:
             ray.init(address=address, log_to_driver=False)
     except Exception as exc:
         raise RuntimeProblem(
-            f"cannot connect to a Ray cluster at {address!r}: {_line(exc)}; start one with "
+            f"cannot connect to a Ray cluster at {address!r}: {one_line(exc)}; start one with "
             "`ray start --head` (or pass --ray local for a Ray instance on this machine)"
         ) from None
-
-
-def _line(exc: BaseException) -> str:
-    return first_line(exc, type(exc).__name__)

@@ -8,7 +8,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from s3lora_cli.errors import S3LoraError, UsageError, first_line
+from s3lora_cli.errors import S3LoraError, UsageError, one_line
 from s3lora_cli.gate import Rule, evaluate, resolve_optional_policy
 from s3lora_cli.scoring import ScoreReport, resolve_device, score_adapter
 from s3lora_cli.store.cache import check_cache_dir, score_cached
@@ -65,7 +65,7 @@ def scan_one(path: str, root: str, settings: ScanSettings, cache_dir: str | None
     except MemoryError:
         return ScanRow(rel, error="out of memory while scoring this adapter")
     except Exception as exc:  # an unreadable file in a shape no reader expected must not stop the scan
-        return ScanRow(rel, error=f"{type(exc).__name__}: {first_line(exc, type(exc).__name__)}")
+        return ScanRow(rel, error=f"{type(exc).__name__}: {one_line(exc)}")
 
 
 def iter_scan(
