@@ -136,3 +136,30 @@ def test_exit_codes_are_one_enum():
 
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 130, 143]
     assert (EXIT_SIGINT, EXIT_SIGTERM) == (ExitCode.INTERRUPTED, ExitCode.TERMINATED) == (130, 143)
+
+
+def test_each_shared_option_is_defined_once():
+    """The options of cli/options.py are defined there only: no command module spells one of their flags again,
+    except where the flag means something else there (prune's -o is the pruned adapter; adapt has its own
+    --device default, a --force that starts a state over and a --threshold of the failure score)."""
+    import ast
+    from pathlib import Path
+    from typing import get_args
+
+    from typer.models import OptionInfo
+
+    from s3lora_cli.cli import options
+
+    infos = [get_args(value)[1] for value in vars(options).values() if len(get_args(value)) == 2]
+    shared = {info.default for info in infos if isinstance(info, OptionInfo)} | {options.FORMAT.default}
+    assert {"--output", "--force", "--format", "--quiet", "--method", "--device", "--policy"} <= shared
+    allowed = {"prune.py": {"--output"}, "adapt.py": {"--force", "--device", "--threshold"}}
+    folder = Path(options.__file__).parent
+    for path in folder.glob("*.py"):
+        if path.name == "options.py":
+            continue
+        spelled = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Option":
+                spelled |= {a.value for a in node.args if isinstance(a, ast.Constant) and a.value in shared}
+        assert spelled <= allowed.get(path.name, set()), (path.name, spelled)
