@@ -190,7 +190,8 @@ def floor_seconds(adapter: Path, repeats: int = 2) -> float:
     CACHE_ENTRIES of them; larger layers read the formed chunks again). The best of ``repeats``."""
     import numpy as np
 
-    from s3lora_cli import kernels, open_adapter, spectral
+    from s3lora_cli import open_adapter
+    from s3lora_cli.engine import kernels, residual
 
     if not kernels.available:
         raise SystemExit("--floor needs numba")
@@ -200,8 +201,8 @@ def floor_seconds(adapter: Path, repeats: int = 2) -> float:
     for d, k, r in sorted(set(shapes)):
         gen = torch.Generator().manual_seed(d * 7 + k)
         left, right = torch.randn(d, r, generator=gen), torch.randn(r, k, generator=gen)
-        rows_list = list(spectral._row_chunks(d, k))
-        room, formed = spectral.CACHE_ENTRIES, []
+        rows_list = list(residual.row_chunks(d, k))
+        room, formed = residual.CACHE_ENTRIES, []
         for rows in rows_list:
             if room >= (rows.stop - rows.start) * k:
                 formed.append((left[rows] @ right).numpy())
@@ -256,7 +257,7 @@ def main() -> None:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             THREAD_ENV[name] = str(args.threads)
         torch.set_num_threads(args.threads)
-        from s3lora_cli import kernels
+        from s3lora_cli.engine import kernels
 
         kernels.set_threads(args.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
