@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from s3lora_cli import __version__, durable
+from s3lora_cli import __version__, cores, durable
 from s3lora_cli.adapters import LayerKind, LoraLayer, SkippedTensor, find_adapters, open_adapter
 from s3lora_cli.adapters.base import file_sha256
 from s3lora_cli.adapters.config import CONFIG_NAME
@@ -361,8 +361,9 @@ def scan_one(path: str, root: str, settings: ScanSettings, cache_dir: str | None
         return ScanRow(rel, error=f"{type(exc).__name__}: {_one_line(exc)}")
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # one process per core: no oversubscription
+def _ray_scan_one(path: str, root: str, settings: ScanSettings, cache_dir: str | None) -> ScanRow:
+    cores.init_worker(1)  # a task of num_cpus=1: one thread in PyTorch and the kernels
+    return scan_one(path, root, settings, cache_dir)
 
 
 def iter_scan(paths: Sequence[Path], root: str | Path, settings: ScanSettings, cache_dir: str | Path | None = None,
@@ -386,7 +387,7 @@ def iter_scan(paths: Sequence[Path], root: str | Path, settings: ScanSettings, c
 
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
         with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
-                                 initializer=_init_worker) as pool:
+                                 initializer=cores.init_worker, initargs=(cores.share(workers),)) as pool:
             futures = {pool.submit(scan_one, path, str(root), settings, cache): path for path in items}
             try:
                 for future in as_completed(futures):
@@ -419,7 +420,7 @@ def _ray_scan(items: list[str], root: str, settings: ScanSettings, cache: str | 
                 "`ray start --head` (or pass --ray local for a Ray instance on this machine)") from None
         started = True
     try:
-        task = ray.remote(num_cpus=1)(scan_one)
+        task = ray.remote(num_cpus=1)(_ray_scan_one)
         shared = ray.put(settings)
         pending = {task.remote(path, root, shared, cache): path for path in items}
         while pending:

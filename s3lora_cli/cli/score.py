@@ -61,10 +61,12 @@ def score(
     input_format: InputFormat = INPUT_FORMAT,
     adapter_name: Optional[str] = ADAPTER_NAME,
     revision: Optional[str] = REVISION,
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Layers scored at once, each with its share of "
+                                       "the cores (default: 1 below 8 cores, then one per 4 cores, at most 4)."),
 ) -> None:
     """Rank every LoRA layer of an adapter by its Spectral Sharpness Index (highest first): the share of the
     layer's update in its strongest direction, which S3LoRA treats as a safety risk when concentrated."""
-    from s3lora_cli import report
+    from s3lora_cli import cores, report
     from s3lora_cli.adapters.detect import resolve_adapter_path
     from s3lora_cli.policy import marked_tau, top_tau
     from s3lora_cli.scoring import ScoreOptions, score_adapter
@@ -77,7 +79,7 @@ def score(
     options = ScoreOptions(method=method.method(), components=components, top_h=top_h, exhaustive=exhaustive,
                            device=device, dtype=dtype, input_format=input_format.value, adapter_name=adapter_name)
     with progress_bar(quiet) as progress:
-        result = score_adapter(path, options, progress=progress)
+        result = score_adapter(path, options, progress=progress, jobs=jobs or cores.default_jobs())
     tau = marked_tau(result, tau, allow_large)
     marked = {s.module for s in top_tau(result, tau)}
     if fmt is Format.json:
