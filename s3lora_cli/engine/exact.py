@@ -60,7 +60,7 @@ def exact_pairs(res: Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[t
 
 def exact_pairs_batched(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor,
                          pairs: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, float]]:
-    """The same as ``_exact_pairs`` for a small R, all pairs at once: every ratio of every pair is formed,
+    """The same as ``exact_pairs`` for a small R, all pairs at once: every ratio of every pair is formed,
     and each pair's weighted median selected (compiled, on the CPU) or found by sorting."""
     r = (p @ q.T).reshape(-1)  # [n], entry t at row t // k, column t % k
     t = torch.arange(r.numel(), device=p.device)

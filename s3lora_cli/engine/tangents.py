@@ -74,7 +74,7 @@ def tangents(res: Residual, us, vs, pairs: list[tuple[int, int]],
 
 
 class TangentPass:
-    """The tangents of some pairs' objectives at given points, summed a chunk of R at a time: by ``_tangents``
+    """The tangents of some pairs' objectives at given points, summed a chunk of R at a time: by ``tangents``
     in a pass of their own, or in the pass of the dual sums and the first exact pair (a consumer of
     ``residual.read_pass``).
 
