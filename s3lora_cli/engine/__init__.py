@@ -31,8 +31,9 @@ How the engine computes it, without changing the result:
   ends of a bracket, so the tangents bound it from below (and the values from above). The tangent at 0 comes
   with the dual sums, so a bracket that holds 0 is probed at one end only. Brackets are narrowed around the
   minimum for a few rounds while that rules out pairs. A pair is evaluated exactly unless a bound exceeds the
-  best exact objective (by more than a relative 1e-6, and by more than the rounding the bound's sums allow:
-  one rounding model, ``rounding``). ``--exhaustive`` evaluates every pair; both give the same picks (tested).
+  best exact objective by more than a relative 1e-6 (``screening.BOUND_SLACK``); the tangent bounds are
+  widened by the rounding their sums allow, by the one rounding model of the engine (``rounding``).
+  ``--exhaustive`` evaluates every pair; both give the same picks (tested).
 - Where the spec leaves a choice open: directions with a numerically zero singular value (when dW has rank
   below M) are not unique, so they are not used as candidates, and the layer's notes say how many were; an
   all-zero update has SSI 0 (S' is all zeros, so SSI = 0 / (0 + 1e-6)), and is noted as such.
