@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from s3lora_cli import cores
 from s3lora_cli._version import __version__
 from s3lora_cli.adapters import Adapter, LoraLayer, SkippedTensor, open_adapter
 from s3lora_cli.adapters.detect import check_adapter_name, check_format_name
@@ -209,32 +210,49 @@ def balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.ldexp(left, torch.tensor(k)), torch.ldexp(right, torch.tensor(-k))
 
 
-def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device) -> Iterator[LayerScore]:
-    """Score the adapter's layers one at a time, in file order (only one layer's tensors in memory). Factors
-    whose scaling takes them past float32's range are read again in float64 (their stored values may be finite)."""
+def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device, jobs: int = 1) -> Iterator[LayerScore]:
+    """Score the adapter's layers in file order, ``jobs`` at a time (only that many layers' tensors in memory), each
+    with its share of the cores (``cores``). Factors whose scaling takes them past float32's range are read again
+    in float64 (their stored values may be finite)."""
     dtype = DTYPES[options.dtype]
-    for layer in adapter.layers:
-        left, right = adapter.load_factors(layer, dtype, device)
-        if dtype != torch.float64 and not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
-            wide = adapter.load_factors(layer, torch.float64, device)
-            if all(bool(torch.isfinite(t).all()) for t in wide):
-                left, right = wide
-        yield score_layer(left, right, layer, options)
-        del left, right
+
+    def loaded() -> Iterator[tuple[LoraLayer, torch.Tensor, torch.Tensor]]:
+        for layer in adapter.layers:
+            left, right = adapter.load_factors(layer, dtype, device)
+            if dtype != torch.float64 and not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
+                wide = adapter.load_factors(layer, torch.float64, device)
+                if all(bool(torch.isfinite(t).all()) for t in wide):
+                    left, right = wide
+            yield layer, left, right
+
+    before = torch.get_num_threads()  # a caller's own choice is the most taken, and restored after
+    threads = min(cores.share(jobs), before)
+    budget = cores.Budget(threads) if jobs <= 1 else None  # one job: fewer threads while the machine is busy
+
+    def score(item: tuple[LoraLayer, torch.Tensor, torch.Tensor]) -> LayerScore:
+        if budget is not None:
+            budget.adjust()
+        return score_layer(item[1], item[2], item[0], options)
+
+    try:
+        yield from cores.ordered_map(score, loaded(), jobs, start=lambda: cores.set_threads(threads))
+    finally:
+        cores.set_threads(before)
 
 
 def score_adapter(path: str | Path, options: ScoreOptions | None = None,
-                  progress: Callable[[int, int, LoraLayer], None] | None = None) -> ScoreReport:
+                  progress: Callable[[int, int, LoraLayer], None] | None = None, jobs: int = 1) -> ScoreReport:
     """Score every LoRA layer of the adapter at ``path``; returns a ScoreReport, prints nothing.
 
-    ``progress(done, total, layer)`` is called after each layer.
+    ``progress(done, total, layer)`` is called after each layer; ``jobs`` layers are scored at once (the result
+    does not depend on it; see ``cores.default_jobs``).
     """
     options = options or ScoreOptions()
     device = resolve_device(options.device)
     with closing(open_adapter(path, options.input_format, options.adapter_name)) as adapter:
         scores = []
         total = len(adapter.layers)
-        for done, score in enumerate(iter_scores(adapter, options, device), start=1):
+        for done, score in enumerate(iter_scores(adapter, options, device, jobs), start=1):
             scores.append(score)
             if progress is not None:
                 progress(done, total, score.layer)

@@ -9,6 +9,7 @@
 
     python scripts/bench.py --cases 7B-qkvo 7B-qkvo-isotropic 7B-qkvo-mixed --floor   # against the floor
     python scripts/bench.py --cases 135M-all --concurrent 2   # two processes at once against one alone
+    python scripts/bench.py --cases 7B-qkvo --blocks 2 --jobs 1 2   # layers in parallel: --jobs 1 against 2
 
 Adapters are generated deterministically into a temporary directory (nothing large is committed), written
 one tensor at a time, so that even the 1.7 GB 70B adapter never sits in memory. Their updates have one of
@@ -18,6 +19,8 @@ three spectra (the case's name says which; real adapters have all kinds):
 - isotropic: plain Gaussian factors, an update whose r singular values are all close (a freshly initialised or
   lightly trained adapter): every step of the greedy fit is a near tie;
 - mixed: decaying, isotropic and sharp layers in turn.
+The shapes: Llama-7B (4096 x 4096 q, k, v, o; all seven projections), Llama-70B, SmolLM2-135M (all seven
+projections, 576 / 192 / 1536), T5-large (1024 x 1024 q and v, r = 16), and small layers (64 x 64 to 256 x 256).
 
 Per case: the wall time of the whole `s3lora score` process (start-up included), the time per layer, the
 peak resident memory of that process; with --floor, the floor measured in the same run (per layer, M passes
@@ -42,7 +45,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from s3lora_cli import cores
+
+cores.prepare_process()  # as the s3lora command does: the floor is measured under the same thread rules
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -64,8 +71,12 @@ CASES = {
     # a small model's adapter: SmolLM2-135M shapes (hidden 576, kv 192, MLP 1536), all seven projections
     "135M-all": (30, ALL_135M, 8),
     "135M-all-mixed": (30, ALL_135M, 8),
+    "135M-all-isotropic": (30, ALL_135M, 8),
     # T5-large r=16 on q and v (144 layers of 1024 x 1024, as the encoder's and decoder's attention have them)
     "t5-large-mixed": (72, {"q": (1024, 1024), "v": (1024, 1024)}, 16),
+    "t5-large-isotropic": (72, {"q": (1024, 1024), "v": (1024, 1024)}, 16),
+    # layers under 256 x 256 (the 2 ms per layer target): 64 x 64 to 256 x 256, r = 8
+    "small-mixed": (16, {"q_proj": (64, 64), "k_proj": (128, 128), "v_proj": (256, 128), "o_proj": (256, 256)}, 8),
 }
 MLP = {"gate_proj", "up_proj", "down_proj"}
 THREAD_ENV = dict(os.environ)
@@ -190,18 +201,20 @@ def floor_seconds(adapter: Path, repeats: int = 2) -> float:
     CACHE_ENTRIES of them; larger layers read the formed chunks again). The best of ``repeats``."""
     import numpy as np
 
-    from s3lora_cli import kernels, open_adapter, spectral
+    from s3lora_cli import open_adapter
+    from s3lora_cli.engine import kernels, residual
 
     if not kernels.available:
         raise SystemExit("--floor needs numba")
+    cores.set_threads(cores.share(1))  # the threads a score process starts with
     with open_adapter(adapter) as opened:
         shapes = [(layer.shape[0], layer.shape[1], layer.r) for layer in opened.layers]
     per_shape = {}
     for d, k, r in sorted(set(shapes)):
         gen = torch.Generator().manual_seed(d * 7 + k)
         left, right = torch.randn(d, r, generator=gen), torch.randn(r, k, generator=gen)
-        rows_list = list(spectral._row_chunks(d, k))
-        room, formed = spectral.CACHE_ENTRIES, []
+        rows_list = list(residual.row_chunks(d, k))
+        room, formed = residual.CACHE_ENTRIES, []
         for rows in rows_list:
             if room >= (rows.stop - rows.start) * k:
                 formed.append((left[rows] @ right).numpy())
@@ -235,6 +248,11 @@ def concurrent_walls(adapter: Path, n: int, *extra: str) -> list[float]:
     return walls
 
 
+def jobs_walls(adapter: Path, counts: tuple[int, ...], *extra: str) -> dict[int, float]:
+    """Wall seconds of `s3lora score --jobs N` for each N, one after the other."""
+    return {n: run_score(adapter, "--jobs", str(n), *extra)[0] for n in counts}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["demo", "7B-qkvo"], choices=["demo", *CASES, "store"])
@@ -247,6 +265,8 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="measure each case's floor and print score / floor")
     parser.add_argument("--concurrent", type=int, default=0, metavar="N",
                         help="also run N score processes at once and compare each with one alone")
+    parser.add_argument("--jobs", type=int, nargs="*", metavar="N",
+                        help="also time `score --jobs N` for each N (e.g. --jobs 1 2)")
     parser.add_argument("--blocks", type=int, help="generate only the first N transformer blocks of each case and "
                         "extrapolate the time to all of them")
     parser.add_argument("--threads", type=int, help="threads for torch, BLAS and the compiled kernels "
@@ -256,7 +276,7 @@ def main() -> None:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             THREAD_ENV[name] = str(args.threads)
         torch.set_num_threads(args.threads)
-        from s3lora_cli import kernels
+        from s3lora_cli.engine import kernels
 
         kernels.set_threads(args.threads)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -290,9 +310,15 @@ def main() -> None:
                 print(f"[{case}] {args.concurrent} processes at once: " + ", ".join(f"{w:.1f}" for w in walls)
                       + f" s; slowest / alone = {max(walls) / wall:.2f}x (ideal on {os.cpu_count()} cores: "
                       f"{max(1.0, args.concurrent * min(1, 2 / max(os.cpu_count() or 1, 1))):.1f}x)")
+            if args.jobs:
+                walls = jobs_walls(adapter, tuple(args.jobs), "--device", args.device)
+                print(f"[{case}] --jobs: " + ", ".join(f"{n}: {w:.1f} s" for n, w in walls.items())
+                      + " (first / each: " + ", ".join(f"{walls[args.jobs[0]] / w:.2f}x" for w in walls.values())
+                      + ")")
             wall_svd, rss_svd, _ = run_score(adapter, "--device", args.device, "--method", "svd")
             print(f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
-                  f"mas-svd / svd = {wall / wall_svd:.1f}x")
+                  f"mas-svd / svd = {wall / wall_svd:.1f}x; the fit alone (mas-svd minus svd) "
+                  f"{(wall - wall_svd) / n * 1000:.1f} ms/layer")
             if args.blocks and case in CASES and args.blocks < CASES[case][0]:
                 # the svd run is start-up plus small-factor work: the rest scales with the number of blocks
                 full = wall_svd + (wall - wall_svd) * CASES[case][0] / args.blocks

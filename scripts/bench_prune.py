@@ -61,9 +61,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from s3lora_cli.policy import Selection
     from s3lora_cli.pruning import PruneMode, prune_adapter
     from s3lora_cli.scoring import ScoreOptions
+    from s3lora_cli.selection import Selection
     from s3lora_cli.spectral import Method
 
     base = build(args)

@@ -7,6 +7,7 @@ Each timing is wall-clock time of the whole scan (process or Ray start-up includ
 other load disturbs it, so read the figures as rough.
 
     python scripts/bench_store.py [--n 1000] [--blocks 2] [--hidden 32] [--r 4] [--no-ray] [--similar]
+    python scripts/bench_store.py --mixed --no-ray   # 8 layers of 64 x 64 to 576 x 576, r 4-16
 """
 
 from __future__ import annotations
@@ -19,19 +20,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from s3lora_cli import cores
 
-from s3lora_cli.gate import GatePolicy
-from s3lora_cli.scoring import ScoreOptions
-from s3lora_cli.spectral import Method
-from s3lora_cli.store import ScanSettings, scan_store, with_neighbours
+cores.prepare_process()  # as the s3lora command does, before PyTorch starts its threads
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from s3lora_cli.gate import GatePolicy  # noqa: E402
+from s3lora_cli.scoring import ScoreOptions  # noqa: E402
+from s3lora_cli.spectral import Method  # noqa: E402
+from s3lora_cli.store import ScanSettings, scan_store, with_neighbours  # noqa: E402
+
+SIZES = (64, 128, 192, 256, 384, 576)
+"""--mixed: adapter i has width SIZES[i % 6] and rank RANKS[i % 3] (8 layers of 64 x 64 to 576 x 576, r 4-16)."""
+RANKS = (4, 8, 16)
 
 
-def write_store(root: Path, n: int, blocks: int, hidden: int, r: int) -> None:
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "base_model_name_or_path": "bench/tiny-llama",
-              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+def write_store(root: Path, n: int, blocks: int, hidden: int, r: int, mixed: bool = False) -> None:
     for i in range(n):
+        if mixed:
+            hidden, r = SIZES[i % len(SIZES)], RANKS[i % len(RANKS)]
+        config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "base_model_name_or_path": "bench/tiny-llama",
+                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
         gen = torch.Generator().manual_seed(i)
         tensors = {}
         for block in range(blocks):
@@ -65,16 +76,18 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--method", default="mas-svd")
+    parser.add_argument("--mixed", action="store_true", help="adapters of 64 x 64 to 576 x 576 layers, r 4-16 (SIZES)")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray run")
     parser.add_argument("--similar", action="store_true", help="also time the pairwise --similar pass")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="s3lora-bench-store-"))
     try:
         store = tmp / "store"
         start = time.perf_counter()
-        write_store(store, args.n, args.blocks, args.hidden, args.r)
-        print(f"store: {args.n} adapters x {4 * args.blocks} layers ({args.hidden}x{args.hidden}, r={args.r}), "
+        write_store(store, args.n, args.blocks, args.hidden, args.r, args.mixed)
+        shape = f"{SIZES[0]}x{SIZES[0]} to {SIZES[-1]}x{SIZES[-1]}, r {RANKS[0]}-{RANKS[-1]}" if args.mixed else \
+            f"{args.hidden}x{args.hidden}, r={args.r}"
+        print(f"store: {args.n} adapters x {4 * args.blocks} layers ({shape}), "
               f"written in {time.perf_counter() - start:.1f} s", flush=True)
         settings = ScanSettings(ScoreOptions(method=Method(args.method), device="cpu"), GatePolicy(max_ssi=0.9))
         cache = tmp / "cache"

@@ -16,11 +16,11 @@ import pytest
 import torch
 from adapter_factory import config_dict, layer_tensors, write_adapter
 
-from s3lora_cli import kernels
+from s3lora_cli.engine import kernels
 
 SCORE = """
 import sys
-from s3lora_cli import kernels
+from s3lora_cli.engine import kernels
 from s3lora_cli.cli import app
 if sys.argv[1] == "uncompiled":
     kernels.available = False

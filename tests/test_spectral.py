@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +14,13 @@ from hypothesis import strategies as st
 from profiles import examples
 from reference import reference, weighted_lower_median
 
-from s3lora_cli import kernels, spectral
+from s3lora_cli.engine import bounds, exact, fit, kernels, residual, screening, state, tangents
+from s3lora_cli.engine.bounds import BOUND_POWERS
+from s3lora_cli.engine.residual import Residual, read_pass
+from s3lora_cli.engine.screening import lower_bounds
+from s3lora_cli.engine.tangents import envelope_bounds
+from s3lora_cli.engine.tangents import narrowed as narrowed_bracket
+from s3lora_cli.engine.tangents import tangents as tangents_of
 from s3lora_cli.spectral import Method, l1_fit, mas_svd, ssi
 
 B_CHECK = [[2, 1], [1, -1], [0, 3], [-1, 2], [4, 0.5]]
@@ -72,6 +80,17 @@ ENGINES = {
 }
 
 
+ENGINE_MODULES = (bounds, exact, fit, residual, screening, state, tangents)
+
+
+def owner(name: str):
+    """The engine module that defines the setting ``name`` (the one place to change it)."""
+    found = [module for module in ENGINE_MODULES
+             if re.search(rf"^{name} = ", inspect.getsource(module), flags=re.MULTILINE)]
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
 class engine:
     """Run the fast path with one engine's settings (a context manager, so hypothesis can use it)."""
 
@@ -84,7 +103,7 @@ class engine:
             pytest.skip("numba is not available")
         for key, value in self.settings.items():
             module, _, name = key.rpartition(".")
-            self.mp.setattr(kernels if module == "kernels" else spectral, name, value)
+            self.mp.setattr(kernels if module == "kernels" else owner(name), name, value)
         return self
 
     def __exit__(self, *exc):
@@ -258,16 +277,16 @@ def test_near_tie_steps_never_change_the_result(name, seed, d, k):
     b[:, 0] *= 20.0
     a = torch.tensor(rng.standard_normal((8, k)))
     with_bounds = []  # how many pairs each pass of the dual bounds evaluated
-    original = spectral._exact_pairs
+    original = exact.exact_pairs
 
-    def recording(res, us, vs, pairs, state, bounds=(), tangents=None):
-        if bounds:
+    def recording(res, us, vs, pairs, state, riders=()):
+        if any(isinstance(rider, bounds.DualSums) for rider in riders):
             with_bounds.append(len(pairs))
-        return original(res, us, vs, pairs, state, bounds, tangents)
+        return original(res, us, vs, pairs, state, riders)
 
     with engine(name), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spectral, "_exact_pairs", recording)
-        mp.setattr(spectral, "NEAR_TIE_GAIN", 1.0)
+        mp.setattr(exact, "exact_pairs", recording)
+        mp.setattr(owner("NEAR_TIE_GAIN"), "NEAR_TIE_GAIN", 1.0)
         screened = mas_svd(b.float(), a.float())
         exhaustive = mas_svd(b.float(), a.float(), exhaustive=True)
     assert 0 in with_bounds and 1 in with_bounds
@@ -287,7 +306,7 @@ def test_screening_never_changes_the_result(name, dtype, case):
     # the same pairs and deltas; an objective's last bits depend on how the pass split the entries
     assert [(p.a, p.b, p.delta) for p in screened.picks] == [(p.a, p.b, p.delta) for p in exhaustive.picks]
     for got, want in zip(screened.picks, exhaustive.picks, strict=True):
-        assert got.objective == pytest.approx(want.objective, rel=spectral.NEAR_TIE * torch.finfo(dtype).eps)
+        assert got.objective == pytest.approx(want.objective, rel=fit.NEAR_TIE * torch.finfo(dtype).eps)
     assert screened.ssi == exhaustive.ssi
     assert screened.pairs_exact <= exhaustive.pairs_exact == exhaustive.pairs_total
 
@@ -373,9 +392,9 @@ def test_residual_chunks_are_the_rows_of_r(d, k, s, cache, chunk, seed):
     p, q = torch.tensor(rng.standard_normal((d, s))).float(), torch.tensor(rng.standard_normal((k, s))).float()
     u, v = torch.tensor(rng.standard_normal(d)).float(), torch.tensor(rng.standard_normal(k)).float()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spectral, "CACHE_ENTRIES", cache)
-        mp.setattr(spectral, "CHUNK_ENTRIES", chunk)
-        residual = spectral._Residual(p, q)
+        mp.setattr(owner("CACHE_ENTRIES"), "CACHE_ENTRIES", cache)
+        mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", chunk)
+        residual = Residual(p, q)
         for _ in range(2):
             seen = [(rows, part.clone()) for rows, part in residual.chunks()]
             assert [r for rows, _ in seen for r in range(rows.start, rows.stop)] == list(range(d))
@@ -413,8 +432,8 @@ def test_near_ties_are_decided_in_float64(compiled, seed, d, k, dtype):
     evaluated = {(a, b): (float(deltas[a, b]), 1.0) for a in range(3) for b in range(2)}  # all tied as reported
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "available", compiled)
-        mp.setattr(spectral, "CHUNK_ENTRIES", 2 * k)
-        pair, (delta, objective) = spectral._best(spectral._Residual(p, q), us, vs, evaluated)
+        mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", 2 * k)
+        pair, (delta, objective) = fit.best(Residual(p, q), us, vs, evaluated)
     p64, q64, u64, v64 = (t.double().numpy() for t in (p, q, us, vs))
     r = p64 @ q64.T
     exact, bound = {}, {}
@@ -452,10 +471,10 @@ def test_near_tie_objectives_have_the_same_bits_on_every_path(seed, d, k, extra,
     for compiled, chunk, threads in [(True, 1 << 20, 2), (True, k, 1), (False, 1 << 20, 2), (False, 3 * k, 1)]:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(kernels, "available", compiled)
-            mp.setattr(spectral, "CHUNK_ENTRIES", chunk)
+            mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", chunk)
             kernels.set_threads(threads)
             try:
-                results.append(spectral._objectives64(p, q, us, vs, pairs, values))
+                results.append(fit.objectives64(p, q, us, vs, pairs, values))
             finally:
                 kernels.set_threads(before)
     assert all(result == results[0] for result in results[1:]), results
@@ -477,10 +496,11 @@ def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
         us[torch.from_numpy(rng.random(us.shape[0]) < 0.3)] = 0
         vs[torch.from_numpy(rng.random(vs.shape[0]) < 0.3)] = 0
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
-        mp.setattr(spectral, "CHUNK_ENTRIES", 23)  # several chunks, most a few rows short of the kernel's groups
-        bounds, l1 = spectral._lower_bounds(b, a.T, us, vs)
-        first, l1_first = spectral._lower_bounds(b, a.T, us, vs, spectral.BOUND_POWERS[:1])
+        mp.setattr(owner("KERNEL_MIN_ENTRIES"), "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+        # several chunks, most a few rows short of the kernel's groups
+        mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", 23)
+        bounds, l1 = lower_bounds(b, a.T, us, vs)
+        first, l1_first = lower_bounds(b, a.T, us, vs, BOUND_POWERS[:1])
     assert l1_first == l1
     # each pair keeps its best bound: more powers never make it worse (to rounding: BLAS may add up a product's
     # terms in another order when it has more columns, as the tensor implementation's products then do)
@@ -584,20 +604,20 @@ def test_early_tangents_are_those_of_their_own_pass(use_kernel, case, seed, chun
     found = []
     for early in (True, False):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
-            mp.setattr(spectral, "CHUNK_ENTRIES", chunk)
-            mp.setattr(spectral, "CACHE_ENTRIES", cache)
-            residual = spectral._Residual(b.float(), a.T.float())
-            state = spectral._FitState(us, vs, seed)
-            spectral._exact_pairs(residual, us, vs, first, state, bounds=(0,))
+            mp.setattr(owner("KERNEL_MIN_ENTRIES"), "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+            mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", chunk)
+            mp.setattr(owner("CACHE_ENTRIES"), "CACHE_ENTRIES", cache)
+            residual = Residual(b.float(), a.T.float())
+            fit_state = state.FitState(us, vs, seed)
+            exact.exact_pairs(residual, us, vs, first, fit_state, riders=(bounds.DualSums(vs, (0,)),))
             residual = residual.deflate(0.75, us[:, 0], vs[:, 1])
             if early:
-                probes = spectral._TangentPass(us, vs, pairs, points)
-                spectral._exact_pairs(residual, us, vs, first, state, bounds=(0,), tangents=probes)
+                probes = tangents.TangentPass(us, vs, pairs, points)
+                exact.exact_pairs(residual, us, vs, first, fit_state, riders=(bounds.DualSums(vs, (0,)), probes))
                 found.append(probes.finish())
             else:
-                spectral._exact_pairs(residual, us, vs, first, state, bounds=(0,))
-                found.append(spectral._tangents(residual, us, vs, pairs, points))
+                exact.exact_pairs(residual, us, vs, first, fit_state, riders=(bounds.DualSums(vs, (0,)),))
+                found.append(tangents_of(residual, us, vs, pairs, points))
     assert found[0] == found[1]
     assert all(len(found[0][pair]) == 2 for pair in pairs)
 
@@ -617,10 +637,10 @@ def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, wi
     points = {pair: ((centre + width) * scale,) if one else ((centre - width) * scale, (centre + width) * scale)
               for pair, one in zip(pairs, single, strict=True)}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
-        mp.setattr(spectral, "CHUNK_ENTRIES", 37)
-        residual = spectral._Residual(b.float(), a.T.float())
-        found = spectral._tangents(residual, us, vs, pairs, points)
+        mp.setattr(owner("KERNEL_MIN_ENTRIES"), "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+        mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", 37)
+        residual = Residual(b.float(), a.T.float())
+        found = tangents_of(residual, us, vs, pairs, points)
         r = torch.cat([chunk for _, chunk in residual.chunks()]).double()  # the values the pass saw
     for a_, b_ in pairs:
         assert [t.theta for t in found[a_, b_]] == [float(torch.tensor(x).float()) for x in points[a_, b_]]
@@ -647,15 +667,15 @@ def test_zero_tangent_is_within_its_bound(use_kernel, case, seed, theta_max):
     residual the pass saw (zeros in R may take either sign); so it is a lower bound of every objective."""
     b, a, us, vs = _two_candidates(use_kernel, case, seed)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
-        mp.setattr(spectral, "CHUNK_ENTRIES", 37)
-        residual, sums = spectral._Residual(b.float(), a.T.float()), spectral._BoundSums()
-        spectral._accumulate(residual, us, vs, {}, sums)
-        sums.finish(spectral._FitState(us, vs, seed))
+        mp.setattr(owner("KERNEL_MIN_ENTRIES"), "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+        mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", 37)
+        residual, sums = Residual(b.float(), a.T.float()), bounds.DualSums(vs)
+        read_pass(residual, [sums])
+        sums = sums.finish(state.FitState(us, vs, seed))
         r = torch.cat([chunk for _, chunk in residual.chunks()]).double()
     scale = float(r.abs().max() / (us.abs().max() * vs.abs().max() + 1e-30))
     for pair in [(0, 0), (1, 1), (0, 1)]:
-        t = spectral._zero_tangent(sums, pair, theta_max * scale)
+        t = tangents.zero_tangent(sums, pair, theta_max * scale)
         c = us[:, pair[0]].double()[:, None] * vs[:, pair[1]].double()[None, :]
         assert t.theta == 0.0
         assert abs(t.f - float(r.abs().sum())) <= t.err
@@ -692,19 +712,19 @@ def test_tangent_bounds_are_lower_bounds(use_kernel, case, seed, centre, width):
     brackets = {(i, j): (medians[i, j] + (centre - width) * scale, medians[i, j] + (centre + width) * scale)
                 for i, j in pairs}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(spectral, "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
-        mp.setattr(spectral, "CHUNK_ENTRIES", 7)
-        residual = spectral._Residual(b.float(), a.T.float())
-        tangents = spectral._tangents(residual, us.float(), vs.float(), pairs, brackets)
+        mp.setattr(owner("KERNEL_MIN_ENTRIES"), "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
+        mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", 7)
+        residual = Residual(b.float(), a.T.float())
+        tangents = tangents_of(residual, us.float(), vs.float(), pairs, brackets)
         # a second round in a narrowed bracket, as the screening does
-        first = {pair: spectral._envelope_bounds(tangents[pair]) for pair in pairs}
-        narrowed = {pair: spectral._narrowed(tangents[pair], first[pair][2]) for pair in pairs}
-        for pair, found in spectral._tangents(residual, us.float(), vs.float(), pairs, narrowed).items():
+        first = {pair: envelope_bounds(tangents[pair]) for pair in pairs}
+        narrowed = {pair: narrowed_bracket(tangents[pair], first[pair][2]) for pair in pairs}
+        for pair, found in tangents_of(residual, us.float(), vs.float(), pairs, narrowed).items():
             tangents[pair] += found
     for pair in pairs:
         tol = 1e-5 * exact[pair] + 1e-5 * np.abs(R).sum() + 1e-30
         for found in (tangents[pair][:2], tangents[pair]):
-            lower, upper, known = spectral._envelope_bounds(found)
+            lower, upper, known = envelope_bounds(found)
             assert lower <= exact[pair] + tol
             assert upper >= exact[pair] - tol
             if known is not None:
@@ -712,7 +732,7 @@ def test_tangent_bounds_are_lower_bounds(use_kernel, case, seed, centre, width):
         lo, hi = brackets[pair]
         mtol = 1e-5 * abs(medians[pair]) + 1e-6
         if lo < medians[pair] - mtol and hi > medians[pair] + mtol:
-            assert spectral._envelope_bounds(tangents[pair][:2])[0] > -math.inf
+            assert envelope_bounds(tangents[pair][:2])[0] > -math.inf
 
 
 @pytest.mark.skipif(not kernels.available, reason="numba is not available")
@@ -783,7 +803,7 @@ def test_weighted_medians_of_rows(path, rows, dtype):
             mp.setattr(kernels, "weighted_select_rows", lambda r, _w, _h: np.full(r.shape[0], np.nan))
         if path == "sort":
             mp.setattr(kernels, "available", False)
-        found = spectral._weighted_medians(ratio, w)
+        found = exact.weighted_medians(ratio, w)
     assert found.shape == (len(rows), 1)
     for k in range(len(rows)):
         total = float(w[k].sum())
@@ -801,7 +821,7 @@ def test_order_statistics_of_the_brackets(values, data, dtype):
     k_lo = data.draw(st.integers(0, len(values) - 1))
     k_hi = data.draw(st.integers(k_lo, len(values) - 1))
     ordered = sorted(values)
-    assert spectral._order_statistics(x, k_lo, k_hi) == (ordered[k_lo], ordered[k_hi])
+    assert exact.order_statistics(x, k_lo, k_hi) == (ordered[k_lo], ordered[k_hi])
 
 
 @pytest.mark.skipif(not kernels.available, reason="numba is not available")

@@ -106,6 +106,9 @@ def main(
 
 def run() -> None:
     """Console-script entry point."""
+    from s3lora_cli import cores
+
+    cores.prepare_process()  # before PyTorch or numba start their thread pools
     _keep_freed_memory()
     app()
 

@@ -121,6 +121,16 @@ AdapterName = Annotated[
     ),
 ]
 
+Jobs = Annotated[
+    Optional[int],
+    typer.Option(
+        "--jobs",
+        min=1,
+        help="Layers scored at once, each with its share of the cores (default: 1 below 8 cores, then one per 4 "
+        "cores, at most 4).",
+    ),
+]
+
 # --- which layers (prune, eval) -----------------------------------------------------------------------------
 
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Prune every layer with SSI >= this (0-1).")]

@@ -21,6 +21,7 @@ from s3lora_cli.cli.options import (
     Format,
     InputFormat,
     InputFormatOption,
+    Jobs,
     MethodOption,
     Output,
     Quiet,
@@ -78,10 +79,11 @@ def score(
     input_format: InputFormatOption = InputFormat.auto,
     adapter_name: AdapterName = None,
     revision: Revision = None,
+    jobs: Jobs = None,
 ) -> None:
     """Rank every LoRA layer of an adapter by its Spectral Sharpness Index (highest first): the share of the
     layer's update in its strongest direction, which S3LoRA treats as a safety risk when concentrated."""
-    from s3lora_cli import report
+    from s3lora_cli import cores, report
     from s3lora_cli.adapters.detect import resolve_adapter_path
     from s3lora_cli.scoring import score_adapter
     from s3lora_cli.selection import marked_tau, top_tau
@@ -94,7 +96,7 @@ def score(
     check_apart({"--output": output}, [path])
     options = score_options(method, components, top_h, exhaustive, device, dtype, input_format, adapter_name)
     with progress_bar(quiet) as progress:
-        result = score_adapter(path, options, progress=progress)
+        result = score_adapter(path, options, progress=progress, jobs=jobs or cores.default_jobs())
     tau = marked_tau(result, tau, allow_large)
     marked = {s.module for s in top_tau(result, tau)}
     target.render(fmt, _renderers(result, marked, tau, top, target.width()))

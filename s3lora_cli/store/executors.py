@@ -9,8 +9,7 @@ from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
-import torch
-
+from s3lora_cli import cores
 from s3lora_cli.errors import RuntimeProblem, one_line
 
 R = TypeVar("R")
@@ -23,20 +22,22 @@ def run_here(task: Callable[..., R], items: Sequence[str], args: tuple[Any, ...]
         yield item, task(item, *args), None
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # one process per core: no oversubscription
+def _on_one_core(task: Callable[..., R], item: str, *args: Any) -> R:
+    cores.init_worker(1)  # a Ray task of num_cpus=1: one thread in PyTorch and the kernels
+    return task(item, *args)
 
 
 def run_in_processes(
     task: Callable[..., R], items: Sequence[str], args: tuple[Any, ...], workers: int
 ) -> Generator[Done[R], None, None]:
-    """In ``workers`` spawned processes (one torch thread each), in completion order. Interrupted (SIGINT,
+    """In ``workers`` spawned processes (each with its share of the cores), in completion order. Interrupted (SIGINT,
     SIGTERM), it waits only for the tasks already running."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
     with ProcessPoolExecutor(
-        max_workers=min(workers, len(items)), mp_context=context, initializer=_init_worker
+        max_workers=min(workers, len(items)), mp_context=context, initializer=cores.init_worker,
+        initargs=(cores.share(workers),),
     ) as pool:
         futures = {pool.submit(task, item, *args): item for item in items}
         try:
@@ -65,9 +66,9 @@ def run_on_ray(
         _connect(ray, address)
         started = True
     try:
-        remote = ray.remote(num_cpus=1)(task)
+        remote = ray.remote(num_cpus=1)(_on_one_core)
         shared = tuple(ray.put(a) for a in args)
-        pending = {remote.remote(item, *shared): item for item in items}
+        pending = {remote.remote(task, item, *shared): item for item in items}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             more: list[Any] = []

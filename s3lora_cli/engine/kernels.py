@@ -2,7 +2,7 @@
 the weighted selection; each one fused loop instead of a dozen tensor ops.
 
 ``available`` is False where numba cannot be imported; callers then use the tensor implementation in
-``spectral``, which computes the same values (the ratio of every entry bit for bit; the sums to within
+the engine's other modules, which computes the same values (the ratio of every entry bit for bit; the sums to within
 their stated rounding).
 """
 
@@ -224,7 +224,7 @@ def _weighted_select_rows(ratios, weights, halves, out):  # pragma: no cover - c
 SUM_BLOCK = 64
 """``_tangent_sums`` adds up runs of this many entries in the residual's dtype (fast, vectorised) before adding
 them to float64 totals: each total is off by at most SUM_BLOCK * eps(dtype) times the sum of its terms'
-magnitudes (``spectral._tangents`` widens its bounds by that much)."""
+magnitudes (``tangents.TangentPass`` widens its bounds by that much)."""
 
 
 def _tangent_sums(r, u, first_row, v, slots, thetas, vsum, out):  # pragma: no cover - compiled
@@ -325,7 +325,7 @@ def _dual_sums(r, v_signed, v_abs, du, dv, deflate, signed_out, abs_out, l1_out)
     in place (du: [c], dv: [k]; the product rounded, then the difference). Writes, per row i,
     signed_out[i, m] = sum_j sign(r_ij) v_signed[m, j], abs_out[i, m] = sum_j |r_ij| v_abs[m, j] and
     l1_out[i] = sum_j |r_ij|, all float64 from runs of terms added in r's dtype: DUAL_RUN terms for the
-    projections, SUM_BLOCK for l1 (its rounding is that of the tangent sums: see ``spectral._zero_tangent``).
+    projections, SUM_BLOCK for l1 (its rounding is that of the tangent sums: see ``tangents.zero_tangent``).
     """
     c, k = r.shape
     n1 = v_signed.shape[0]
@@ -462,7 +462,7 @@ def _objectives64(p, q, u, v, deltas, out):  # pragma: no cover - compiled
     formed in float64 (l ascending), for each pair over one chunk of rows: p [c, s], q [k, s], u [P, c],
     v [P, k]. Each row's terms go to eight interleaved lanes (term j to lane j mod 8), combined as
     ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)). Compiled without fastmath: this order, which
-    ``spectral._row_objectives64`` follows too, is the one computed on every CPU."""
+    ``fit._row_objectives64`` follows too, is the one computed on every CPU."""
     c, s = p.shape
     k = q.shape[0]
     for i in numba.prange(c):
