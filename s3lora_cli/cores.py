@@ -93,7 +93,7 @@ def set_threads(n: int) -> None:
         import numba
     except Exception:  # no numba: the kernels are not used
         return
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 def init_worker(threads: int) -> None:
