@@ -723,7 +723,7 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
                   neighbours: int = DEFAULT_NEIGHBOURS, duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
                   report_json: Callable[[GateResult], str] | None = None,
                   clock: Callable[[], datetime] | None = None,
-                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> AdmitResult:
+                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, refusal: str | None = None) -> AdmitResult:
     """Run the gate on ``candidate``; copy it into ``store`` as ``<name>-<key[:12]>/`` when it passes, or into
     the quarantine (default ``<store>.quarantine/``) with its report when it fails; append the decision to the
     audit log (default ``<store>/.s3lora-audit.jsonl``).
@@ -732,7 +732,9 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
     (``<store>/.s3lora.lock``), which also serialises the audit log, the record is appended and fsynced, then the
     copy renamed into place; if the rename fails the record is cut off again, and if the record cannot be
     written nothing is renamed: an entry is in place only with its record (SIGINT and SIGTERM wait until both
-    are done). ``report_json(gate)``, when given, is written beside a quarantined adapter as s3lora-report.json."""
+    are done). ``report_json(gate)``, when given, is written beside a quarantined adapter as s3lora-report.json.
+    ``refusal``, when given, quarantines the adapter whatever the gate says, with that reason first in the record
+    (a check made outside the gate, such as an evaluation below a floor)."""
     candidate, store = Path(candidate), Path(store)
     if store.exists() and not store.is_dir():
         raise UsageError(f"--store {store} is not a directory")
@@ -770,15 +772,16 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
     except S3LoraError as exc:
         near = ()
         notes.append(f"the store's neighbours could not be computed ({_one_line(exc)})")
-    into = store if gate.passed else quarantine
+    passed = gate.passed and refusal is None
+    into = store if passed else quarantine
     into.mkdir(parents=True, exist_ok=True)
     destination = into / entry_name
     now = (clock or (lambda: datetime.now(timezone.utc)))()
     record: dict[str, Any] = {
         "time": now.isoformat(), "adapter": str(candidate.resolve()), "name": entry_name, "sha256": sha,
-        "key": key, "verdict": "admitted" if gate.passed else "refused", "already_present": False,
+        "key": key, "verdict": "admitted" if passed else "refused", "already_present": False,
         "destination": str(destination.resolve()),
-        "reasons": [f"{v.module}: {v.message}" for v in gate.failing],
+        "reasons": [refusal] * (refusal is not None) + [f"{v.module}: {v.message}" for v in gate.failing],
         "rules": [{"rule": o.rule.value, "limit": o.limit, "allowed": o.allowed, "violations": o.violations,
                    "passed": o.passed} for o in gate.rules],
         "duplicates": [{"path": n.path, "cosine": round(n.cosine, 6)} for n in near if n.duplicate],
@@ -797,9 +800,9 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
                 destination = present
                 record.update(already_present=True, name=present.name, destination=str(present.resolve()))
             else:
-                extra = {} if gate.passed else {ADMIT_RECORD_NAME: json.dumps(record, allow_nan=False, indent=2)
+                extra = {} if passed else {ADMIT_RECORD_NAME: json.dumps(record, allow_nan=False, indent=2)
                                                 + "\n"}
-                if not gate.passed and report_json is not None:
+                if not passed and report_json is not None:
                     extra[REPORT_NAME] = report_json(gate)
                 tmp = _copy_adapter(candidate, weights, config, into, entry_name, key, extra)
             audit.parent.mkdir(parents=True, exist_ok=True)
@@ -818,16 +821,16 @@ def admit_adapter(candidate: str | Path, store: str | Path, policy: GatePolicy, 
         except BaseException as exc:
             durable.discard(tmp)
             if committed and isinstance(exc, KeyboardInterrupt):
-                done = "admitted into" if gate.passed else "quarantined in"
+                done = "admitted into" if passed else "quarantined in"
                 raise type(exc)(f"interrupted after {candidate} was {done} {destination} and logged") from None
             if isinstance(exc, OSError):
-                done = "admitted" if gate.passed else "quarantined"
+                done = "admitted" if passed else "quarantined"
                 raise RuntimeProblem(f"cannot write the decision: {describe_os_error(exc)}; {candidate} was not "
                                      f"{done}, nothing was written") from None
             raise
     if appended.warning:
         notes.insert(0, appended.warning)
-    return AdmitResult(gate, gate.passed, record["name"], sha, destination, record["already_present"], near,
+    return AdmitResult(gate, passed, record["name"], sha, destination, record["already_present"], near,
                        audit, record, key, tuple(broken), tuple(notes))
 
 

@@ -263,3 +263,5 @@ def demo_tasks(
 
     check_output(output, force)
     write_output(demo_jsonl(seed=seed, warmup=warmup, per_family=per_family), output, force)
+
+from s3lora_cli.cli import adapt_loop as _adapt_loop  # noqa: E402,F401  (train, answer, refresh, run)
