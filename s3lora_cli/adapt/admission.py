@@ -21,6 +21,10 @@ from s3lora_cli.policy import Selection
 CLUSTER_RECORD_NAME = "s3lora-cluster.json"
 """The file in an adapter's directory that says which cluster it serves (see ``cluster_record``)."""
 
+PRUNE_REPORT_SOURCE = "s3lora-report.json"
+PRUNE_REPORT_NAME = "s3lora-prune.json"
+"""Where the pruned adapter's report (``s3lora prune``'s, written as s3lora-report.json) is kept in the entry."""
+
 RECORD_VERSION = 1
 DEFAULT_FLOOR = 0.5
 """Least validation exact match of the pruned adapter for it to enter the store."""
@@ -126,6 +130,8 @@ def gate_adapter(base_model: Any, tokenizer: Any, adapter_dir: Path, validation:
                            "after_pruning": _validation_json(after), "floor": settings.floor},
                pruning={"selection": settings.selection.as_dict(), "layers": list(result.modules),
                         "scored_layers": sum(s.ssi is not None for s in result.report.layers)})
+    # prune's report keeps its own name: the quarantine writes the gate's report as s3lora-report.json
+    (pruned_dir / PRUNE_REPORT_SOURCE).rename(pruned_dir / PRUNE_REPORT_NAME)
     (pruned_dir / CLUSTER_RECORD_NAME).write_text(json.dumps(doc, allow_nan=False, indent=1) + "\n",
                                                   encoding="utf-8")
     start = time.perf_counter()
