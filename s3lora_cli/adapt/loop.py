@@ -32,6 +32,7 @@ from s3lora_cli.store import ADMIT_RECORD_NAME, quarantine_dir
 LOOP_FILE = "loop.json"
 WORK_DIR = "work"
 REFRESH_DIR = "refresh"
+TRAINED_DIR = "trained"
 LOOP_VERSION = 1
 STAGES = ("route", "trigger", "buffer", "train", "gate")
 
@@ -147,7 +148,7 @@ def prepare_loop_state(directory: Path, resume: bool, force: bool) -> None:
     if has_state and not force:
         raise UsageError(f"{directory} is not empty; pass --resume to continue its run or --force to start over")
     if has_state:
-        for name in (LOOP_FILE, HANDOFF_DIR, WORK_DIR, REFRESH_DIR):
+        for name in (LOOP_FILE, HANDOFF_DIR, WORK_DIR, REFRESH_DIR, TRAINED_DIR):
             path = directory / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
@@ -222,9 +223,10 @@ def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *
                   store: Path, work: Path, settings: LoopSettings, generation: int = 1,
                   quarantine: Path | None = None, audit_log: Path | None = None,
                   progress: Callable[[str, int, int], None] | None = None,
-                  seconds: dict[str, float] | None = None) -> tuple[Any, Any]:
+                  seconds: dict[str, float] | None = None, keep: Path | None = None) -> tuple[Any, Any]:
     """Train, gate and admit one cluster's adapter (``records``: its task objects). Returns the TrainResult and
-    the GateOutcome; ``seconds`` (when given) accumulates the train and gate stages. ``work`` is emptied
+    the GateOutcome; ``seconds`` (when given) accumulates the train and gate stages. ``keep`` (when given) receives
+    the adapter before pruning as ``cluster-NNNN-gG`` (for comparison; never served). ``work`` is emptied
     afterwards."""
     seconds = seconds if seconds is not None else {}
     work = Path(work)
@@ -247,6 +249,11 @@ def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *
                                trained.best.validation, record, store, work, f"cluster-{cluster:04d}", settings.gate,
                                settings.train, quarantine=quarantine, audit_log=audit_log, progress=progress)
         seconds["gate"] = seconds.get("gate", 0.0) + time.perf_counter() - start
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            kept = keep / f"cluster-{cluster:04d}-g{generation}"
+            shutil.rmtree(kept, ignore_errors=True)
+            trained.adapter_dir.rename(kept)
         return trained, outcome
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -382,7 +389,7 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
                     lm, embed, [s.record for s in cluster.members], run=saved.run, cluster=cluster.id,
                     bucket=cluster.bucket, keywords=cluster.keywords, centre=cluster.centre, origin=origin,
                     store=store, work=state / WORK_DIR, settings=settings, quarantine=quarantine,
-                    audit_log=audit_log, progress=step, seconds=progress.seconds)
+                    audit_log=audit_log, progress=step, seconds=progress.seconds, keep=state / TRAINED_DIR)
                 outcome = _outcome(cluster, trained, gated)
                 progress.candidates_trained += len(trained.candidates)
             progress.adapters_trained += 1
@@ -473,7 +480,7 @@ def refresh_adapters(lm: Any, embed: Embedder, store: Path, state: Path, setting
             keywords=doc.get("keywords", []),
             centre=None if doc.get("centre") is None else np.asarray(doc["centre"]), origin=origin, store=store,
             work=state / WORK_DIR, settings=settings, generation=int(doc["generation"]) + 1,
-            quarantine=quarantine, audit_log=audit_log, progress=progress)
+            quarantine=quarantine, audit_log=audit_log, progress=progress, keep=state / TRAINED_DIR)
         path.unlink()
         results.append({"adapter": entry.name, "new_samples": len(new), "samples": len(old) + len(new),
                         "generation": int(doc["generation"]) + 1, "verdict": gated.admit.record["verdict"],

@@ -37,11 +37,12 @@ class Candidate:
         return f"r={self.r} alpha={self.lora_alpha} lr={self.learning_rate:g} epochs={self.epochs}"
 
 
-DEFAULT_CANDIDATES = (Candidate(8, 16, 1e-3, 12),)
-"""What learns on a CPU in minutes. A cluster holds 10-30 samples, so an epoch is two or three optimizer steps:
-at the paper's learning rates (1e-4, 1e-5) the answers of SmolLM2-135M had not moved after 12 epochs, while 1e-3
-gives the answer template and the facts in about as many steps. One candidate keeps the demo stream's four
-clusters within its time budget; ``PAPER_CANDIDATES`` is the paper's grid."""
+DEFAULT_CANDIDATES = (Candidate(8, 16, 3e-3, 12),)
+"""What learns on a CPU in minutes (measured on SmolLM2-135M, made-up people: 6 distinct training samples, two or
+three optimizer steps an epoch). After 12 epochs at 1e-3 the adapter had the answer template but not the facts
+(training loss 0.47, validation exact match 0, 1 of 12 new phrasings); at 3e-3 it had both (loss 0.014,
+validation 1.0, 11 of 12 new phrasings). The paper's rates (1e-4, 1e-5) move less still in so few steps. One
+candidate keeps the demo stream's clusters within its time budget; ``PAPER_CANDIDATES`` is the paper's grid."""
 
 PAPER_CANDIDATES = tuple(Candidate(r, alpha, lr, 12) for r in (4, 8) for alpha in (8, 16) for lr in (1e-4, 1e-5))
 """The search space of SAGE's code: r in {4, 8}, lora_alpha in {8, 16}, learning rate in {1e-4, 1e-5}."""

@@ -48,7 +48,7 @@ SEARCH = typer.Option("default", "--search", help="The training search: default 
                       "CPU in minutes) or paper (SAGE's r 4/8 x alpha 8/16 x lr 1e-4/1e-5).")
 RANK = typer.Option(None, "--rank", "-r", min=1, help="Train this LoRA rank instead of the search's.")
 ALPHA = typer.Option(None, "--alpha", min=1, help="lora_alpha, with --rank (default 2 x rank).")
-LR = typer.Option(None, "--lr", help="Learning rate, with --rank (default 1e-3).")
+LR = typer.Option(None, "--lr", help="Learning rate, with --rank (default 3e-3).")
 EPOCHS = typer.Option(None, "--epochs", min=1, help="Passes over the training split (default 12).")
 TARGETS = typer.Option("q_proj,k_proj,v_proj", "--target-modules", help="Comma-separated module names to adapt.")
 SEED = typer.Option(0, "--seed", help="Fixes the 80/20 split, the initialisation and the batch order.")
@@ -74,7 +74,7 @@ def _train_settings(search: str, rank, alpha, lr, epochs, targets: str, seed: in
         raise UsageError(f"--search {search!r}: expected one of {', '.join(SEARCHES)}")
     candidates = SEARCHES[search]
     if rank is not None:
-        candidates = (Candidate(rank, alpha or 2 * rank, lr or 1e-3, epochs or 12),)
+        candidates = (Candidate(rank, alpha or 2 * rank, lr or 3e-3, epochs or 12),)
     elif alpha is not None or lr is not None:
         raise UsageError("--alpha and --lr go with --rank")
     elif epochs is not None:
