@@ -395,9 +395,13 @@ class _LiveStatus:
     """The live summary on stderr: one status line (a Rich spinner on a terminal, else a line per cluster
     event)."""
 
+    EVERY = 40
+    """Without a terminal, a line at least every this many samples, and at every cluster event."""
+
     def __init__(self, console, quiet: bool):
         self.console, self.quiet = console, quiet
         self._status = None
+        self._shown = 0
 
     def __enter__(self):
         if not self.quiet and self.console.is_terminal:
@@ -417,6 +421,9 @@ class _LiveStatus:
                 f"{progress.admitted} admitted, {progress.quarantined} quarantined | {message}")
         if self._status is not None:
             self._status.update(escape(line))
-        elif not message.startswith(("line ", "cluster ")) or message.split(": ", 1)[-1].startswith(
-                ("admitted", "refused")):
+            return
+        step = message.startswith(("line ", "cluster ")) and not message.split(": ", 1)[-1].startswith(
+            ("admitted", "refused"))
+        if not step or (message.startswith("line ") and progress.samples - self._shown >= self.EVERY):
+            self._shown = progress.samples
             self.console.print(escape(line), highlight=False, soft_wrap=True)
