@@ -24,7 +24,7 @@ from s3lora_cli.adapt.routing import DEFAULT_ROUTE_THRESHOLD, Router, stored_clu
 from s3lora_cli.adapt.state import HANDOFF_DIR, parse_state, state_json, write_handoff
 from s3lora_cli.adapt.tasks import Task, parse_task
 from s3lora_cli.adapt.train import TrainSettings, train_cluster
-from s3lora_cli.adapt.trigger import Band, Generation, failure_score, measure_signals, similarity_band
+from s3lora_cli.adapt.trigger import Band, failure_score, measure_signals, similarity_band
 from s3lora_cli.adapters.writer import write_text_atomic
 from s3lora_cli.errors import AdapterInputError, UsageError
 from s3lora_cli.store import ADMIT_RECORD_NAME, quarantine_dir
@@ -300,7 +300,6 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
     adapter a killed run had already admitted is not trained again."""
     began = time.perf_counter()
     state, store = Path(state), Path(store)
-    quarantine_root = quarantine if quarantine is not None else None
     if resume:
         saved = _load(state)
         if saved.buffer.embedder != embed.name:
@@ -310,6 +309,7 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
         saved = _Saved(run=uuid.uuid4().hex[:12], consumed=0, digest=hashlib.sha256().hexdigest(), band=None,
                        progress=LoopProgress(), buffer=BufferState(embedder=embed.name), done=set())
     shutil.rmtree(state / WORK_DIR, ignore_errors=True)
+    refused = Path(quarantine) if quarantine is not None else quarantine_dir(store)
     progress = saved.progress
     buffer = TriggerBuffer(saved.buffer, settings.buffer)
     router = Router(lm.model, lm.tokenizer, embed, stored_clusters(store), threshold=settings.route_threshold)
@@ -355,8 +355,7 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
         timed("route", start)
         start = time.perf_counter()
         answered = router.answer(prompts, settings.max_new_tokens, routes, batch_size=settings.batch_size)
-        generations = [Generation(g.text, g.margin) for _, g in answered]
-        signals = measure_signals(batch, generations, embed)
+        signals = measure_signals(batch, [g for _, g in answered], embed)
         timed("trigger", start)
         progress.samples += len(batch)
         items = [(t, r, g.text, s) for t, (r, g), s in zip(batch, answered, signals, strict=True)]
@@ -375,7 +374,7 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
                 continue
             origin = saved.buffer.buckets[cluster.bucket].origin
             write_handoff(state, saved.buffer, buffer.ready())
-            earlier = _entries_of(saved.run, cluster.id, store, quarantine_root or quarantine_dir(store))
+            earlier = _entries_of(saved.run, cluster.id, store, refused)
             if earlier:
                 outcome = _outcome_of_entry(cluster, earlier[0])
             else:

@@ -5,7 +5,10 @@ are imported inside the commands."""
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -156,8 +159,6 @@ def train(
     match then loss), prune the best one's sharpest layers, evaluate the pruned adapter on the validation split
     and admit it to --store (exit 0) or quarantine it (exit 1) with the cluster's record beside it."""
     _require_extra()
-    import hashlib
-
     import numpy as np
 
     from s3lora_cli.adapt.loop import LoopSettings, adapt_cluster
@@ -167,7 +168,7 @@ def train(
         max_ssi, max_violations, baseline, max_increase, strict_layers, None, None, None), policy, device)
     records, info = _read_cluster(cluster)
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
-    run = hashlib.sha256(str(cluster.resolve().parent).encode()).hexdigest()[:12]
+    run = hashlib.sha256(str(cluster.resolve().parent).encode()).hexdigest()[:12]  # one per hand-off directory
     work = _work_dir(store)
     try:
         trained, gated = adapt_cluster(
@@ -178,8 +179,6 @@ def train(
             store=store, work=work, settings=LoopSettings(train=train_settings, gate=gate),
             quarantine=quarantine, audit_log=audit_log, progress=_step_printer(quiet))
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     doc = {"cluster": str(cluster), "train": trained.to_json(), "pruned_layers": list(gated.pruned_layers),
            "validation_before": gated.before.__dict__, "validation_after": gated.after.__dict__,
@@ -195,8 +194,6 @@ def train(
 
 def _work_dir(store: Path) -> Path:
     """A private scratch directory beside the store, for the candidates and the pruned copy."""
-    import os
-
     return store.absolute().parent / f".{store.name}.train-{os.getpid()}"
 
 
