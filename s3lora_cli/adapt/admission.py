@@ -72,16 +72,19 @@ class GateOutcome:
 def cluster_record(*, run: str, cluster: int, generation: int, bucket: str, keywords: Sequence[str], members: int,
                    centre: Sequence[float] | None, prompt_centre: Sequence[float] | None,
                    origin: Sequence[float] | None, embedder: str, base_model: str,
-                   train: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   train: Mapping[str, Any] | None = None,
+                   base_centre: Sequence[float] | None = None) -> dict[str, Any]:
     """The cluster an adapter serves. run: the id of the state directory that found it; cluster: its id there;
     generation: 1, then one more per refresh; centre: the buffer's centre (of prompt + answer vectors, centred on
     ``origin``); prompt_centre: the unit mean of its members' prompt vectors centred on ``origin``, which routing
-    compares a new prompt with. The gate adds the validation scores and the pruned layers."""
+    compares a new prompt with; base_centre: the same of the prompts the base model answered (None when none
+    were seen), which a prompt must be farther from. The gate adds the validation scores and the pruned layers."""
     return {"schema_version": RECORD_VERSION, "run": run, "cluster": cluster, "generation": generation,
             "bucket": bucket, "keywords": list(keywords), "members": members,
             "centre": None if centre is None else [float(x) for x in centre],
             "prompt_centre": None if prompt_centre is None else [float(x) for x in prompt_centre],
-            "origin": None if origin is None else [float(x) for x in origin], "embedder": embedder,
+            "origin": None if origin is None else [float(x) for x in origin],
+            "base_centre": None if base_centre is None else [float(x) for x in base_centre], "embedder": embedder,
             "base_model": base_model, "train": dict(train or {})}
 
 

@@ -35,6 +35,8 @@ REFRESH_DIR = "refresh"
 TRAINED_DIR = "trained"
 LOOP_VERSION = 1
 STAGES = ("route", "trigger", "buffer", "train", "gate")
+BASE_SAMPLES = 512
+"""The prompts the base model answered whose vectors the state keeps (the first ones) for the base centre."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class _Saved:
     progress: LoopProgress
     buffer: BufferState
     done: set[int]
+    base_vectors: list[list[float]] = field(default_factory=list)
 
 
 def _load(directory: Path) -> _Saved:
@@ -175,7 +178,8 @@ def _load(directory: Path) -> _Saved:
         band = None if doc["band"] is None else Band(**doc["band"])
         return _Saved(run=str(doc["run"]), consumed=int(doc["consumed_lines"]), digest=str(doc["consumed_sha256"]),
                       band=band, progress=LoopProgress.from_json(doc["progress"]), buffer=buffer,
-                      done={int(x) for x in doc["done"]})
+                      done={int(x) for x in doc["done"]},
+                      base_vectors=[[float(x) for x in v] for v in doc.get("base_vectors", [])])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise AdapterInputError(f"{path}: corrupt loop state ({type(exc).__name__}: {exc}); it was left as it is: "
                                 "move it away, or start over with --force") from None
@@ -187,7 +191,7 @@ def _save(directory: Path, saved: _Saved) -> None:
     doc = {"schema_version": LOOP_VERSION, "run": saved.run, "consumed_lines": saved.consumed,
            "consumed_sha256": saved.digest,
            "band": None if saved.band is None else saved.band.__dict__,
-           "progress": saved.progress.to_json(), "done": sorted(saved.done),
+           "progress": saved.progress.to_json(), "done": sorted(saved.done), "base_vectors": saved.base_vectors,
            "buffer": json.loads(state_json(saved.buffer, saved.consumed, saved.digest))}
     write_text_atomic(directory / LOOP_FILE, json.dumps(doc, allow_nan=False))
 
@@ -212,10 +216,9 @@ def _entries_of(run: str, cluster: int, *roots: Path) -> list[Path]:
     return found
 
 
-def prompt_centre(embed: Embedder, prompts: Sequence[str], origin: np.ndarray) -> np.ndarray:
-    """Unit mean of the prompts' vectors centred on ``origin`` and scaled to unit length: [dim]."""
-    vectors = np.asarray(embed(list(prompts)), dtype=np.float64)
-    return unit(unit(vectors - origin).mean(axis=0))
+def centre_of(vectors: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """Unit mean of ``vectors`` [n, dim] centred on ``origin`` and scaled to unit length: [dim]."""
+    return unit(unit(np.asarray(vectors, dtype=np.float64) - origin).mean(axis=0))
 
 
 def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *, run: str, cluster: int,
@@ -223,11 +226,12 @@ def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *
                   store: Path, work: Path, settings: LoopSettings, generation: int = 1,
                   quarantine: Path | None = None, audit_log: Path | None = None,
                   progress: Callable[[str, int, int], None] | None = None,
-                  seconds: dict[str, float] | None = None, keep: Path | None = None) -> tuple[Any, Any]:
+                  seconds: dict[str, float] | None = None, keep: Path | None = None,
+                  base_vectors: np.ndarray | None = None) -> tuple[Any, Any]:
     """Train, gate and admit one cluster's adapter (``records``: its task objects). Returns the TrainResult and
     the GateOutcome; ``seconds`` (when given) accumulates the train and gate stages. ``keep`` (when given) receives
-    the adapter before pruning as ``cluster-NNNN-gG`` (for comparison; never served). ``work`` is emptied
-    afterwards."""
+    the adapter before pruning as ``cluster-NNNN-gG`` (for comparison; never served). ``base_vectors``: embeddings
+    of prompts the base model answered, whose centre routing keeps away from. ``work`` is emptied afterwards."""
     seconds = seconds if seconds is not None else {}
     work = Path(work)
     if work.exists():
@@ -239,12 +243,14 @@ def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *
         seconds["train"] = seconds.get("train", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         prompts = [e.prompt for e in (*trained.train, *trained.validation)]
+        vectors = np.asarray(embed(prompts), dtype=np.float64)
         if origin is None:
-            origin = np.asarray(embed(prompts), dtype=np.float64).mean(axis=0)
+            origin = vectors.mean(axis=0)
+        base = None if base_vectors is None or not len(base_vectors) else centre_of(base_vectors, origin)
         record = cluster_record(run=run, cluster=cluster, generation=generation, bucket=bucket, keywords=keywords,
                                 members=len(records), centre=centre,
-                                prompt_centre=prompt_centre(embed, prompts, origin), origin=origin,
-                                embedder=embed.name, base_model=str(lm.source), train=trained.to_json())
+                                prompt_centre=centre_of(vectors, origin), origin=origin, embedder=embed.name,
+                                base_model=str(lm.source), train=trained.to_json(), base_centre=base)
         outcome = gate_adapter(lm.model, lm.tokenizer, trained.adapter_dir, trained.validation,
                                trained.best.validation, record, store, work, f"cluster-{cluster:04d}", settings.gate,
                                settings.train, quarantine=quarantine, audit_log=audit_log, progress=progress)
@@ -316,7 +322,7 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
     router.clusters = [c for c in router.clusters if c.run == saved.run]
     hasher = hashlib.sha256()
     pending: list[Task] = []
-    held: list[tuple[Task, Any, str, Any]] = []  # warm-up samples: task, route, generated text, signals
+    held: list[tuple[Task, Any, np.ndarray, Any]] = []  # warm-up samples: task, route, prompt vector, signals
     warm: list[float] = []
     number = 0
 
@@ -327,10 +333,12 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
     def timed(stage: str, start: float) -> None:
         progress.seconds[stage] = progress.seconds.get(stage, 0.0) + time.perf_counter() - start
 
-    def judge(items: list[tuple[Task, Any, str, Any]]) -> None:
-        for task, route, _generated, signals in items:
+    def judge(items: list[tuple[Task, Any, np.ndarray, Any]]) -> None:
+        for task, route, vector, signals in items:
             score, _ = failure_score(signals, settings.trigger, saved.band)
             if score < settings.trigger.threshold:
+                if route.cluster is None and len(saved.base_vectors) < BASE_SAMPLES:
+                    saved.base_vectors.append([float(x) for x in vector])
                 continue
             progress.triggered += 1
             if route.cluster is not None:
@@ -350,7 +358,8 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
     def process(batch: list[Task]) -> None:
         start = time.perf_counter()
         prompts = [t.prompt for t in batch]
-        routes = router.route(prompts)
+        vectors = embed(prompts)
+        routes = router.route(prompts, vectors)
         progress.routed += sum(r.cluster is not None for r in routes)
         timed("route", start)
         start = time.perf_counter()
@@ -358,7 +367,7 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
         signals = measure_signals(batch, [g for _, g in answered], embed)
         timed("trigger", start)
         progress.samples += len(batch)
-        items = [(t, r, g.text, s) for t, (r, g), s in zip(batch, answered, signals, strict=True)]
+        items = [(t, r, v, s) for t, (r, _), v, s in zip(batch, answered, vectors, signals, strict=True)]
         if saved.band is None and settings.trigger.warmup > 0:
             held.extend(items)
             warm.extend(s.similarity for s in signals[:max(settings.trigger.warmup - len(warm), 0)])
@@ -388,7 +397,8 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
                     lm, embed, [s.record for s in cluster.members], run=saved.run, cluster=cluster.id,
                     bucket=cluster.bucket, keywords=cluster.keywords, centre=cluster.centre, origin=origin,
                     store=store, work=state / WORK_DIR, settings=settings, quarantine=quarantine,
-                    audit_log=audit_log, progress=step, seconds=progress.seconds, keep=state / TRAINED_DIR)
+                    audit_log=audit_log, progress=step, seconds=progress.seconds, keep=state / TRAINED_DIR,
+                    base_vectors=np.asarray(saved.base_vectors, dtype=np.float64))
                 outcome = _outcome(cluster, trained, gated)
                 progress.candidates_trained += len(trained.candidates)
             progress.adapters_trained += 1
@@ -479,7 +489,8 @@ def refresh_adapters(lm: Any, embed: Embedder, store: Path, state: Path, setting
             keywords=doc.get("keywords", []),
             centre=None if doc.get("centre") is None else np.asarray(doc["centre"]), origin=origin, store=store,
             work=state / WORK_DIR, settings=settings, generation=int(doc["generation"]) + 1,
-            quarantine=quarantine, audit_log=audit_log, progress=progress, keep=state / TRAINED_DIR)
+            quarantine=quarantine, audit_log=audit_log, progress=progress, keep=state / TRAINED_DIR,
+            base_vectors=np.asarray(saved.base_vectors, dtype=np.float64))
         path.unlink()
         results.append({"adapter": entry.name, "new_samples": len(new), "samples": len(old) + len(new),
                         "generation": int(doc["generation"]) + 1, "verdict": gated.admit.record["verdict"],

@@ -14,19 +14,19 @@ from typing import Any
 import numpy as np
 
 from s3lora_cli.adapt.admission import CLUSTER_RECORD_NAME
-from s3lora_cli.adapt.buffer import unit, words
+from s3lora_cli.adapt.buffer import unit
 from s3lora_cli.adapt.embedding import Embedder
 from s3lora_cli.errors import AdapterInputError
 
-DEFAULT_ROUTE_THRESHOLD = 0.6
-DEFAULT_ROUTE_WEIGHT_COSINE = 0.7
-"""As the buffer assigns a sample to a stored cluster: 0.7 cosine + 0.3 keyword overlap, at least 0.6."""
+DEFAULT_ROUTE_THRESHOLD = 0.4
+"""Least cosine between a prompt and a cluster's prompt centre for the cluster's adapter to answer it."""
 
 
 @dataclass(frozen=True)
 class StoredCluster:
     """An admitted adapter and the cluster it serves (its ``s3lora-cluster.json``); ``centre`` is the cluster's
-    prompt centre, in the frame centred on ``origin``."""
+    prompt centre and ``base_centre`` (None when unknown) the centre of the prompts the base model answered,
+    both in the frame centred on ``origin``."""
 
     entry: Path
     run: str
@@ -37,6 +37,7 @@ class StoredCluster:
     origin: np.ndarray
     embedder: str
     record: dict[str, Any]
+    base_centre: np.ndarray | None = None
 
     @property
     def name(self) -> str:
@@ -86,7 +87,8 @@ def stored_clusters(store: Path) -> list[StoredCluster]:
                                  generation=int(doc["generation"]), keywords=tuple(map(str, doc["keywords"])),
                                  centre=np.asarray(doc["prompt_centre"], dtype=np.float64),
                                  origin=np.asarray(doc["origin"], dtype=np.float64), embedder=str(doc["embedder"]),
-                                 record=doc)
+                                 record=doc, base_centre=None if doc.get("base_centre") is None
+                                 else np.asarray(doc["base_centre"], dtype=np.float64))
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterInputError(f"{entry / CLUSTER_RECORD_NAME}: corrupt cluster record ({exc})") from None
         key = (item.run, item.cluster)
@@ -95,12 +97,13 @@ def stored_clusters(store: Path) -> list[StoredCluster]:
     return sorted(latest.values(), key=lambda c: c.name)
 
 
-def route_score(vector: np.ndarray, prompt: str, cluster: StoredCluster, weight_cosine: float) -> float:
-    """weight_cosine * cosine(centred prompt vector, cluster centre) + (1 - weight_cosine) * the share of the
-    cluster's keywords among the prompt's words (the buffer's assignment score)."""
+def route_score(vector: np.ndarray, cluster: StoredCluster) -> tuple[float, bool]:
+    """The cosine of the prompt's vector (centred on the cluster's origin) with the cluster's prompt centre, and
+    whether it is closer to that centre than to the centre of the prompts the base model answered (True when
+    the record has no such centre): a nearest-centroid choice between the adapter and the base model."""
     x = unit(np.asarray(vector, dtype=np.float64) - cluster.origin)
-    overlap = len(words(prompt) & set(cluster.keywords)) / len(cluster.keywords) if cluster.keywords else 0.0
-    return weight_cosine * float(x @ cluster.centre) + (1 - weight_cosine) * overlap
+    cosine = float(x @ cluster.centre)
+    return cosine, cluster.base_centre is None or cosine > float(x @ cluster.base_centre)
 
 
 class Router:
@@ -108,12 +111,11 @@ class Router:
     are loaded, once each, onto one PEFT model built on a copy of it."""
 
     def __init__(self, base_model: Any, tokenizer: Any, embed: Embedder, clusters: Sequence[StoredCluster] = (),
-                 threshold: float = DEFAULT_ROUTE_THRESHOLD, weight_cosine: float = DEFAULT_ROUTE_WEIGHT_COSINE):
+                 threshold: float = DEFAULT_ROUTE_THRESHOLD):
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.embed = embed
         self.threshold = threshold
-        self.weight_cosine = weight_cosine
         self.clusters: list[StoredCluster] = list(clusters)
         self._peft: Any = None
         self._loaded: set[str] = set()
@@ -122,16 +124,17 @@ class Router:
         """Take the store's clusters as they are now (adapters already loaded stay cached)."""
         self.clusters = stored_clusters(store)
 
-    def route(self, prompts: Sequence[str]) -> list[Route]:
-        """The route of each prompt: the best-scoring cluster when its score reaches the threshold."""
+    def route(self, prompts: Sequence[str], vectors: np.ndarray | None = None) -> list[Route]:
+        """The route of each prompt (``vectors``: their embeddings, when already computed): the cluster with
+        the highest cosine, when that reaches the threshold and beats the base model's centre; else the base."""
         if not self.clusters or not prompts:
             return [Route(None, float("-inf"), None) for _ in prompts]
-        vectors = self.embed(list(prompts))
+        vectors = self.embed(list(prompts)) if vectors is None else vectors
         routes = []
-        for prompt, vector in zip(prompts, vectors, strict=True):
-            scored = [(route_score(vector, prompt, c, self.weight_cosine), c) for c in self.clusters]
-            score, best = max(scored, key=lambda item: item[0])
-            routes.append(Route(best if score >= self.threshold else None, score, best))
+        for vector in vectors:
+            scored = [(*route_score(vector, c), c) for c in self.clusters]
+            cosine, nearer, best = max(scored, key=lambda item: item[0])
+            routes.append(Route(best if cosine >= self.threshold and nearer else None, cosine, best))
         return routes
 
     def _model_for(self, cluster: StoredCluster) -> Any:

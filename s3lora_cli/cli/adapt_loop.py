@@ -60,8 +60,9 @@ THRESHOLD = typer.Option(None, "--prune-threshold", help="Prune every layer with
 FRACTION = typer.Option(None, "--fraction", help="Prune the top fraction of layers by SSI (0-1].")
 FLOOR = typer.Option(0.5, "--floor", help="Least validation exact match of the pruned adapter; below it the "
                      "adapter is quarantined.")
-ROUTE_THRESHOLD = typer.Option(0.6, "--route-threshold", help="Least 0.7 cosine + 0.3 keyword overlap for a "
-                               "prompt to use a cluster's adapter.")
+ROUTE_THRESHOLD = typer.Option(0.4, "--route-threshold", help="Least cosine between a prompt and a cluster's "
+                               "prompt centre for the cluster's adapter to answer it (it must also be nearer to it "
+                               "than to the prompts the base model answered).")
 MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Longest generated answer, in tokens.")
 
 
