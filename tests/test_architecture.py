@@ -183,7 +183,7 @@ def test_layers_point_one_way():
 
 
 MODEL_LAYER = ("s3lora_cli.lm", "s3lora_cli.evaluation", "s3lora_cli.cli.eval", "s3lora_cli.adapt",
-               "s3lora_cli.cli.adapt")
+               "s3lora_cli.cli.adapt", "s3lora_cli.cli.adapt_loop")
 """The modules that may import a model library (transformers, peft) or the model loader."""
 
 
@@ -201,7 +201,8 @@ def test_only_the_model_commands_import_the_model_layer():
 def test_the_model_commands_import_their_subsystems_when_they_run():
     """Not when the command line is built: --help and the core commands never load them."""
     for command, subsystems in (("eval.py", ("s3lora_cli.evaluation", "s3lora_cli.lm")),
-                                ("adapt.py", ("s3lora_cli.adapt", "s3lora_cli.lm"))):
+                                ("adapt.py", ("s3lora_cli.adapt", "s3lora_cli.lm")),
+                                ("adapt_loop.py", ("s3lora_cli.adapt", "s3lora_cli.lm"))):
         tree = ast.parse((PACKAGE / "cli" / command).read_text())
         top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
         assert not any(m.startswith(subsystems) for m in top_level if m), command

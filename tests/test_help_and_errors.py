@@ -153,7 +153,8 @@ def test_each_shared_option_is_defined_once():
     infos = [get_args(value)[1] for value in vars(options).values() if len(get_args(value)) == 2]
     shared = {info.default for info in infos if isinstance(info, OptionInfo)} | {options.FORMAT.default}
     assert {"--output", "--force", "--format", "--quiet", "--method", "--device", "--policy"} <= shared
-    allowed = {"prune.py": {"--output"}, "adapt.py": {"--force", "--device", "--threshold"}}
+    allowed = {"prune.py": {"--output"}, "adapt.py": {"--force", "--device", "--threshold"},
+               "adapt_loop.py": {"--force", "--threshold"}}
     folder = Path(options.__file__).parent
     for path in folder.glob("*.py"):
         if path.name == "options.py":

@@ -76,27 +76,32 @@ def load_state(directory: Path) -> tuple[BufferState, int, str]:
     AdapterInputError naming the file when it is missing or corrupt."""
     path = Path(directory) / STATE_FILE
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-        state = BufferState(
-            buckets={str(k): Bucket(samples=[_sample(s) for s in b["samples"]],
-                                    previous=None if b["previous"] is None else [int(x) for x in b["previous"]],
-                                    origin=_vector(b["origin"]))
-                     for k, b in doc["buckets"].items()},
-            clusters=[Cluster(id=int(c["id"]), bucket=str(c["bucket"]), members=[_sample(s) for s in c["members"]],
-                              centre=_vector(c["centre"]), keywords=[str(w) for w in c["keywords"]],
-                              handed_off=bool(c["handed_off"])) for c in doc["clusters"]],
-            next_cluster_id=int(doc["next_cluster_id"]), reclusterings=int(doc["reclusterings"]),
-            stabilisations=[{"line": int(s["line"]), "reclusterings": int(s["reclusterings"])}
-                            for s in doc["stabilisations"]],
-            embedder=str(doc["embedder"]))
-        return state, int(doc["consumed_lines"]), str(doc["consumed_sha256"])
+        return parse_state(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         raise AdapterInputError(f"{path}: no buffer state to resume (run without --resume to start one)") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise AdapterInputError(f"{path}: corrupt buffer state ({type(exc).__name__}: {exc}); it was left as it "
                                 "is: move it away, or start over with --force") from None
+
+
+def parse_state(doc: dict[str, Any]) -> tuple[BufferState, int, str]:
+    """The buffer state of a parsed ``state_json`` document, with its consumed lines and their sha256; raises
+    ValueError, KeyError or TypeError when it is not one."""
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"schema_version {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    state = BufferState(
+        buckets={str(k): Bucket(samples=[_sample(s) for s in b["samples"]],
+                                previous=None if b["previous"] is None else [int(x) for x in b["previous"]],
+                                origin=_vector(b["origin"]))
+                 for k, b in doc["buckets"].items()},
+        clusters=[Cluster(id=int(c["id"]), bucket=str(c["bucket"]), members=[_sample(s) for s in c["members"]],
+                          centre=_vector(c["centre"]), keywords=[str(w) for w in c["keywords"]],
+                          handed_off=bool(c["handed_off"])) for c in doc["clusters"]],
+        next_cluster_id=int(doc["next_cluster_id"]), reclusterings=int(doc["reclusterings"]),
+        stabilisations=[{"line": int(s["line"]), "reclusterings": int(s["reclusterings"])}
+                        for s in doc["stabilisations"]],
+        embedder=str(doc["embedder"]))
+    return state, int(doc["consumed_lines"]), str(doc["consumed_sha256"])
 
 
 def write_handoff(directory: Path, state: BufferState, ready: list[Cluster]) -> None:

@@ -50,6 +50,7 @@ from s3lora_cli.cli import check as _check  # noqa: E402,F401
 from s3lora_cli.cli import scan as _scan  # noqa: E402,F401
 from s3lora_cli.cli import admit as _admit  # noqa: E402,F401
 from s3lora_cli.cli import adapt as _adapt  # noqa: E402,F401
+from s3lora_cli.cli import adapt_loop as _adapt_loop  # noqa: E402,F401  (adapt train, answer, refresh, run)
 from s3lora_cli.cli import eval as _eval  # noqa: E402,F401
 
 __all__ = [

