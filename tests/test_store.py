@@ -287,6 +287,25 @@ def test_admit_refuses_into_quarantine_with_the_report(tmp_path: Path):
     assert read_audit_log(pool / AUDIT_LOG_NAME)[0]["verdict"] == "refused"
 
 
+def test_a_refused_adapter_that_carries_a_report_or_a_record_is_quarantined(tmp_path: Path):
+    """A prune output holds s3lora-report.json and a quarantined entry also s3lora-admit.json: admitting either
+    (refused) quarantines it with this decision's files in place of its own, and leaves the input as it was."""
+    pool = tmp_path / "pool"
+    candidate = make_adapter(tmp_path / "sharp", 2, sharp=True)
+    (candidate / "s3lora-report.json").write_text('{"prune": true}\n')
+    (candidate / "notes.txt").write_text("kept\n")
+    before = files_under(candidate)
+    first = admit_adapter(candidate, pool, POLICY, device="cpu", report_json=lambda gate: "{}\n")
+    assert not first.admitted and (first.destination / "s3lora-report.json").read_text() == "{}\n"
+    assert (first.destination / "notes.txt").read_text() == "kept\n" and files_under(candidate) == before
+    assert any("s3lora-report.json is replaced" in note for note in first.warnings)
+    again = admit_adapter(first.destination, tmp_path / "other", POLICY, device="cpu", report_json=lambda g: "[]\n")
+    assert not again.admitted and (again.destination / "s3lora-report.json").read_text() == "[]\n"
+    record = json.loads((again.destination / "s3lora-admit.json").read_text())
+    assert record["adapter"] == str(first.destination.resolve())
+    assert [r["verdict"] for r in read_audit_log(tmp_path / "other" / AUDIT_LOG_NAME)] == ["refused"]
+
+
 def test_cli_admit_exit_codes_and_json(tmp_path: Path):
     pool = tmp_path / "pool"
     calm = make_adapter(tmp_path / "calm", 1)

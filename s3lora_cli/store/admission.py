@@ -148,6 +148,8 @@ def admit_adapter(
         extra[ADMIT_RECORD_NAME] = json.dumps(record, allow_nan=False, indent=2) + "\n"
         if report_json is not None:
             extra[REPORT_NAME] = report_json(gated.gate)
+    replaced = sorted(name for name in extra if candidate.is_dir() and os.path.lexists(candidate / name))
+    notes.extend(f"the adapter's own {name} is replaced in {into} by this decision's" for name in replaced)
     with _locked(store, lock_timeout):
         destination, warning = _commit(gated, store, into, into / entry_name, audit, record, extra)
     if warning:
@@ -355,11 +357,14 @@ def _find_entry(into: Path, key: str) -> Path | None:
 def _copy_adapter(gated: _Candidate, into: Path, entry: str, extra_files: Mapping[str, str]) -> Path:
     """Copy the adapter into a fresh temporary directory inside ``into`` (only regular files inside the adapter
     directory, ``files.plan_copy``), check that the copy has the content key the gate scored, add
-    ``extra_files``, and return the temporary directory (renamed into place by the caller)."""
+    ``extra_files`` (in place of the adapter's own files of those names), and return the temporary directory
+    (renamed into place by the caller)."""
     candidate, weights, config = gated.path, gated.weights, gated.config
     if candidate.is_dir():
         rel_weights = weights.resolve().relative_to(candidate.resolve()).as_posix()
         planned = plan_copy(candidate, exempt={rel_weights.split("/")[0], CONFIG_NAME})
+        # a record of an earlier decision, or prune's report, under a name this decision writes: this one's wins
+        planned = [f for f in planned if f.relative not in extra_files]
     else:
         planned = [PlannedFile(p, p.name, os.stat(p).st_size) for p in (weights, config) if p is not None]
         check_confined(weights, weights.parent)
