@@ -37,12 +37,13 @@ _held: dict[str, int] = {}
 
 # --- names and ownership ------------------------------------------------------------------------------------
 
+
 def base_of(target_name: str) -> str:
     """The part of a temporary name that says which target it is for: the name itself, or for a long one its
     first characters and a hash of all of it."""
     if len(target_name) <= _BASE_CHARS:
         return target_name
-    return f"{target_name[:_BASE_CHARS - 13]}~{hashlib.sha256(target_name.encode()).hexdigest()[:12]}"
+    return f"{target_name[: _BASE_CHARS - 13]}~{hashlib.sha256(target_name.encode()).hexdigest()[:12]}"
 
 
 def owned_name(target_name: str, kind: str = TEMP_KIND) -> str:
@@ -162,6 +163,7 @@ def _remove(path: Path) -> None:
 
 # --- renames --------------------------------------------------------------------------------------------------
 
+
 def _renameat2(old: Path, new: Path, flags: int) -> bool:
     """Linux renameat2(2); False where it is not available (another OS, an old kernel or libc, a file system
     without the flag), so that the caller falls back. Other errors raise OSError."""
@@ -206,8 +208,10 @@ def _fsync_dir(directory: Path) -> None:
 
 # --- files ----------------------------------------------------------------------------------------------------
 
-def write_file_atomic(target: Path, write: Callable[[BinaryIO], object], *, replace: bool = True,
-                      mode: int | None = None) -> None:
+
+def write_file_atomic(
+    target: Path, write: Callable[[BinaryIO], object], *, replace: bool = True, mode: int | None = None
+) -> None:
     """Write a file through ``write(fh)`` into a temporary file beside ``target``, fsync it, and rename it into
     place: a reader sees the old file or the whole new one. ``replace`` False refuses (FileExistsError) a
     target that exists at the moment of the rename. What killed runs left in the same directory is removed
@@ -274,6 +278,7 @@ def _changed(where: str) -> Exception:
 
 
 # --- directories ----------------------------------------------------------------------------------------------
+
 
 def make_temp_dir(parent: Path, target_name: str) -> Path:
     """A new, empty temporary directory in ``parent`` for ``target_name``, owned (locked) by this process until

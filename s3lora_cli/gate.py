@@ -77,8 +77,10 @@ class GatePolicy:
         if self.baseline is not None and self.max_increase is None:
             raise UsageError("--baseline needs --max-increase (or max-increase in the policy)")
         if self.max_ssi is None and self.max_increase is None:
-            raise UsageError("no gate rule given: pass --max-ssi, or --baseline with --max-increase, or a policy "
-                             "with them (--policy FILE, or a tool.s3lora table in pyproject.toml)")
+            raise UsageError(
+                "no gate rule given: pass --max-ssi, or --baseline with --max-increase, or a policy "
+                "with them (--policy FILE, or a tool.s3lora table in pyproject.toml)"
+            )
 
     def source(self, key: str) -> str:
         return self.sources.get(key, BUILT_IN)
@@ -172,6 +174,7 @@ class GateResult:
 
 
 # --- settings ---------------------------------------------------------------------------------------------
+
 
 def _number(value: Any, where: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -271,8 +274,7 @@ def load_policy_file(path: Path) -> dict[str, Any]:
     return settings
 
 
-def resolve_policy(flags: Mapping[str, Any], policy_file: Path | None = None,
-                   cwd: Path | None = None) -> GatePolicy:
+def resolve_policy(flags: Mapping[str, Any], policy_file: Path | None = None, cwd: Path | None = None) -> GatePolicy:
     """The gate settings, by precedence: command-line ``flags`` (kebab-case keys; None means not given), then
     ``policy_file`` if given, otherwise the [tool.s3lora] table of the nearest pyproject.toml found upward
     from ``cwd``, then the built-in defaults. Only one file is read: --policy replaces pyproject.toml."""
@@ -293,8 +295,9 @@ RULE_KEYS = ("max-ssi", "max-increase", "baseline")
 """The settings that make a gate rule (``baseline`` only with ``max-increase``)."""
 
 
-def resolve_optional_policy(flags: Mapping[str, Any], policy_file: Path | None = None, device: str = "auto",
-                            cwd: Path | None = None) -> tuple[GatePolicy | None, ScoreOptions]:
+def resolve_optional_policy(
+    flags: Mapping[str, Any], policy_file: Path | None = None, device: str = "auto", cwd: Path | None = None
+) -> tuple[GatePolicy | None, ScoreOptions]:
     """The policy and scoring options of a command whose gate is optional (``scan``), from the same flags and
     sources as ``resolve_policy``: with a rule (max-ssi, max-increase or baseline) anywhere, the policy and its
     options; without one, no policy and the options the flags and the file give (flags win)."""
@@ -305,12 +308,17 @@ def resolve_optional_policy(flags: Mapping[str, Any], policy_file: Path | None =
         policy = resolve_policy(flags, policy_file, cwd)
         return policy, policy.score_options(device)
     merged = {**from_file, **{k: SETTINGS[k](v, f"--{k}") for k, v in given.items()}}
-    options = ScoreOptions(method=merged.get("method", Method.MAS_SVD), components=merged.get("components"),
-                           top_h=merged.get("top-h"), device=device)
+    options = ScoreOptions(
+        method=merged.get("method", Method.MAS_SVD),
+        components=merged.get("components"),
+        top_h=merged.get("top-h"),
+        device=device,
+    )
     return None, options
 
 
 # --- rules ------------------------------------------------------------------------------------------------
+
 
 def compare(report: ScoreReport, baseline: ScoreReport) -> tuple[LayerChange, ...]:
     """Match the layers of ``report`` and ``baseline`` by module name (never by position); sorted by the
@@ -335,50 +343,92 @@ def evaluate(report: ScoreReport, policy: GatePolicy, baseline: ScoreReport | No
     found: dict[Rule, list[Violation]] = {rule: [] for rule in Rule}
     for s in report.layers:
         if s.ssi is None:
-            found[Rule.NON_FINITE].append(_violation(s.module, Rule.NON_FINITE, None, None, None, None,
-                                                     s.error or "not scored"))
+            found[Rule.NON_FINITE].append(
+                _violation(s.module, Rule.NON_FINITE, None, None, None, None, s.error or "not scored")
+            )
         elif policy.max_ssi is not None and s.ssi > policy.max_ssi:
-            found[Rule.MAX_SSI].append(_violation(s.module, Rule.MAX_SSI, s.ssi, policy.max_ssi, s.ssi, None,
-                                                  f"SSI {s.ssi:.4f} exceeds max-ssi {policy.max_ssi:g}"))
+            found[Rule.MAX_SSI].append(
+                _violation(
+                    s.module,
+                    Rule.MAX_SSI,
+                    s.ssi,
+                    policy.max_ssi,
+                    s.ssi,
+                    None,
+                    f"SSI {s.ssi:.4f} exceeds max-ssi {policy.max_ssi:g}",
+                )
+            )
     changes: tuple[LayerChange, ...] = ()
     if baseline is not None and policy.max_increase is not None:
         changes = compare(report, baseline)
         for c in changes:
             if c.increase is not None and c.increase > policy.max_increase:
-                found[Rule.MAX_INCREASE].append(_violation(
-                    c.module, Rule.MAX_INCREASE, c.increase, policy.max_increase, c.ssi, c.baseline_ssi,
-                    f"SSI rose by {c.increase:.4f} (from {c.baseline_ssi:.4f} to {c.ssi:.4f}), more than "
-                    f"max-increase {policy.max_increase:g}"))
+                found[Rule.MAX_INCREASE].append(
+                    _violation(
+                        c.module,
+                        Rule.MAX_INCREASE,
+                        c.increase,
+                        policy.max_increase,
+                        c.ssi,
+                        c.baseline_ssi,
+                        f"SSI rose by {c.increase:.4f} (from {c.baseline_ssi:.4f} to {c.ssi:.4f}), more than "
+                        f"max-increase {policy.max_increase:g}",
+                    )
+                )
             elif not c.in_baseline:
-                found[Rule.NEW_LAYER].append(_violation(c.module, Rule.NEW_LAYER, c.ssi, None, c.ssi, None,
-                                                        "not in the baseline adapter"))
+                found[Rule.NEW_LAYER].append(
+                    _violation(c.module, Rule.NEW_LAYER, c.ssi, None, c.ssi, None, "not in the baseline adapter")
+                )
             elif not c.in_candidate:
-                found[Rule.MISSING_LAYER].append(_violation(c.module, Rule.MISSING_LAYER, c.baseline_ssi, None,
-                                                            None, c.baseline_ssi, "in the baseline adapter only"))
+                found[Rule.MISSING_LAYER].append(
+                    _violation(
+                        c.module,
+                        Rule.MISSING_LAYER,
+                        c.baseline_ssi,
+                        None,
+                        None,
+                        c.baseline_ssi,
+                        "in the baseline adapter only",
+                    )
+                )
     outcomes = [RuleOutcome(Rule.NON_FINITE, None, 0, len(found[Rule.NON_FINITE]), BUILT_IN)]
     if policy.max_ssi is not None:
-        outcomes.append(RuleOutcome(Rule.MAX_SSI, policy.max_ssi, policy.max_violations, len(found[Rule.MAX_SSI]),
-                                    policy.source("max-ssi")))
+        outcomes.append(
+            RuleOutcome(
+                Rule.MAX_SSI, policy.max_ssi, policy.max_violations, len(found[Rule.MAX_SSI]), policy.source("max-ssi")
+            )
+        )
     if policy.max_increase is not None:
-        outcomes.append(RuleOutcome(Rule.MAX_INCREASE, policy.max_increase, 0, len(found[Rule.MAX_INCREASE]),
-                                    policy.source("max-increase")))
+        outcomes.append(
+            RuleOutcome(
+                Rule.MAX_INCREASE, policy.max_increase, 0, len(found[Rule.MAX_INCREASE]), policy.source("max-increase")
+            )
+        )
         allowed = 0 if policy.strict_layers else None
         for rule in (Rule.NEW_LAYER, Rule.MISSING_LAYER):
             outcomes.append(RuleOutcome(rule, None, allowed, len(found[rule]), policy.source("strict-layers")))
     failed = {o.rule for o in outcomes if not o.passed}
-    violations = [Violation(v.module, v.rule, v.value, v.limit, v.ssi, v.baseline_ssi, v.rule in failed, v.message)
-                  for rule in Rule for v in found[rule]]
+    violations = [
+        Violation(v.module, v.rule, v.value, v.limit, v.ssi, v.baseline_ssi, v.rule in failed, v.message)
+        for rule in Rule
+        for v in found[rule]
+    ]
     violations.sort(key=lambda v: (RULE_ORDER[v.rule], v.value is None, -(v.value or 0.0), v.module))
     return GateResult(report, policy, tuple(outcomes), tuple(violations), baseline, changes)
 
 
-def check_adapters(paths: Sequence[str | Path], policy: GatePolicy, device: str = "auto",
-                   progress: Callable[[int, int, LoraLayer], None] | None = None, *, input_format: str | None = None,
-                   adapter_name: str | None = None) -> tuple[GateResult, ...]:
+def check_adapters(
+    paths: Sequence[str | Path],
+    policy: GatePolicy,
+    device: str = "auto",
+    progress: Callable[[int, int, LoraLayer], None] | None = None,
+    *,
+    input_format: str | None = None,
+    adapter_name: str | None = None,
+) -> tuple[GateResult, ...]:
     """Score the baseline (once, when the policy has one) and each adapter with the policy's scoring options,
     and apply the gate to each; returns one GateResult per path, in the order given. ``input_format`` and
     ``adapter_name`` (see ScoreOptions) apply to the adapters and the baseline alike."""
     options = replace(policy.score_options(device), input_format=input_format, adapter_name=adapter_name)
     baseline = score_adapter(policy.baseline, options, progress) if policy.baseline is not None else None
     return tuple(evaluate(score_adapter(path, options, progress), policy, baseline) for path in paths)
-

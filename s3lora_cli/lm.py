@@ -87,8 +87,9 @@ def load_causal_lm(path: str | Path, device: Any = "cpu", dtype: Any = None) -> 
     problem (exit 4). ``dtype`` defaults to float32 (what a CPU computes fastest and what the metrics assume)."""
     source = Path(path).expanduser()
     if not source.exists():
-        raise AdapterInputError(f"{source}: no such model file or directory (give a Hugging Face model directory "
-                                "or a .gguf file)")
+        raise AdapterInputError(
+            f"{source}: no such model file or directory (give a Hugging Face model directory or a .gguf file)"
+        )
     if source.is_file() and source.suffix.lower() == ".gguf":
         directory = converted_gguf_directory(source)
     elif source.is_dir() and (source / "config.json").is_file():

@@ -66,10 +66,16 @@ class PruneResult:
         return tuple(p.module for p in self.pruned)
 
 
-def prune_adapter(path: str | Path, output: str | Path | None = None, selection: Selection | None = None,
-                  mode: PruneMode = PruneMode.ZERO, options: ScoreOptions | None = None, force: bool = False,
-                  dry_run: bool = False,
-                  progress: Callable[[int, int, LoraLayer], None] | None = None) -> PruneResult:
+def prune_adapter(
+    path: str | Path,
+    output: str | Path | None = None,
+    selection: Selection | None = None,
+    mode: PruneMode = PruneMode.ZERO,
+    options: ScoreOptions | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[int, int, LoraLayer], None] | None = None,
+) -> PruneResult:
     """Score the adapter at ``path``, select layers with ``selection`` (default: the top-10 by SSI) and write
     the pruned adapter to ``output`` in the input's format (default: the sibling directory ``<adapter>-pruned``,
     or ``<name>-pruned.safetensors`` beside a single-file kohya / diffusers adapter).
@@ -99,14 +105,23 @@ def prune_adapter(path: str | Path, output: str | Path | None = None, selection:
     if dropped and layout.drop:
         raise UsageError(layout.drop)
     if dropped and dropped == len(scores.layers):
-        raise UsageError(f"this would drop all {dropped} LoRA layers, and PEFT refuses to load an adapter whose "
-                         "modules are all excluded; use --mode zero (DoRA layers are always dropped) or prune fewer")
+        raise UsageError(
+            f"this would drop all {dropped} LoRA layers, and PEFT refuses to load an adapter whose "
+            "modules are all excluded; use --mode zero (DoRA layers are always dropped) or prune fewer"
+        )
     result = PruneResult(scores, selection, mode, pruned, destination, written=not dry_run)
     if not dry_run:
         edits = [LayerEdit(p.score.layer, p.action) for p in pruned]
-        write_pruned_adapter(Path(scores.adapter.weights_file), destination, edits, metadata=provenance(result),
-                             report_text=render_json(prune_document(result)), force=force,
-                             expected_sha256=scores.adapter.sha256, layout=layout)
+        write_pruned_adapter(
+            Path(scores.adapter.weights_file),
+            destination,
+            edits,
+            metadata=provenance(result),
+            report_text=render_json(prune_document(result)),
+            force=force,
+            expected_sha256=scores.adapter.sha256,
+            layout=layout,
+        )
     return result
 
 
@@ -119,14 +134,27 @@ def _layout(path: Path, options: ScoreOptions) -> tuple[Layout, Path]:
 def _plan(score: LayerScore, mode: PruneMode) -> PrunedLayer:
     dora = "magnitude" in score.layer.keys
     action = PruneMode.DROP if dora else mode
-    return PrunedLayer(score, action, LayerEdit(score.layer, action).tensor_names,
-                       DORA_NOTE if dora and mode is PruneMode.ZERO else None)
+    return PrunedLayer(
+        score,
+        action,
+        LayerEdit(score.layer, action).tensor_names,
+        DORA_NOTE if dora and mode is PruneMode.ZERO else None,
+    )
 
 
 def _pruned_entries(result: PruneResult) -> list[dict[str, Any]]:
     ranks = {s.module: i for i, s in enumerate(result.report.layers, start=1)}
-    return [{"module": p.module, "rank": ranks[p.module], "ssi": round(cast(float, p.score.ssi), 10),
-             "action": p.action.value, "tensors": list(p.tensors), "note": p.note} for p in result.pruned]
+    return [
+        {
+            "module": p.module,
+            "rank": ranks[p.module],
+            "ssi": round(cast(float, p.score.ssi), 10),
+            "action": p.action.value,
+            "tensors": list(p.tensors),
+            "note": p.note,
+        }
+        for p in result.pruned
+    ]
 
 
 def prune_document(result: PruneResult) -> dict[str, Any]:
@@ -153,7 +181,8 @@ def provenance(result: PruneResult) -> dict[str, str]:
         "s3lora.version": __version__,
         "s3lora.method": result.report.parameters["method"],
         "s3lora.parameters": json.dumps(parameters, **compact),
-        "s3lora.pruned": json.dumps([{k: e[k] for k in ("module", "ssi", "action")} for e in _pruned_entries(result)],
-                                    **compact),
+        "s3lora.pruned": json.dumps(
+            [{k: e[k] for k in ("module", "ssi", "action")} for e in _pruned_entries(result)], **compact
+        ),
         "s3lora.source_sha256": result.report.adapter.sha256,
     }

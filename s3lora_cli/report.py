@@ -74,7 +74,7 @@ def _cut(text: str, width: int, side: str | None) -> str:
         return text
     if width <= 1:
         return ELLIPSIS[:width]
-    return ELLIPSIS + text[len(text) - width + 1:] if side == "left" else text[:width - 1] + ELLIPSIS
+    return ELLIPSIS + text[len(text) - width + 1 :] if side == "left" else text[: width - 1] + ELLIPSIS
 
 
 def _min_width(column: Column, cells: list[str], natural: int) -> int:
@@ -90,8 +90,9 @@ def _total(widths: dict[int, int]) -> int:
     return sum(widths.values()) + len(GAP) * (len(widths) - 1)
 
 
-def _shrunk(kept: list[int], natural: list[int], minimum: list[int], columns: Sequence[Column],
-            width: int) -> dict[int, int]:
+def _shrunk(
+    kept: list[int], natural: list[int], minimum: list[int], columns: Sequence[Column], width: int
+) -> dict[int, int]:
     widths = {i: natural[i] for i in kept}
     over = _total(widths) - width
     for i in sorted(kept, key=lambda i: columns[i].shorten != "right"):  # free text first, then names
@@ -103,8 +104,9 @@ def _shrunk(kept: list[int], natural: list[int], minimum: list[int], columns: Se
     return widths
 
 
-def text_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None
-               ) -> tuple[list[str], list[str]]:
+def text_table(
+    columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None
+) -> tuple[list[str], list[str]]:
     """The lines of a table (a header line, then one line per row; columns separated by two spaces) and the
     headers of the columns left out. With ``width`` None every column is shown in full. Otherwise columns give
     way and cells are shortened, in the order ``Column`` describes, until the lines fit ``width`` (or only the
@@ -137,8 +139,9 @@ def text_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: 
 def _wrapped(text: str, width: int | None) -> list[str]:
     if width is None:
         return [text]
-    return textwrap.wrap(text, width=max(width, 40), subsequent_indent="  ", break_on_hyphens=False,
-                         break_long_words=False) or [""]
+    return textwrap.wrap(
+        text, width=max(width, 40), subsequent_indent="  ", break_on_hyphens=False, break_long_words=False
+    ) or [""]
 
 
 def common_prefix(modules: Sequence[str]) -> str:
@@ -170,8 +173,21 @@ LAYER_COLUMNS = (
     Column("notes", drop=1, early=True, shorten="right"),
 )
 MARK_SYMBOL = {TOP_TAU: "*", PRUNED: "*", VIOLATION: "!"}
-CSV_HEADERS = ["rank", "mark", "module", "kind", "shape", "r", "ssi", "robust_z", "fit_rank", "components",
-               "sigma_1", "sigma_sum", "notes"]
+CSV_HEADERS = [
+    "rank",
+    "mark",
+    "module",
+    "kind",
+    "shape",
+    "r",
+    "ssi",
+    "robust_z",
+    "fit_rank",
+    "components",
+    "sigma_1",
+    "sigma_sum",
+    "notes",
+]
 
 
 def fit_note(score: LayerScore) -> str | None:
@@ -198,18 +214,31 @@ def _fit(score: LayerScore) -> str:
 
 def _layer_cells(rank: int, score: LayerScore, mark: str, z: float | None, module: str) -> list[str]:
     shape = "x".join(str(n) for n in score.layer.shape)
-    return [str(rank), mark, module, _fmt(score.ssi, ".4f"), _fmt(z, "+.1f"), _fit(score), score.layer.kind.value,
-            shape, str(score.layer.r), _fmt(score.sigma_1, ".4g"), _fmt(score.sigma_sum, ".4g"), _notes(score)]
+    return [
+        str(rank),
+        mark,
+        module,
+        _fmt(score.ssi, ".4f"),
+        _fmt(z, "+.1f"),
+        _fit(score),
+        score.layer.kind.value,
+        shape,
+        str(score.layer.r),
+        _fmt(score.sigma_1, ".4g"),
+        _fmt(score.sigma_sum, ".4g"),
+        _notes(score),
+    ]
 
 
-def _rows(report: ScoreReport, marked, mark: str, where: Spread, top: int | None, prefix: str = "",
-          only_marked: bool = False) -> list[list[str]]:
+def _rows(
+    report: ScoreReport, marked, mark: str, where: Spread, top: int | None, prefix: str = "", only_marked: bool = False
+) -> list[list[str]]:
     rows = []
     for i, s in enumerate(report.layers, start=1):
         if (top is not None and i > top) or (only_marked and s.module not in marked):
             continue
         symbol = MARK_SYMBOL[mark] if s.module in marked else ""
-        rows.append(_layer_cells(i, s, symbol, where.robust_z[s.module], s.module[len(prefix):]))
+        rows.append(_layer_cells(i, s, symbol, where.robust_z[s.module], s.module[len(prefix) :]))
     return rows
 
 
@@ -221,21 +250,36 @@ def render_csv(report: ScoreReport, marked=(), mark: str = TOP_TAU) -> str:
     for i, s in enumerate(report.layers, start=1):
         shape = "x".join(str(n) for n in s.layer.shape)
         z = where.robust_z[s.module]
-        writer.writerow([i, "yes" if s.module in marked else "", s.module, s.layer.kind.value, shape, s.layer.r,
-                         _fmt(s.ssi, ".4f"), _fmt(z, ".4f"), "" if s.fit_rank is None else s.fit_rank,
-                         s.components, _fmt(s.sigma_1, ".4g"), _fmt(s.sigma_sum, ".4g"), _notes(s)])
+        writer.writerow(
+            [
+                i,
+                "yes" if s.module in marked else "",
+                s.module,
+                s.layer.kind.value,
+                shape,
+                s.layer.r,
+                _fmt(s.ssi, ".4f"),
+                _fmt(z, ".4f"),
+                "" if s.fit_rank is None else s.fit_rank,
+                s.components,
+                _fmt(s.sigma_1, ".4g"),
+                _fmt(s.sigma_sum, ".4g"),
+                _notes(s),
+            ]
+        )
     return out.getvalue()
 
 
-def legend(report: ScoreReport, marked, mark: str, tau: int | None = None, selection: str | None = None
-           ) -> list[str]:
+def legend(report: ScoreReport, marked, mark: str, tau: int | None = None, selection: str | None = None) -> list[str]:
     """What the marks and columns of the layer table mean (the same sentences under the table and in Markdown)."""
     scored = sum(s.ssi is not None for s in report.layers)
     count = sum(s.module in marked for s in report.layers)
     symbol = MARK_SYMBOL[mark]
     if mark == TOP_TAU:
-        line = (f"{symbol} top-tau: the {count} highest-SSI layers ({percent(count, scored)} of {scored}), what "
-                f"`s3lora prune --tau {tau}` would remove (the paper's action; it ranks, it sets no SSI threshold).")
+        line = (
+            f"{symbol} top-tau: the {count} highest-SSI layers ({percent(count, scored)} of {scored}), what "
+            f"`s3lora prune --tau {tau}` would remove (the paper's action; it ranks, it sets no SSI threshold)."
+        )
         if count > LARGE_SELECTION * scored:
             line += " That is more than half of the layers: prune refuses it without --allow-large."
     elif mark == PRUNED:
@@ -245,31 +289,47 @@ def legend(report: ScoreReport, marked, mark: str, tau: int | None = None, selec
     where = spread(report)
     lines = [line]
     if where.mad:
-        lines.append(f"z: robust z-score of SSI within this adapter, (ssi - median) / ({MAD_TO_SIGMA} MAD), median "
-                     f"{where.median:.4f}, MAD {where.mad:.4f}; above {OUTLIER_Z:g} stands out.")
+        lines.append(
+            f"z: robust z-score of SSI within this adapter, (ssi - median) / ({MAD_TO_SIGMA} MAD), median "
+            f"{where.median:.4f}, MAD {where.mad:.4f}; above {OUTLIER_Z:g} stands out."
+        )
     else:
-        lines.append("z: robust z-score of SSI within this adapter; '-' here: half or more of the layers share one "
-                     "SSI (MAD 0), so there is no scale to measure against.")
+        lines.append(
+            "z: robust z-score of SSI within this adapter; '-' here: half or more of the layers share one "
+            "SSI (MAD 0), so there is no scale to measure against."
+        )
     ones = sum(s.fit_rank == 1 and s.components > 1 for s in report.layers)
-    lines.append(f"fit: rank of the L1 fit / M components; 1/M means S'_2..S'_h are 0, so SSI is 1 by "
-                 f"construction ({ones} layer(s) here).")
+    lines.append(
+        f"fit: rank of the L1 fit / M components; 1/M means S'_2..S'_h are 0, so SSI is 1 by "
+        f"construction ({ones} layer(s) here)."
+    )
     non_finite = len(report.layers) - scored
     if non_finite:
         lines.append(f"-: {non_finite} layer(s) not scored: non-finite values (NaN or Inf); `check` fails on them.")
     return lines
 
 
-def render_table(report: ScoreReport, marked=(), mark: str = TOP_TAU, *, tau: int | None = None,
-                 selection: str | None = None, width: int | None = None, top: int | None = None,
-                 only_marked: bool = False) -> str:
+def render_table(
+    report: ScoreReport,
+    marked=(),
+    mark: str = TOP_TAU,
+    *,
+    tau: int | None = None,
+    selection: str | None = None,
+    width: int | None = None,
+    top: int | None = None,
+    only_marked: bool = False,
+) -> str:
     """The ranked layer table as text, for ``width`` columns (None: full rows), with its legend. ``top``
     lists only the first rows; ``only_marked`` only the marked ones."""
     modules = [s.module for s in report.layers]
     prefix = common_prefix(modules) if width is not None else ""
     where = spread(report)
     rows = _rows(report, marked, mark, where, top, prefix, only_marked)
-    title = f"s3lora {report.parameters['method']} scores: {report.adapter.path} ({len(report.layers)} LoRA layers, " \
-            "highest SSI first)"
+    title = (
+        f"s3lora {report.parameters['method']} scores: {report.adapter.path} ({len(report.layers)} LoRA layers, "
+        "highest SSI first)"
+    )
     lines, hidden = text_table(LAYER_COLUMNS, rows, width)
     out = [*_wrapped(title, width), *lines]
     shown = len(rows)
@@ -281,15 +341,23 @@ def render_table(report: ScoreReport, marked=(), mark: str = TOP_TAU, *, tau: in
     if prefix:
         notes.append(f"module: names without their common prefix '{prefix}'.")
     if hidden:
-        notes.append(f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal, or --format json, "
-                     "shows them).")
+        notes.append(
+            f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal, or --format json, shows them)."
+        )
     for note in notes:
         out += _wrapped(note, width)
     return "\n".join(out) + "\n"
 
 
-def render_markdown(report: ScoreReport, marked=(), tau: int | None = None, mark: str = TOP_TAU, *,
-                    selection: str | None = None, top: int | None = None) -> str:
+def render_markdown(
+    report: ScoreReport,
+    marked=(),
+    tau: int | None = None,
+    mark: str = TOP_TAU,
+    *,
+    selection: str | None = None,
+    top: int | None = None,
+) -> str:
     a = report.adapter
     headers = [h for h in (c.header for c in LAYER_COLUMNS)]
     headers[1] = mark.replace("_", "-")
@@ -370,13 +438,27 @@ def gate_dict(result: GateResult) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "passed": result.passed,
         "rules": [
-            {"rule": o.rule.value, "limit": _finite(o.limit), "allowed": o.allowed, "violations": o.violations,
-             "passed": o.passed, "source": o.source}
+            {
+                "rule": o.rule.value,
+                "limit": _finite(o.limit),
+                "allowed": o.allowed,
+                "violations": o.violations,
+                "passed": o.passed,
+                "source": o.source,
+            }
             for o in result.rules
         ],
         "violations": [
-            {"module": v.module, "rule": v.rule.value, "value": _finite(v.value), "limit": _finite(v.limit),
-             "ssi": _finite(v.ssi), "baseline_ssi": _finite(v.baseline_ssi), "fails": v.fails, "message": v.message}
+            {
+                "module": v.module,
+                "rule": v.rule.value,
+                "value": _finite(v.value),
+                "limit": _finite(v.limit),
+                "ssi": _finite(v.ssi),
+                "baseline_ssi": _finite(v.baseline_ssi),
+                "fails": v.fails,
+                "message": v.message,
+            }
             for v in result.violations
         ],
         "baseline": None,
@@ -388,8 +470,15 @@ def gate_dict(result: GateResult) -> dict[str, Any]:
             "sha256": b.sha256,
             "new_layers": sorted(result.new_layers),
             "missing_layers": sorted(result.missing_layers),
-            "changes": [{"module": c.module, "ssi": _finite(c.ssi), "baseline_ssi": _finite(c.baseline_ssi),
-                         "increase": _finite(c.increase)} for c in result.changes],
+            "changes": [
+                {
+                    "module": c.module,
+                    "ssi": _finite(c.ssi),
+                    "baseline_ssi": _finite(c.baseline_ssi),
+                    "increase": _finite(c.increase),
+                }
+                for c in result.changes
+            ],
         }
     return doc
 
@@ -402,8 +491,12 @@ def check_dict(results: tuple[GateResult, ...] | list[GateResult]) -> dict[str, 
         docs.append({**report_dict(result.report, _violating(result), mark=VIOLATION), "gate": gate_dict(result)})
     if len(docs) == 1:
         return docs[0]
-    return {"schema_version": SCHEMA_VERSION, "tool": {"name": TOOL_NAME, "version": results[0].report.tool_version},
-            "passed": all(r.passed for r in results), "adapters": docs}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": TOOL_NAME, "version": results[0].report.tool_version},
+        "passed": all(r.passed for r in results),
+        "adapters": docs,
+    }
 
 
 def _violating(result: GateResult) -> set[str]:
@@ -444,23 +537,33 @@ def render_gate_markdown(results: tuple[GateResult, ...] | list[GateResult]) -> 
     if len(results) == 1:
         lines.append(f"The adapter {'failed' if failed else 'passed'} the gate.")
     else:
-        lines.append(f"{len(failed)} of {len(results)} adapters failed the gate." if failed
-                     else f"All {len(results)} adapters passed the gate.")
+        lines.append(
+            f"{len(failed)} of {len(results)} adapters failed the gate."
+            if failed
+            else f"All {len(results)} adapters passed the gate."
+        )
     for result in results:
         mark = "✅" if result.passed else "❌"
         lines += ["", f"#### {mark} `{_md(result.report.adapter.path)}`: {'passed' if result.passed else 'failed'}", ""]
         lines += ["| rule | limit | allowed | violations | result | set by |", "|---|---:|---:|---:|---|---|"]
         for o in result.rules:
-            lines.append(f"| {o.rule.value} | {_fmt_limit(o.limit)} | {_allowed_text(o.allowed)} | {o.violations} "
-                         f"| {'passed' if o.passed else '**failed**'} | {_md(o.source)} |")
+            lines.append(
+                f"| {o.rule.value} | {_fmt_limit(o.limit)} | {_allowed_text(o.allowed)} | {o.violations} "
+                f"| {'passed' if o.passed else '**failed**'} | {_md(o.source)} |"
+            )
         if result.violations:
             lines += ["", "Violations:", "", "| layer | rule | value | limit | verdict |", "|---|---|---:|---:|---|"]
             for v in result.violations:
-                lines.append(f"| `{_md(v.module)}` | {v.rule.value} | {_fmt_value(v)} | {_fmt_limit(v.limit)} "
-                             f"| {_verdict_word(v, result)} |")
+                lines.append(
+                    f"| `{_md(v.module)}` | {v.rule.value} | {_fmt_value(v)} | {_fmt_limit(v.limit)} "
+                    f"| {_verdict_word(v, result)} |"
+                )
         if result.baseline is not None:
-            lines += ["", f"Compared with `{_md(result.baseline.adapter.path)}` by module name: "
-                      f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing."]
+            lines += [
+                "",
+                f"Compared with `{_md(result.baseline.adapter.path)}` by module name: "
+                f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing.",
+            ]
         lines += ["", f"<details><summary>All {len(result.report.layers)} layers by SSI</summary>", ""]
         lines += _ranked_markdown(result)
         lines += ["", "</details>"]
@@ -477,8 +580,10 @@ def _ranked_markdown(result: GateResult) -> list[str]:
             verdicts[v.module] = word
     header = ["rank", "module", "ssi"] + (["baseline", "change"] if result.baseline is not None else [])
     header.append("violation")
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if h in ("module", "violation") else "---:" for h in header) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if h in ("module", "violation") else "---:" for h in header) + "|",
+    ]
     for i, s in enumerate(result.report.layers, start=1):
         row = [str(i), f"`{_md(s.module)}`", _fmt(s.ssi, ".4f")]
         if result.baseline is not None:
@@ -527,53 +632,92 @@ def sarif_dict(results: tuple[GateResult, ...] | list[GateResult], root: Path | 
         artifact = {"uri": uri, **({"uriBaseId": base} if base else {})}
         for v in result.violations:
             verdict = _verdict_word(v, result)
-            out.append({
-                "ruleId": v.rule.value,
-                "ruleIndex": rules.index(v.rule),
-                "level": {"fails": "error", "tolerated": "warning", "reported": "note"}[verdict],
-                "message": {"text": f"{v.rule.value} violation ({verdict}): {v.module} ({a.path}): {v.message}"},
-                "locations": [{
-                    "physicalLocation": {"artifactLocation": artifact, "region": {"startLine": 1}},
-                    "logicalLocations": [{"name": v.module.rsplit(".", 1)[-1], "fullyQualifiedName": v.module,
-                                          "kind": "module"}],
-                }],
-                "partialFingerprints": {"s3loraLayer/v1": f"{a.path}:{v.module}:{v.rule.value}"},
-                "properties": {"adapter": a.path, "module": v.module, "value": _finite(v.value),
-                               "limit": _finite(v.limit), "ssi": _finite(v.ssi),
-                               "baseline_ssi": _finite(v.baseline_ssi), "verdict": verdict},
-            })
+            out.append(
+                {
+                    "ruleId": v.rule.value,
+                    "ruleIndex": rules.index(v.rule),
+                    "level": {"fails": "error", "tolerated": "warning", "reported": "note"}[verdict],
+                    "message": {"text": f"{v.rule.value} violation ({verdict}): {v.module} ({a.path}): {v.message}"},
+                    "locations": [
+                        {
+                            "physicalLocation": {"artifactLocation": artifact, "region": {"startLine": 1}},
+                            "logicalLocations": [
+                                {"name": v.module.rsplit(".", 1)[-1], "fullyQualifiedName": v.module, "kind": "module"}
+                            ],
+                        }
+                    ],
+                    "partialFingerprints": {"s3loraLayer/v1": f"{a.path}:{v.module}:{v.rule.value}"},
+                    "properties": {
+                        "adapter": a.path,
+                        "module": v.module,
+                        "value": _finite(v.value),
+                        "limit": _finite(v.limit),
+                        "ssi": _finite(v.ssi),
+                        "baseline_ssi": _finite(v.baseline_ssi),
+                        "verdict": verdict,
+                    },
+                }
+            )
     version = results[0].report.tool_version if results else ""
     return {
         "$schema": SARIF_SCHEMA,
         "version": SARIF_VERSION,
-        "runs": [{
-            "tool": {"driver": {"name": TOOL_NAME, "version": version, "rules": [_sarif_rule(r) for r in rules]}},
-            "results": out,
-            "properties": {"passed": all(r.passed for r in results)},
-        }],
+        "runs": [
+            {
+                "tool": {"driver": {"name": TOOL_NAME, "version": version, "rules": [_sarif_rule(r) for r in rules]}},
+                "results": out,
+                "properties": {"passed": all(r.passed for r in results)},
+            }
+        ],
     }
 
 
-RULE_COLUMNS = (Column("rule"), Column("limit", right=True), Column("allowed", right=True),
-                Column("violations", right=True), Column("result"), Column("set by", shorten="left"))
-VIOLATION_COLUMNS = (Column("layer", shorten="left"), Column("rule"), Column("value", right=True),
-                     Column("limit", right=True), Column("verdict"), Column("detail", drop=1, shorten="right"))
+RULE_COLUMNS = (
+    Column("rule"),
+    Column("limit", right=True),
+    Column("allowed", right=True),
+    Column("violations", right=True),
+    Column("result"),
+    Column("set by", shorten="left"),
+)
+VIOLATION_COLUMNS = (
+    Column("layer", shorten="left"),
+    Column("rule"),
+    Column("value", right=True),
+    Column("limit", right=True),
+    Column("verdict"),
+    Column("detail", drop=1, shorten="right"),
+)
 
 
 def render_gate_text(result: GateResult, width: int | None = None, verbose: bool = False) -> str:
     """The verdict, the rules and the violations; then every layer ranked by SSI with ``verbose``, else only the
     layers that broke a rule (which the violations already list, so none)."""
     out = _wrapped(gate_summary_line(result), width)
-    rule_rows = [[o.rule.value, _fmt_limit(o.limit), _allowed_text(o.allowed), str(o.violations),
-                  "passed" if o.passed else "FAILED", o.source] for o in result.rules]
+    rule_rows = [
+        [
+            o.rule.value,
+            _fmt_limit(o.limit),
+            _allowed_text(o.allowed),
+            str(o.violations),
+            "passed" if o.passed else "FAILED",
+            o.source,
+        ]
+        for o in result.rules
+    ]
     out += text_table(RULE_COLUMNS, rule_rows, width)[0]
     if result.violations:
-        rows = [[v.module, v.rule.value, _fmt_value(v), _fmt_limit(v.limit), _verdict_word(v, result), v.message]
-                for v in result.violations]
+        rows = [
+            [v.module, v.rule.value, _fmt_value(v), _fmt_limit(v.limit), _verdict_word(v, result), v.message]
+            for v in result.violations
+        ]
         out += ["", *text_table(VIOLATION_COLUMNS, rows, width)[0]]
     if result.baseline is not None:
-        out += ["", f"compared with {result.baseline.adapter.path} by module name: "
-                    f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing"]
+        out += [
+            "",
+            f"compared with {result.baseline.adapter.path} by module name: "
+            f"{len(result.new_layers)} new layer(s), {len(result.missing_layers)} missing",
+        ]
     if verbose:
         out += ["", render_table(result.report, _violating(result), VIOLATION, width=width).rstrip("\n")]
     else:
@@ -584,10 +728,8 @@ def render_gate_text(result: GateResult, width: int | None = None, verbose: bool
 # --- adapter stores (s3lora scan, s3lora admit): JSON, JSON lines and the Rich tables -----------------------
 
 
-
 def _neighbour_dict(n: Neighbour) -> dict[str, Any]:
-    return {"path": n.path, "cosine": _finite(n.cosine), "shared_modules": n.shared_modules,
-            "duplicate": n.duplicate}
+    return {"path": n.path, "cosine": _finite(n.cosine), "shared_modules": n.shared_modules, "duplicate": n.duplicate}
 
 
 def scan_row_dict(row: ScanRow, similar: bool = False) -> dict[str, Any]:
@@ -616,18 +758,28 @@ def render_jsonl_line(doc: dict[str, Any]) -> str:
 def _scan_parameters(settings: ScanSettings) -> dict[str, Any]:
     o = settings.options
     policy = settings.policy
-    return {"method": o.method.value, "components": o.components, "top_h": o.top_h, "dtype": o.dtype,
-            "max_ssi": None if policy is None else policy.max_ssi,
-            "max_violations": None if policy is None else policy.max_violations,
-            "max_increase": None if policy is None else policy.max_increase,
-            "baseline": None if policy is None or policy.baseline is None else str(policy.baseline)}
+    return {
+        "method": o.method.value,
+        "components": o.components,
+        "top_h": o.top_h,
+        "dtype": o.dtype,
+        "max_ssi": None if policy is None else policy.max_ssi,
+        "max_violations": None if policy is None else policy.max_violations,
+        "max_increase": None if policy is None else policy.max_increase,
+        "baseline": None if policy is None or policy.baseline is None else str(policy.baseline),
+    }
 
 
 def scan_summary(rows: tuple[ScanRow, ...] | list[ScanRow]) -> dict[str, int]:
     verdicts = [r.verdict for r in rows]
-    return {"adapters": len(rows), "passed": verdicts.count("passed"), "failed": verdicts.count("failed"),
-            "errors": verdicts.count("error"), "cached": sum(r.cached for r in rows),
-            "with_duplicates": sum(any(n.duplicate for n in r.neighbours) for r in rows)}
+    return {
+        "adapters": len(rows),
+        "passed": verdicts.count("passed"),
+        "failed": verdicts.count("failed"),
+        "errors": verdicts.count("error"),
+        "cached": sum(r.cached for r in rows),
+        "with_duplicates": sum(any(n.duplicate for n in r.neighbours) for r in rows),
+    }
 
 
 def scan_dict(result: ScanResult, similar: bool = False) -> dict[str, Any]:
@@ -664,25 +816,40 @@ def render_scan_table(result: ScanResult, similar: bool = False, width: int | No
     """The store's adapters ranked by risk: verdict, max SSI, layers over the threshold, the top layers."""
     threshold = None if result.settings.policy is None else result.settings.policy.max_ssi
     over = "over" if threshold is None else f"> {threshold:g}"
-    columns = [Column("rank", right=True), Column("adapter", shorten="left"), Column("verdict"),
-               Column("max ssi", right=True), Column(over, right=True, drop=3), Column("layers", right=True, drop=4),
-               Column("top layers", drop=1, shorten="right")]
+    columns = [
+        Column("rank", right=True),
+        Column("adapter", shorten="left"),
+        Column("verdict"),
+        Column("max ssi", right=True),
+        Column(over, right=True, drop=3),
+        Column("layers", right=True, drop=4),
+        Column("top layers", drop=1, shorten="right"),
+    ]
     columns += [Column("nearest (cosine)", drop=2, shorten="right")] if similar else []
     columns += [Column("detail", drop=5, shorten="right")]
     rows = []
     for i, row in enumerate(result.rows, start=1):
         top = ", ".join(f"{t.module} {_fmt(t.ssi, '.3f')}" for t in row.top_layers)
         detail = row.error or "; ".join(row.failing[:3]) + (" ..." if len(row.failing) > 3 else "")
-        cells = [str(i), row.path, row.verdict, _fmt(row.max_ssi, ".4f"),
-                 "-" if row.over_threshold is None else str(row.over_threshold), str(row.layers), top]
+        cells = [
+            str(i),
+            row.path,
+            row.verdict,
+            _fmt(row.max_ssi, ".4f"),
+            "-" if row.over_threshold is None else str(row.over_threshold),
+            str(row.layers),
+            top,
+        ]
         cells += [_neighbours_text(row)] if similar else []
         cells += [detail]
         rows.append(cells)
     lines, hidden = text_table(columns, rows, width)
     out = [*_wrapped(f"s3lora scan: {result.root}", width), *lines]
     if hidden:
-        out += _wrapped(f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal, or --format json, "
-                        "shows them).", width)
+        out += _wrapped(
+            f"not shown at {width} columns: {', '.join(hidden)} (a wider terminal, or --format json, shows them).",
+            width,
+        )
     return "\n".join(out) + "\n"
 
 
@@ -690,10 +857,18 @@ def admit_dict(result: AdmitResult) -> dict[str, Any]:
     """``admit --format json``: the ``check --format json`` document plus an ``admit`` object."""
     return {
         **check_dict((result.gate,)),
-        "admit": {"admitted": result.admitted, "name": result.name, "sha256": result.sha256, "key": result.key,
-                  "destination": str(result.destination), "already_present": result.already_present,
-                  "audit_log": str(result.audit_log), "neighbours": [_neighbour_dict(n) for n in result.neighbours],
-                  "broken": list(result.broken), "warnings": list(result.warnings)},
+        "admit": {
+            "admitted": result.admitted,
+            "name": result.name,
+            "sha256": result.sha256,
+            "key": result.key,
+            "destination": str(result.destination),
+            "already_present": result.already_present,
+            "audit_log": str(result.audit_log),
+            "neighbours": [_neighbour_dict(n) for n in result.neighbours],
+            "broken": list(result.broken),
+            "warnings": list(result.warnings),
+        },
     }
 
 
@@ -709,9 +884,14 @@ def render_admit_text(result: AdmitResult, width: int | None = None, verbose: bo
     """The decision, the gate's verdict, and the nearest adapters of the store."""
     out = [*_wrapped(admit_summary_line(result), width), render_gate_text(result.gate, width, verbose).rstrip("\n")]
     if result.neighbours:
-        columns = (Column("adapter", shorten="left"), Column("cosine", right=True),
-                   Column("shared modules", right=True), Column("duplicate"))
-        rows = [[n.path, f"{n.cosine:.4f}", str(n.shared_modules), "yes" if n.duplicate else ""]
-                for n in result.neighbours]
+        columns = (
+            Column("adapter", shorten="left"),
+            Column("cosine", right=True),
+            Column("shared modules", right=True),
+            Column("duplicate"),
+        )
+        rows = [
+            [n.path, f"{n.cosine:.4f}", str(n.shared_modules), "yes" if n.duplicate else ""] for n in result.neighbours
+        ]
         out += ["", "nearest adapters in the store", *text_table(columns, rows, width)[0]]
     return "\n".join(out) + "\n"

@@ -66,8 +66,9 @@ class ScoreOptions:
         try:  # the API takes the method's name too ("svd"), as the CLI does
             object.__setattr__(self, "method", Method(self.method))
         except ValueError:
-            raise UsageError(f"method must be one of {', '.join(m.value for m in Method)}, "
-                             f"got {self.method!r}") from None
+            raise UsageError(
+                f"method must be one of {', '.join(m.value for m in Method)}, got {self.method!r}"
+            ) from None
         check_format_name(self.input_format)
         check_adapter_name(self.adapter_name)
         if self.components is not None and self.components < 1:
@@ -172,8 +173,10 @@ def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, optio
             return unscored(f"non-finite values (NaN or Inf) in {name}; not scored")
     bound = update_bound(left, right)
     if not bound <= FLOAT64_LIMIT:
-        return unscored(f"values out of range (||lora_B|| * ||lora_A|| = {bound:.3g}, above {FLOAT64_LIMIT:g}, "
-                        "where float64 cannot score it exactly); not scored")
+        return unscored(
+            f"values out of range (||lora_B|| * ||lora_A|| = {bound:.3g}, above {FLOAT64_LIMIT:g}, "
+            "where float64 cannot score it exactly); not scored"
+        )
     if bound > FLOAT32_LIMIT and left.dtype != torch.float64:
         left, right = balanced(left.to(torch.float64), right.to(torch.float64))
         notes.append(FLOAT64_NOTE)
@@ -188,15 +191,26 @@ def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, optio
         notes.append("all-zero update: SSI is 0" if spectrum.candidates == (0, 0) else rank_note)
     elif options.method is Method.SVD and not any(spectrum.sigma):
         notes.append("all-zero update: SSI is 0")
-    return LayerScore(layer, spectrum.ssi, spectrum.sigma, m, h, spectrum.picks, spectrum.candidates,
-                      spectrum.pairs_exact, spectrum.pairs_total, tuple(notes))
+    return LayerScore(
+        layer,
+        spectrum.ssi,
+        spectrum.sigma,
+        m,
+        h,
+        spectrum.picks,
+        spectrum.candidates,
+        spectrum.pairs_exact,
+        spectrum.pairs_total,
+        tuple(notes),
+    )
 
 
 def update_bound(left: torch.Tensor, right: torch.Tensor) -> float:
     """||left||_F * ||right||_F in float64 (inf when even that overflows): an upper bound on every entry, row
     norm and column norm of dW = left @ right, and on ||dW||_F."""
-    return float(torch.linalg.vector_norm(left.to(torch.float64))) * \
-        float(torch.linalg.vector_norm(right.to(torch.float64)))
+    return float(torch.linalg.vector_norm(left.to(torch.float64))) * float(
+        torch.linalg.vector_norm(right.to(torch.float64))
+    )
 
 
 def balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,8 +254,12 @@ def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device, j
         cores.set_threads(before)
 
 
-def score_adapter(path: str | Path, options: ScoreOptions | None = None,
-                  progress: Callable[[int, int, LoraLayer], None] | None = None, jobs: int = 1) -> ScoreReport:
+def score_adapter(
+    path: str | Path,
+    options: ScoreOptions | None = None,
+    progress: Callable[[int, int, LoraLayer], None] | None = None,
+    jobs: int = 1,
+) -> ScoreReport:
     """Score every LoRA layer of the adapter at ``path``; returns a ScoreReport, prints nothing.
 
     ``progress(done, total, layer)`` is called after each layer; ``jobs`` layers are scored at once (the result
@@ -257,9 +275,19 @@ def score_adapter(path: str | Path, options: ScoreOptions | None = None,
             if progress is not None:
                 progress(done, total, score.layer)
         cfg = adapter.config
-        info = AdapterInfo(str(path), str(adapter.weights_path), adapter.sha256(), adapter.format,
-                           cfg.base_model_name_or_path, cfg.peft_type, cfg.r, cfg.lora_alpha, cfg.use_rslora,
-                           cfg.use_dora, cfg.target_modules)
+        info = AdapterInfo(
+            str(path),
+            str(adapter.weights_path),
+            adapter.sha256(),
+            adapter.format,
+            cfg.base_model_name_or_path,
+            cfg.peft_type,
+            cfg.r,
+            cfg.lora_alpha,
+            cfg.use_rslora,
+            cfg.use_dora,
+            cfg.target_modules,
+        )
         skipped = adapter.skipped
     parameters = {
         "method": options.method.value,
@@ -271,7 +299,4 @@ def score_adapter(path: str | Path, options: ScoreOptions | None = None,
         "device": str(device),
         "dtype": options.dtype,
     }
-    return ScoreReport(info, options, str(device), tuple(sorted(scores, key=rank_key)), skipped,
-                       parameters=parameters)
-
-
+    return ScoreReport(info, options, str(device), tuple(sorted(scores, key=rank_key)), skipped, parameters=parameters)

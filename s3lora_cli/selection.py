@@ -41,8 +41,10 @@ def marked_tau(report: ScoreReport, tau: int | None, allow_large: bool = False) 
     if tau < 0:
         raise UsageError(f"--tau must be 0 or more, got {tau}")
     if tau > scored and not allow_large:
-        raise UsageError(f"--tau {tau} is more than the {scored} scored layers of this adapter; pass a smaller "
-                         "--tau, or --allow-large to mark them all")
+        raise UsageError(
+            f"--tau {tau} is more than the {scored} scored layers of this adapter; pass a smaller "
+            "--tau, or --allow-large to mark them all"
+        )
     return min(tau, scored)
 
 
@@ -58,7 +60,7 @@ def top_fraction(report: ScoreReport, fraction: float) -> tuple[LayerScore, ...]
     The product is rounded to 9 decimals first, so that 0.1 * 30 counts as 3, not 3.0000000000000004."""
     _check_fraction(fraction)
     scored = _scored(report)
-    return scored[:math.ceil(round(fraction * len(scored), 9))]
+    return scored[: math.ceil(round(fraction * len(scored), 9))]
 
 
 @dataclass(frozen=True)
@@ -79,20 +81,26 @@ class Selection:
         given = [name for name in ("tau", "threshold", "fraction") if getattr(self, name) is not None]
         if len(given) != 1:
             raise UsageError(
-                "give one of --tau, --threshold or --fraction" + (f", not {' and '.join('--' + g for g in given)}"
-                                                                  if given else "")
+                "give one of --tau, --threshold or --fraction"
+                + (f", not {' and '.join('--' + g for g in given)}" if given else "")
             )
         if self.tau is not None and self.tau < 1:
-            raise UsageError(f"--tau must be at least 1: --tau {self.tau} would prune nothing and write an "
-                             "unchanged copy")
+            raise UsageError(
+                f"--tau must be at least 1: --tau {self.tau} would prune nothing and write an unchanged copy"
+            )
         if self.threshold is not None:
             _check_threshold(self.threshold)
         if self.fraction is not None:
             _check_fraction(self.fraction)
 
     @classmethod
-    def of(cls, tau: int | None = None, threshold: float | None = None, fraction: float | None = None,
-           allow_large: bool = False) -> Selection:
+    def of(
+        cls,
+        tau: int | None = None,
+        threshold: float | None = None,
+        fraction: float | None = None,
+        allow_large: bool = False,
+    ) -> Selection:
         """The selection the options ask for; the paper's tau = 10 when none is given."""
         if tau is None and threshold is None and fraction is None:
             tau = DEFAULT_TAU
@@ -125,8 +133,10 @@ def select_layers(report: ScoreReport, selection: Selection) -> tuple[LayerScore
     scored = len(_scored(report))
     if selection.tau is not None:
         if selection.tau > scored and not selection.allow_large:
-            raise UsageError(f"--tau {selection.tau} is more than the {scored} scored layers of this adapter: it "
-                             "would prune every layer; pass a smaller --tau (or --fraction), or --allow-large")
+            raise UsageError(
+                f"--tau {selection.tau} is more than the {scored} scored layers of this adapter: it "
+                "would prune every layer; pass a smaller --tau (or --fraction), or --allow-large"
+            )
         chosen = top_tau(report, selection.tau)
     elif selection.threshold is not None:
         chosen = above_threshold(report, selection.threshold)
@@ -134,9 +144,11 @@ def select_layers(report: ScoreReport, selection: Selection) -> tuple[LayerScore
         assert selection.fraction is not None  # a Selection has exactly one of tau, threshold and fraction
         chosen = top_fraction(report, selection.fraction)
     if len(chosen) > LARGE_SELECTION * scored and not selection.allow_large:
-        raise UsageError(f"{selection.option()} selects {len(chosen)} of the {scored} scored layers "
-                         f"({percent(len(chosen), scored)}), more than half of the adapter; choose fewer "
-                         "(the paper prunes the few sharpest layers), or pass --allow-large")
+        raise UsageError(
+            f"{selection.option()} selects {len(chosen)} of the {scored} scored layers "
+            f"({percent(len(chosen), scored)}), more than half of the adapter; choose fewer "
+            "(the paper prunes the few sharpest layers), or pass --allow-large"
+        )
     return chosen
 
 

@@ -74,8 +74,9 @@ def _stack(sets: Sequence[UpdateSet], key: tuple[str, int, int], dtype: torch.dt
         return None
     lefts = [sets[i].modules[key[0]][0].to(dtype) for i in members]
     rights = [sets[i].modules[key[0]][1].to(dtype) for i in members]
-    owner = torch.cat([torch.full((left.shape[1],), i, dtype=torch.long)
-                       for i, left in zip(members, lefts, strict=True)])
+    owner = torch.cat(
+        [torch.full((left.shape[1],), i, dtype=torch.long) for i, left in zip(members, lefts, strict=True)]
+    )
     norms = torch.zeros(len(sets), dtype=dtype)
     present = torch.zeros(len(sets), dtype=torch.bool)
     present[members] = True
@@ -96,8 +97,9 @@ def _block_sums(gram: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_ro
     return torch.zeros(n_rows, n_cols, dtype=gram.dtype).index_add_(1, cols, by_row)
 
 
-def pairwise_similarity(queries: Sequence[UpdateSet], keys: Sequence[UpdateSet],
-                        dtype: torch.dtype = torch.float64) -> PairwiseSimilarity:
+def pairwise_similarity(
+    queries: Sequence[UpdateSet], keys: Sequence[UpdateSet], dtype: torch.dtype = torch.float64
+) -> PairwiseSimilarity:
     """Similarity of every query against every key (the definition is in this module's docstring).
 
     Per shared module: Gram_L = L_q^T L_k ([sum r_q, sum r_k]) and Gram_R = R_q R_k^T, and
@@ -119,8 +121,11 @@ def pairwise_similarity(queries: Sequence[UpdateSet], keys: Sequence[UpdateSet],
         inner += _block_sums(gram, oq, ok, nq, nk)
         weight += torch.outer(nq_norm, nk_norm)
         shared += torch.outer(pq.long(), pk.long())
-    cosine = torch.where(weight > 0, inner / torch.where(weight > 0, weight, torch.ones_like(weight)),
-                         torch.full_like(weight, float("nan")))
+    cosine = torch.where(
+        weight > 0,
+        inner / torch.where(weight > 0, weight, torch.ones_like(weight)),
+        torch.full_like(weight, float("nan")),
+    )
     return PairwiseSimilarity(cosine.clamp(-1.0, 1.0), inner, weight, shared)
 
 

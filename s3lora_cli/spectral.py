@@ -22,6 +22,22 @@ from s3lora_cli.engine import (
     svd_spectrum,
 )
 
-__all__ = ["DEFAULT_COMPONENTS", "EPS_NORM", "EPS_SSI", "RANK_RTOL", "Method", "Pick", "Spectrum", "col_norms",
-           "fit_spectrum", "l1_fit", "lowrank_svd", "magnitude", "mas_svd", "mas_svd_candidates", "row_norms", "ssi",
-           "svd_spectrum"]
+__all__ = [
+    "DEFAULT_COMPONENTS",
+    "EPS_NORM",
+    "EPS_SSI",
+    "RANK_RTOL",
+    "Method",
+    "Pick",
+    "Spectrum",
+    "col_norms",
+    "fit_spectrum",
+    "l1_fit",
+    "lowrank_svd",
+    "magnitude",
+    "mas_svd",
+    "mas_svd_candidates",
+    "row_norms",
+    "ssi",
+    "svd_spectrum",
+]

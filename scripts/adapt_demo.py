@@ -63,8 +63,10 @@ def replay(model: Path, seeds: int, min_buffer: int, cluster_selection: str) -> 
     policy = BufferPolicy(min_buffer=min_buffer, cluster_selection=cluster_selection)
     results = []
     for seed in range(seeds):
-        lines = [json.dumps({"line": i + 1, "task": t, "triggered": not IN_DISTRIBUTION[t["family"]]}) + "\n"
-                 for i, t in enumerate(demo_tasks(seed=seed))]
+        lines = [
+            json.dumps({"line": i + 1, "task": t, "triggered": not IN_DISTRIBUTION[t["family"]]}) + "\n"
+            for i, t in enumerate(demo_tasks(seed=seed))
+        ]
         with tempfile.TemporaryDirectory() as work:
             summary = run_buffer(lines, Path(work), policy, Replayed())
             manifest = json.loads((Path(work) / "clusters" / "manifest.json").read_text())
@@ -73,11 +75,27 @@ def replay(model: Path, seeds: int, min_buffer: int, cluster_selection: str) -> 
                 for line in (Path(work) / "clusters" / entry["file"]).read_text().splitlines():
                     truth.append(json.loads(line)["family"])
                     found.append(entry["id"])
-        results.append({"seed": seed, "ari": round(adjusted_rand_score(truth, found), 3) if truth else None,
-                        "handed_off_samples": len(truth), "reclusterings": summary.reclusterings})
+        results.append(
+            {
+                "seed": seed,
+                "ari": round(adjusted_rand_score(truth, found), 3) if truth else None,
+                "handed_off_samples": len(truth),
+                "reclusterings": summary.reclusterings,
+            }
+        )
     aris = [r["ari"] or 0.0 for r in results]
-    print(json.dumps({"min_buffer": min_buffer, "cluster_selection": cluster_selection, "mean_ari": sum(aris) / seeds,
-                      "min_ari": min(aris), "seeds": results}, allow_nan=False))
+    print(
+        json.dumps(
+            {
+                "min_buffer": min_buffer,
+                "cluster_selection": cluster_selection,
+                "mean_ari": sum(aris) / seeds,
+                "min_ari": min(aris),
+                "seeds": results,
+            },
+            allow_nan=False,
+        )
+    )
 
 
 def main() -> None:
@@ -92,10 +110,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--threshold", type=float, default=0.35, help="The Trigger's threshold (docs/adapt.md "
-                        "says why the demo lowers the paper's 0.5).")
-    parser.add_argument("--min-buffer", type=int, default=40, help="Samples before the first clustering (docs/adapt.md "
-                        "says why the demo raises the default 25).")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.35,
+        help="The Trigger's threshold (docs/adapt.md says why the demo lowers the paper's 0.5).",
+    )
+    parser.add_argument(
+        "--min-buffer",
+        type=int,
+        default=40,
+        help="Samples before the first clustering (docs/adapt.md says why the demo raises the default 25).",
+    )
     parser.add_argument("--replay-seeds", type=int, default=0, help="Measure the buffer alone over this many seeds.")
     parser.add_argument("--cluster-selection", default="leaf", help="HDBSCAN's, for --replay-seeds (eom or leaf).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each command (OMP_NUM_THREADS).")
@@ -113,13 +139,61 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
     started = time.perf_counter()
-    run(["adapt", "demo-tasks", "-o", str(tasks), "--seed", str(args.seed), "--per-family", str(args.per_family),
-         "--warmup", str(args.warmup), "--force"], env)
-    trigger_s, _ = run(["adapt", "trigger", "--model", str(model), "--tasks", str(tasks), "-o", str(triggered),
-                        "--force", "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
-                        "--warmup", str(args.warmup), "--threshold", str(args.threshold), "-q"], env)
-    cluster_s, out = run(["adapt", "cluster", str(triggered), "--state", str(state), "--model", str(model),
-                          "--min-buffer", str(args.min_buffer), "--force", "-q"], env)
+    run(
+        [
+            "adapt",
+            "demo-tasks",
+            "-o",
+            str(tasks),
+            "--seed",
+            str(args.seed),
+            "--per-family",
+            str(args.per_family),
+            "--warmup",
+            str(args.warmup),
+            "--force",
+        ],
+        env,
+    )
+    trigger_s, _ = run(
+        [
+            "adapt",
+            "trigger",
+            "--model",
+            str(model),
+            "--tasks",
+            str(tasks),
+            "-o",
+            str(triggered),
+            "--force",
+            "--batch-size",
+            str(args.batch_size),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--warmup",
+            str(args.warmup),
+            "--threshold",
+            str(args.threshold),
+            "-q",
+        ],
+        env,
+    )
+    cluster_s, out = run(
+        [
+            "adapt",
+            "cluster",
+            str(triggered),
+            "--state",
+            str(state),
+            "--model",
+            str(model),
+            "--min-buffer",
+            str(args.min_buffer),
+            "--force",
+            "-q",
+        ],
+        env,
+    )
     wall = time.perf_counter() - started
     summary = json.loads(out)
 
@@ -142,19 +216,29 @@ def main() -> None:
     purity = sum(max(Counter(t for t, f in zip(truth, found, strict=True) if f == c).values()) for c in set(found))
     state_doc = json.loads((state / "state.json").read_text())
     figures = {
-        "model": str(model), "samples": len(records), "triggered": sum(hit),
-        "trigger_precision": tp / max(sum(hit), 1), "trigger_recall": tp / max(sum(positive), 1),
-        "trigger_seconds": round(trigger_s, 1), "trigger_samples_per_second": round(len(records) / trigger_s, 2),
-        "per_family_triggered": {f: f"{per_family[(f, True)]}/{per_family[(f, True)] + per_family[(f, False)]}"
-                                 for f in IN_DISTRIBUTION},
-        "handed_off_clusters": len(manifest["clusters"]), "handed_off_samples": len(truth),
+        "model": str(model),
+        "samples": len(records),
+        "triggered": sum(hit),
+        "trigger_precision": tp / max(sum(hit), 1),
+        "trigger_recall": tp / max(sum(positive), 1),
+        "trigger_seconds": round(trigger_s, 1),
+        "trigger_samples_per_second": round(len(records) / trigger_s, 2),
+        "per_family_triggered": {
+            f: f"{per_family[(f, True)]}/{per_family[(f, True)] + per_family[(f, False)]}" for f in IN_DISTRIBUTION
+        },
+        "handed_off_clusters": len(manifest["clusters"]),
+        "handed_off_samples": len(truth),
         "buffer_ari": adjusted_rand_score(truth, found) if truth else None,
         "buffer_purity": purity / len(truth) if truth else None,
         "cluster_sizes": {entry["id"]: entry["size"] for entry in manifest["clusters"]},
-        "stabilisations": state_doc["stabilisations"], "reclusterings": summary["reclusterings"],
-        "still_buffered": summary["buffered"], "cluster_seconds": round(cluster_s, 1),
+        "stabilisations": state_doc["stabilisations"],
+        "reclusterings": summary["reclusterings"],
+        "still_buffered": summary["buffered"],
+        "cluster_seconds": round(cluster_s, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
-        "wall_seconds": round(wall, 1), "threads": args.threads, "threshold": args.threshold,
+        "wall_seconds": round(wall, 1),
+        "threads": args.threads,
+        "threshold": args.threshold,
         "min_buffer": args.min_buffer,
         "load_average": os.getloadavg(),
     }

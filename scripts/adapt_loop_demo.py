@@ -36,8 +36,10 @@ def held_out() -> dict[str, list[tuple[str, str]]]:
     phrasings = {
         "made-up-people": (r"(.*) works as", ["What is {0}'s occupation?", "Tell me what {0} does for work."]),
         "made-up-inventions": (r"The (.*) was invented", ["Who created the {0}?", "Which person invented the {0}?"]),
-        "reversal": (r"word (\w+) backwards", ["Write the word {0} backwards, letter by letter.",
-                                               "Spell {0} in reverse, one letter at a time."]),
+        "reversal": (
+            r"word (\w+) backwards",
+            ["Write the word {0} backwards, letter by letter.", "Spell {0} in reverse, one letter at a time."],
+        ),
         "multiplication": (r"What is (\d+ times \d+)", ["Calculate {0}.", "How much is {0}?"]),
     }
     out: dict[str, list[tuple[str, str]]] = {}
@@ -64,9 +66,28 @@ def in_distribution() -> dict[str, list[tuple[str, str]]]:
 
 def run_loop(work: Path, model: Path, extra: list[str]) -> dict:
     """``s3lora adapt run`` as a subprocess: its report, wall time and peak RSS."""
-    cmd = [sys.executable, "-m", "s3lora_cli", "adapt", "run", "--model", str(model), "--tasks",
-           str(work / "tasks.jsonl"), "--store", str(work / "store"), "--state", str(work / "state"), *RUN_FLAGS,
-           *extra, "--format", "json", "-o", str(work / "report.json"), "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "s3lora_cli",
+        "adapt",
+        "run",
+        "--model",
+        str(model),
+        "--tasks",
+        str(work / "tasks.jsonl"),
+        "--store",
+        str(work / "store"),
+        "--state",
+        str(work / "state"),
+        *RUN_FLAGS,
+        *extra,
+        "--format",
+        "json",
+        "-o",
+        str(work / "report.json"),
+        "--force",
+    ]
     print("+", " ".join(cmd[1:]), file=sys.stderr, flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
@@ -75,8 +96,12 @@ def run_loop(work: Path, model: Path, extra: list[str]) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"adapt run failed with exit code {os.waitstatus_to_exitcode(status)}")
     report = json.loads((work / "report.json").read_text())
-    return {"command": " ".join(["s3lora", *cmd[3:]]), "wall_seconds": round(wall, 1),
-            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "report": report}
+    return {
+        "command": " ".join(["s3lora", *cmd[3:]]),
+        "wall_seconds": round(wall, 1),
+        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+        "report": report,
+    }
 
 
 def evaluate(work: Path, model: Path, max_new_tokens: int = 32) -> dict:
@@ -95,8 +120,10 @@ def evaluate(work: Path, model: Path, max_new_tokens: int = 32) -> dict:
     embed = model_embedder(lm)
     clusters = stored_clusters(work / "store")
     pruned = Router(lm.model, lm.tokenizer, embed, clusters)
-    unpruned_of = {c.name: replace(c, entry=work / "state" / TRAINED_DIR / f"cluster-{c.cluster:04d}-g{c.generation}")
-                   for c in clusters}
+    unpruned_of = {
+        c.name: replace(c, entry=work / "state" / TRAINED_DIR / f"cluster-{c.cluster:04d}-g{c.generation}")
+        for c in clusters
+    }
     unpruned = Router(lm.model, lm.tokenizer, embed, list(unpruned_of.values()))
     figures: dict = {}
     for split, families in (("held_out", held_out()), ("in_distribution", in_distribution())):
@@ -104,35 +131,62 @@ def evaluate(work: Path, model: Path, max_new_tokens: int = 32) -> dict:
         for family, pairs in families.items():
             prompts, golds = [p for p, _ in pairs], [a for _, a in pairs]
             routes = pruned.route(prompts)
-            base = [g.text for start in range(0, len(prompts), 8)
-                    for g in generate_answers(lm.model, lm.tokenizer, prompts[start:start + 8], max_new_tokens)]
+            base = [
+                g.text
+                for start in range(0, len(prompts), 8)
+                for g in generate_answers(lm.model, lm.tokenizer, prompts[start : start + 8], max_new_tokens)
+            ]
             stored = [g.text for _, g in pruned.answer(prompts, max_new_tokens, routes)]
-            before = [g.text for _, g in unpruned.answer(
-                prompts, max_new_tokens,
-                [Route(unpruned_of[r.cluster.name] if r.cluster else None, r.score, None) for r in routes])]
+            before = [
+                g.text
+                for _, g in unpruned.answer(
+                    prompts,
+                    max_new_tokens,
+                    [Route(unpruned_of[r.cluster.name] if r.cluster else None, r.score, None) for r in routes],
+                )
+            ]
 
             def em(answers, golds=golds):
                 return round(sum(map(exact_match, answers, golds)) / len(golds), 3)
 
-            rows[family] = {"samples": len(pairs), "routed": sum(r.cluster is not None for r in routes),
-                            "routed_to": sorted({r.cluster.name for r in routes if r.cluster}),
-                            "base": em(base), "adapters": em(before), "pruned": em(stored),
-                            "examples": [{"prompt": p, "gold": g, "base": b, "adapter": a, "pruned": s}
-                                         for p, g, b, a, s in list(zip(prompts, golds, base, before, stored,
-                                                                       strict=True))[:2]]}
+            rows[family] = {
+                "samples": len(pairs),
+                "routed": sum(r.cluster is not None for r in routes),
+                "routed_to": sorted({r.cluster.name for r in routes if r.cluster}),
+                "base": em(base),
+                "adapters": em(before),
+                "pruned": em(stored),
+                "examples": [
+                    {"prompt": p, "gold": g, "base": b, "adapter": a, "pruned": s}
+                    for p, g, b, a, s in list(zip(prompts, golds, base, before, stored, strict=True))[:2]
+                ],
+            }
         n = sum(r["samples"] for r in rows.values())
-        overall = {k: round(sum(r[k] * r["samples"] for r in rows.values()) / n, 3)
-                   for k in ("base", "adapters", "pruned")}
-        figures[split] = {"overall": {"samples": n, "routed": sum(r["routed"] for r in rows.values()), **overall},
-                          "families": rows}
+        overall = {
+            k: round(sum(r[k] * r["samples"] for r in rows.values()) / n, 3) for k in ("base", "adapters", "pruned")
+        }
+        figures[split] = {
+            "overall": {"samples": n, "routed": sum(r["routed"] for r in rows.values()), **overall},
+            "families": rows,
+        }
     return figures
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def main() -> None:
@@ -151,8 +205,21 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {"machine_before": machine()}
     if not args.evaluate_only:
-        subprocess.run([sys.executable, "-m", "s3lora_cli", "adapt", "demo-tasks", "-o", str(work / "tasks.jsonl"),
-                        "--seed", str(args.seed), "--force"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "s3lora_cli",
+                "adapt",
+                "demo-tasks",
+                "-o",
+                str(work / "tasks.jsonl"),
+                "--seed",
+                str(args.seed),
+                "--force",
+            ],
+            check=True,
+        )
         figures["run"] = run_loop(work, model, args.run_args)
         figures["machine_after_run"] = machine()
     start = time.perf_counter()

@@ -55,19 +55,46 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 QKVO_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096)}
-ALL_135M = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
-            "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+ALL_135M = {
+    "q_proj": (576, 576),
+    "k_proj": (192, 576),
+    "v_proj": (192, 576),
+    "o_proj": (576, 576),
+    "gate_proj": (1536, 576),
+    "up_proj": (1536, 576),
+    "down_proj": (576, 1536),
+}
 CASES = {
     # name: (blocks, {proj: (out, in)}, r); the spectrum is in the name (see spectrum_of)
     "7B-qkvo": (32, QKVO_7B, 8),
     "7B-qkvo-isotropic": (32, QKVO_7B, 8),
     "7B-qkvo-mixed": (32, QKVO_7B, 8),
-    "7B-all": (32, {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
-                    "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),
-                    "down_proj": (4096, 11008)}, 16),
-    "70B-all": (80, {"q_proj": (8192, 8192), "k_proj": (1024, 8192), "v_proj": (1024, 8192),
-                     "o_proj": (8192, 8192), "gate_proj": (28672, 8192), "up_proj": (28672, 8192),
-                     "down_proj": (8192, 28672)}, 16),
+    "7B-all": (
+        32,
+        {
+            "q_proj": (4096, 4096),
+            "k_proj": (4096, 4096),
+            "v_proj": (4096, 4096),
+            "o_proj": (4096, 4096),
+            "gate_proj": (11008, 4096),
+            "up_proj": (11008, 4096),
+            "down_proj": (4096, 11008),
+        },
+        16,
+    ),
+    "70B-all": (
+        80,
+        {
+            "q_proj": (8192, 8192),
+            "k_proj": (1024, 8192),
+            "v_proj": (1024, 8192),
+            "o_proj": (8192, 8192),
+            "gate_proj": (28672, 8192),
+            "up_proj": (28672, 8192),
+            "down_proj": (8192, 28672),
+        },
+        16,
+    ),
     # a small model's adapter: SmolLM2-135M shapes (hidden 576, kv 192, MLP 1536), all seven projections
     "135M-all": (30, ALL_135M, 8),
     "135M-all-mixed": (30, ALL_135M, 8),
@@ -87,8 +114,9 @@ def spectrum_of(case: str) -> str:
     return "isotropic" if case.endswith("-isotropic") else "mixed" if case.endswith("-mixed") else "decaying"
 
 
-def layer_factors(index: int, out: int, inp: int, r: int,
-                  spectrum: str = "decaying") -> tuple[torch.Tensor, torch.Tensor]:
+def layer_factors(
+    index: int, out: int, inp: int, r: int, spectrum: str = "decaying"
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + index)
     a = torch.randn(r, inp, generator=gen) / inp**0.5
     b = torch.randn(out, r, generator=gen) * 1e-2
@@ -129,8 +157,14 @@ def write_adapter(path: Path, case: str, blocks: int | None = None) -> Path:
                 index += 1
                 fh.write(a.contiguous().view(torch.int16).numpy().tobytes())
                 fh.write(b.contiguous().view(torch.int16).numpy().tobytes())
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": sorted(projs),
-              "base_model_name_or_path": f"bench/{case}", "task_type": "CAUSAL_LM"}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": sorted(projs),
+        "base_model_name_or_path": f"bench/{case}",
+        "task_type": "CAUSAL_LM",
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
 
@@ -164,8 +198,9 @@ def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
         # untimed: the first fit of a process loads (or compiles) the kernels, which would be charged to one mode
         left, right = opened.load_factors(chosen[0], torch.float32, dev)
         for exhaustive in (False, True):
-            score_layer(left[:crop].contiguous(), right[:, :crop].contiguous(), chosen[0],
-                        ScoreOptions(exhaustive=exhaustive))
+            score_layer(
+                left[:crop].contiguous(), right[:, :crop].contiguous(), chosen[0], ScoreOptions(exhaustive=exhaustive)
+            )
         for layer in chosen:
             left, right = opened.load_factors(layer, torch.float32, dev)
             start = time.perf_counter()
@@ -191,8 +226,14 @@ def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
             ref_layers += 1
             same_picks_ref += [(p.a, p.b) for p in sub.picks] == [p[:2] for p in ref.picks]
             ssi_err = max(ssi_err, abs(ref.ssi - sub.ssi) / max(abs(ref.ssi), 1e-300))
-    return {"layers": compared, "same_picks": same_picks, "reference_layers": ref_layers,
-            "max_rel_ssi_error_vs_reference": ssi_err, "same_picks_reference": same_picks_ref, **timings}
+    return {
+        "layers": compared,
+        "same_picks": same_picks,
+        "reference_layers": ref_layers,
+        "max_rel_ssi_error_vs_reference": ssi_err,
+        "same_picks_reference": same_picks_ref,
+        **timings,
+    }
 
 
 def floor_seconds(adapter: Path, repeats: int = 2) -> float:
@@ -238,8 +279,7 @@ def concurrent_walls(adapter: Path, n: int, *extra: str) -> list[float]:
     """Wall seconds of each of n `s3lora score` processes started together."""
     cmd = [sys.executable, "-m", "s3lora_cli", "score", str(adapter), "--format", "json", "--quiet", *extra]
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=THREAD_ENV)
-             for _ in range(n)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=THREAD_ENV) for _ in range(n)]
     walls = []
     for proc in procs:
         if proc.wait() != 0:
@@ -259,18 +299,31 @@ def main() -> None:
     parser.add_argument("--store-size", type=int, default=1000, help="adapters in the store case")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sample-layers", type=int, default=4, help="layers for the exhaustive/reference ratios")
-    parser.add_argument("--crop", type=int, default=256,
-                        help="rows and columns of each sampled layer that the dense reference runs on")
+    parser.add_argument(
+        "--crop", type=int, default=256, help="rows and columns of each sampled layer that the dense reference runs on"
+    )
     parser.add_argument("--skip-ratios", action="store_true")
     parser.add_argument("--floor", action="store_true", help="measure each case's floor and print score / floor")
-    parser.add_argument("--concurrent", type=int, default=0, metavar="N",
-                        help="also run N score processes at once and compare each with one alone")
-    parser.add_argument("--jobs", type=int, nargs="*", metavar="N",
-                        help="also time `score --jobs N` for each N (e.g. --jobs 1 2)")
-    parser.add_argument("--blocks", type=int, help="generate only the first N transformer blocks of each case and "
-                        "extrapolate the time to all of them")
-    parser.add_argument("--threads", type=int, help="threads for torch, BLAS and the compiled kernels "
-                        "(default: what they choose, one per core)")
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run N score processes at once and compare each with one alone",
+    )
+    parser.add_argument(
+        "--jobs", type=int, nargs="*", metavar="N", help="also time `score --jobs N` for each N (e.g. --jobs 1 2)"
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        help="generate only the first N transformer blocks of each case and extrapolate the time to all of them",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="threads for torch, BLAS and the compiled kernels (default: what they choose, one per core)",
+    )
     args = parser.parse_args()
     if args.threads:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -279,14 +332,25 @@ def main() -> None:
         from s3lora_cli.engine import kernels
 
         kernels.set_threads(args.threads)
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {args.device}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {args.device}"
+    )
     with tempfile.TemporaryDirectory(prefix="s3lora-bench-") as tmp:
         for case in args.cases:
             if case == "store":  # s3lora scan on a generated store: see scripts/bench_store.py
                 print(f"\n[store] {args.store_size} adapters", flush=True)
-                subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_store.py"), "--n", str(args.store_size),
-                                "--similar"], check=True, env=THREAD_ENV)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        str(ROOT / "scripts" / "bench_store.py"),
+                        "--n",
+                        str(args.store_size),
+                        "--similar",
+                    ],
+                    check=True,
+                    env=THREAD_ENV,
+                )
                 continue
             if case == "demo":
                 adapter = ROOT / "s3lora_cli" / "demo"
@@ -298,43 +362,60 @@ def main() -> None:
                 print(f"\n[{case}] generated {size:.0f} MiB{part} in {time.perf_counter() - start:.1f} s")
             wall, rss, doc = run_score(adapter, "--device", args.device)
             n = len(doc["layers"])
-            print(f"[{case}] mas-svd: {wall:.1f} s wall for {n} layers "
-                  f"({wall / n * 1000:.0f} ms/layer incl. start-up), peak RSS {rss:.0f} MiB, "
-                  f"max SSI {doc['summary']['max_ssi']:.4f}")
+            print(
+                f"[{case}] mas-svd: {wall:.1f} s wall for {n} layers "
+                f"({wall / n * 1000:.0f} ms/layer incl. start-up), peak RSS {rss:.0f} MiB, "
+                f"max SSI {doc['summary']['max_ssi']:.4f}"
+            )
             if args.floor:
                 floor = floor_seconds(adapter)
-                print(f"[{case}] floor (M exact-kernel passes over every entry): {floor:.2f} s; "
-                      f"score / floor = {wall / floor:.2f}x (start-up included)")
+                print(
+                    f"[{case}] floor (M exact-kernel passes over every entry): {floor:.2f} s; "
+                    f"score / floor = {wall / floor:.2f}x (start-up included)"
+                )
             if args.concurrent > 1:
                 walls = concurrent_walls(adapter, args.concurrent, "--device", args.device)
-                print(f"[{case}] {args.concurrent} processes at once: " + ", ".join(f"{w:.1f}" for w in walls)
-                      + f" s; slowest / alone = {max(walls) / wall:.2f}x (ideal on {os.cpu_count()} cores: "
-                      f"{max(1.0, args.concurrent * min(1, 2 / max(os.cpu_count() or 1, 1))):.1f}x)")
+                print(
+                    f"[{case}] {args.concurrent} processes at once: "
+                    + ", ".join(f"{w:.1f}" for w in walls)
+                    + f" s; slowest / alone = {max(walls) / wall:.2f}x (ideal on {os.cpu_count()} cores: "
+                    f"{max(1.0, args.concurrent * min(1, 2 / max(os.cpu_count() or 1, 1))):.1f}x)"
+                )
             if args.jobs:
                 walls = jobs_walls(adapter, tuple(args.jobs), "--device", args.device)
-                print(f"[{case}] --jobs: " + ", ".join(f"{n}: {w:.1f} s" for n, w in walls.items())
-                      + " (first / each: " + ", ".join(f"{walls[args.jobs[0]] / w:.2f}x" for w in walls.values())
-                      + ")")
+                print(
+                    f"[{case}] --jobs: "
+                    + ", ".join(f"{n}: {w:.1f} s" for n, w in walls.items())
+                    + " (first / each: "
+                    + ", ".join(f"{walls[args.jobs[0]] / w:.2f}x" for w in walls.values())
+                    + ")"
+                )
             wall_svd, rss_svd, _ = run_score(adapter, "--device", args.device, "--method", "svd")
-            print(f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
-                  f"mas-svd / svd = {wall / wall_svd:.1f}x; the fit alone (mas-svd minus svd) "
-                  f"{(wall - wall_svd) / n * 1000:.1f} ms/layer")
+            print(
+                f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
+                f"mas-svd / svd = {wall / wall_svd:.1f}x; the fit alone (mas-svd minus svd) "
+                f"{(wall - wall_svd) / n * 1000:.1f} ms/layer"
+            )
             if args.blocks and case in CASES and args.blocks < CASES[case][0]:
                 # the svd run is start-up plus small-factor work: the rest scales with the number of blocks
                 full = wall_svd + (wall - wall_svd) * CASES[case][0] / args.blocks
                 print(f"[{case}] extrapolated to all {CASES[case][0]} blocks: {full:.0f} s ({full / 60:.1f} min)")
             if not args.skip_ratios:
                 r = sample_ratios(adapter, args.sample_layers, args.crop, args.device)
-                line = (f"[{case}] on {r['layers']} sampled layers: default {r['default']:.2f} s, exhaustive "
-                        f"{r['exhaustive']:.2f} s (exhaustive / default = {r['exhaustive'] / r['default']:.1f}x), "
-                        f"same picks on {r['same_picks']}/{r['layers']}")
+                line = (
+                    f"[{case}] on {r['layers']} sampled layers: default {r['default']:.2f} s, exhaustive "
+                    f"{r['exhaustive']:.2f} s (exhaustive / default = {r['exhaustive'] / r['default']:.1f}x), "
+                    f"same picks on {r['same_picks']}/{r['layers']}"
+                )
                 print(line)
                 speedup = r["reference"] / r["default_on_reference_layers"]
-                print(f"[{case}] dense float64 reference on the same layers cropped to at most "
-                      f"{args.crop}x{args.crop}: {r['reference']:.2f} s vs default "
-                      f"{r['default_on_reference_layers']:.3f} s (reference / default = {speedup:.0f}x), same picks on "
-                      f"{r['same_picks_reference']}/{r['reference_layers']}, max relative SSI difference "
-                      f"{r['max_rel_ssi_error_vs_reference']:.1e}")
+                print(
+                    f"[{case}] dense float64 reference on the same layers cropped to at most "
+                    f"{args.crop}x{args.crop}: {r['reference']:.2f} s vs default "
+                    f"{r['default_on_reference_layers']:.3f} s (reference / default = {speedup:.0f}x), same picks on "
+                    f"{r['same_picks_reference']}/{r['reference_layers']}, max relative SSI difference "
+                    f"{r['max_rel_ssi_error_vs_reference']:.1e}"
+                )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,15 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.6875),
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -50,12 +56,20 @@ def main() -> None:
     parser.add_argument("--tau", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=("process", "wall"), default="process",
-                        help="process: CPU time of this process (steady on a shared machine; use with --threads 1); "
-                        "wall: elapsed time (use on a GPU or a quiet machine)")
+    parser.add_argument(
+        "--clock",
+        choices=("process", "wall"),
+        default="process",
+        help="process: CPU time of this process (steady on a shared machine; use with --threads 1); "
+        "wall: elapsed time (use on a GPU or a quiet machine)",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--method", default="svd", help="scoring method; which layers go does not change the "
-                        "timing, only how many, and svd scores in milliseconds (mas-svd also works, slower)")
+    parser.add_argument(
+        "--method",
+        default="svd",
+        help="scoring method; which layers go does not change the "
+        "timing, only how many, and svd scores in milliseconds (mas-svd also works, slower)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -69,15 +83,22 @@ def main() -> None:
     base = build(args)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "adapter"
-        config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                            init_lora_weights=False)  # lora_B random too: every update is non-zero
+        config = LoraConfig(
+            r=args.r,
+            lora_alpha=2 * args.r,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+        )  # lora_B random too: every update is non-zero
         get_peft_model(copy.deepcopy(base), config).save_pretrained(str(src))
         options = ScoreOptions(method=Method(args.method), device="cpu")
         for mode in PruneMode:
             prune_adapter(src, Path(tmp) / mode.value, Selection.of(tau=args.tau), mode, options)
         variants = {"base model (no adapter)": copy.deepcopy(base)}
-        for label, path in (("original adapter", src), ("pruned, --mode zero", Path(tmp) / "zero"),
-                            ("pruned, --mode drop", Path(tmp) / "drop")):
+        for label, path in (
+            ("original adapter", src),
+            ("pruned, --mode zero", Path(tmp) / "zero"),
+            ("pruned, --mode drop", Path(tmp) / "drop"),
+        ):
             variants[label] = PeftModel.from_pretrained(copy.deepcopy(base), str(path))
         variants = {k: v.to(args.device).eval() for k, v in variants.items()}
 
@@ -101,10 +122,12 @@ def main() -> None:
     total = sum(p.numel() for p in base.parameters())
     n_lora = 4 * args.layers
     original_ms = statistics.median(times["original adapter"]) * 1e3
-    print(f"Llama-style, {args.layers} layers, hidden {args.hidden}, {total / 1e6:.1f}M base parameters; "
-          f"LoRA r={args.r} on q/k/v/o ({n_lora} LoRA layers), --tau {args.tau} --method {args.method}; batch "
-          f"{args.batch} x {args.seq} tokens on {args.device} ({torch.get_num_threads()} threads), {args.clock} time, "
-          f"median of {args.repeats}\n")
+    print(
+        f"Llama-style, {args.layers} layers, hidden {args.hidden}, {total / 1e6:.1f}M base parameters; "
+        f"LoRA r={args.r} on q/k/v/o ({n_lora} LoRA layers), --tau {args.tau} --method {args.method}; batch "
+        f"{args.batch} x {args.seq} tokens on {args.device} ({torch.get_num_threads()} threads), {args.clock} time, "
+        f"median of {args.repeats}\n"
+    )
     print("| variant | LoRA layers | LoRA parameters | forward ms | vs original |")
     print("|---|---:|---:|---:|---:|")
     for label, model in variants.items():

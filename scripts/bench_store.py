@@ -41,8 +41,13 @@ def write_store(root: Path, n: int, blocks: int, hidden: int, r: int, mixed: boo
     for i in range(n):
         if mixed:
             hidden, r = SIZES[i % len(SIZES)], RANKS[i % len(RANKS)]
-        config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "base_model_name_or_path": "bench/tiny-llama",
-                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+        config = {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": 2 * r,
+            "base_model_name_or_path": "bench/tiny-llama",
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        }
         gen = torch.Generator().manual_seed(i)
         tensors = {}
         for block in range(blocks):
@@ -85,10 +90,16 @@ def main() -> None:
         store = tmp / "store"
         start = time.perf_counter()
         write_store(store, args.n, args.blocks, args.hidden, args.r, args.mixed)
-        shape = f"{SIZES[0]}x{SIZES[0]} to {SIZES[-1]}x{SIZES[-1]}, r {RANKS[0]}-{RANKS[-1]}" if args.mixed else \
-            f"{args.hidden}x{args.hidden}, r={args.r}"
-        print(f"store: {args.n} adapters x {4 * args.blocks} layers ({shape}), "
-              f"written in {time.perf_counter() - start:.1f} s", flush=True)
+        shape = (
+            f"{SIZES[0]}x{SIZES[0]} to {SIZES[-1]}x{SIZES[-1]}, r {RANKS[0]}-{RANKS[-1]}"
+            if args.mixed
+            else f"{args.hidden}x{args.hidden}, r={args.r}"
+        )
+        print(
+            f"store: {args.n} adapters x {4 * args.blocks} layers ({shape}), "
+            f"written in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
         settings = ScanSettings(ScoreOptions(method=Method(args.method), device="cpu"), GatePolicy(max_ssi=0.9))
         cache = tmp / "cache"
         timed("1 worker, no cache", args.n, lambda: scan_store(store, settings))

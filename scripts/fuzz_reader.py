@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes[fuzz.run_reader(directory, weights, config)] += 1
             except Exception as exc:  # the point: any exception but AdapterInputError is a finding
                 frame = traceback.extract_tb(exc.__traceback__)[-1]
-                signature = f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}: " \
-                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                signature = (
+                    f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno}: "
+                    f"{str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                )
                 failures.setdefault(signature, []).append(number)
                 outcomes["FAILED"] += 1
                 if args.only is not None:
@@ -77,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             directory.rmdir()
     elapsed = time.monotonic() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{count} inputs in {elapsed:.0f} s (seed {args.seed}): "
-          + ", ".join(f"{name} {n}" for name, n in sorted(outcomes.items())))
+    print(
+        f"{count} inputs in {elapsed:.0f} s (seed {args.seed}): "
+        + ", ".join(f"{name} {n}" for name, n in sorted(outcomes.items()))
+    )
     print(f"slowest input: #{slowest[1]} ({slowest[0]:.2f} s); peak memory {peak_mib:.0f} MiB")
     for signature, numbers_seen in sorted(failures.items()):
         print(f"FAILURE x{len(numbers_seen)} (e.g. --only {numbers_seen[0]}): {signature}")

@@ -33,8 +33,12 @@ def main(out_dir: Path) -> None:
     gen = torch.Generator().manual_seed(2508_15068)
     tensors = {}
     for block in range(BLOCKS):
-        for proj, (out, inp) in {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN),
-                                 "o_proj": (HIDDEN, HIDDEN)}.items():
+        for proj, (out, inp) in {
+            "q_proj": (HIDDEN, HIDDEN),
+            "k_proj": (KV, HIDDEN),
+            "v_proj": (KV, HIDDEN),
+            "o_proj": (HIDDEN, HIDDEN),
+        }.items():
             a, b = factors(gen, out, inp, (str(block), proj) in SHARP)
             prefix = f"base_model.model.model.layers.{block}.self_attn.{proj}"
             tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16)

@@ -28,10 +28,18 @@ def main() -> None:
         test_check.write_adapters(Path(tmp))
         os.chdir(tmp)
         try:
-            rendered = {name: text for scenario in test_check.SCENARIOS
-                        for name, text in test_check.render_golden(scenario).items()}
-            rendered.update({name: text for scenario in test_golden_reports.SCENARIOS
-                             for name, text in test_golden_reports.render_golden(scenario).items()})
+            rendered = {
+                name: text
+                for scenario in test_check.SCENARIOS
+                for name, text in test_check.render_golden(scenario).items()
+            }
+            rendered.update(
+                {
+                    name: text
+                    for scenario in test_golden_reports.SCENARIOS
+                    for name, text in test_golden_reports.render_golden(scenario).items()
+                }
+            )
         finally:
             os.chdir(here)
     rendered.update(test_tables.render_goldens())

@@ -38,8 +38,12 @@ def config_dict(r: int = 4, lora_alpha: float = 8, **extra) -> dict:
     return cfg
 
 
-def write_adapter(path: Path, tensors: dict[str, torch.Tensor] | None = None, config: dict | None = None,
-                  dtype: torch.dtype = torch.float32) -> Path:
+def write_adapter(
+    path: Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+    config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write adapter_model.safetensors (keys get the ``base_model.model.`` prefix) and adapter_config.json.
 
     Without ``tensors``: two blocks of q_proj (16x16) and v_proj (8x16), r = 4, block 1's v_proj sharp.

@@ -43,8 +43,9 @@ def to_kohya(peft_dir: Path, out: Path, *, alpha: bool = True, prefix: str = "lo
     return out
 
 
-def to_diffusers(peft_dir: Path, out: Path, *, layout: str = "peft", scale_with: str = "alpha",
-                 component: str = "unet") -> Path:
+def to_diffusers(
+    peft_dir: Path, out: Path, *, layout: str = "peft", scale_with: str = "alpha", component: str = "unet"
+) -> Path:
     """A diffusers LoRA file: ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` (layout "peft") or
     ``.lora.down.weight`` / ``.lora.up.weight`` (layout "old"); the scale alpha / r given by ``.alpha`` tensors
     (scale_with "alpha"), by the header's lora_adapter_metadata ("metadata"), or by nothing ("none": scale 1)."""
@@ -58,8 +59,13 @@ def to_diffusers(peft_dir: Path, out: Path, *, layout: str = "peft", scale_with:
             tensors[f"{component}.{module}.alpha"] = torch.tensor(float(config["lora_alpha"]))
     metadata = {"format": "pt"}
     if scale_with == "metadata":
-        lora_config = {"peft_type": "LORA", "r": config["r"], "lora_alpha": config["lora_alpha"],
-                       "target_modules": sorted({m.rpartition(".")[2] for m in factors}), "use_rslora": False}
+        lora_config = {
+            "peft_type": "LORA",
+            "r": config["r"],
+            "lora_alpha": config["lora_alpha"],
+            "target_modules": sorted({m.rpartition(".")[2] for m in factors}),
+            "use_rslora": False,
+        }
         metadata["lora_adapter_metadata"] = json.dumps({f"{component}.{k}": v for k, v in lora_config.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
@@ -104,8 +110,12 @@ def kohya_conv_file(out: Path, *, alpha: float | None = 2.0) -> Path:
     return out
 
 
-def hf_cache(peft_dir: Path, cache_root: Path, repo: str = "models--org--tiny-lora",
-             revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+def hf_cache(
+    peft_dir: Path,
+    cache_root: Path,
+    repo: str = "models--org--tiny-lora",
+    revision: str = "0123456789abcdef0123456789abcdef01234567",
+) -> Path:
     """A Hugging Face cache repository holding ``peft_dir``: files in ``blobs/`` named by a hash, and
     ``snapshots/<revision>/`` made of relative symlinks into them; returns the snapshot directory."""
     repo_dir = cache_root / repo

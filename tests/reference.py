@@ -45,8 +45,13 @@ def median_margin(values: np.ndarray, weights: np.ndarray) -> float:
     return float(np.min(np.abs(cum - cum[-1] / 2)) / cum[-1])
 
 
-def reference(dW: np.ndarray, components: int | None = None, top_h: int | None = None, method: str = "mas-svd",
-              rank: int | None = None) -> Reference:
+def reference(
+    dW: np.ndarray,
+    components: int | None = None,
+    top_h: int | None = None,
+    method: str = "mas-svd",
+    rank: int | None = None,
+) -> Reference:
     dW = np.asarray(dW, dtype=np.float64)
     d, k = dW.shape
     r = rank if rank is not None else min(d, k)

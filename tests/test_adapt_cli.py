@@ -41,36 +41,54 @@ def write_tasks(path, count=6, bad=False):
 def test_trigger_writes_every_sample_and_skips_bad_lines_with_their_number(tmp_path, model_dir):
     tasks = write_tasks(tmp_path / "tasks.jsonl", bad=True)
     out = tmp_path / "triggered.jsonl"
-    result = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
-                                     "-o", str(out), "--max-new-tokens", "3", "--warmup", "2"])
+    result = runner.invoke(
+        cli.app,
+        [
+            "adapt",
+            "trigger",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            str(tasks),
+            "-o",
+            str(out),
+            "--max-new-tokens",
+            "3",
+            "--warmup",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in records] == [1, 2, 4, 6, 7, 8]
     assert all(r["task"]["family"] for r in records)  # carried through verbatim
     assert "line 3: not JSON" in result.stderr and "line 5: 'answer' must be" in result.stderr
     assert "2 bad line(s) skipped" in result.stderr and result.stdout == ""
-    again = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
-                                    "-o", str(out)])
+    again = runner.invoke(
+        cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks), "-o", str(out)]
+    )
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
 def test_strict_stops_at_the_first_bad_line_with_exit_3(tmp_path, model_dir):
     tasks = write_tasks(tmp_path / "tasks.jsonl", bad=True)
-    result = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
-                                     "--strict", "-q"])
+    result = runner.invoke(
+        cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks), "--strict", "-q"]
+    )
     assert result.exit_code == 3 and "line 3: not JSON" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_missing_model_or_task_file_exits_3_and_an_output_onto_the_input_exits_2(tmp_path, model_dir):
     tasks = write_tasks(tmp_path / "tasks.jsonl")
-    missing = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(tmp_path / "absent"), "--tasks",
-                                      str(tasks)])
+    missing = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(tmp_path / "absent"), "--tasks", str(tasks)])
     assert missing.exit_code == 3 and "no such model" in missing.stderr
-    no_tasks = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks",
-                                       str(tmp_path / "none.jsonl")])
+    no_tasks = runner.invoke(
+        cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tmp_path / "none.jsonl")]
+    )
     assert no_tasks.exit_code == 3 and "no such file" in no_tasks.stderr
-    onto = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
-                                   "-o", str(tasks), "--force"])
+    onto = runner.invoke(
+        cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks), "-o", str(tasks), "--force"]
+    )
     assert onto.exit_code == 2 and "is an input" in onto.stderr
     assert tasks.read_text().count("\n") == 6
 
@@ -79,20 +97,63 @@ def test_the_policy_file_sets_the_threshold_and_flags_win(tmp_path, model_dir):
     tasks = write_tasks(tmp_path / "tasks.jsonl", count=4)
     policy = tmp_path / "policy.toml"
     policy.write_text("[tool.s3lora.adapt]\nthreshold = 0.0\nwarmup = 0\n")
-    result = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
-                                     "--policy", str(policy), "--max-new-tokens", "2", "-q"])
+    result = runner.invoke(
+        cli.app,
+        [
+            "adapt",
+            "trigger",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            str(tasks),
+            "--policy",
+            str(policy),
+            "--max-new-tokens",
+            "2",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert all(json.loads(line)["triggered"] for line in result.stdout.splitlines())  # score >= 0 always
-    high = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
-                                   "--policy", str(policy), "--threshold", "2", "--max-new-tokens", "2", "-q"])
+    high = runner.invoke(
+        cli.app,
+        [
+            "adapt",
+            "trigger",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            str(tasks),
+            "--policy",
+            str(policy),
+            "--threshold",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "-q",
+        ],
+    )
     assert not any(json.loads(line)["triggered"] for line in high.stdout.splitlines())  # score <= 1.01
     policy.write_text("[tool.s3lora.adapt]\nthreshhold = 0.4\n")
-    typo = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks),
-                                   "--policy", str(policy)])
+    typo = runner.invoke(
+        cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", str(tasks), "--policy", str(policy)]
+    )
     assert typo.exit_code == 2 and "unknown adapt key 'threshhold'" in typo.stderr
     policy.write_text('[tool.s3lora.adapt]\ncluster-selection = "dense"\n')
-    wrong = runner.invoke(cli.app, ["adapt", "cluster", str(tasks), "--state", str(tmp_path / "s"), "--model",
-                                    str(model_dir), "--policy", str(policy)])
+    wrong = runner.invoke(
+        cli.app,
+        [
+            "adapt",
+            "cluster",
+            str(tasks),
+            "--state",
+            str(tmp_path / "s"),
+            "--model",
+            str(model_dir),
+            "--policy",
+            str(policy),
+        ],
+    )
     assert wrong.exit_code == 2 and "expected one of eom, leaf" in wrong.stderr
 
 
@@ -121,6 +182,7 @@ def test_demo_stream_starts_with_its_warm_up_of_known_families_and_holds_every_f
 
 # --- the buffer's state directory -------------------------------------------------------------------------
 
+
 class TableEmbedder:
     """Hand-made embeddings: each text's vector is its blob's axis plus seeded noise (blob from its first word);
     raises KeyboardInterrupt at the call numbered ``stop_at``, like a run stopped there."""
@@ -147,9 +209,12 @@ def triggered_lines(count=60):
     lines = []
     for i in range(count):
         colour = ["red", "green", "blue"][i % 3]
-        record = {"line": i + 1, "task": {"prompt": f"{colour} question {i}", "answer": f"answer {i}",
-                                          "family": colour},
-                  "triggered": i % 5 != 4, "score": 0.7}
+        record = {
+            "line": i + 1,
+            "task": {"prompt": f"{colour} question {i}", "answer": f"answer {i}", "family": colour},
+            "triggered": i % 5 != 4,
+            "score": 0.7,
+        }
         lines.append(json.dumps(record) + "\n")
     return lines
 
@@ -220,13 +285,16 @@ def test_cluster_cli_corrupt_existing_and_resumed_state(tmp_path, model_dir):
     corrupt = runner.invoke(cli.app, args + ["--resume"])
     assert corrupt.exit_code == 3 and "state.json: corrupt buffer state" in corrupt.stderr
     assert (state / STATE_FILE).read_text() == '{"schema_version": 1, "buckets": '  # left as it was
-    other = runner.invoke(cli.app, ["adapt", "cluster", str(triggered), "--state", str(state), "--embedder",
-                                    str(tmp_path / "absent"), "--resume"])
+    other = runner.invoke(
+        cli.app,
+        ["adapt", "cluster", str(triggered), "--state", str(state), "--embedder", str(tmp_path / "absent"), "--resume"],
+    )
     assert other.exit_code == 3
 
 
-def test_an_interrupted_cluster_command_says_how_to_resume_and_resumes_to_the_same_state(tmp_path, model_dir,
-                                                                                         monkeypatch):
+def test_an_interrupted_cluster_command_says_how_to_resume_and_resumes_to_the_same_state(
+    tmp_path, model_dir, monkeypatch
+):
     import s3lora_cli.adapt.embedding as embedding
 
     triggered = tmp_path / "triggered.jsonl"
@@ -244,14 +312,18 @@ def test_an_interrupted_cluster_command_says_how_to_resume_and_resumes_to_the_sa
 
 def test_trigger_reads_stdin_and_a_state_directory_with_hand_off_files_is_not_overwritten(tmp_path, model_dir):
     tasks = write_tasks(tmp_path / "tasks.jsonl", count=3)
-    piped = runner.invoke(cli.app, ["adapt", "trigger", "--model", str(model_dir), "--tasks", "-",
-                                    "--max-new-tokens", "2", "-q"], input=tasks.read_text())
+    piped = runner.invoke(
+        cli.app,
+        ["adapt", "trigger", "--model", str(model_dir), "--tasks", "-", "--max-new-tokens", "2", "-q"],
+        input=tasks.read_text(),
+    )
     assert piped.exit_code == 0, piped.stderr
     assert [json.loads(line)["line"] for line in piped.stdout.splitlines()] == [1, 2, 3]
     (tmp_path / "buffer" / "clusters").mkdir(parents=True)
     (tmp_path / "buffer" / "clusters" / "cluster-0001.jsonl").write_text("mine\n")
-    result = runner.invoke(cli.app, ["adapt", "cluster", str(tasks), "--state", str(tmp_path / "buffer"),
-                                     "--model", str(model_dir)])
+    result = runner.invoke(
+        cli.app, ["adapt", "cluster", str(tasks), "--state", str(tmp_path / "buffer"), "--model", str(model_dir)]
+    )
     assert result.exit_code == 2 and "--force" in result.stderr
     assert (tmp_path / "buffer" / "clusters" / "cluster-0001.jsonl").read_text() == "mine\n"
 

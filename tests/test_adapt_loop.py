@@ -47,26 +47,66 @@ from s3lora_cli.store import ADMIT_RECORD_NAME, AUDIT_LOG_NAME, quarantine_dir, 
 runner = CliRunner()
 
 FAMILIES = {
-    "people": [(f"what does {n} do", f"{n} bakes bread in {t}")
-               for n, t in [("kelvo", "orsk"), ("anya", "venn"), ("doran", "tallow"), ("mira", "ebber"),
-                            ("ives", "dun"), ("pell", "quar")]],
-    "colours": [(f"which colour is the {o}", f"the {o} is {c}")
-                for o, c in [("sky", "blue"), ("grass", "green"), ("sun", "yellow"), ("snow", "white"),
-                             ("coal", "black"), ("rose", "red")]],
+    "people": [
+        (f"what does {n} do", f"{n} bakes bread in {t}")
+        for n, t in [
+            ("kelvo", "orsk"),
+            ("anya", "venn"),
+            ("doran", "tallow"),
+            ("mira", "ebber"),
+            ("ives", "dun"),
+            ("pell", "quar"),
+        ]
+    ],
+    "colours": [
+        (f"which colour is the {o}", f"the {o} is {c}")
+        for o, c in [
+            ("sky", "blue"),
+            ("grass", "green"),
+            ("sun", "yellow"),
+            ("snow", "white"),
+            ("coal", "black"),
+            ("rose", "red"),
+        ]
+    ],
 }
 UNKNOWN = [(f"name the secret word {i}", f"zz{i}") for i in range(8)]
 TEXTS = [f"{p} {a}" for pairs in (*FAMILIES.values(), UNKNOWN) for p, a in pairs] + ["banana split"]
 FAST = TrainSettings(candidates=(Candidate(4, 8, 5e-2, 3),), max_new_tokens=4, batch_size=8)
 GATE = GateSettings(selection=Selection(tau=1), floor=0.0, policy=GatePolicy(max_ssi=1.0), device="cpu")
-RUN_FLAGS = ["--warmup", "4", "--threshold", "0.3", "--min-buffer", "10", "--min-cluster", "5", "--tau", "1",
-             "--floor", "0", "--max-ssi", "1", "--rank", "4", "--lr", "0.05", "--epochs", "2",
-             "--max-new-tokens", "4", "--device", "cpu"]
+RUN_FLAGS = [
+    "--warmup",
+    "4",
+    "--threshold",
+    "0.3",
+    "--min-buffer",
+    "10",
+    "--min-cluster",
+    "5",
+    "--tau",
+    "1",
+    "--floor",
+    "0",
+    "--max-ssi",
+    "1",
+    "--rank",
+    "4",
+    "--lr",
+    "0.05",
+    "--epochs",
+    "2",
+    "--max-new-tokens",
+    "4",
+    "--device",
+    "cpu",
+]
 
 
 def records(family: str, count: int = 12, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"prompt": p, "answer": a, "family": family} for p, a in (rng.choice(FAMILIES[family])
-                                                                     for _ in range(count))]
+    return [
+        {"prompt": p, "answer": a, "family": family} for p, a in (rng.choice(FAMILIES[family]) for _ in range(count))
+    ]
 
 
 def stream(count: int = 40) -> str:
@@ -90,8 +130,7 @@ def lm(model_dir):
 
 
 def entries(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() \
-        else []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
 
 
 def leftovers(*roots: Path) -> list[str]:
@@ -114,6 +153,7 @@ def check_log(store: Path) -> list[dict]:
 
 
 # --- training ------------------------------------------------------------------------------------------------
+
 
 def test_the_split_is_seeded_holds_out_a_fifth_of_the_distinct_samples():
     examples = examples_of(records("people", 30))
@@ -143,11 +183,23 @@ def test_training_lowers_the_answer_loss_and_is_seeded(lm):
 
 # --- the gate ------------------------------------------------------------------------------------------------
 
+
 def test_the_gate_admits_the_pruned_adapter_with_its_clusters_record(tmp_path, lm):
     store = tmp_path / "store"
-    trained, gated = adapt_cluster(lm, model_embedder(lm), records("people"), run="r1", cluster=7, bucket="all",
-                                   keywords=["bakes", "bread"], centre=None, origin=None, store=store,
-                                   work=tmp_path / "work", settings=LoopSettings(train=FAST, gate=GATE))
+    trained, gated = adapt_cluster(
+        lm,
+        model_embedder(lm),
+        records("people"),
+        run="r1",
+        cluster=7,
+        bucket="all",
+        keywords=["bakes", "bread"],
+        centre=None,
+        origin=None,
+        store=store,
+        work=tmp_path / "work",
+        settings=LoopSettings(train=FAST, gate=GATE),
+    )
     assert gated.admitted and gated.admit.destination.parent == store
     assert not (tmp_path / "work").exists() and leftovers(tmp_path) == []
     record = json.loads((gated.admit.destination / CLUSTER_RECORD_NAME).read_text())
@@ -167,10 +219,23 @@ def test_the_gate_admits_the_pruned_adapter_with_its_clusters_record(tmp_path, l
 def test_below_the_floor_the_adapter_is_quarantined_with_the_reason(tmp_path, lm):
     store = tmp_path / "store"
     unknown = [{"prompt": p, "answer": a} for p, a in UNKNOWN]  # no validation answer is ever trained on
-    settings = LoopSettings(train=FAST, gate=GateSettings(selection=Selection(tau=1), floor=0.5,
-                                                          policy=GatePolicy(max_ssi=1.0)))
-    _, gated = adapt_cluster(lm, model_embedder(lm), unknown, run="r1", cluster=1, bucket="all", keywords=[],
-                             centre=None, origin=None, store=store, work=tmp_path / "work", settings=settings)
+    settings = LoopSettings(
+        train=FAST, gate=GateSettings(selection=Selection(tau=1), floor=0.5, policy=GatePolicy(max_ssi=1.0))
+    )
+    _, gated = adapt_cluster(
+        lm,
+        model_embedder(lm),
+        unknown,
+        run="r1",
+        cluster=1,
+        bucket="all",
+        keywords=[],
+        centre=None,
+        origin=None,
+        store=store,
+        work=tmp_path / "work",
+        settings=settings,
+    )
     assert not gated.admitted and gated.after.exact_match == 0.0
     assert gated.admit.destination.parent == quarantine_dir(store) and entries(store) == []
     reasons = json.loads((gated.admit.destination / ADMIT_RECORD_NAME).read_text())["reasons"]
@@ -182,17 +247,30 @@ def test_below_the_floor_the_adapter_is_quarantined_with_the_reason(tmp_path, lm
 
 def test_a_gate_rule_quarantines_an_adapter_whatever_its_score(tmp_path, lm):
     store = tmp_path / "store"
-    settings = LoopSettings(train=FAST, gate=GateSettings(selection=Selection(tau=1), floor=0.0,
-                                                          policy=GatePolicy(max_ssi=0.0)))
-    _, gated = adapt_cluster(lm, model_embedder(lm), records("colours"), run="r1", cluster=2, bucket="all",
-                             keywords=[], centre=None, origin=None, store=store, work=tmp_path / "work",
-                             settings=settings)
+    settings = LoopSettings(
+        train=FAST, gate=GateSettings(selection=Selection(tau=1), floor=0.0, policy=GatePolicy(max_ssi=0.0))
+    )
+    _, gated = adapt_cluster(
+        lm,
+        model_embedder(lm),
+        records("colours"),
+        run="r1",
+        cluster=2,
+        bucket="all",
+        keywords=[],
+        centre=None,
+        origin=None,
+        store=store,
+        work=tmp_path / "work",
+        settings=settings,
+    )
     assert not gated.admitted and gated.refusal is None
     assert all("SSI" in r for r in gated.admit.record["reasons"]) and gated.admit.record["reasons"]
     check_log(store)
 
 
 # --- routing -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def routed_store(tmp_path_factory, lm):
@@ -203,10 +281,20 @@ def routed_store(tmp_path_factory, lm):
     prompts = [p for pairs in FAMILIES.values() for p, _ in pairs]
     origin = np.asarray(embed(prompts), dtype=np.float64).mean(axis=0)
     for cid, family in enumerate(sorted(FAMILIES), start=1):
-        adapt_cluster(lm, embed, records(family), run="r1", cluster=cid, bucket="all",
-                      keywords=["colour"] if family == "colours" else ["bakes", "bread"], centre=None,
-                      origin=origin, store=root / "store", work=root / "work",
-                      settings=LoopSettings(train=FAST, gate=GATE))
+        adapt_cluster(
+            lm,
+            embed,
+            records(family),
+            run="r1",
+            cluster=cid,
+            bucket="all",
+            keywords=["colour"] if family == "colours" else ["bakes", "bread"],
+            centre=None,
+            origin=origin,
+            store=root / "store",
+            work=root / "work",
+            settings=LoopSettings(train=FAST, gate=GATE),
+        )
     return root / "store"
 
 
@@ -225,23 +313,51 @@ def test_prompts_are_routed_to_their_clusters_adapter_or_the_base_model(routed_s
 
 
 def test_adapt_answer_says_which_model_answered(routed_store, model_dir):
-    result = runner.invoke(cli.app, ["adapt", "answer", "--model", str(model_dir), "--store", str(routed_store),
-                                     "which colour is the grass", "banana split", "--max-new-tokens", "3",
-                                     "--route-threshold", "0.4"])
+    result = runner.invoke(
+        cli.app,
+        [
+            "adapt",
+            "answer",
+            "--model",
+            str(model_dir),
+            "--store",
+            str(routed_store),
+            "which colour is the grass",
+            "banana split",
+            "--max-new-tokens",
+            "3",
+            "--route-threshold",
+            "0.4",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["used"].startswith("cluster-0001-") for line in lines] == [True, False]
     assert lines[1]["used"] == "base" and "answered by base" in result.stderr
-    missing = runner.invoke(cli.app, ["adapt", "answer", "--model", str(model_dir), "--store",
-                                      str(routed_store.parent / "absent"), "x"])
+    missing = runner.invoke(
+        cli.app, ["adapt", "answer", "--model", str(model_dir), "--store", str(routed_store.parent / "absent"), "x"]
+    )
     assert missing.exit_code == 3 and "no such directory" in missing.stderr
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
 
+
 def run_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
-    return ["adapt", "run", "--model", str(model_dir), "--tasks", str(root / "tasks.jsonl"), "--store",
-            str(root / "store"), "--state", str(root / "state"), *RUN_FLAGS, *extra]
+    return [
+        "adapt",
+        "run",
+        "--model",
+        str(model_dir),
+        "--tasks",
+        str(root / "tasks.jsonl"),
+        "--store",
+        str(root / "store"),
+        "--state",
+        str(root / "state"),
+        *RUN_FLAGS,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -288,9 +404,28 @@ def test_refresh_trains_the_next_generation_on_the_new_samples(finished_run, mod
     cluster = json.loads((store / entry / CLUSTER_RECORD_NAME).read_text())["cluster"]
     with open(refresh / f"{entry}.jsonl", "a") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in records("people", 3, seed=9)))
-    result = runner.invoke(cli.app, ["adapt", "refresh", "--model", str(model_dir), "--store", str(store),
-                                     "--state", str(root / "state"), "--tau", "1", "--floor", "0", "--epochs", "1",
-                                     "--max-new-tokens", "3", "-q"])
+    result = runner.invoke(
+        cli.app,
+        [
+            "adapt",
+            "refresh",
+            "--model",
+            str(model_dir),
+            "--store",
+            str(store),
+            "--state",
+            str(root / "state"),
+            "--tau",
+            "1",
+            "--floor",
+            "0",
+            "--epochs",
+            "1",
+            "--max-new-tokens",
+            "3",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     lines = [json.loads(x) for x in result.stdout.splitlines()]  # and any the run itself routed there
     line = next(x for x in lines if x["adapter"] == entry)
@@ -327,8 +462,13 @@ KILLER = textwrap.dedent("""
 def test_a_kill_mid_run_leaves_a_consistent_store_and_resume_completes_it(tmp_path, model_dir, where):
     (tmp_path / "tasks.jsonl").write_text(stream())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", KILLER, where, *run_args(model_dir, tmp_path, "-q")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, where, *run_args(model_dir, tmp_path, "-q")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == -9, done.stderr
     store = tmp_path / "store"
     assert len(check_log(store)) == 1  # the first cluster's adapter: whole, logged
@@ -362,11 +502,40 @@ def test_two_trainings_admit_into_one_store_at_once(tmp_path, model_dir):
     for family in FAMILIES:
         (tmp_path / f"{family}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(family)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "s3lora_cli", "adapt", "train", str(tmp_path / f"{f}.jsonl"),
-                               "--model", str(model_dir), "--store", str(store), "--tau", "1", "--floor", "0",
-                               "--max-ssi", "1", "--epochs", "1", "--max-new-tokens", "3", "-q", "-f", "json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for f in FAMILIES]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "s3lora_cli",
+                "adapt",
+                "train",
+                str(tmp_path / f"{f}.jsonl"),
+                "--model",
+                str(model_dir),
+                "--store",
+                str(store),
+                "--tau",
+                "1",
+                "--floor",
+                "0",
+                "--max-ssi",
+                "1",
+                "--epochs",
+                "1",
+                "--max-new-tokens",
+                "3",
+                "-q",
+                "-f",
+                "json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for f in FAMILIES
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(check_log(store)) == 2 and len(entries(store)) == 2
@@ -380,8 +549,11 @@ def test_bad_input_gets_one_line_and_its_exit_code(tmp_path, model_dir):
     (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "a", "answer": "b"}) + "\n")
     too_few = runner.invoke(cli.app, ["adapt", "train", str(tmp_path / "one.jsonl"), *base, "--tau", "1"])
     assert too_few.exit_code == 3 and "at least 2 distinct" in too_few.stderr
-    for flags, message in ((["--search", "huge"], "--search"), (["--floor", "2"], "--floor"),
-                           (["--alpha", "4"], "--rank")):
+    for flags, message in (
+        (["--search", "huge"], "--search"),
+        (["--floor", "2"], "--floor"),
+        (["--alpha", "4"], "--rank"),
+    ):
         bad = runner.invoke(cli.app, ["adapt", "train", str(tmp_path / "one.jsonl"), *base, *flags])
         assert bad.exit_code == 2 and message in bad.stderr, bad.stderr
     (tmp_path / "tasks.jsonl").write_text(stream(4))

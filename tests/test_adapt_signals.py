@@ -25,8 +25,11 @@ def margin_reference(logits: np.ndarray, mask: np.ndarray) -> list[float]:
     steps, batch, _ = logits.shape
     out = []
     for b in range(batch):
-        gaps = [sorted(logits[t, b], reverse=True)[0] - sorted(logits[t, b], reverse=True)[1]
-                for t in range(steps) if mask[b, t]]
+        gaps = [
+            sorted(logits[t, b], reverse=True)[0] - sorted(logits[t, b], reverse=True)[1]
+            for t in range(steps)
+            if mask[b, t]
+        ]
         out.append(sum(gaps) / len(gaps) if gaps else 0.0)
     return out
 
@@ -49,8 +52,8 @@ def bleu_reference(hyp: str, ref: str) -> float:
     h, r = hyp.split(), ref.split()
     counts = []
     for n in range(1, 5):
-        hn = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-        rn = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
+        hn = Counter(tuple(h[i : i + n]) for i in range(len(h) - n + 1))
+        rn = Counter(tuple(r[i : i + n]) for i in range(len(r) - n + 1))
         counts.append((sum(min(c, rn[g]) for g, c in hn.items()), sum(hn.values())))
     if not any(match for match, _ in counts):
         return 0.0

@@ -23,8 +23,11 @@ from s3lora_cli.adapt.trigger import (  # noqa: E402
 )
 from s3lora_cli.lm import load_causal_lm  # noqa: E402
 
-TEXTS = ["what is the capital of france the capital of france is paris",
-         "spell garden backwards n e d r a g", "add two and three five"]
+TEXTS = [
+    "what is the capital of france the capital of france is paris",
+    "spell garden backwards n e d r a g",
+    "add two and three five",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,9 @@ def test_generated_answers_and_margins_match_one_forward_pass_per_sample(lm):
     eos = lm.tokenizer.eos_token_id
     for prompt, answer in zip(prompts, answers, strict=True):
         # Reference: greedy decoding of the prompt alone (no padding), one full forward pass per step.
-        ids = lm.tokenizer(format_prompt(lm.tokenizer, prompt), return_tensors="pt",
-                           add_special_tokens=False)["input_ids"]
+        ids = lm.tokenizer(format_prompt(lm.tokenizer, prompt), return_tensors="pt", add_special_tokens=False)[
+            "input_ids"
+        ]
         gaps, new = [], []
         with torch.no_grad():
             for _ in range(5):
@@ -76,12 +80,17 @@ def test_the_embedding_of_a_text_does_not_depend_on_its_batch(lm):
 
 
 def test_run_trigger_holds_the_warm_up_then_scores_every_sample_in_order(lm):
-    tasks = [task(i + 1, p, a, tag="t" + str(i % 2)) for i, (p, a) in enumerate(
-        [("what is the capital of france", "the capital of france is paris")] * 3
-        + [("spell garden backwards", "n e d r a g")] * 4)]
+    tasks = [
+        task(i + 1, p, a, tag="t" + str(i % 2))
+        for i, (p, a) in enumerate(
+            [("what is the capital of france", "the capital of france is paris")] * 3
+            + [("spell garden backwards", "n e d r a g")] * 4
+        )
+    ]
     policy = TriggerPolicy(warmup=3)
-    records = list(run_trigger(lm.model, lm.tokenizer, tasks, policy, model_embedder(lm), batch_size=2,
-                               max_new_tokens=4))
+    records = list(
+        run_trigger(lm.model, lm.tokenizer, tasks, policy, model_embedder(lm), batch_size=2, max_new_tokens=4)
+    )
     assert [r.task.line for r in records] == list(range(1, 8))
     assert [r.warmup for r in records] == [True] * 3 + [False] * 4
     band = similarity_band([r.signals.similarity for r in records[:3]], policy)
@@ -106,8 +115,16 @@ def test_an_encoder_directory_embeds_as_its_mean_pooled_last_hidden_state(tmp_pa
 
     tokenizer = tiny_tokenizer(TEXTS)
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32, pad_token_id=tokenizer.pad_token_id))
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     embed = load_encoder_embedder(tmp_path)

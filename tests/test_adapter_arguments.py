@@ -69,8 +69,10 @@ def test_check_takes_hub_ids_for_the_adapter_and_the_baseline(monkeypatch, tmp_p
     cache = hub_cache(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["check", "someuser/some-lora", "--baseline", "someuser/some-lora", "--max-increase",
-                                 "0", "-f", "json", "-q"])
+    result = runner.invoke(
+        app,
+        ["check", "someuser/some-lora", "--baseline", "someuser/some-lora", "--max-increase", "0", "-f", "json", "-q"],
+    )
     assert result.exit_code == EXIT_OK, result.stderr
     doc = json.loads(result.stdout)
     snapshot = str(cache / "models--someuser--some-lora" / "snapshots" / MAIN)
@@ -83,9 +85,10 @@ def test_hub_id_not_cached_says_how_to_download_it(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["score", "otheruser/other-lora"])
     assert result.exit_code == EXIT_INPUT and len(result.stderr.splitlines()) == 1
-    assert (f"error: otheruser/other-lora: not a local path, and the Hugging Face Hub id is not in the cache {cache}; "
-            "download it first (huggingface-cli download otheruser/other-lora), or pass its local directory"
-            ) in result.stderr
+    assert (
+        f"error: otheruser/other-lora: not a local path, and the Hugging Face Hub id is not in the cache {cache}; "
+        "download it first (huggingface-cli download otheruser/other-lora), or pass its local directory"
+    ) in result.stderr
     result = runner.invoke(app, ["score", "someuser/some-lora", "--revision", "v2"])
     assert result.exit_code == EXIT_INPUT
     assert f"revision v2 is not in the cache {cache} (cached snapshots: {MAIN}, {OLD})" in result.stderr
@@ -119,8 +122,10 @@ def test_a_full_model_is_named_as_such(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    save_file({"model.embed_tokens.weight": torch.ones(4, 2), "lm_head.weight": torch.ones(4, 2)},
-              str(model / "model.safetensors"))
+    save_file(
+        {"model.embed_tokens.weight": torch.ones(4, 2), "lm_head.weight": torch.ones(4, 2)},
+        str(model / "model.safetensors"),
+    )
     for target in (model, model / "model.safetensors"):
         result = runner.invoke(app, ["score", str(target)])
         assert result.exit_code == EXIT_INPUT and len(result.stderr.splitlines()) == 1

@@ -132,8 +132,7 @@ def test_the_checks_see_a_cycle_a_root_import_and_a_from_import(tmp_path):
     (package / "e.py").write_text("from s3lora_cli import report\n")
     found = modules(package)
     assert found["s3lora_cli.a"] == {"s3lora_cli.b"} and found["s3lora_cli.e"] == {"s3lora_cli"}
-    assert cycles(internal_graph(found)) == [["s3lora_cli.a", "s3lora_cli.b", "s3lora_cli.sub.c"],
-                                             ["s3lora_cli.d"]]
+    assert cycles(internal_graph(found)) == [["s3lora_cli.a", "s3lora_cli.b", "s3lora_cli.sub.c"], ["s3lora_cli.d"]]
     assert root_importers(found) == ["s3lora_cli.e", "s3lora_cli.sub.c"]
     assert cycles({"x": {"y"}, "y": set()}) == []
     with pytest.raises(AssertionError):
@@ -151,21 +150,31 @@ def test_only_the_cli_imports_typer():
 
 
 def test_the_math_imports_no_io_or_rendering():
-    math = {name: imported for name, imported in modules().items()
-            if name == "s3lora_cli.spectral" or name.startswith("s3lora_cli.engine")}
+    math = {
+        name: imported
+        for name, imported in modules().items()
+        if name == "s3lora_cli.spectral" or name.startswith("s3lora_cli.engine")
+    }
     assert "s3lora_cli.engine.kernels" in math
     for module, imported in math.items():
         for forbidden in ("safetensors", "typer", "rich", "s3lora_cli.adapters", "s3lora_cli.scoring", "json"):
             assert not _uses(imported, forbidden), (module, forbidden)
         # the math imports only itself: the engine's modules (its compiled kernels among them)
         assert {name for name in imported if name.startswith("s3lora_cli")} <= {"s3lora_cli.engine"} | {
-            name for name in math}, module
+            name for name in math
+        }, module
 
 
 def test_layers_point_one_way():
     rules = {
-        "s3lora_cli.adapters": ("s3lora_cli.scoring", "s3lora_cli.selection", "s3lora_cli.report", "s3lora_cli.cli",
-                                "s3lora_cli.spectral", "rich"),
+        "s3lora_cli.adapters": (
+            "s3lora_cli.scoring",
+            "s3lora_cli.selection",
+            "s3lora_cli.report",
+            "s3lora_cli.cli",
+            "s3lora_cli.spectral",
+            "rich",
+        ),
         "s3lora_cli.scoring": ("s3lora_cli.selection", "s3lora_cli.report", "s3lora_cli.cli", "rich"),
         "s3lora_cli.selection": ("s3lora_cli.report", "s3lora_cli.cli", "rich"),
         "s3lora_cli.document": ("s3lora_cli.report", "s3lora_cli.cli", "rich"),
@@ -182,8 +191,14 @@ def test_layers_point_one_way():
                     assert not any(i.startswith(bad) for i in imported if i != name), (name, bad)
 
 
-MODEL_LAYER = ("s3lora_cli.lm", "s3lora_cli.evaluation", "s3lora_cli.cli.eval", "s3lora_cli.adapt",
-               "s3lora_cli.cli.adapt", "s3lora_cli.cli.adapt_loop")
+MODEL_LAYER = (
+    "s3lora_cli.lm",
+    "s3lora_cli.evaluation",
+    "s3lora_cli.cli.eval",
+    "s3lora_cli.adapt",
+    "s3lora_cli.cli.adapt",
+    "s3lora_cli.cli.adapt_loop",
+)
 """The modules that may import a model library (transformers, peft) or the model loader."""
 
 
@@ -200,9 +215,11 @@ def test_only_the_model_commands_import_the_model_layer():
 
 def test_the_model_commands_import_their_subsystems_when_they_run():
     """Not when the command line is built: --help and the core commands never load them."""
-    for command, subsystems in (("eval.py", ("s3lora_cli.evaluation", "s3lora_cli.lm")),
-                                ("adapt.py", ("s3lora_cli.adapt", "s3lora_cli.lm")),
-                                ("adapt_loop.py", ("s3lora_cli.adapt", "s3lora_cli.lm"))):
+    for command, subsystems in (
+        ("eval.py", ("s3lora_cli.evaluation", "s3lora_cli.lm")),
+        ("adapt.py", ("s3lora_cli.adapt", "s3lora_cli.lm")),
+        ("adapt_loop.py", ("s3lora_cli.adapt", "s3lora_cli.lm")),
+    ):
         tree = ast.parse((PACKAGE / "cli" / command).read_text())
         top_level = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
         assert not any(m.startswith(subsystems) for m in top_level if m), command

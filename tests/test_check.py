@@ -40,13 +40,26 @@ runner = CliRunner()
 # (block, projection, out features, kind); kind: "smooth" (random r = 4), "sharp" (B @ A nearly rank one),
 # "nan" (a NaN in lora_B). The seed of a layer is its module name's, so the same module is the same
 # matrix in every adapter unless its kind differs: the baseline comparison then differs in known layers only.
-SMOOTH = [(0, "q_proj", 16, "smooth"), (0, "v_proj", 8, "smooth"), (1, "q_proj", 16, "smooth"),
-          (1, "v_proj", 8, "smooth")]
-SHARP = [(0, "q_proj", 16, "smooth"), (0, "v_proj", 8, "smooth"), (1, "q_proj", 16, "smooth"),
-         (1, "v_proj", 8, "sharp")]
+SMOOTH = [
+    (0, "q_proj", 16, "smooth"),
+    (0, "v_proj", 8, "smooth"),
+    (1, "q_proj", 16, "smooth"),
+    (1, "v_proj", 8, "smooth"),
+]
+SHARP = [
+    (0, "q_proj", 16, "smooth"),
+    (0, "v_proj", 8, "smooth"),
+    (1, "q_proj", 16, "smooth"),
+    (1, "v_proj", 8, "sharp"),
+]
 # Against APPROVED (= SMOOTH): 0.v_proj missing, 1.v_proj sharpened, 2.q_proj new, 2.v_proj new and NaN.
-CANDIDATE = [(0, "q_proj", 16, "smooth"), (1, "q_proj", 16, "smooth"), (1, "v_proj", 8, "sharp"),
-             (2, "q_proj", 16, "smooth"), (2, "v_proj", 8, "nan")]
+CANDIDATE = [
+    (0, "q_proj", 16, "smooth"),
+    (1, "q_proj", 16, "smooth"),
+    (1, "v_proj", 8, "sharp"),
+    (2, "q_proj", 16, "smooth"),
+    (2, "v_proj", 8, "nan"),
+]
 SHARPENED = "model.layers.1.self_attn.v_proj"
 
 
@@ -66,8 +79,13 @@ def write_adapter(path: Path, layers, r: int = 4) -> Path:
         tensors[f"base_model.model.{stem}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{stem}.lora_B.weight"] = b.contiguous()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-              "base_model_name_or_path": "tiny/test-model"}
+    config = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "tiny/test-model",
+    }
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
 
@@ -97,15 +115,28 @@ def run(*args):
 
 # --- the rules, on synthetic reports ------------------------------------------------------------------------
 
+
 def fake_report(ssis: dict[str, float | None], path: str = "fake") -> ScoreReport:
     layers = []
     for module, ssi in ssis.items():
-        layer = LoraLayer(module=module, kind=LayerKind.LINEAR, shape=(8, 8), r=4, lora_alpha=8.0, scaling=2.0,
-                          dtype="F32", keys={})
+        layer = LoraLayer(
+            module=module, kind=LayerKind.LINEAR, shape=(8, 8), r=4, lora_alpha=8.0, scaling=2.0, dtype="F32", keys={}
+        )
         error = None if ssi is not None else "non-finite values (NaN or Inf) in lora_B; not scored"
         layers.append(LayerScore(layer, ssi, (1.0,) if ssi is not None else (), 4, 4, error=error))
-    info = AdapterInfo(path, f"{path}/adapter_model.safetensors", "0" * 64, "peft-safetensors", None, "LORA", 4, 8.0,
-                       False, False, ["q_proj"])
+    info = AdapterInfo(
+        path,
+        f"{path}/adapter_model.safetensors",
+        "0" * 64,
+        "peft-safetensors",
+        None,
+        "LORA",
+        4,
+        8.0,
+        False,
+        False,
+        ["q_proj"],
+    )
     return ScoreReport(info, ScoreOptions(device="cpu"), "cpu", tuple(sorted(layers, key=rank_key)), ())
 
 
@@ -114,7 +145,9 @@ def test_max_ssi_is_strict_and_max_violations_is_an_allowance():
     result = evaluate(report, GatePolicy(max_ssi=0.6))
     assert not result.passed
     assert [(v.module, v.rule, v.value, v.limit) for v in result.violations] == [
-        ("a", Rule.MAX_SSI, 0.9, 0.6), ("c", Rule.MAX_SSI, 0.61, 0.6)]  # b is at the limit: passes
+        ("a", Rule.MAX_SSI, 0.9, 0.6),
+        ("c", Rule.MAX_SSI, 0.61, 0.6),
+    ]  # b is at the limit: passes
     assert evaluate(report, GatePolicy(max_ssi=0.6, max_violations=2)).passed  # 2 exceed, 2 allowed
     tolerated = evaluate(report, GatePolicy(max_ssi=0.6, max_violations=2))
     assert len(tolerated.violations) == 2 and not any(v.fails for v in tolerated.violations)
@@ -157,8 +190,10 @@ def test_baseline_is_matched_by_module_name_not_position():
     reported = {(v.module, v.rule) for v in result.violations if not v.fails}
     assert reported == {("w", Rule.NEW_LAYER), ("x", Rule.MISSING_LAYER)}
     strict = evaluate(cand, GatePolicy(max_increase=0.05, baseline=Path("b"), strict_layers=True), base)
-    assert {(v.module, v.rule) for v in strict.violations if v.fails} >= {("w", Rule.NEW_LAYER),
-                                                                          ("x", Rule.MISSING_LAYER)}
+    assert {(v.module, v.rule) for v in strict.violations if v.fails} >= {
+        ("w", Rule.NEW_LAYER),
+        ("x", Rule.MISSING_LAYER),
+    }
     at_limit = evaluate(cand, GatePolicy(max_increase=0.30000001, baseline=Path("b")), base)
     assert at_limit.passed
 
@@ -174,6 +209,7 @@ def test_a_policy_needs_a_rule_and_max_increase_a_baseline():
 
 # --- the policy: file format and precedence -----------------------------------------------------------------
 
+
 def test_precedence_flags_then_policy_file_then_pyproject(tmp_path):
     # max-flagged: the former name of max-violations, still read
     (tmp_path / "pyproject.toml").write_text("[tool.s3lora]\nmax-ssi = 0.7\nmax-flagged = 2\nmethod = 'svd'\n")
@@ -186,8 +222,12 @@ def test_precedence_flags_then_policy_file_then_pyproject(tmp_path):
     policy_file = tmp_path / "gate.toml"
     policy_file.write_text("max_ssi = 0.8\ncomponents = 2\n")  # snake_case works too
     from_file = resolve_policy({}, policy_file, cwd=nested)  # --policy replaces pyproject.toml
-    assert (from_file.max_ssi, from_file.max_violations, from_file.components, from_file.method) == (0.8, 0, 2,
-                                                                                               Method.MAS_SVD)
+    assert (from_file.max_ssi, from_file.max_violations, from_file.components, from_file.method) == (
+        0.8,
+        0,
+        2,
+        Method.MAS_SVD,
+    )
     flags = resolve_policy({"max-ssi": 0.5, "max-violations": None, "top-h": 1}, policy_file, cwd=nested)
     assert (flags.max_ssi, flags.components, flags.top_h) == (0.5, 2, 1)
     assert flags.source("max-ssi") == COMMAND_LINE and flags.source("components") == str(policy_file)
@@ -197,24 +237,28 @@ def test_precedence_flags_then_policy_file_then_pyproject(tmp_path):
 def test_policy_file_may_be_a_pyproject_and_baseline_is_relative_to_it(tmp_path):
     (tmp_path / "sub").mkdir()
     policy = tmp_path / "sub" / "pyproject.toml"
-    policy.write_text("[project]\nname = 'x'\n[tool.s3lora]\nbaseline = 'approved'\nmax-increase = 0.05\n"
-                      "strict-layers = true\n")
+    policy.write_text(
+        "[project]\nname = 'x'\n[tool.s3lora]\nbaseline = 'approved'\nmax-increase = 0.05\nstrict-layers = true\n"
+    )
     settings_ = load_policy_file(policy)
     assert settings_["baseline"] == tmp_path / "sub" / "approved"
     assert settings_["strict-layers"] is True
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("max-ssi = 'high'\n", "max-ssi in"),
-    ("max-ssi = 1.5\n", "between 0 and 1"),
-    ("max-violations = -1\n", "at least 0"),
-    ("max-flagged = 1.5\n", "whole number"),
-    ("max-sssi = 0.5\n", "unknown key 'max-sssi'"),
-    ("method = 'fft'\n", "mas-svd, spsvd, svd"),
-    ("strict-layers = 1\n", "true or false"),
-    ("max-ssi = \n", "not valid TOML"),
-    ("[tool.other]\nx = 1\n", "no tool.s3lora table"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("max-ssi = 'high'\n", "max-ssi in"),
+        ("max-ssi = 1.5\n", "between 0 and 1"),
+        ("max-violations = -1\n", "at least 0"),
+        ("max-flagged = 1.5\n", "whole number"),
+        ("max-sssi = 0.5\n", "unknown key 'max-sssi'"),
+        ("method = 'fft'\n", "mas-svd, spsvd, svd"),
+        ("strict-layers = 1\n", "true or false"),
+        ("max-ssi = \n", "not valid TOML"),
+        ("[tool.other]\nx = 1\n", "no tool.s3lora table"),
+    ],
+)
 def test_bad_policy_files_are_usage_errors(tmp_path, text, fragment):
     policy = tmp_path / "policy.toml"
     policy.write_text(text)
@@ -224,12 +268,14 @@ def test_bad_policy_files_are_usage_errors(tmp_path, text, fragment):
 
 # --- the CLI end to end: exit codes and formats -------------------------------------------------------------
 
+
 def test_pass_exits_0_with_the_verdict_first(in_workdir):
     result = run("adapters/smooth", "--max-ssi", "0.8")
     assert result.exit_code == EXIT_OK, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == ("passed adapters/smooth: no layer fails the gate (non-finite: 0 violations; max-ssi 0.8: "
-                        "0 violations)")
+    assert lines[0] == (
+        "passed adapters/smooth: no layer fails the gate (non-finite: 0 violations; max-ssi 0.8: 0 violations)"
+    )
     assert "s3lora mas-svd scores" not in result.stdout  # the ranked table only with --verbose
     verbose = run("adapters/smooth", "--max-ssi", "0.8", "--verbose")
     assert verbose.stdout.startswith(lines[0]) and "s3lora mas-svd scores" in verbose.stdout
@@ -249,8 +295,9 @@ def test_fail_exits_1_and_lists_each_violating_layer(in_workdir):
     result = run("adapters/sharp", "--max-ssi", "0.8")
     assert result.exit_code == EXIT_GATE_FAILED, result.output
     verdict = result.stdout
-    assert verdict.startswith("FAILED adapters/sharp: 1 layer(s) fail the gate (non-finite: 0 violations; "
-                              "max-ssi 0.8: 1 violation)")
+    assert verdict.startswith(
+        "FAILED adapters/sharp: 1 layer(s) fail the gate (non-finite: 0 violations; max-ssi 0.8: 1 violation)"
+    )
     row = next(line for line in verdict.splitlines() if line.startswith(SHARPENED))
     assert row.split()[:5] == [SHARPENED, "max-ssi", row.split()[2], "0.8", "fails"]
     assert float(row.split()[2]) > 0.8
@@ -269,7 +316,9 @@ def test_several_adapters_fail_if_any_fails(in_workdir):
     doc = json.loads(both.stdout)
     assert doc["passed"] is False
     assert [(d["adapter"]["path"], d["gate"]["passed"]) for d in doc["adapters"]] == [
-        ("adapters/smooth", True), ("adapters/sharp", False)]
+        ("adapters/smooth", True),
+        ("adapters/sharp", False),
+    ]
     assert run("adapters/smooth", "adapters/approved", "--max-ssi", "0.8").exit_code == EXIT_OK
 
 
@@ -285,7 +334,8 @@ def test_json_is_the_score_report_plus_gate(in_workdir):
     assert gate["passed"] is False and gate["baseline"] is None
     assert gate["rules"] == [
         {"rule": "non-finite", "limit": None, "allowed": 0, "violations": 0, "passed": True, "source": "built-in"},
-        {"rule": "max-ssi", "limit": 0.8, "allowed": 0, "violations": 1, "passed": False, "source": "command line"}]
+        {"rule": "max-ssi", "limit": 0.8, "allowed": 0, "violations": 1, "passed": False, "source": "command line"},
+    ]
     (v,) = gate["violations"]
     assert set(v) == {"module", "rule", "value", "limit", "ssi", "baseline_ssi", "fails", "message"}
     assert (v["module"], v["rule"], v["limit"], v["fails"]) == (SHARPENED, "max-ssi", 0.8, True)
@@ -305,7 +355,9 @@ def test_markdown_and_sarif_formats(in_workdir):
     assert (result["ruleId"], result["level"]) == ("max-ssi", "error")
     assert result["locations"][0]["logicalLocations"][0]["fullyQualifiedName"] == SHARPENED
     assert result["locations"][0]["physicalLocation"]["artifactLocation"] == {
-        "uri": "adapters/sharp/adapter_model.safetensors", "uriBaseId": "%SRCROOT%"}
+        "uri": "adapters/sharp/adapter_model.safetensors",
+        "uriBaseId": "%SRCROOT%",
+    }
     passed = run("adapters/smooth", "--max-ssi", "0.8", "-f", "sarif", "-q")
     assert passed.exit_code == EXIT_OK and json.loads(passed.stdout)["runs"][0]["results"] == []
 
@@ -336,8 +388,14 @@ def test_policy_from_pyproject_and_flags_win(in_workdir, tmp_path, monkeypatch):
     assert run(sharp, "-q", "--policy", policy).exit_code == EXIT_OK  # --policy replaces pyproject.toml
     assert run(sharp, "-q", "--policy", policy, "--max-flagged", "0").exit_code == EXIT_GATE_FAILED
     doc = json.loads(run(sharp, "-q", "--policy", policy, "-f", "json").stdout)
-    assert doc["gate"]["rules"][1] == {"rule": "max-ssi", "limit": 0.8, "allowed": 1, "violations": 1,
-                                       "passed": True, "source": str(policy)}
+    assert doc["gate"]["rules"][1] == {
+        "rule": "max-ssi",
+        "limit": 0.8,
+        "allowed": 1,
+        "violations": 1,
+        "passed": True,
+        "source": str(policy),
+    }
     doc = json.loads(run(sharp, "-q", "--policy", policy, "--max-ssi", "0.7", "-f", "json").stdout)
     assert (doc["gate"]["rules"][1]["limit"], doc["gate"]["rules"][1]["source"]) == (0.7, COMMAND_LINE)
 
@@ -364,9 +422,11 @@ def test_baseline_comparison_end_to_end(in_workdir):
     failing = [(v["module"], v["rule"]) for v in gate["violations"] if v["fails"]]
     assert failing == [("model.layers.2.self_attn.v_proj", "non-finite"), (SHARPENED, "max-increase")]
     reported = {(v["module"], v["rule"]) for v in gate["violations"] if not v["fails"]}
-    assert reported == {("model.layers.2.self_attn.q_proj", "new-layer"),
-                        ("model.layers.2.self_attn.v_proj", "new-layer"),
-                        ("model.layers.0.self_attn.v_proj", "missing-layer")}
+    assert reported == {
+        ("model.layers.2.self_attn.q_proj", "new-layer"),
+        ("model.layers.2.self_attn.v_proj", "new-layer"),
+        ("model.layers.0.self_attn.v_proj", "missing-layer"),
+    }
     increase = next(v for v in gate["violations"] if v["rule"] == "max-increase")
     assert math.isclose(increase["value"], increase["ssi"] - increase["baseline_ssi"], abs_tol=1e-9)
     same = run("adapters/smooth", "--baseline", "adapters/approved", "--max-increase", "0", "-q")
@@ -375,17 +435,20 @@ def test_baseline_comparison_end_to_end(in_workdir):
     assert strict.exit_code == EXIT_OK  # the same modules, and all SSIs fell or stayed
 
 
-@pytest.mark.parametrize("args, fragment", [
-    ([], "no gate rule"),
-    (["--max-ssi", "1.5"], "--max-ssi must be between 0 and 1"),
-    (["--max-ssi", "0.5", "--max-violations", "-1"], "--max-violations must be at least 0"),
-    (["--baseline", "adapters/approved"], "--baseline needs --max-increase"),
-    (["--max-increase", "0.1"], "needs a baseline"),
-    (["--policy", "missing.toml"], "does not exist"),
-    (["--max-ssi", "0.5", "--components", "0"], "at least 1"),
-    (["--max-ssi", "0.5", "--format", "xml"], "xml"),
-    (["--max-ssi", "0.5", "--device", "tpu"], "--device"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ([], "no gate rule"),
+        (["--max-ssi", "1.5"], "--max-ssi must be between 0 and 1"),
+        (["--max-ssi", "0.5", "--max-violations", "-1"], "--max-violations must be at least 0"),
+        (["--baseline", "adapters/approved"], "--baseline needs --max-increase"),
+        (["--max-increase", "0.1"], "needs a baseline"),
+        (["--policy", "missing.toml"], "does not exist"),
+        (["--max-ssi", "0.5", "--components", "0"], "at least 1"),
+        (["--max-ssi", "0.5", "--format", "xml"], "xml"),
+        (["--max-ssi", "0.5", "--device", "tpu"], "--device"),
+    ],
+)
 def test_usage_errors_exit_2(in_workdir, args, fragment):
     result = run("adapters/smooth", *args)
     assert result.exit_code == EXIT_USAGE, result.output
@@ -432,8 +495,17 @@ def test_cuda_asked_for_where_absent_exits_4(in_workdir):
 
 SCENARIOS = {
     "max-ssi": ["adapters/smooth", "adapters/sharp", "--max-ssi", "0.8"],
-    "baseline": ["adapters/candidate", "--baseline", "adapters/approved", "--max-increase", "0.05",
-                 "--max-ssi", "0.8", "--max-violations", "1"],
+    "baseline": [
+        "adapters/candidate",
+        "--baseline",
+        "adapters/approved",
+        "--max-increase",
+        "0.05",
+        "--max-ssi",
+        "0.8",
+        "--max-violations",
+        "1",
+    ],
 }
 
 

@@ -45,8 +45,16 @@ def test_json_schema_and_order(adapter):
     doc = json.loads(result.stdout)
     assert doc["schema_version"] == 2
     assert doc["tool"]["name"] == "s3lora"
-    assert set(doc["adapter"]) >= {"path", "sha256", "base_model_name_or_path", "peft_type", "r", "lora_alpha",
-                                   "target_modules", "format"}
+    assert set(doc["adapter"]) >= {
+        "path",
+        "sha256",
+        "base_model_name_or_path",
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "format",
+    }
     assert set(doc["parameters"]) >= {"method", "components", "top_h", "eps_norm", "eps_ssi", "device", "dtype"}
     layers = doc["layers"]
     assert [layer["module"] for layer in layers][0] == "model.layers.1.self_attn.v_proj"  # the sharp one
@@ -141,15 +149,18 @@ def test_no_config(adapter):
     _expect(run("score", adapter), EXIT_INPUT, "adapter_config.json")
 
 
-@pytest.mark.parametrize("text,fragment", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "JSON object"),
-    (json.dumps(config_dict(r="8")), "'r' must be an integer"),
-    (json.dumps(config_dict(r=0)), "positive"),
-    (json.dumps({k: v for k, v in config_dict().items() if k != "lora_alpha"}), "'lora_alpha' is missing"),
-    (json.dumps(config_dict(peft_type="IA3")), "LoRA"),
-    (json.dumps(config_dict(rank_pattern={"(": 4})), "invalid regular expression"),
-])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (json.dumps(config_dict(r="8")), "'r' must be an integer"),
+        (json.dumps(config_dict(r=0)), "positive"),
+        (json.dumps({k: v for k, v in config_dict().items() if k != "lora_alpha"}), "'lora_alpha' is missing"),
+        (json.dumps(config_dict(peft_type="IA3")), "LoRA"),
+        (json.dumps(config_dict(rank_pattern={"(": 4})), "invalid regular expression"),
+    ],
+)
 def test_malformed_config(adapter, text, fragment):
     (adapter / "adapter_config.json").write_text(text)
     _expect(run("score", adapter), EXIT_INPUT, fragment)
@@ -161,8 +172,10 @@ def test_truncated_safetensors(adapter):
     _expect(run("score", adapter), EXIT_INPUT, "safetensors")
 
 
-@pytest.mark.parametrize("payload", [b"", b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}", b"\xff" * 8 + b"{}",
-                                     b"\x02\x00\x00\x00\x00\x00\x00\x00{}"])
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}", b"\xff" * 8 + b"{}", b"\x02\x00\x00\x00\x00\x00\x00\x00{}"],
+)
 def test_corrupt_safetensors(adapter, payload):
     (adapter / "adapter_model.safetensors").write_bytes(payload)
     _expect(run("score", adapter), EXIT_INPUT)
@@ -246,13 +259,16 @@ def test_cuda_requested_but_absent(adapter):
     _expect(run("score", adapter, "--device", "cuda"), EXIT_RUNTIME, "CUDA is not available")
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--device", "tpu"], "--device"),
-    (["--components", "0"], "--components"),
-    (["--top-h", "0"], "--top-h"),
-    (["--dtype", "float16"], "--dtype"),
-    (["--tau", "-1"], "--tau"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--device", "tpu"], "--device"),
+        (["--components", "0"], "--components"),
+        (["--top-h", "0"], "--top-h"),
+        (["--dtype", "float16"], "--dtype"),
+        (["--tau", "-1"], "--tau"),
+    ],
+)
 def test_bad_options(adapter, args, fragment):
     _expect(run("score", adapter, *args), EXIT_USAGE, fragment)
 
@@ -280,8 +296,9 @@ def test_unexpected_errors_never_look_like_a_failed_gate(adapter, monkeypatch):
 def test_installed_entry_point(adapter):
     version = subprocess.run(["s3lora", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("s3lora ")
-    out = subprocess.run([sys.executable, "-m", "s3lora_cli", "score", str(adapter), "-f", "json", "-q"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "s3lora_cli", "score", str(adapter), "-f", "json", "-q"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["layers"]
     bad = subprocess.run(["s3lora", "score", str(adapter / "missing")], capture_output=True, text=True)
@@ -293,8 +310,12 @@ def test_worked_check_end_to_end(tmp_path):
     lora_alpha = 2 (scaling 1)."""
     b = torch.tensor([[2, 1], [1, -1], [0, 3], [-1, 2], [4, 0.5]], dtype=torch.float64)
     a = torch.tensor([[1, 0, -2, 1], [0.5, 1, 1, -1]], dtype=torch.float64)
-    write_adapter(tmp_path, layer_tensors("model.layers.0.self_attn.q_proj", a, b), config_dict(r=2, lora_alpha=2),
-                  dtype=torch.float64)
+    write_adapter(
+        tmp_path,
+        layer_tensors("model.layers.0.self_attn.q_proj", a, b),
+        config_dict(r=2, lora_alpha=2),
+        dtype=torch.float64,
+    )
     doc = json.loads(run("score", tmp_path, "-f", "json", "-q", "--dtype", "float64").stdout)
     layer = doc["layers"][0]
     assert [(p["a"], p["b"]) for p in layer["picks"]] == [(1, 1), (2, 2)]

@@ -94,5 +94,6 @@ def test_jobs_and_threads_do_not_change_the_scores():
         two = score_adapter(DEMO, ScoreOptions(device="cpu"), jobs=2)
     finally:
         torch.set_num_threads(before)
-    assert [(s.module, s.ssi, s.sigma, s.picks) for s in one.layers] == \
-        [(s.module, s.ssi, s.sigma, s.picks) for s in two.layers]
+    assert [(s.module, s.ssi, s.sigma, s.picks) for s in one.layers] == [
+        (s.module, s.ssi, s.sigma, s.picks) for s in two.layers
+    ]

@@ -28,12 +28,19 @@ from s3lora_cli.pruning import PruneMode, prune_adapter  # noqa: E402
 from s3lora_cli.scoring import ScoreOptions  # noqa: E402
 from s3lora_cli.selection import Selection  # noqa: E402
 
-WORDS = ("what is the capital of france spain italy germany portugal paris madrid rome berlin lisbon "
-         "city country name one two three four five yes no sorry i cannot help")
-TASKS = [("what is the capital of france", "paris"), ("what is the capital of spain", "madrid"),
-         ("name the capital of italy", "rome city"), ("capital of germany", "berlin"),
-         ("what city is the capital of portugal", "lisbon"), ("one two three", "four five"),
-         ("the capital", "yes")]
+WORDS = (
+    "what is the capital of france spain italy germany portugal paris madrid rome berlin lisbon "
+    "city country name one two three four five yes no sorry i cannot help"
+)
+TASKS = [
+    ("what is the capital of france", "paris"),
+    ("what is the capital of spain", "madrid"),
+    ("name the capital of italy", "rome city"),
+    ("capital of germany", "berlin"),
+    ("what city is the capital of portugal", "lisbon"),
+    ("one two three", "four five"),
+    ("the capital", "yes"),
+]
 REFUSALS = ["help me", "what is the name", "i cannot"]
 runner = CliRunner()
 
@@ -49,8 +56,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     model_dir = save_tiny_causal_lm(root / "model", [WORDS], layers=2, hidden=16)
     base = load_causal_lm(model_dir).model
-    adapter = save_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-                        root / "adapter", seed=3)
+    adapter = save_lora(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), root / "adapter", seed=3
+    )
     tasks = write_jsonl(root / "tasks.jsonl", [{"prompt": p, "answer": a} for p, a in TASKS])
     refusals = write_jsonl(root / "refusals.jsonl", [{"prompt": p} for p in REFUSALS])
     return {"root": root, "model": model_dir, "adapter": adapter, "tasks": tasks, "refusals": refusals}
@@ -65,8 +73,11 @@ def options(world, **kw) -> EvalOptions:
 
 @pytest.fixture(scope="module")
 def result(world):
-    return evaluate(world["adapter"], world["model"], options(world, refusals=world["refusals"],
-                                                              selection=Selection.of(tau=2), sweep_tau=(0, 1, 6)))
+    return evaluate(
+        world["adapter"],
+        world["model"],
+        options(world, refusals=world["refusals"], selection=Selection.of(tau=2), sweep_tau=(0, 1, 6)),
+    )
 
 
 def by_name(result):
@@ -79,17 +90,19 @@ def by_name(result):
 
 def reference_run(model, tokenizer, prompt: str, answer: str, max_new_tokens: int):
     """transformers' own greedy generate on one unpadded prompt, and a plain forward over prompt + answer."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
     ctx = tokenizer(text, add_special_tokens=False)["input_ids"]
     ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ctx]), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        logits = model(torch.tensor([ctx + ans])).logits[0, len(ctx) - 1:len(ctx) + len(ans) - 1]
-    new = out[0, len(ctx):].tolist()
+        out = model.generate(
+            torch.tensor([ctx]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        logits = model(torch.tensor([ctx + ans])).logits[0, len(ctx) - 1 : len(ctx) + len(ans) - 1]
+    new = out[0, len(ctx) :].tolist()
     if tokenizer.eos_token_id in new:
-        new = new[:new.index(tokenizer.eos_token_id)]
+        new = new[: new.index(tokenizer.eos_token_id)]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), logits, ans
 
 
@@ -105,9 +118,9 @@ def test_batched_cached_runner_equals_one_prompt_at_a_time(world):
     for i, (prompt, answer) in enumerate(TASKS):
         text, expected, ans = reference_run(lm.model, lm.tokenizer, prompt, answer, 6)
         assert texts[i] == text
-        assert targets[i, :len(ans)].tolist() == ans and mask[i].sum() == len(ans)
+        assert targets[i, : len(ans)].tolist() == ans and mask[i].sum() == len(ans)
         # padding changes only the order of float32 sums: assert_close's float32 defaults (rtol 1.3e-6)
-        torch.testing.assert_close(logits[i, :len(ans)], expected)
+        torch.testing.assert_close(logits[i, : len(ans)], expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,8 +160,9 @@ def test_a_sweep_point_that_prunes_every_layer_equals_the_base(result):
 def test_pruned_on_the_fly_equals_loading_the_output_of_prune(world, result, mode, tmp_path):
     pruned_dir = tmp_path / "pruned"
     done = prune_adapter(world["adapter"], pruned_dir, Selection.of(tau=2), mode, ScoreOptions(device="cpu"))
-    from_file = evaluate(world["adapter"], world["model"], options(world, refusals=world["refusals"],
-                                                                   pruned=pruned_dir))
+    from_file = evaluate(
+        world["adapter"], world["model"], options(world, refusals=world["refusals"], pruned=pruned_dir)
+    )
     on_the_fly, loaded = by_name(result)["pruned"], by_name(from_file)["pruned"]
     assert loaded.variant.kind is VariantKind.PRUNED_FILE and on_the_fly.variant.pruned == done.modules
     assert loaded.answers == on_the_fly.answers and loaded.refusal_answers == on_the_fly.refusal_answers
@@ -161,8 +175,9 @@ def test_refusal_rate_counts_the_answers_with_a_marker(world, result):
         assert r.refusal_answers is not None and len(r.refusal_answers) == len(REFUSALS)
     base = by_name(result)["base"]
     markers = tuple(base.refusal_answers[:1]) if base.refusal_answers[0] else ("zzz-never",)
-    again = evaluate(world["adapter"], world["model"], options(world, refusals=world["refusals"],
-                                                               refusal_markers=markers, limit=2))
+    again = evaluate(
+        world["adapter"], world["model"], options(world, refusals=world["refusals"], refusal_markers=markers, limit=2)
+    )
     expected = sum(markers[0].lower() in a.lower() for a in by_name(again)["base"].refusal_answers) / 2
     assert by_name(again)["base"].scores.refusal_rate == expected
     assert len(by_name(again)["base"].answers) == 2  # --limit applies to the tasks too
@@ -180,11 +195,16 @@ def test_a_base_model_that_does_not_fit_the_adapter_is_refused_before_any_genera
         raise AssertionError("ran the model before checking it")
 
     monkeypatch.setattr(eval_runner._Runner, "run", no_generation)
-    with pytest.raises(AdapterInputError, match=r"down_proj is 32 x 64 in the base model but 16 x 32 in the "
-                                                 r"adapter \(and 5 more of the adapter's 6 layers\)"):
+    with pytest.raises(
+        AdapterInputError,
+        match=r"down_proj is 32 x 64 in the base model but 16 x 32 in the "
+        r"adapter \(and 5 more of the adapter's 6 layers\)",
+    ):
         evaluate(world["adapter"], other, options(world))
-    result = runner.invoke(app, ["eval", str(world["adapter"]), "--base", str(one_block), "--tasks",
-                                 str(world["tasks"]), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        ["eval", str(world["adapter"]), "--base", str(one_block), "--tasks", str(world["tasks"]), "--device", "cpu"],
+    )
     assert result.exit_code == EXIT_INPUT, result.stderr
     assert "model.layers.1.mlp.down_proj is not a module of the base model (and 2 more" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
@@ -202,20 +222,51 @@ def test_non_peft_adapters_are_refused(world, tmp_path):
 # Output: the JSON schema, the renderers
 
 
-VARIANT_KEYS = ["name", "kind", "tau", "selection", "pruned_layers", "pruned", "exact_match", "contains", "nll", "kl",
-                "agreement", "refusal_rate", "seconds"]
+VARIANT_KEYS = [
+    "name",
+    "kind",
+    "tau",
+    "selection",
+    "pruned_layers",
+    "pruned",
+    "exact_match",
+    "contains",
+    "nll",
+    "kl",
+    "agreement",
+    "refusal_rate",
+    "seconds",
+]
 
 
 def test_json_schema_is_stable(world, result):
     doc = json.loads(eval_render.render_json(result))
-    assert list(doc) == ["schema_version", "tool", "base", "adapter", "tasks", "refusals", "parameters", "variants",
-                         "seconds"]
+    assert list(doc) == [
+        "schema_version",
+        "tool",
+        "base",
+        "adapter",
+        "tasks",
+        "refusals",
+        "parameters",
+        "variants",
+        "seconds",
+    ]
     assert doc["schema_version"] == 1 and doc["tool"]["name"] == "s3lora"
     assert list(doc["adapter"]) == ["path", "format", "sha256", "layers"] and doc["adapter"]["layers"] == 6
     assert list(doc["tasks"]) == ["path", "count", "skipped"] and doc["tasks"]["count"] == len(TASKS)
     assert list(doc["refusals"]) == ["path", "count", "skipped", "markers"]
-    assert list(doc["parameters"]) == ["selection", "pruned", "sweep_tau", "method", "max_new_tokens",
-                                       "batch_size", "chat_template", "limit", "device"]
+    assert list(doc["parameters"]) == [
+        "selection",
+        "pruned",
+        "sweep_tau",
+        "method",
+        "max_new_tokens",
+        "batch_size",
+        "chat_template",
+        "limit",
+        "device",
+    ]
     assert doc["parameters"]["selection"] == {"tau": 2, "threshold": None, "fraction": None}
     assert [v["name"] for v in doc["variants"]] == ["base", "adapter", "pruned", "tau=0", "tau=1", "tau=6"]
     for v in doc["variants"]:
@@ -239,8 +290,22 @@ def test_renderers(result):
 
 
 def invoke(world, *args):
-    return runner.invoke(app, ["eval", str(world["adapter"]), "--base", str(world["model"]), "--tasks",
-                               str(world["tasks"]), "--device", "cpu", "--max-new-tokens", "3", *map(str, args)])
+    return runner.invoke(
+        app,
+        [
+            "eval",
+            str(world["adapter"]),
+            "--base",
+            str(world["model"]),
+            "--tasks",
+            str(world["tasks"]),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "3",
+            *map(str, args),
+        ],
+    )
 
 
 def test_cli_formats_and_files(world, tmp_path):
@@ -259,13 +324,16 @@ def test_cli_formats_and_files(world, tmp_path):
     assert csv.exit_code == EXIT_OK and csv.stdout.splitlines()[3].startswith("pruned,3,")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tau", "2", "--pruned", "x"], "not both"),
-    (["--plot", "p.png"], "--sweep-tau"),
-    (["--sweep-tau", "1,x"], "--sweep-tau"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--tau", "2", "--threshold", "0.5"], "one of"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tau", "2", "--pruned", "x"], "not both"),
+        (["--plot", "p.png"], "--sweep-tau"),
+        (["--sweep-tau", "1,x"], "--sweep-tau"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--tau", "2", "--threshold", "0.5"], "one of"),
+    ],
+)
 def test_cli_usage_errors(world, args, message):
     done = invoke(world, *args)
     assert done.exit_code == EXIT_USAGE and message in done.stderr, done.stderr
@@ -283,8 +351,9 @@ def test_cli_input_problems(world, tmp_path):
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": 3}\n')
     strict = invoke(world, "--tasks", bad, "--strict")
     assert strict.exit_code == EXIT_INPUT and "bad.jsonl:2:" in strict.stderr
-    missing = runner.invoke(app, ["eval", str(world["adapter"]), "--base", str(tmp_path / "none"), "--tasks",
-                                  str(world["tasks"])])
+    missing = runner.invoke(
+        app, ["eval", str(world["adapter"]), "--base", str(tmp_path / "none"), "--tasks", str(world["tasks"])]
+    )
     assert missing.exit_code == EXIT_INPUT and "no such model" in missing.stderr
 
 

@@ -76,8 +76,9 @@ def test_a_variant_against_itself_has_kl_zero_and_agreement_one(batch, length, v
 
 def test_scores_aggregate_shares_and_means():
     sums = TokenSums(4, 2.0, 0.4, 3) + TokenSums(1, 1.0, 0.1, 1)
-    s = scores(["Paris", "It is Rome.", "x"], ["paris", "rome", "madrid"], sums, ["I'm sorry", "Sure"],
-               DEFAULT_REFUSAL_MARKERS)
+    s = scores(
+        ["Paris", "It is Rome.", "x"], ["paris", "rome", "madrid"], sums, ["I'm sorry", "Sure"], DEFAULT_REFUSAL_MARKERS
+    )
     assert (s.exact_match, s.contains) == (1 / 3, 2 / 3)
     assert (s.nll, s.kl, s.agreement, s.refusal_rate) == (3.0 / 5, 0.5 / 5, 4 / 5, 0.5)
     assert scores(["a"], ["a"], TokenSums(1), None, DEFAULT_REFUSAL_MARKERS).refusal_rate is None
@@ -85,8 +86,10 @@ def test_scores_aggregate_shares_and_means():
 
 def test_tasks_file_bad_lines_are_skipped_with_their_numbers(tmp_path):
     path = tmp_path / "tasks.jsonl"
-    path.write_text('{"prompt": "a?", "answer": "A"}\n\nnot json\n[1, 2]\n{"prompt": "b?"}\n'
-                    '{"prompt": "c?", "answer": "C", "extra": 1}\n{"prompt": "", "answer": "D"}\n')
+    path.write_text(
+        '{"prompt": "a?", "answer": "A"}\n\nnot json\n[1, 2]\n{"prompt": "b?"}\n'
+        '{"prompt": "c?", "answer": "C", "extra": 1}\n{"prompt": "", "answer": "D"}\n'
+    )
     got = read_tasks(path)
     assert [(t.prompt, t.answer, t.line) for t in got.tasks] == [("a?", "A", 1), ("c?", "C", 6)]
     assert [b.line for b in got.skipped] == [3, 4, 5, 7]
@@ -97,8 +100,9 @@ def test_tasks_file_bad_lines_are_skipped_with_their_numbers(tmp_path):
     assert [t.answer for t in read_tasks(path, need_answer=False).tasks] == [None, None, None]
 
 
-@pytest.mark.parametrize("text, message", [(None, "no such file"), ("", "no task"), ("oops\n", "no task"),
-                                           (b"\xff\xfe", "not UTF-8")])
+@pytest.mark.parametrize(
+    "text, message", [(None, "no such file"), ("", "no task"), ("oops\n", "no task"), (b"\xff\xfe", "not UTF-8")]
+)
 def test_unusable_tasks_files(tmp_path, text, message):
     path = tmp_path / "tasks.jsonl"
     if isinstance(text, bytes):
@@ -135,8 +139,16 @@ def test_planned_variants_prune_what_prune_selects(tmp_path):
     assert variants[2].pruned == dry.modules and len(dry.modules) == 2
     assert variants[3].pruned == ()  # tau = 0 prunes nothing (prune itself refuses it)
     for variant, tau in zip(variants[4:], (1, 3), strict=True):  # a sweep may take most layers: allowed there
-        assert variant.pruned == prune_adapter(adapter, tmp_path / "out", Selection.of(tau=tau, allow_large=True),
-                                               options=ScoreOptions(device="cpu"), dry_run=True).modules
+        assert (
+            variant.pruned
+            == prune_adapter(
+                adapter,
+                tmp_path / "out",
+                Selection.of(tau=tau, allow_large=True),
+                options=ScoreOptions(device="cpu"),
+                dry_run=True,
+            ).modules
+        )
     # tau = 0 is the adapter itself, evaluated once
     assert variants[3].same_model_as == variants[1].same_model_as != variants[0].same_model_as
     threshold = plan_variants(report, Selection.of(threshold=0.0, allow_large=True))[2]

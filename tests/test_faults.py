@@ -33,7 +33,7 @@ from s3lora_cli.store import admission as admission_mod
 
 runner = CliRunner()
 POLICY = GatePolicy(max_ssi=0.99)
-DEAD_PID = 2 ** 30  # above any pid_max: the pid of a process that is gone
+DEAD_PID = 2**30  # above any pid_max: the pid of a process that is gone
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -90,6 +90,7 @@ class FaultyOs:
 
 # --- what gets copied -------------------------------------------------------------------------------------------
 
+
 def hostile_dirs(tmp_path: Path) -> dict[str, Path]:
     """Adapters whose directory holds something that must not be copied."""
     outside = tmp_path / "outside"
@@ -117,8 +118,15 @@ def hostile_dirs(tmp_path: Path) -> dict[str, Path]:
     return cases
 
 
-NAMED = {"dir-link-out": "docs", "file-link-out": "README.md", "dev-zero": "notes.txt", "loops": "/a",
-         "fifo": "pipe", "fifo-in-folder": "extra/pipe", "link-to-fifo": "notes"}
+NAMED = {
+    "dir-link-out": "docs",
+    "file-link-out": "README.md",
+    "dev-zero": "notes.txt",
+    "loops": "/a",
+    "fifo": "pipe",
+    "fifo-in-folder": "extra/pipe",
+    "link-to-fifo": "notes",
+}
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
@@ -132,8 +140,9 @@ def test_prune_and_admit_refuse_what_is_not_a_file_inside_the_adapter(tmp_path):
         result = prune_cli(adapter, out)
         one_line_error(result, EXIT_INPUT, NAMED[case], "refused")
         store = tmp_path / f"{case}-store"
-        result = runner.invoke(app, ["admit", str(adapter), "--store", str(store), "--max-ssi", "0.99", "-q",
-                                     "--device", "cpu"])
+        result = runner.invoke(
+            app, ["admit", str(adapter), "--store", str(store), "--max-ssi", "0.99", "-q", "--device", "cpu"]
+        )
         one_line_error(result, EXIT_INPUT, NAMED[case], "refused")
         assert not out.exists()
         assert [p.name for p in store.iterdir()] in ([], [".s3lora.lock"]), case
@@ -167,8 +176,7 @@ def test_the_other_files_are_bounded(tmp_path, monkeypatch):
         admit_adapter(adapter, tmp_path / "store", POLICY, device="cpu")
     monkeypatch.setattr(files_mod, "MAX_OTHER_BYTES", 4096)
     monkeypatch.setattr(files_mod, "MAX_OTHER_FILES", 0)
-    one_line_error(prune_cli(adapter, tmp_path / "out"),
-                   EXIT_INPUT, "number 1", "over the limit")
+    one_line_error(prune_cli(adapter, tmp_path / "out"), EXIT_INPUT, "number 1", "over the limit")
     assert not (tmp_path / "out").exists() and discover(tmp_path / "store") == []
     assert not (tmp_path / "store" / AUDIT_LOG_NAME).exists()
 
@@ -192,8 +200,10 @@ def test_a_file_that_grows_while_it_is_copied_is_refused(tmp_path, monkeypatch):
 
 # --- the audit log ------------------------------------------------------------------------------------------------
 
+
 def test_short_writes_still_give_whole_lines(tmp_path, monkeypatch):
     """os.write writing at most 7 bytes a call (as a nearly full disk or a signal may): each record is whole."""
+
     def short_write(fd, data):
         return os.write(fd, bytes(data[:7]))
 
@@ -215,13 +225,25 @@ def test_a_full_disk_while_logging_admits_nothing_and_keeps_the_log_whole(tmp_pa
 
     def full_after_half(fd, data):
         if os.fstat(fd).st_ino == log.stat().st_ino:
-            os.write(fd, bytes(data[:len(data) // 2]))
+            os.write(fd, bytes(data[: len(data) // 2]))
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(log))
         return os.write(fd, data)
 
     monkeypatch.setattr(durable, "os", FaultyOs(write=full_after_half))
-    result = runner.invoke(app, ["admit", str(make_adapter(tmp_path / "second", 2)), "--store", str(store),
-                                 "--max-ssi", "0.99", "-q", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "admit",
+            str(make_adapter(tmp_path / "second", 2)),
+            "--store",
+            str(store),
+            "--max-ssi",
+            "0.99",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+    )
     one_line_error(result, EXIT_RUNTIME, str(log), "No space left on device", "was not admitted")
     assert tree(store) == before
 
@@ -246,8 +268,21 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_never_appended_to(tmp_pa
     log = store / AUDIT_LOG_NAME
     with open(log, "ab") as fh:
         fh.write(b'{"time": "2026-01-0')  # what a full disk left
-    result = runner.invoke(app, ["admit", str(make_adapter(tmp_path / "second", 2)), "--store", str(store),
-                                 "--max-ssi", "0.99", "--device", "cpu", "-f", "json"])
+    result = runner.invoke(
+        app,
+        [
+            "admit",
+            str(make_adapter(tmp_path / "second", 2)),
+            "--store",
+            str(store),
+            "--max-ssi",
+            "0.99",
+            "--device",
+            "cpu",
+            "-f",
+            "json",
+        ],
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert "last line is incomplete" in result.stderr
     lines = log.read_bytes().split(b"\n")
@@ -258,6 +293,7 @@ def test_a_torn_last_line_is_skipped_with_a_warning_and_never_appended_to(tmp_pa
 
 
 # --- the store's identity and broken members --------------------------------------------------------------------
+
 
 def test_same_weights_other_alpha_is_another_entry(tmp_path):
     """The issue's case: the same weights with lora_alpha 8x larger (an update 8x larger) are admitted as their own
@@ -276,14 +312,17 @@ def test_a_broken_member_never_blocks_admitting_others(tmp_path):
     first = admit_adapter(make_adapter(tmp_path / "a", 1), store, POLICY, device="cpu")
     weights = first.destination / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated
-    result = runner.invoke(app, ["admit", str(make_adapter(tmp_path / "b", 2)), "--store", str(store),
-                                 "--max-ssi", "0.99", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        ["admit", str(make_adapter(tmp_path / "b", 2)), "--store", str(store), "--max-ssi", "0.99", "--device", "cpu"],
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert f"warning: {store}/{first.name}" in " ".join(result.stderr.split())
     assert len(read_audit_log(store / AUDIT_LOG_NAME)) == 2
 
 
 # --- outputs never land on inputs ---------------------------------------------------------------------------------
+
 
 def test_no_output_option_may_name_a_file_of_an_input(tmp_path):
     adapter = make_adapter(tmp_path / "adapter")
@@ -300,8 +339,18 @@ def test_no_output_option_may_name_a_file_of_an_input(tmp_path):
         ["score", str(adapter), "-o", str(tmp_path / "link"), "--force"],
         ["score", str(adapter), "-o", str(adapter / "new-report.json")],
         ["check", str(adapter), *gate, "--markdown-output", str(adapter / "r.md")],
-        ["check", str(adapter), *gate, "--baseline", str(baseline), "--max-increase", "0.5", "--sarif-output",
-         str(baseline / "adapter_config.json"), "--force"],
+        [
+            "check",
+            str(adapter),
+            *gate,
+            "--baseline",
+            str(baseline),
+            "--max-increase",
+            "0.5",
+            "--sarif-output",
+            str(baseline / "adapter_config.json"),
+            "--force",
+        ],
         ["check", str(adapter), *gate, "-o", str(tmp_path / "same.md"), "--markdown-output", str(tmp_path / "same.md")],
         ["scan", str(store), "-o", str(store / "member" / "scan.json")],
         ["admit", str(adapter), "--store", str(tmp_path / "s2"), *gate, "-o", str(weights), "--force"],
@@ -342,6 +391,7 @@ def test_scan_of_a_weights_file_writes_nothing_beside_it(tmp_path):
 
 # --- the environment's errors -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT])
 def test_environment_errors_are_one_line_naming_the_path(tmp_path, monkeypatch, code):
     adapter = make_adapter(tmp_path / "adapter")
@@ -376,10 +426,25 @@ def test_a_read_only_store_is_an_environment_error(tmp_path, monkeypatch):
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    monkeypatch.setattr(durable, "os", FaultyOs(open=lambda *a, **k: (_ for _ in ()).throw(
-        OSError(errno.EROFS, os.strerror(errno.EROFS), str(a[0])))))
-    result = runner.invoke(app, ["admit", str(make_adapter(tmp_path / "a")), "--store", str(store),
-                                 "--max-ssi", "0.99", "-q", "--device", "cpu"])
+    monkeypatch.setattr(
+        durable,
+        "os",
+        FaultyOs(open=lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, os.strerror(errno.EROFS), str(a[0])))),
+    )
+    result = runner.invoke(
+        app,
+        [
+            "admit",
+            str(make_adapter(tmp_path / "a")),
+            "--store",
+            str(store),
+            "--max-ssi",
+            "0.99",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+    )
     one_line_error(result, EXIT_RUNTIME, str(store), "Read-only file system")
 
 
@@ -398,8 +463,9 @@ def test_a_long_name_that_fits_is_written_and_its_temporary_name_fits_too(tmp_pa
     short, cannot be traced back to its name, so it is left for the user, never removed."""
     adapter = make_adapter(tmp_path / "adapter")
     name = "r" * 240
-    result = runner.invoke(app, ["score", str(adapter), "-o", str(tmp_path / name), "-f", "json", "-q",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app, ["score", str(adapter), "-o", str(tmp_path / name), "-f", "json", "-q", "--device", "cpu"]
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert json.loads((tmp_path / name).read_text())["layers"]
     old = tmp_path / f".{durable.base_of(name)}.{DEAD_PID}-0000abcd.s3lora-old"
@@ -428,13 +494,15 @@ def test_a_really_full_file_system(tmp_path, tiny_tmpfs):
     one_line_error(result, EXIT_RUNTIME, str(tiny_tmpfs / "pruned"), "No space left on device", "nothing was written")
     assert list(tiny_tmpfs.iterdir()) == []
     store = tiny_tmpfs / "store"
-    result = runner.invoke(app, ["admit", str(adapter), "--store", str(store), "--max-ssi", "0.99", "-q",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app, ["admit", str(adapter), "--store", str(store), "--max-ssi", "0.99", "-q", "--device", "cpu"]
+    )
     one_line_error(result, EXIT_RUNTIME, "No space left on device")
     assert discover(store) == [] and not [p for p in store.iterdir() if p.name.endswith(".s3lora-tmp")]
 
 
 # --- stale temporary paths and the --force swap -------------------------------------------------------------------
+
 
 def test_what_killed_runs_left_is_cleaned_by_the_next_run(tmp_path):
     adapter = make_adapter(tmp_path / "adapter")
@@ -449,8 +517,12 @@ def test_what_killed_runs_left_is_cleaned_by_the_next_run(tmp_path):
         live_dir = tmp_path / f".pruned.{live.pid}-0000abcd.s3lora-tmp"  # a run still at work: left alone
         live_dir.mkdir()
         assert prune_cli(adapter, out).exit_code == 0
-        assert runner.invoke(app, ["score", str(adapter), "-o", str(tmp_path / "report.json"), "-q",
-                                   "--device", "cpu"]).exit_code == 0
+        assert (
+            runner.invoke(
+                app, ["score", str(adapter), "-o", str(tmp_path / "report.json"), "-q", "--device", "cpu"]
+            ).exit_code
+            == 0
+        )
         assert not stale_dir.exists() and not stale_file.exists() and live_dir.exists()
     finally:
         live.kill()
@@ -469,8 +541,9 @@ def test_a_swap_cut_short_gets_its_old_output_back(tmp_path, monkeypatch):
     assert result.exit_code == EXIT_USAGE and "exists" in result.stderr  # the old output is back, and kept
     assert tree(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "pruned"]
     monkeypatch.setattr(durable, "_renameat2", lambda *args: False)  # the fallback, completed this time
-    result = runner.invoke(app, ["prune", str(adapter), "--tau", "2", "-o", str(out), "--force", "-q",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app, ["prune", str(adapter), "--tau", "2", "-o", str(out), "--force", "-q", "--device", "cpu"]
+    )
     assert result.exit_code == EXIT_OK and tree(out) != old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "pruned"]
 
@@ -522,8 +595,11 @@ def big_adapter(path: Path, mib: int) -> Path:
     import torch
 
     a, b = random_factors(8, 8, 2, 0)
-    tensors = {f"model.layers.{i}.q_proj.lora_{ab}.weight": t for i in range(4)
-               for ab, t in (("A", (a if i % 2 else b.T) * (i + 1)), ("B", (b if i % 2 else a.T) * (i + 1)))}
+    tensors = {
+        f"model.layers.{i}.q_proj.lora_{ab}.weight": t
+        for i in range(4)
+        for ab, t in (("A", (a if i % 2 else b.T) * (i + 1)), ("B", (b if i % 2 else a.T) * (i + 1)))
+    }
     tensors["model.embed_tokens.weight"] = torch.arange(mib << 18, dtype=torch.float32)
     write_adapter(path, tensors, config_dict(r=2))
     for i in range(4):
@@ -551,6 +627,7 @@ def weights_written(directory: Path, at_least: int):
             if weights.exists() and weights.stat().st_size >= at_least:
                 return True
         return False
+
     return check
 
 
@@ -571,12 +648,32 @@ def test_prune_force_killed_at_several_points(tmp_path):
     size = (out / "adapter_model.safetensors").stat().st_size
     made = lambda: bool(owned(tmp_path))  # noqa: E731
     third, two_thirds = weights_written(tmp_path, size // 3), weights_written(tmp_path, 2 * size // 3)
-    for sig, point, reached in ((signal.SIGTERM, "temporary directory made", made),
-                                (signal.SIGTERM, "a third of the weights", third),
-                                (signal.SIGKILL, "two thirds of the weights", two_thirds)):
-        child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "prune", str(adapter), "--tau", "2", "-o",
-                                  str(out), "--force", "-q", "--device", "cpu"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for sig, point, reached in (
+        (signal.SIGTERM, "temporary directory made", made),
+        (signal.SIGTERM, "a third of the weights", third),
+        (signal.SIGKILL, "two thirds of the weights", two_thirds),
+    ):
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SLOW_CHILD,
+                "prune",
+                str(adapter),
+                "--tau",
+                "2",
+                "-o",
+                str(out),
+                "--force",
+                "-q",
+                "--device",
+                "cpu",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         assert wait_for(reached), point
         child.send_signal(sig)
         _, err = child.communicate(timeout=60)
@@ -596,9 +693,26 @@ def test_admit_killed_mid_copy_admits_nothing(tmp_path):
     adapter = big_adapter(tmp_path / "adapter", 8)
     store = tmp_path / "store"
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        child = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, "admit", str(adapter), "--store", str(store),
-                                  "--max-ssi", "0.999", "-q", "--device", "cpu"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SLOW_CHILD,
+                "admit",
+                str(adapter),
+                "--store",
+                str(store),
+                "--max-ssi",
+                "0.999",
+                "-q",
+                "--device",
+                "cpu",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         assert wait_for(lambda: store.is_dir() and bool(owned(store)))
         child.send_signal(sig)
         _, err = child.communicate(timeout=60)
@@ -619,14 +733,27 @@ def test_an_interruption_during_the_commit_waits_and_is_told_truly(tmp_path, mon
 
     monkeypatch.setattr(durable, "install_dir", install_then_interrupt)
     store = tmp_path / "store"
-    result = runner.invoke(app, ["admit", str(make_adapter(tmp_path / "a")), "--store", str(store),
-                                 "--max-ssi", "0.99", "-q", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "admit",
+            str(make_adapter(tmp_path / "a")),
+            "--store",
+            str(store),
+            "--max-ssi",
+            "0.99",
+            "-q",
+            "--device",
+            "cpu",
+        ],
+    )
     message = one_line_error(result, EXIT_SIGINT, "interrupted after", "admitted", "logged")
     assert "nothing was written" not in message
     assert len(discover(store)) == 1 and len(read_audit_log(store / AUDIT_LOG_NAME)) == 1
 
 
 # --- a quarantine shared by two stores ----------------------------------------------------------------------------
+
 
 def test_a_shared_quarantine_keeps_other_runs_copies(tmp_path):
     """Two stores with one --quarantine: an admit of one never removes the other's copy in progress (here a
@@ -636,22 +763,44 @@ def test_a_shared_quarantine_keeps_other_runs_copies(tmp_path):
     in_progress = durable.make_temp_dir(quarantine, "other-entry")
     (in_progress / "adapter_model.safetensors").write_bytes(b"being copied")
     sharp = [make_adapter(tmp_path / f"sharp{i}", i, sharp=True) for i in (1, 2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "s3lora_cli", "admit", str(adapter), "--store",
-                               str(tmp_path / f"store{i}"), "--quarantine", str(quarantine), "--max-ssi", "0.9", "-q",
-                               "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, adapter in enumerate(sharp)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "s3lora_cli",
+                "admit",
+                str(adapter),
+                "--store",
+                str(tmp_path / f"store{i}"),
+                "--quarantine",
+                str(quarantine),
+                "--max-ssi",
+                "0.9",
+                "-q",
+                "--device",
+                "cpu",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, adapter in enumerate(sharp)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [EXIT_GATE_FAILED, EXIT_GATE_FAILED], outs
     assert in_progress.is_dir() and (in_progress / "adapter_model.safetensors").read_bytes() == b"being copied"
     entries = sorted(p for p in quarantine.iterdir() if not p.name.startswith("."))
     assert [p.name.split("-")[0] for p in entries] == ["sharp1", "sharp2"]
     for entry, adapter in zip(entries, sharp, strict=True):
-        assert (entry / "adapter_model.safetensors").read_bytes() == \
-            (adapter / "adapter_model.safetensors").read_bytes()
+        assert (entry / "adapter_model.safetensors").read_bytes() == (
+            adapter / "adapter_model.safetensors"
+        ).read_bytes()
     durable.discard(in_progress)
 
 
 # --- a layer out of range -----------------------------------------------------------------------------------------
+
 
 def test_a_layer_beyond_float32_is_scored_in_float64_exactly(tmp_path):
     """A and B scaled by 1e19 (dW ~ 1e38, past float32): scored in float64 with the spec's own constants (nothing
@@ -663,9 +812,11 @@ def test_a_layer_beyond_float32_is_scored_in_float64_exactly(tmp_path):
     from s3lora_cli.scoring import FLOAT64_NOTE
 
     a, b = random_factors(16, 12, 4, 1)
-    tensors = {**layer_tensors("model.layers.0.q_proj", a * 1e19, b * 1e19),
-               **layer_tensors("model.layers.1.q_proj", *random_factors(16, 12, 4, 2)),
-               **layer_tensors("model.layers.2.q_proj", a.double() * 1e100, b.double() * 1e100)}
+    tensors = {
+        **layer_tensors("model.layers.0.q_proj", a * 1e19, b * 1e19),
+        **layer_tensors("model.layers.1.q_proj", *random_factors(16, 12, 4, 2)),
+        **layer_tensors("model.layers.2.q_proj", a.double() * 1e100, b.double() * 1e100),
+    }
     path = write_adapter(tmp_path / "adapter", {k: v for k, v in tensors.items() if "layers.2" not in k})
     report = {s.module: s for s in score_adapter(path).layers}
     big = report["model.layers.0.q_proj"]
@@ -677,8 +828,9 @@ def test_a_layer_beyond_float32_is_scored_in_float64_exactly(tmp_path):
     # stored as float64 beyond what float64 scores exactly: this layer's error, the others scored
     from safetensors.torch import save_file
 
-    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()},
-              str(path / "adapter_model.safetensors"))
+    save_file(
+        {f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, str(path / "adapter_model.safetensors")
+    )
     report = {s.module: s for s in score_adapter(path).layers}
     assert report["model.layers.2.q_proj"].ssi is None and "out of range" in report["model.layers.2.q_proj"].error
     assert report["model.layers.0.q_proj"].ssi == pytest.approx(big.ssi, rel=1e-12)
@@ -690,6 +842,7 @@ def test_a_layer_beyond_float32_is_scored_in_float64_exactly(tmp_path):
 
 
 # --- rank_pattern / alpha_pattern at scale ------------------------------------------------------------------------
+
 
 def test_many_pattern_keys_cost_no_regex_per_key(tmp_path, monkeypatch):
     """5,000 module-name keys: every module is matched through the trie, with no regular expression tried per
@@ -711,10 +864,15 @@ def test_many_pattern_keys_cost_no_regex_per_key(tmp_path, monkeypatch):
 
 
 @settings(max_examples=300, deadline=None)
-@given(keys=st.lists(st.one_of(st.text("ab._", max_size=5),
-                               st.sampled_from([r"a\.b", r"(a|b)_", r"\w+", r"a.*", r"b\.", r"[ab]\._?"])),
-                     max_size=6),
-       module=st.text("ab._\n", max_size=8))
+@given(
+    keys=st.lists(
+        st.one_of(
+            st.text("ab._", max_size=5), st.sampled_from([r"a\.b", r"(a|b)_", r"\w+", r"a.*", r"b\.", r"[ab]\._?"])
+        ),
+        max_size=6,
+    ),
+    module=st.text("ab._\n", max_size=8),
+)
 def test_the_matcher_is_peft_s_first_match(keys, module):
     """PatternMatcher (a trie for module-name keys, the regular expressions tried in order) against the literal
     PEFT loop over every key: the same key, for names with dots, wildcards and a newline."""
@@ -729,8 +887,12 @@ def test_the_matcher_is_peft_s_first_match(keys, module):
 def test_too_many_regular_expression_keys_are_refused(tmp_path):
     keys = {rf"layers\.{i}\..*q_proj": 4 for i in range(100)}
     path = make_adapter(tmp_path / "adapter", rank_pattern=keys)
-    one_line_error(runner.invoke(app, ["score", str(path), "-q", "--device", "cpu"]), EXIT_INPUT,
-                   "100 keys that are regular expressions", "at most 64")
+    one_line_error(
+        runner.invoke(app, ["score", str(path), "-q", "--device", "cpu"]),
+        EXIT_INPUT,
+        "100 keys that are regular expressions",
+        "at most 64",
+    )
 
 
 # --- memory: prune streams ----------------------------------------------------------------------------------------
@@ -754,12 +916,17 @@ def test_prune_streams_a_file_larger_than_the_memory_limit(tmp_path):
     from safetensors import safe_open
 
     a, b = random_factors(8, 8, 2, 0)
-    huge = 2 ** 29 // 4
+    huge = 2**29 // 4
     stem = "base_model.model.model.layers.0.self_attn.q_proj"
-    header = {f"{stem}.lora_A.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]},
-              f"{stem}.lora_B.weight": {"dtype": "F32", "shape": [8, 2], "data_offsets": [64, 128]},
-              "base_model.model.model.embed_tokens.weight": {"dtype": "F32", "shape": [huge],
-                                                            "data_offsets": [128, 128 + 4 * huge]}}
+    header = {
+        f"{stem}.lora_A.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]},
+        f"{stem}.lora_B.weight": {"dtype": "F32", "shape": [8, 2], "data_offsets": [64, 128]},
+        "base_model.model.model.embed_tokens.weight": {
+            "dtype": "F32",
+            "shape": [huge],
+            "data_offsets": [128, 128 + 4 * huge],
+        },
+    }
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     adapter = tmp_path / "adapter"
@@ -770,8 +937,12 @@ def test_prune_streams_a_file_larger_than_the_memory_limit(tmp_path):
         fh.seek(4 * huge - 4, 1)
         fh.write(b"\x01\x02\x03\x04")
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-c", PRUNE_STREAM, str(adapter), str(out), str(384 * 2 ** 20)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", PRUNE_STREAM, str(adapter), str(out), str(384 * 2**20)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert [p["module"] for p in json.loads(result.stdout)["pruned"]] == ["model.layers.0.self_attn.q_proj"]
 
@@ -789,8 +960,9 @@ def test_prune_streams_a_file_larger_than_the_memory_limit(tmp_path):
             return digest.hexdigest()
 
     name = "base_model.model.model.embed_tokens.weight"
-    assert tensor_digest(out / "adapter_model.safetensors", name) == \
-        tensor_digest(adapter / "adapter_model.safetensors", name)
+    assert tensor_digest(out / "adapter_model.safetensors", name) == tensor_digest(
+        adapter / "adapter_model.safetensors", name
+    )
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as fh:
         assert torch.equal(fh.get_tensor(f"{stem}.lora_A.weight"), a)
         assert not fh.get_tensor(f"{stem}.lora_B.weight").any()

@@ -47,20 +47,33 @@ def formats(tmp_path_factory) -> dict[str, tuple[Path, object]]:
         "peft": (peft, same),
         "peft-file": (peft / "adapter_model.safetensors", same),
         "kohya": (to_kohya(peft, root / "kohya" / "style.safetensors"), kohya_name),
-        "diffusers-alpha": (to_diffusers(peft, root / "diff-alpha" / "pytorch_lora_weights.safetensors").parent,
-                            lambda m: f"unet.{m}"),
-        "diffusers-old": (to_diffusers(peft, root / "diff-old" / "old.safetensors", layout="old"),
-                          lambda m: f"unet.{m}"),
-        "diffusers-metadata": (to_diffusers(peft, root / "diff-meta" / "lora.safetensors", scale_with="metadata",
-                                            component="transformer"), lambda m: f"transformer.{m}"),
+        "diffusers-alpha": (
+            to_diffusers(peft, root / "diff-alpha" / "pytorch_lora_weights.safetensors").parent,
+            lambda m: f"unet.{m}",
+        ),
+        "diffusers-old": (
+            to_diffusers(peft, root / "diff-old" / "old.safetensors", layout="old"),
+            lambda m: f"unet.{m}",
+        ),
+        "diffusers-metadata": (
+            to_diffusers(peft, root / "diff-meta" / "lora.safetensors", scale_with="metadata", component="transformer"),
+            lambda m: f"transformer.{m}",
+        ),
         "mlx": (to_mlx(peft, root / "mlx"), same),
         "hf-cache": (hf_cache(peft, root / "hub").parent.parent, same),
     }
 
 
-EXPECTED_FORMAT = {"peft": "peft-safetensors", "peft-file": "peft-safetensors", "kohya": "kohya",
-                   "diffusers-alpha": "diffusers", "diffusers-old": "diffusers", "diffusers-metadata": "diffusers",
-                   "mlx": "mlx", "hf-cache": "peft-safetensors"}
+EXPECTED_FORMAT = {
+    "peft": "peft-safetensors",
+    "peft-file": "peft-safetensors",
+    "kohya": "kohya",
+    "diffusers-alpha": "diffusers",
+    "diffusers-old": "diffusers",
+    "diffusers-metadata": "diffusers",
+    "mlx": "mlx",
+    "hf-cache": "peft-safetensors",
+}
 
 
 def test_the_same_update_scores_the_same_in_every_format(formats):
@@ -84,10 +97,17 @@ def test_each_format_is_detected_and_named(formats):
         with open_adapter(path) as adapter:
             assert adapter.format == EXPECTED_FORMAT[name], name
             assert {layer.scaling for layer in adapter.layers} == {2.0}, name  # lora_alpha 8 / r 4 everywhere
-    assert find_adapters(formats["peft"][0].parent) == sorted([
-        formats["peft"][0], formats["kohya"][0], formats["diffusers-alpha"][0], formats["diffusers-old"][0],
-        formats["diffusers-metadata"][0], formats["mlx"][0],
-        formats["hf-cache"][0] / "snapshots" / "0123456789abcdef0123456789abcdef01234567"])
+    assert find_adapters(formats["peft"][0].parent) == sorted(
+        [
+            formats["peft"][0],
+            formats["kohya"][0],
+            formats["diffusers-alpha"][0],
+            formats["diffusers-old"][0],
+            formats["diffusers-metadata"][0],
+            formats["mlx"][0],
+            formats["hf-cache"][0] / "snapshots" / "0123456789abcdef0123456789abcdef01234567",
+        ]
+    )
 
 
 def test_kohya_conv_alpha_and_lycoris(tmp_path):
@@ -118,19 +138,26 @@ def test_kohya_with_only_lycoris_modules_is_refused(tmp_path):
 def test_mlx_dora_embedding_and_config_errors(tmp_path):
     peft = small_peft(tmp_path / "peft")
     mlx = to_mlx(peft, tmp_path / "mlx")
-    save_file({**load_file(str(mlx / "adapters.safetensors")),
-               "model.layers.0.self_attn.q_proj.m": torch.ones(16),
-               "model.embed_tokens.lora_a": torch.randn(32, 4), "model.embed_tokens.lora_b": torch.randn(4, 16)},
-              str(mlx / "adapters.safetensors"))
+    save_file(
+        {
+            **load_file(str(mlx / "adapters.safetensors")),
+            "model.layers.0.self_attn.q_proj.m": torch.ones(16),
+            "model.embed_tokens.lora_a": torch.randn(32, 4),
+            "model.embed_tokens.lora_b": torch.randn(4, 16),
+        },
+        str(mlx / "adapters.safetensors"),
+    )
     with open_adapter(mlx) as adapter:
         layers = {layer.module: layer for layer in adapter.layers}
         assert any("DoRA" in n for n in layers["model.layers.0.self_attn.q_proj"].notes)
         emb = layers["model.embed_tokens"]
         assert (emb.kind, emb.shape) == (LayerKind.EMBEDDING, (32, 16))
     config = json.loads((mlx / "adapter_config.json").read_text())
-    for change, message in (({"fine_tune_type": "full"}, "fine_tune_type is 'full'"),
-                            ({"lora_parameters": {"rank": 4}}, "lora_parameters.scale must be a number"),
-                            ({"lora_parameters": {"rank": 8, "scale": 1.0}}, "lora_parameters.rank=8")):
+    for change, message in (
+        ({"fine_tune_type": "full"}, "fine_tune_type is 'full'"),
+        ({"lora_parameters": {"rank": 4}}, "lora_parameters.scale must be a number"),
+        ({"lora_parameters": {"rank": 8, "scale": 1.0}}, "lora_parameters.rank=8"),
+    ):
         (mlx / "adapter_config.json").write_text(json.dumps({**config, **change}))
         result = invoke("score", mlx)
         assert result.exit_code == 3 and message in result.output, result.output
@@ -249,8 +276,11 @@ def test_prune_kohya_writes_kohya(tmp_path):
     assert set(dropped) == set(before) - {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"}
     with open_adapter(tmp_path / "loras" / "drop.safetensors") as adapter:  # and s3lora reads it back
         assert adapter.format == "kohya" and len(adapter.layers) == 3
-    assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == ["drop.safetensors", "style.safetensors",
-                                                                       "zero.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == [
+        "drop.safetensors",
+        "style.safetensors",
+        "zero.safetensors",
+    ]
 
 
 def test_prune_mlx_writes_mlx_and_refuses_drop(tmp_path):
@@ -261,8 +291,11 @@ def test_prune_mlx_writes_mlx_and_refuses_drop(tmp_path):
     doc = _pruned_roundtrip(source, tmp_path / "out", "zero")
     module = doc["pruned"][0]["module"]
     assert doc["adapter"]["format"] == "mlx" and module == "model.layers.1.self_attn.v_proj"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapters.safetensors",
-                                                                     "s3lora-report.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "adapter_config.json",
+        "adapters.safetensors",
+        "s3lora-report.json",
+    ]
     assert (tmp_path / "out" / "adapter_config.json").read_bytes() == (source / "adapter_config.json").read_bytes()
     after, new_meta = header(tmp_path / "out" / "adapters.safetensors")
     assert after == before and new_meta["format"] == "mlx"
@@ -283,17 +316,25 @@ def diffusers_lora(tmp_path_factory):
     def tiny_unet():
         torch.manual_seed(0)
         return diffusers.UNet2DConditionModel(
-            block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
+            cross_attention_dim=8,
+            attention_head_dim=2,
+            norm_num_groups=4,
+        )
 
     unet = tiny_unet()
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     unet.add_adapter(config)
     path = tmp_path_factory.mktemp("diffusers") / "lora"
-    diffusers.StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                        unet_lora_adapter_metadata=config.to_dict())
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        path, unet_lora_layers=get_peft_model_state_dict(unet), unet_lora_adapter_metadata=config.to_dict()
+    )
     return path, tiny_unet
 
 
@@ -342,21 +383,26 @@ def test_check_and_dry_run_take_the_input_options(tmp_path):
 def test_diffusers_attention_processor_names_and_single_file_prune(tmp_path):
     gen = torch.Generator().manual_seed(3)
     stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
-    tensors = {f"{stem}.to_out_lora.down.weight": torch.randn(2, 8, generator=gen),
-               f"{stem}.to_out_lora.up.weight": torch.randn(8, 2, generator=gen),
-               f"{stem}.to_q_lora.down.weight": torch.randn(2, 8, generator=gen),
-               f"{stem}.to_q_lora.up.weight": torch.randn(8, 2, generator=gen),
-               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight":
-                   torch.randn(2, 8, generator=gen),
-               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight":
-                   torch.randn(8, 2, generator=gen)}
+    tensors = {
+        f"{stem}.to_out_lora.down.weight": torch.randn(2, 8, generator=gen),
+        f"{stem}.to_out_lora.up.weight": torch.randn(8, 2, generator=gen),
+        f"{stem}.to_q_lora.down.weight": torch.randn(2, 8, generator=gen),
+        f"{stem}.to_q_lora.up.weight": torch.randn(8, 2, generator=gen),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": torch.randn(
+            2, 8, generator=gen
+        ),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": torch.randn(
+            8, 2, generator=gen
+        ),
+    }
     source = tmp_path / "old.safetensors"
     save_file(tensors, str(source), metadata={"note": "kept"})
     with open_adapter(source) as adapter:
         assert [layer.module for layer in adapter.layers] == [
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
-            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        ]
     doc = _pruned_roundtrip(source, tmp_path / "pruned.safetensors", "zero")
     after, metadata = header(tmp_path / "pruned.safetensors")
     assert after == header(source)[0] and metadata["note"] == "kept" and "s3lora.pruned" in metadata

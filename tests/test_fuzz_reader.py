@@ -27,12 +27,39 @@ from s3lora_cli.errors import AdapterInputError
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 DTYPES = ["F32", "F16", "BF16", "F64", "I8", "U8", "BOOL", "I64", "C64", "F8_E4M3", "F128", "", "f32"]
-INTERESTING = [0, 1, 2, 3, 4, 7, 8, 16, -1, -8, 2 ** 31, 2 ** 32 - 1, 2 ** 63, 2 ** 64, 10 ** 30]
-CONFIG_KEYS = ["r", "lora_alpha", "peft_type", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
-               "target_modules", "modules_to_save", "fan_in_fan_out", "base_model_name_or_path",
-               "target_parameters", "exclude_modules", "layers_to_transform"]
-PATTERNS = ["q_proj", r"layers\.1\..*", "(a+)+$", "(q|k)_proj", "(", r"(\w)\1", ".*.*.*x", "v_proj", "x" * 300,
-            "(?i)q", "a)|(b", r"\d+", "[", "model.layers.0.self_attn.q_proj"]
+INTERESTING = [0, 1, 2, 3, 4, 7, 8, 16, -1, -8, 2**31, 2**32 - 1, 2**63, 2**64, 10**30]
+CONFIG_KEYS = [
+    "r",
+    "lora_alpha",
+    "peft_type",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "target_modules",
+    "modules_to_save",
+    "fan_in_fan_out",
+    "base_model_name_or_path",
+    "target_parameters",
+    "exclude_modules",
+    "layers_to_transform",
+]
+PATTERNS = [
+    "q_proj",
+    r"layers\.1\..*",
+    "(a+)+$",
+    "(q|k)_proj",
+    "(",
+    r"(\w)\1",
+    ".*.*.*x",
+    "v_proj",
+    "x" * 300,
+    "(?i)q",
+    "a)|(b",
+    r"\d+",
+    "[",
+    "model.layers.0.self_attn.q_proj",
+]
 
 
 class Draw:
@@ -86,18 +113,21 @@ class RandomDraw(Draw):
         if kind == 0:
             return self.rng.choice([None, True, False])
         if kind == 1:
-            return self.rng.choice(INTERESTING + [self.rng.randint(-(2 ** 70), 2 ** 70)])
+            return self.rng.choice(INTERESTING + [self.rng.randint(-(2**70), 2**70)])
         if kind == 2:
             return self.rng.choice([0.5, -1.5, 1e308, float("nan"), float("inf"), -0.0, self.rng.random()])
         if kind in (3, 4, 5):
             return "".join(self.rng.choice("ab.*+()[]\\01_ \u00e9\n") for _ in range(self.rng.randint(0, 8)))
         if kind == 6:
             return [self.json_value(depth + 1) for _ in range(self.rng.randint(0, 3))]
-        return {self.rng.choice(["r", "x", "", "a.b", "0"]): self.json_value(depth + 1)
-                for _ in range(self.rng.randint(0, 3))}
+        return {
+            self.rng.choice(["r", "x", "", "a.b", "0"]): self.json_value(depth + 1)
+            for _ in range(self.rng.randint(0, 3))
+        }
 
 
 # ---- seeds: valid adapters ------------------------------------------------------------------------------------
+
 
 def _seeds() -> list[tuple[bytes, bytes]]:
     """(weights, config) of a few valid adapters: plain f32, bf16 with patterns, an embedding and a DoRA layer."""
@@ -108,13 +138,25 @@ def _seeds() -> list[tuple[bytes, bytes]]:
             tensors.update(layer_tensors(f"model.layers.{block}.self_attn.q_proj", *random_factors(6, 5, 2, block)))
         variants = [
             (tensors, config_dict(r=2), torch.float32),
-            (tensors, config_dict(r=2, rank_pattern={r"layers\.1\..*": 2}, alpha_pattern={"q_proj": 4}),
-             torch.bfloat16),
-            ({"model.embed_tokens.lora_embedding_A": torch.randn(2, 7, generator=torch.Generator().manual_seed(3)),
-              "model.embed_tokens.lora_embedding_B": torch.randn(4, 2, generator=torch.Generator().manual_seed(4)),
-              **layer_tensors("model.layers.0.mlp.up_proj", *random_factors(3, 4, 2, 5)),
-              "model.layers.0.mlp.up_proj.lora_magnitude_vector.weight": torch.ones(3)},
-             config_dict(r=2, use_dora=True), torch.float16),
+            (
+                tensors,
+                config_dict(r=2, rank_pattern={r"layers\.1\..*": 2}, alpha_pattern={"q_proj": 4}),
+                torch.bfloat16,
+            ),
+            (
+                {
+                    "model.embed_tokens.lora_embedding_A": torch.randn(
+                        2, 7, generator=torch.Generator().manual_seed(3)
+                    ),
+                    "model.embed_tokens.lora_embedding_B": torch.randn(
+                        4, 2, generator=torch.Generator().manual_seed(4)
+                    ),
+                    **layer_tensors("model.layers.0.mlp.up_proj", *random_factors(3, 4, 2, 5)),
+                    "model.layers.0.mlp.up_proj.lora_magnitude_vector.weight": torch.ones(3),
+                },
+                config_dict(r=2, use_dora=True),
+                torch.float16,
+            ),
         ]
         for index, (ts, cfg, dtype) in enumerate(variants):
             path = write_adapter(Path(tmp) / str(index), ts, cfg, dtype=dtype)
@@ -127,22 +169,23 @@ SEEDS = _seeds()
 
 # ---- mutators -------------------------------------------------------------------------------------------------
 
+
 def _split(weights: bytes) -> tuple[dict, bytes] | None:
     if len(weights) < 8:
         return None
     length = struct.unpack("<Q", weights[:8])[0]
     try:
-        header = json.loads(weights[8:8 + length])
+        header = json.loads(weights[8 : 8 + length])
     except (ValueError, RecursionError):
         return None
-    return (header, weights[8 + length:]) if isinstance(header, dict) else None
+    return (header, weights[8 + length :]) if isinstance(header, dict) else None
 
 
 def _join(header: dict, data: bytes, draw: Draw) -> bytes:
     text = json.dumps(header).encode()
     length = len(text)
     if draw.integer(0, 9) == 0:
-        length = max(0, length + draw.choice([-3, -1, 1, 5, 2 ** 40, 2 ** 64 - 1 - length]))
+        length = max(0, length + draw.choice([-3, -1, 1, 5, 2**40, 2**64 - 1 - length]))
     return struct.pack("<Q", length) + text + data
 
 
@@ -157,8 +200,8 @@ def flip_bits(weights: bytes, config: bytes, draw: Draw) -> tuple[bytes, bytes]:
 
 def truncate(weights: bytes, config: bytes, draw: Draw) -> tuple[bytes, bytes]:
     if draw.integer(0, 4):
-        return weights[:draw.integer(0, max(0, len(weights) - 1))], config
-    return weights, config[:draw.integer(0, max(0, len(config) - 1))]
+        return weights[: draw.integer(0, max(0, len(weights) - 1))], config
+    return weights, config[: draw.integer(0, max(0, len(config) - 1))]
 
 
 def splice(weights: bytes, config: bytes, draw: Draw) -> tuple[bytes, bytes]:
@@ -184,7 +227,7 @@ def edit_header(weights: bytes, config: bytes, draw: Draw) -> tuple[bytes, bytes
     elif op == 2 and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2:
         offsets = list(entry["data_offsets"])
         which = draw.integer(0, 1)
-        delta = draw.choice([-4, -1, 1, 4, 2 ** 32, -(2 ** 20)])
+        delta = draw.choice([-4, -1, 1, 4, 2**32, -(2**20)])
         offsets[which] = offsets[which] + delta if isinstance(offsets[which], int) else delta
         entry["data_offsets"] = offsets
     elif op == 3:
@@ -193,15 +236,25 @@ def edit_header(weights: bytes, config: bytes, draw: Draw) -> tuple[bytes, bytes
         header.pop(name, None)
     elif op == 5:
         stem = draw.choice(["model.layers.0.self_attn.q_proj", "model.layers.9.k_proj", "model.embed_tokens", "x"])
-        role = draw.choice([".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_B.default.weight",
-                            ".weight", ".lora_magnitude_vector.weight", ".lora_B.bias"])
+        role = draw.choice(
+            [
+                ".lora_A.weight",
+                ".lora_B.weight",
+                ".lora_embedding_A",
+                ".lora_B.default.weight",
+                ".weight",
+                ".lora_magnitude_vector.weight",
+                ".lora_B.bias",
+            ]
+        )
         header[stem + role] = draw.choice([dict(entry), draw.json_value()])
     elif op == 6:
         header["__metadata__"] = draw.json_value()
     else:
         header = draw.json_value()
-        return _join(header, data, draw) if isinstance(header, dict) else \
-            (struct.pack("<Q", len(json.dumps(header))) + json.dumps(header).encode() + data), config
+        return _join(header, data, draw) if isinstance(header, dict) else (
+            struct.pack("<Q", len(json.dumps(header))) + json.dumps(header).encode() + data
+        ), config
     if entry and name in header:
         header[name] = entry
     return _join(header, data, draw), config
@@ -238,6 +291,7 @@ def mutate(draw: Draw) -> tuple[bytes, bytes]:
 
 # ---- the property ---------------------------------------------------------------------------------------------
 
+
 def run_reader(directory: Path, weights: bytes, config: bytes) -> str:
     """Write the adapter into ``directory`` and score it on the CPU: "scored" or "refused". Any other exception
     propagates. Every tensor read must be no larger than the file (no allocation from a size the file claims
@@ -263,8 +317,9 @@ def run_reader(directory: Path, weights: bytes, config: bytes) -> str:
     return "scored"
 
 
-@settings(max_examples=examples(300), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(data=st.data())
 def test_mutated_adapters_score_or_are_refused(data):
     weights, config = mutate(HypothesisDraw(data))

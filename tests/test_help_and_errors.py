@@ -19,16 +19,21 @@ runner = CliRunner()
 COMMANDS = ("score", "prune", "check", "scan", "admit")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["score", "--demo", "--tua", "3"], "error: No such option: --tua (Possible options: --tau, --top) (see "
-                                        "'s3lora score --help')"),
-    (["score", "--demo", "--format", "xml"], "error: Invalid value for '--format' / '-f':"),
-    (["score", "--demo", "--tau", "x"], "error: Invalid value for '--tau':"),
-    (["check"], "error: Missing argument 'ADAPTER'. (see 's3lora check --help')"),
-    (["frobnicate"], "error: No such command 'frobnicate'. (see 's3lora --help')"),
-    (["prune", "x", "--demo"], "error: No such option: --demo (Possible options: --dtype, --mode)"),
-    (["scan", "store", "--workers"], "error: Option '--workers' requires an argument. (see 's3lora scan --help')"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["score", "--demo", "--tua", "3"],
+            "error: No such option: --tua (Possible options: --tau, --top) (see 's3lora score --help')",
+        ),
+        (["score", "--demo", "--format", "xml"], "error: Invalid value for '--format' / '-f':"),
+        (["score", "--demo", "--tau", "x"], "error: Invalid value for '--tau':"),
+        (["check"], "error: Missing argument 'ADAPTER'. (see 's3lora check --help')"),
+        (["frobnicate"], "error: No such command 'frobnicate'. (see 's3lora --help')"),
+        (["prune", "x", "--demo"], "error: No such option: --demo (Possible options: --dtype, --mode)"),
+        (["scan", "store", "--workers"], "error: Option '--workers' requires an argument. (see 's3lora scan --help')"),
+    ],
+)
 def test_usage_errors_are_one_line_with_exit_2(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == EXIT_USAGE
@@ -63,14 +68,16 @@ def test_help_has_no_type_placeholder_for_flags_and_names_defaults(command):
 def test_help_and_the_cli_import_no_torch_numba_or_rich():
     """--help must answer at once: the command line, and --help of every command, load none of the heavy modules
     (PyTorch alone takes over a second to import); the commands import them when they run."""
-    code = ("import io, sys, contextlib, typer.main\n"
-            "from s3lora_cli.cli import app\n"
-            "cmd = typer.main.get_command(app)\n"
-            f"for name in {list(COMMANDS)!r} + [None]:\n"
-            "    with contextlib.redirect_stdout(io.StringIO()):\n"
-            "        cmd.main(([name] if name else []) + ['--help'], standalone_mode=False)\n"
-            "print(sorted(m for m in ('torch', 'numba', 'rich', 'numpy', 'safetensors', 'pydantic')"
-            " if m in sys.modules))\n")
+    code = (
+        "import io, sys, contextlib, typer.main\n"
+        "from s3lora_cli.cli import app\n"
+        "cmd = typer.main.get_command(app)\n"
+        f"for name in {list(COMMANDS)!r} + [None]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        cmd.main(([name] if name else []) + ['--help'], standalone_mode=False)\n"
+        "print(sorted(m for m in ('torch', 'numba', 'rich', 'numpy', 'safetensors', 'pydantic')"
+        " if m in sys.modules))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -83,7 +90,10 @@ def test_light_copies_equal_the_library():
     assert [m.value for m in ModeName] == [m.value for m in PruneMode]
     assert (DEFAULT_TAU, DEFAULT_COMPONENTS) == (selection.DEFAULT_TAU, spectral.DEFAULT_COMPONENTS)
     assert (DEFAULT_TOP, DEFAULT_NEIGHBOURS, DEFAULT_DUPLICATE_THRESHOLD) == (
-        store.DEFAULT_TOP, store.DEFAULT_NEIGHBOURS, store.DEFAULT_DUPLICATE_THRESHOLD)
+        store.DEFAULT_TOP,
+        store.DEFAULT_NEIGHBOURS,
+        store.DEFAULT_DUPLICATE_THRESHOLD,
+    )
     assert MethodName.SVD.method() is spectral.Method.SVD
 
 
@@ -96,8 +106,12 @@ def test_every_option_has_help():
 def test_errors_of_the_installed_command_are_one_line(tmp_path):
     """As a person or CI sees them: stderr a pipe, no progress bar, no blank line, no box, no traceback."""
     (tmp_path / "notes.txt").write_text("not an adapter")
-    for args, code in ((["score", str(tmp_path / "missing")], 3), (["score", "--demo", "--tua", "1"], 2),
-                       (["check", str(tmp_path)], 2), (["score", str(tmp_path / "notes.txt")], 3)):
+    for args, code in (
+        (["score", str(tmp_path / "missing")], 3),
+        (["score", "--demo", "--tua", "1"], 2),
+        (["check", str(tmp_path)], 2),
+        (["score", str(tmp_path / "notes.txt")], 3),
+    ):
         out = subprocess.run(["s3lora", *args], capture_output=True, text=True)
         assert out.returncode == code, (args, out.stderr)
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, (args, out.stderr)
@@ -153,8 +167,11 @@ def test_each_shared_option_is_defined_once():
     infos = [get_args(value)[1] for value in vars(options).values() if len(get_args(value)) == 2]
     shared = {info.default for info in infos if isinstance(info, OptionInfo)} | {options.FORMAT.default}
     assert {"--output", "--force", "--format", "--quiet", "--method", "--device", "--policy"} <= shared
-    allowed = {"prune.py": {"--output"}, "adapt.py": {"--force", "--device", "--threshold"},
-               "adapt_loop.py": {"--force", "--threshold"}}
+    allowed = {
+        "prune.py": {"--output"},
+        "adapt.py": {"--force", "--device", "--threshold"},
+        "adapt_loop.py": {"--force", "--threshold"},
+    }
     folder = Path(options.__file__).parent
     for path in folder.glob("*.py"):
         if path.name == "options.py":

@@ -32,6 +32,7 @@ CONFIG = "adapter_config.json"
 
 # ---- building blocks ------------------------------------------------------------------------------------------
 
+
 def safetensors_bytes(header: dict | bytes | str, data: bytes = b"", length: int | None = None) -> bytes:
     """A safetensors file: 8-byte little-endian header length (``length`` overrides it), header, data."""
     if isinstance(header, dict):
@@ -47,9 +48,11 @@ def entry(dtype: str, shape: list, begin: int, end: int) -> dict:
 
 def valid_header() -> tuple[dict, bytes]:
     """A header and data section for one q_proj layer: lora_A F32 [2, 4], lora_B F32 [4, 2] (32 bytes each)."""
-    header = {"__metadata__": {"format": "pt"},
-              f"{PREFIX}{STEM}.lora_A.weight": entry("F32", [2, 4], 0, 32),
-              f"{PREFIX}{STEM}.lora_B.weight": entry("F32", [4, 2], 32, 64)}
+    header = {
+        "__metadata__": {"format": "pt"},
+        f"{PREFIX}{STEM}.lora_A.weight": entry("F32", [2, 4], 0, 32),
+        f"{PREFIX}{STEM}.lora_B.weight": entry("F32", [4, 2], 32, 64),
+    }
     data = torch.arange(1, 17, dtype=torch.float32).numpy().tobytes()
     return header, data
 
@@ -68,10 +71,12 @@ def raw_adapter(path: Path, weights: bytes, config: dict | str | bytes | None = 
 
 def header_case(edit: Callable[[dict], object], data_edit: Callable[[bytes], bytes] = lambda d: d):
     """A builder that writes the valid one-layer adapter with its header edited in place by ``edit``."""
+
     def build(path: Path) -> Path:
         header, data = valid_header()
         edit(header)
         return raw_adapter(path, safetensors_bytes(header, data_edit(data)))
+
     return build
 
 
@@ -83,6 +88,7 @@ def config_case(config: dict | str | bytes):
     def build(path: Path) -> Path:
         header, data = valid_header()
         return raw_adapter(path, safetensors_bytes(header, data), config)
+
     return build
 
 
@@ -95,10 +101,11 @@ def _set(header: dict, key: str, field: str, value) -> None:
 
 
 A_KEY, B_KEY = f"{PREFIX}{STEM}.lora_A.weight", f"{PREFIX}{STEM}.lora_B.weight"
-DUPLICATE = (b'{"%s": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}, '
-             b'"%s": {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]}, '
-             b'"%s": {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]}}') % (
-    A_KEY.encode(), B_KEY.encode(), B_KEY.encode())
+DUPLICATE = (
+    b'{"%s": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]}, '
+    b'"%s": {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]}, '
+    b'"%s": {"dtype": "F32", "shape": [4, 2], "data_offsets": [32, 64]}}'
+) % (A_KEY.encode(), B_KEY.encode(), B_KEY.encode())
 A, B = random_factors(8, 8, 2, 0)
 
 
@@ -118,16 +125,22 @@ CASES = [
     ("empty file", bytes_case(b""), "too short"),
     ("seven bytes", bytes_case(b"\x01" * 7), "too short"),
     ("header length past the end", bytes_case(safetensors_bytes(b"{}", length=1000)), "header length 1000"),
-    ("header length absurd", bytes_case(safetensors_bytes(b"{}", length=2 ** 63)), "limit"),
+    ("header length absurd", bytes_case(safetensors_bytes(b"{}", length=2**63)), "limit"),
     ("header not JSON", bytes_case(safetensors_bytes(b"{bad json")), "not JSON"),
     ("header not UTF-8", bytes_case(safetensors_bytes(b'{"\xff\xfe": 1}')), "UTF-8"),
     ("header a JSON array", bytes_case(safetensors_bytes(b"[1, 2]")), "expected a JSON object"),
     ("header nested too deeply", bytes_case(safetensors_bytes(b"[" * 100_000 + b"]" * 100_000)), "nested"),
     ("header NaN", bytes_case(safetensors_bytes(b'{"x": NaN}')), "NaN"),
-    ("header integer of 10^5 digits", bytes_case(safetensors_bytes(b'{"x": {"shape": [' + b"9" * 100_000 + b"]}}")),
-     "not JSON"),
-    ("header duplicate tensor key", lambda p: raw_adapter(p, safetensors_bytes(DUPLICATE, valid_header()[1])),
-     "appears twice"),
+    (
+        "header integer of 10^5 digits",
+        bytes_case(safetensors_bytes(b'{"x": {"shape": [' + b"9" * 100_000 + b"]}}")),
+        "not JSON",
+    ),
+    (
+        "header duplicate tensor key",
+        lambda p: raw_adapter(p, safetensors_bytes(DUPLICATE, valid_header()[1])),
+        "appears twice",
+    ),
     ("tensor entry not an object", header_case(lambda h: h.__setitem__(A_KEY, [1, 2])), "not an object"),
     ("tensor entry without data_offsets", header_case(lambda h: h[A_KEY].pop("data_offsets")), "no data_offsets"),
     ("unknown dtype", header_case(lambda h: _set(h, "lora_A", "dtype", "F128")), "unknown dtype 'F128'"),
@@ -138,21 +151,38 @@ CASES = [
     ("offsets reversed", header_case(lambda h: _set(h, "lora_A", "data_offsets", [32, 0])), "0 <= begin <= end"),
     ("offsets of three", header_case(lambda h: _set(h, "lora_A", "data_offsets", [0, 16, 32])), "[begin, end]"),
     ("offsets not dtype x shape", header_case(lambda h: _set(h, "lora_A", "dtype", "F16")), "takes 16 bytes"),
-    ("shape not dtype x shape", header_case(lambda h: _set(h, "lora_A", "shape", [2 ** 40, 2 ** 40])),
-     "takes 4835703278458516698824704 bytes"),
-    ("offsets overlapping", header_case(lambda h: (_set(h, "lora_A", "data_offsets", [0, 32]),
-                                                   _set(h, "lora_B", "data_offsets", [16, 48]))), "overlaps"),
-    ("offsets out of range", header_case(lambda h: _set(h, "lora_B", "data_offsets", [1 << 40, (1 << 40) + 32])),
-     "truncated"),
-    ("offsets leaving a gap", header_case(lambda h: _set(h, "lora_B", "data_offsets", [40, 72]),
-                                          lambda d: d + b"\0" * 8), "belong to no tensor"),
+    (
+        "shape not dtype x shape",
+        header_case(lambda h: _set(h, "lora_A", "shape", [2**40, 2**40])),
+        "takes 4835703278458516698824704 bytes",
+    ),
+    (
+        "offsets overlapping",
+        header_case(
+            lambda h: (_set(h, "lora_A", "data_offsets", [0, 32]), _set(h, "lora_B", "data_offsets", [16, 48]))
+        ),
+        "overlaps",
+    ),
+    (
+        "offsets out of range",
+        header_case(lambda h: _set(h, "lora_B", "data_offsets", [1 << 40, (1 << 40) + 32])),
+        "truncated",
+    ),
+    (
+        "offsets leaving a gap",
+        header_case(lambda h: _set(h, "lora_B", "data_offsets", [40, 72]), lambda d: d + b"\0" * 8),
+        "belong to no tensor",
+    ),
     ("trailing bytes", header_case(lambda h: None, lambda d: d + b"\0" * 5), "5 bytes after the last tensor"),
     ("data section truncated", header_case(lambda h: None, lambda d: d[:-9]), "truncated"),
     ("metadata not strings", header_case(lambda h: h.__setitem__("__metadata__", {"format": 1})), "__metadata__"),
     ("metadata a list", header_case(lambda h: h.__setitem__("__metadata__", ["pt"])), "__metadata__"),
     # the tensors
-    ("zero-size lora factors", tensors_case(layer_tensors(STEM, torch.zeros(0, 8), torch.zeros(8, 0))),
-     f"'{STEM}': empty"),
+    (
+        "zero-size lora factors",
+        tensors_case(layer_tensors(STEM, torch.zeros(0, 8), torch.zeros(8, 0))),
+        f"'{STEM}': empty",
+    ),
     ("zero-size input dimension", tensors_case(layer_tensors(STEM, torch.zeros(2, 0), B), r=2), f"'{STEM}': empty"),
     ("ranks that do not pair", tensors_case(layer_tensors(STEM, A, torch.zeros(8, 3)), r=2), "inner ranks disagree"),
     ("lora_A without lora_B", tensors_case({f"{STEM}.lora_A.weight": A}, r=2), "has lora_A but no lora_B"),
@@ -184,19 +214,28 @@ CASES = [
     ("target_modules a number", config_case(_config_text(target_modules=5)), "'target_modules' must be a string"),
     ("rank_pattern a list", config_case(_config_text(rank_pattern=["q_proj"])), "'rank_pattern' must be an object"),
     ("rank_pattern exponential", config_case(_config_text(rank_pattern={"(a+)+$": 2})), "repeats a group"),
-    ("rank_pattern alternation repeated", config_case(_config_text(rank_pattern={"(q|q_)*proj": 2})),
-     "repeats a group"),
+    (
+        "rank_pattern alternation repeated",
+        config_case(_config_text(rank_pattern={"(q|q_)*proj": 2})),
+        "repeats a group",
+    ),
     ("rank_pattern backreference", config_case(_config_text(rank_pattern={r"(q)\1": 2})), "backreference"),
     ("rank_pattern many repetitions", config_case(_config_text(rank_pattern={".*a.*b.*c": 2})), "3 repetitions"),
     ("rank_pattern too long", config_case(_config_text(rank_pattern={"q" * 300: 2})), "longer than 256"),
     ("rank_pattern invalid", config_case(_config_text(rank_pattern={"(": 2})), "invalid regular expression"),
-    ("rank_pattern invalid in PEFT's wrapper", config_case(_config_text(rank_pattern={"(?i)q": 2})),
-     "invalid regular expression"),
+    (
+        "rank_pattern invalid in PEFT's wrapper",
+        config_case(_config_text(rank_pattern={"(?i)q": 2})),
+        "invalid regular expression",
+    ),
     ("rank_pattern value a string", config_case(_config_text(rank_pattern={"q_proj": "2"})), "must be an integer"),
     ("rank_pattern value zero", config_case(_config_text(rank_pattern={"q_proj": 0})), "ranks must be positive"),
     ("alpha_pattern value a boolean", config_case(_config_text(alpha_pattern={"q_proj": True})), "must be a number"),
-    ("module name too long for patterns", lambda p: write_adapter(
-        p, layer_tensors("m" * 600, A, B), config_dict(r=2, rank_pattern={"q_proj": 2})), "too long to match"),
+    (
+        "module name too long for patterns",
+        lambda p: write_adapter(p, layer_tensors("m" * 600, A, B), config_dict(r=2, rank_pattern={"q_proj": 2})),
+        "too long to match",
+    ),
 ]
 
 
@@ -227,8 +266,17 @@ def test_library_raises_adapter_input_error(hostile):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["header length absurd", "offsets overlapping", "data section truncated",
-                                  "zero-size lora factors", "rank_pattern exponential", "config duplicate key"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "header length absurd",
+        "offsets overlapping",
+        "data section truncated",
+        "zero-size lora factors",
+        "rank_pattern exponential",
+        "config duplicate key",
+    ],
+)
 def test_prune_refuses_and_writes_nothing(tmp_path, name):
     _, build, fragment = next(case for case in CASES if case[0] == name)
     path = build(tmp_path / "adapter")
@@ -240,6 +288,7 @@ def test_prune_refuses_and_writes_nothing(tmp_path, name):
 
 
 # ---- files that are not what they claim -----------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_fifo_is_refused_without_blocking(tmp_path):
@@ -279,8 +328,10 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     path.mkdir()
     marker = tmp_path / "marker"
     a, b = random_factors(8, 8, 2, 0)
-    torch.save({f"{PREFIX}{STEM}.lora_A.weight": a, f"{PREFIX}{STEM}.lora_B.weight": b, "x": _Marker(str(marker))},
-               path / "adapter_model.bin")
+    torch.save(
+        {f"{PREFIX}{STEM}.lora_A.weight": a, f"{PREFIX}{STEM}.lora_B.weight": b, "x": _Marker(str(marker))},
+        path / "adapter_model.bin",
+    )
     (path / CONFIG).write_text(json.dumps(config_dict(r=2)))
     expect_input_error(runner.invoke(app, ["score", str(path), "-q"]), "weights_only=True")
     assert not marker.exists()
@@ -289,13 +340,16 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("state,fragment", [
-    ([1, 2], "mapping of names to tensors"),
-    ({"a": 1}, "mapping of names to tensors"),
-    ({1: torch.zeros(2)}, "names (strings)"),
-    ({"a": torch.zeros(2, 2).to_sparse()}, "not a plain dense real-valued tensor"),
-    ({"a": torch.zeros(2, dtype=torch.complex64)}, "not a plain dense real-valued tensor"),
-])
+@pytest.mark.parametrize(
+    "state,fragment",
+    [
+        ([1, 2], "mapping of names to tensors"),
+        ({"a": 1}, "mapping of names to tensors"),
+        ({1: torch.zeros(2)}, "names (strings)"),
+        ({"a": torch.zeros(2, 2).to_sparse()}, "not a plain dense real-valued tensor"),
+        ({"a": torch.zeros(2, dtype=torch.complex64)}, "not a plain dense real-valued tensor"),
+    ],
+)
 def test_bin_that_is_not_a_state_dict(tmp_path, state, fragment):
     path = tmp_path / "adapter"
     path.mkdir()
@@ -330,6 +384,7 @@ def test_other_formats_share_the_hardened_source(tmp_path):
 
 # ---- non-finite values: scored as "not scored", and check fails on them --------------------------------------
 
+
 @pytest.fixture
 def non_finite(tmp_path) -> Path:
     a, b = random_factors(8, 8, 2, 0)
@@ -358,6 +413,7 @@ def test_check_fails_on_non_finite(non_finite):
 
 
 # ---- memory: one layer at a time, never the whole file ---------------------------------------------------------
+
 
 def test_scoring_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     """Every tensor read for a layer is released before the next layer's tensors are read."""
@@ -404,15 +460,18 @@ def test_file_larger_than_the_memory_limit(tmp_path):
     limit is set above what the interpreter holds then, which differs by build: torch's CUDA build maps far more
     than its CPU build): nothing reads, maps or allocates by the file's size; sha256 streams it."""
     a, b = random_factors(8, 8, 2, 0)
-    huge = 2 ** 29 // 4
-    header = {f"{PREFIX}{STEM}.lora_A.weight": entry("F32", [2, 8], 0, 64),
-              f"{PREFIX}{STEM}.lora_B.weight": entry("F32", [8, 2], 64, 128),
-              f"{PREFIX}model.embed_tokens.weight": entry("F32", [huge], 128, 128 + 4 * huge)}
+    huge = 2**29 // 4
+    header = {
+        f"{PREFIX}{STEM}.lora_A.weight": entry("F32", [2, 8], 0, 64),
+        f"{PREFIX}{STEM}.lora_B.weight": entry("F32", [8, 2], 64, 128),
+        f"{PREFIX}model.embed_tokens.weight": entry("F32", [huge], 128, 128 + 4 * huge),
+    }
     path = raw_adapter(tmp_path / "adapter", safetensors_bytes(header, a.numpy().tobytes() + b.numpy().tobytes()))
     with open(path / WEIGHTS, "r+b") as fh:
         fh.truncate(fh.seek(0, 2) + 4 * huge)
-    result = subprocess.run([sys.executable, "-c", STREAM, str(path), str(256 * 2 ** 20)], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", STREAM, str(path), str(256 * 2**20)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert [layer["module"] for layer in report["layers"]] == [STEM]
@@ -425,18 +484,33 @@ def test_the_memory_limit_test_can_fail(tmp_path):
     the 512 MiB file into memory under the same limit fails."""
     path = tmp_path / "big"
     with open(path, "wb") as fh:
-        fh.truncate(2 ** 29)
-    reader = STREAM.replace('app(["score", sys.argv[1], "-q", "--device", "cpu", "--format", "json"])',
-                            "open(sys.argv[1], 'rb').read()")
-    result = subprocess.run([sys.executable, "-c", reader, str(path), str(256 * 2 ** 20)], capture_output=True,
-                            text=True, timeout=120)
+        fh.truncate(2**29)
+    reader = STREAM.replace(
+        'app(["score", sys.argv[1], "-q", "--device", "cpu", "--format", "json"])', "open(sys.argv[1], 'rb').read()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", reader, str(path), str(256 * 2**20)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "MemoryError" in result.stderr
 
 
 # ---- the pattern rule itself ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pattern", ["q_proj", r"layers\.1\..*", r"(q|k)_proj", r"\w+_proj", r"^model\..*",
-                                     r"layers\.\d+\.mlp\.up_proj", "model.layers.0.self_attn.q_proj",
-                                     r"^(?!.*vision).*q_proj", r"mlp\.(up|down)_proj", r"\d{1,3}"])
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "q_proj",
+        r"layers\.1\..*",
+        r"(q|k)_proj",
+        r"\w+_proj",
+        r"^model\..*",
+        r"layers\.\d+\.mlp\.up_proj",
+        "model.layers.0.self_attn.q_proj",
+        r"^(?!.*vision).*q_proj",
+        r"mlp\.(up|down)_proj",
+        r"\d{1,3}",
+    ],
+)
 def test_usual_patterns_are_accepted(pattern):
     assert check_pattern(pattern) is None

@@ -62,8 +62,10 @@ def test_other_formats_symlinked_outside_are_refused(tmp_path, outside):
     mlx = to_mlx(small_peft(tmp_path / "p2"), tmp_path / "mlx")
     _link(mlx / "adapters.safetensors", to_mlx(outside, tmp_path / "mlx-elsewhere") / "adapters.safetensors")
     diffusers = to_diffusers(outside, tmp_path / "diff" / "pytorch_lora_weights.safetensors").parent
-    _link(diffusers / "pytorch_lora_weights.safetensors",
-          to_diffusers(outside, tmp_path / "diff-elsewhere" / "pytorch_lora_weights.safetensors"))
+    _link(
+        diffusers / "pytorch_lora_weights.safetensors",
+        to_diffusers(outside, tmp_path / "diff-elsewhere" / "pytorch_lora_weights.safetensors"),
+    )
     for path in (link, mlx, diffusers):
         result = invoke("score", path)
         assert result.exit_code == 3 and "symlink leading outside" in result.output, (path, result.output)
@@ -74,8 +76,10 @@ def test_hf_cache_links_only_into_the_same_repository_blobs(tmp_path, outside):
     assert invoke("score", snapshot, "-q").exit_code == 0
     other = hf_cache(outside, tmp_path / "hub", repo="models--org--other")
     blob = os.readlink(other / "adapter_model.safetensors")
-    _link(snapshot / "adapter_model.safetensors", Path("..", "..", "..", "models--org--other", "snapshots",
-                                                       other.name, blob))
+    _link(
+        snapshot / "adapter_model.safetensors",
+        Path("..", "..", "..", "models--org--other", "snapshots", other.name, blob),
+    )
     result = invoke("score", snapshot)
     assert result.exit_code == 3 and "symlink leading outside" in result.output
 

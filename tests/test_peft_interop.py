@@ -58,55 +58,107 @@ class Case:
 
 CASES = {
     "llama": Case(lambda: tiny_llama(layers=2), lambda: LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_ALL)),
-    "gpt2-conv1d": Case(tiny_gpt2, lambda: LoraConfig(r=2, lora_alpha=4, fan_in_fan_out=True,
-                                                      target_modules=["c_attn", "c_proj", "c_fc"])),
+    "gpt2-conv1d": Case(
+        tiny_gpt2,
+        lambda: LoraConfig(r=2, lora_alpha=4, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),
+    ),
     "t5": Case(tiny_t5, lambda: LoraConfig(r=2, lora_alpha=3, target_modules=["q", "v"])),
     "bert": Case(tiny_bert, lambda: LoraConfig(r=3, lora_alpha=6, target_modules=["query", "value"])),
     "embedding": Case(tiny_llama, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])),
-    "conv": Case(tiny_conv_net, lambda: LoraConfig(r=2, lora_alpha=5,
-                                                   target_modules=["conv", "pointwise", "grouped", "conv1d", "head"])),
-    "lora-bias": Case(tiny_bert, lambda: LoraConfig(r=2, lora_alpha=4, lora_bias=True,
-                                                    target_modules=["query", "value", "dense"])),
-    "lora-bias-conv": Case(tiny_conv_net, lambda: LoraConfig(r=2, lora_alpha=4, lora_bias=True,
-                                                             target_modules=["conv", "conv1d"])),
-    "dora": Case(tiny_llama, lambda: LoraConfig(r=2, lora_alpha=4, use_dora=True,
-                                                target_modules=["q_proj", "v_proj", "embed_tokens"])),
-    "dora-conv": Case(tiny_conv_net, lambda: LoraConfig(r=2, lora_alpha=4, use_dora=True,
-                                                        target_modules=["conv", "conv1d"])),
-    "modules-to-save": Case(tiny_bert, lambda: LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
-                                                          target_modules=["query", "value"])),
-    "save-embedding-layers": Case(tiny_llama, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
-                                  save_kwargs={"save_embedding_layers": True}),
-    "trainable-tokens": Case(tiny_llama, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                                                            trainable_token_indices=[1, 3])),
+    "conv": Case(
+        tiny_conv_net,
+        lambda: LoraConfig(r=2, lora_alpha=5, target_modules=["conv", "pointwise", "grouped", "conv1d", "head"]),
+    ),
+    "lora-bias": Case(
+        tiny_bert, lambda: LoraConfig(r=2, lora_alpha=4, lora_bias=True, target_modules=["query", "value", "dense"])
+    ),
+    "lora-bias-conv": Case(
+        tiny_conv_net, lambda: LoraConfig(r=2, lora_alpha=4, lora_bias=True, target_modules=["conv", "conv1d"])
+    ),
+    "dora": Case(
+        tiny_llama,
+        lambda: LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    ),
+    "dora-conv": Case(
+        tiny_conv_net, lambda: LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["conv", "conv1d"])
+    ),
+    "modules-to-save": Case(
+        tiny_bert, lambda: LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query", "value"])
+    ),
+    "save-embedding-layers": Case(
+        tiny_llama,
+        lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
+        save_kwargs={"save_embedding_layers": True},
+    ),
+    "trainable-tokens": Case(
+        tiny_llama, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices=[1, 3])
+    ),
     "rslora": Case(tiny_llama, lambda: LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=LLAMA_ALL)),
-    "patterns": Case(lambda: tiny_llama(layers=2), lambda: LoraConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_ALL,
-        # first match wins, as in PEFT: layer 0's q_proj gets 3, layer 1's gets 2
-        rank_pattern={"layers.0.self_attn.q_proj": 3, "q_proj": 2, r"mlp\.(up|down)_proj": 1,
-                      "model.layers.1.mlp.gate_proj": 5},
-        alpha_pattern={"v_proj": 2, "layers.1.self_attn.k_proj": 7.5, r"layers\.0\.mlp\.\w+_proj": 16})),
-    "patterns-rslora": Case(lambda: tiny_llama(layers=2), lambda: LoraConfig(
-        r=4, lora_alpha=8, use_rslora=True, target_modules=LLAMA_ALL,
-        rank_pattern={"k_proj": 2, "layers.1.mlp.down_proj": 3}, alpha_pattern={"o_proj": 3})),
+    "patterns": Case(
+        lambda: tiny_llama(layers=2),
+        lambda: LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_ALL,
+            # first match wins, as in PEFT: layer 0's q_proj gets 3, layer 1's gets 2
+            rank_pattern={
+                "layers.0.self_attn.q_proj": 3,
+                "q_proj": 2,
+                r"mlp\.(up|down)_proj": 1,
+                "model.layers.1.mlp.gate_proj": 5,
+            },
+            alpha_pattern={"v_proj": 2, "layers.1.self_attn.k_proj": 7.5, r"layers\.0\.mlp\.\w+_proj": 16},
+        ),
+    ),
+    "patterns-rslora": Case(
+        lambda: tiny_llama(layers=2),
+        lambda: LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=LLAMA_ALL,
+            rank_pattern={"k_proj": 2, "layers.1.mlp.down_proj": 3},
+            alpha_pattern={"o_proj": 3},
+        ),
+    ),
     "other-name": Case(tiny_t5, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"]), adapter_name="other"),
-    "raw-state-dict": Case(tiny_llama, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens",
-                                                                                            "down_proj"]),
-                           adapter_name="other", save="raw"),
-    "raw-dora-seq-cls": Case(tiny_bert, lambda: LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, use_dora=True,
-                                                           target_modules=["query", "value"]),
-                             adapter_name="other", save="raw"),
-    "moe-target-parameters": Case(tiny_mixtral, lambda: LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"])),
-    "bin": Case(tiny_gpt2, lambda: LoraConfig(r=2, lora_alpha=4, fan_in_fan_out=True, target_modules=["c_attn"]),
-                save="bin"),
-    "fp16": Case(tiny_llama, lambda: LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_ALL + ["embed_tokens"]),
-                 dtype=torch.float16),
-    "bf16": Case(tiny_gpt2, lambda: LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True,
-                                               target_modules=["c_attn", "c_proj", "c_fc"]), dtype=torch.bfloat16),
-    "bf16-conv": Case(tiny_conv_net, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "conv1d"]),
-                      dtype=torch.bfloat16),
+    "raw-state-dict": Case(
+        tiny_llama,
+        lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "embed_tokens", "down_proj"]),
+        adapter_name="other",
+        save="raw",
+    ),
+    "raw-dora-seq-cls": Case(
+        tiny_bert,
+        lambda: LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, use_dora=True, target_modules=["query", "value"]),
+        adapter_name="other",
+        save="raw",
+    ),
+    "moe-target-parameters": Case(
+        tiny_mixtral,
+        lambda: LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["q_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
+        ),
+    ),
+    "bin": Case(
+        tiny_gpt2, lambda: LoraConfig(r=2, lora_alpha=4, fan_in_fan_out=True, target_modules=["c_attn"]), save="bin"
+    ),
+    "fp16": Case(
+        tiny_llama,
+        lambda: LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_ALL + ["embed_tokens"]),
+        dtype=torch.float16,
+    ),
+    "bf16": Case(
+        tiny_gpt2,
+        lambda: LoraConfig(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),
+        dtype=torch.bfloat16,
+    ),
+    "bf16-conv": Case(
+        tiny_conv_net, lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["conv", "conv1d"]), dtype=torch.bfloat16
+    ),
 }
 
 
@@ -218,8 +270,11 @@ def test_lora_bias_is_noted_not_scored(saved):
 
 
 def test_dora_is_scored_with_a_note(saved):
-    for name, module in (("dora", "model.layers.0.self_attn.q_proj"), ("dora", "model.embed_tokens"),
-                         ("dora-conv", "conv1d")):
+    for name, module in (
+        ("dora", "model.layers.0.self_attn.q_proj"),
+        ("dora", "model.embed_tokens"),
+        ("dora-conv", "conv1d"),
+    ):
         layer, _ = _layer(name, saved, module)
         assert layer.keys["magnitude"].endswith(f"{module}.lora_magnitude_vector")
         assert any("DoRA" in note and "low-rank" in note for note in layer.notes), layer.notes
@@ -237,7 +292,8 @@ def test_modules_to_save_and_shipped_weights_are_skipped_with_reasons(saved):
 
     _, skipped = _layer("embedding", saved, "model.embed_tokens")
     assert [(s.key, s.module) for s in skipped] == [
-        ("base_model.model.model.embed_tokens.base_layer.weight", "model.embed_tokens")]
+        ("base_model.model.model.embed_tokens.base_layer.weight", "model.embed_tokens")
+    ]
     assert "base weights" in skipped[0].reason
 
     _, skipped = _layer("trainable-tokens", saved, "model.layers.0.self_attn.q_proj")
@@ -269,11 +325,14 @@ def test_adapter_name_kept_in_raw_state_dict(saved):
     s = saved("raw-state-dict")
     assert any(".lora_A.other.weight" in key for key in s.keys)
     with open_adapter(s.path) as adapter:
-        assert all(layer.keys["A"].split(".")[-2:] in (["other", "weight"], ["lora_embedding_A", "other"])
-                   for layer in adapter.layers)
+        assert all(
+            layer.keys["A"].split(".")[-2:] in (["other", "weight"], ["lora_embedding_A", "other"])
+            for layer in adapter.layers
+        )
         assert all(any("adapter name in keys: other" in note for note in layer.notes) for layer in adapter.layers)
         assert {s.reason for s in adapter.skipped if ".base_layer." in s.key} == {
-            "full base weights shipped with the adapter (e.g. resized embeddings), not a LoRA update"}
+            "full base weights shipped with the adapter (e.g. resized embeddings), not a LoRA update"
+        }
 
 
 def test_raw_state_dict_wrappers_name_their_module(saved):
@@ -313,14 +372,26 @@ def test_score_adapter_end_to_end(saved, name):
 _SEGMENT = st.sampled_from(["model", "layers", "0", "1", "12", "self_attn", "q_proj", "k_proj", "mlp", "up_proj"])
 _PATTERN = st.one_of(
     st.lists(_SEGMENT, min_size=1, max_size=3).map(".".join),
-    st.sampled_from([r"layers\.1\..*", r"(q|k)_proj", r"\w+_proj", "layers.1.self_attn.q_proj", r"^model\..*",
-                     "proj", "_proj", r"self_attn\.q_proj", r"layers\.\d+\.mlp\.up_proj"]),
+    st.sampled_from(
+        [
+            r"layers\.1\..*",
+            r"(q|k)_proj",
+            r"\w+_proj",
+            "layers.1.self_attn.q_proj",
+            r"^model\..*",
+            "proj",
+            "_proj",
+            r"self_attn\.q_proj",
+            r"layers\.\d+\.mlp\.up_proj",
+        ]
+    ),
 )
 
 
 @settings(max_examples=examples(300), deadline=None)
-@given(keys=st.lists(_PATTERN, max_size=4, unique=True),
-       module=st.lists(_SEGMENT, min_size=1, max_size=5).map(".".join))
+@given(
+    keys=st.lists(_PATTERN, max_size=4, unique=True), module=st.lists(_SEGMENT, min_size=1, max_size=5).map(".".join)
+)
 def test_pattern_key_matches_peft(keys, module):
     """rank_pattern / alpha_pattern keys pick the same module as PEFT's own get_pattern_key (which returns the
     module name itself when nothing matches)."""
@@ -332,8 +403,9 @@ def test_pattern_key_matches_peft(keys, module):
 
 @pytest.fixture
 def llama_adapter(tmp_path) -> Path:
-    return save_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                     tmp_path / "adapter")
+    return save_lora(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path / "adapter"
+    )
 
 
 def _edit_config(path: Path, **changes) -> None:

@@ -33,11 +33,14 @@ TWO, ONE = {"NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}, {"NUMBA_NUM_THREA
 SETTINGS = {
     "this CPU, 2 threads": ("compiled", TWO),
     "this CPU, 1 thread": ("compiled", ONE),
-    "AVX2 code paths, 2 threads": ("compiled", {**TWO, "NUMBA_CPU_NAME": "haswell", "ATEN_CPU_CAPABILITY": "avx2",
-                                                "MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
-    "baseline x86-64 code paths, 1 thread": ("compiled", {**ONE, "NUMBA_CPU_NAME": "generic",
-                                                          "ATEN_CPU_CAPABILITY": "default",
-                                                          "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}),
+    "AVX2 code paths, 2 threads": (
+        "compiled",
+        {**TWO, "NUMBA_CPU_NAME": "haswell", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    ),
+    "baseline x86-64 code paths, 1 thread": (
+        "compiled",
+        {**ONE, "NUMBA_CPU_NAME": "generic", "ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    ),
     "uncompiled, 1 thread": ("uncompiled", ONE),
 }
 
@@ -57,15 +60,17 @@ def adapter(tmp_path_factory):
         if kind == "dominant":
             b[:, 0] *= 20.0
         tensors.update(layer_tensors(f"model.layers.{index}.self_attn.q_proj", a, b))
-    return write_adapter(tmp_path_factory.mktemp("portable") / "adapter", tensors,
-                         config_dict(r=8, lora_alpha=16), dtype=torch.bfloat16)
+    return write_adapter(
+        tmp_path_factory.mktemp("portable") / "adapter", tensors, config_dict(r=8, lora_alpha=16), dtype=torch.bfloat16
+    )
 
 
 def _score(adapter, setting: str, dtype: str) -> dict:
     path, extra = SETTINGS[setting]
     env = {**os.environ, **extra}
-    result = subprocess.run([sys.executable, "-c", SCORE, path, str(adapter), dtype], capture_output=True, text=True,
-                            env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", SCORE, path, str(adapter), dtype], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return {layer["module"]: layer for layer in json.loads(result.stdout)["layers"]}
 

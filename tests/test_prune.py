@@ -55,8 +55,11 @@ def expect(result, code: int, *fragments: str):
 
 def tree_hash(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` by relative path: equal before and after means untouched."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -70,8 +73,11 @@ def metadata(path: Path) -> dict[str, str]:
 
 
 def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.contiguous().view(torch.uint8),
-                                                                      y.contiguous().view(torch.uint8))
+    return (
+        x.dtype == y.dtype
+        and x.shape == y.shape
+        and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+    )
 
 
 @pytest.fixture
@@ -101,8 +107,15 @@ def test_selection_needs_exactly_one_rule():
         Selection.of(tau=2, threshold=0.5)
     with pytest.raises(UsageError, match="give one of"):
         Selection()
-    for bad in ({"tau": -1}, {"threshold": -0.1}, {"threshold": 1.5}, {"threshold": math.nan}, {"fraction": 0.0},
-                {"fraction": 1.01}, {"fraction": math.nan}):
+    for bad in (
+        {"tau": -1},
+        {"threshold": -0.1},
+        {"threshold": 1.5},
+        {"threshold": math.nan},
+        {"fraction": 0.0},
+        {"fraction": 1.01},
+        {"fraction": math.nan},
+    ):
         with pytest.raises(UsageError):
             Selection.of(**bad)
 
@@ -121,21 +134,26 @@ def test_threshold_is_inclusive_and_skips_unscored():
     assert len(above_threshold(report, 0.0)) == 4
 
 
-@given(st.lists(st.one_of(st.none(), st.floats(0, 1)), max_size=40), st.floats(0, 1), st.integers(0, 50),
-       st.floats(1e-6, 1))
+@given(
+    st.lists(st.one_of(st.none(), st.floats(0, 1)), max_size=40),
+    st.floats(0, 1),
+    st.integers(0, 50),
+    st.floats(1e-6, 1),
+)
 def test_every_selection_is_a_prefix_of_the_ranking(ssis, threshold, tau, fraction):
     report = fake_report(ssis)
     scored = [s for s in report.layers if s.ssi is not None]
     for chosen in (top_tau(report, tau), above_threshold(report, threshold), top_fraction(report, fraction)):
-        assert list(chosen) == scored[:len(chosen)]
+        assert list(chosen) == scored[: len(chosen)]
     assert len(top_fraction(report, fraction)) == min(len(scored), math.ceil(round(fraction * len(scored), 9)))
     assert all(s.ssi >= threshold for s in above_threshold(report, threshold))
     tau = max(tau, 1)  # prune refuses --tau 0
     assert select_layers(report, Selection(tau=tau, allow_large=True)) == top_tau(report, tau)
     # without allow_large, a tau above the scored layers or a selection of more than half of them is refused
     for selection in (Selection(tau=tau), Selection(threshold=threshold), Selection(fraction=fraction)):
-        large = (selection.tau or 0) > len(scored) or len(select_layers(report, replace(selection, allow_large=True))
-                                                         ) > len(scored) / 2
+        large = (selection.tau or 0) > len(scored) or len(
+            select_layers(report, replace(selection, allow_large=True))
+        ) > len(scored) / 2
         if large:
             with pytest.raises(UsageError, match="--allow-large"):
                 select_layers(report, selection)
@@ -163,8 +181,14 @@ def test_default_prunes_top_tau_into_a_sibling(adapter, tmp_path):
     assert str(out) in result.stdout and SHARP in result.stdout
     assert tree_hash(adapter) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter-pruned"]  # no temp left behind
-    assert {"README.md", "tokenizer.json", "training/args.json", REPORT_NAME, "adapter_config.json",
-            "adapter_model.safetensors"} == set(tree_hash(out))
+    assert {
+        "README.md",
+        "tokenizer.json",
+        "training/args.json",
+        REPORT_NAME,
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    } == set(tree_hash(out))
     for name in ("README.md", "tokenizer.json", "training/args.json", "adapter_config.json"):
         assert tree_hash(out)[name] == before[name]  # copied verbatim; zero mode leaves the config as it was
 
@@ -172,16 +196,40 @@ def test_default_prunes_top_tau_into_a_sibling(adapter, tmp_path):
 def test_pruned_modules_are_the_top_tau_of_score(adapter, tmp_path):
     options = ScoreOptions(method=Method.SVD, components=2, top_h=1, device="cpu")
     expected = [s.module for s in top_tau(score_adapter(adapter, options), 3)]
-    result = expect(run(adapter, "--tau", "3", "--method", "svd", "--components", "2", "--top-h", "1",
-                        "--device", "cpu", "--format", "json", "-q", "--allow-large"), EXIT_OK)
+    result = expect(
+        run(
+            adapter,
+            "--tau",
+            "3",
+            "--method",
+            "svd",
+            "--components",
+            "2",
+            "--top-h",
+            "1",
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+            "-q",
+            "--allow-large",
+        ),
+        EXIT_OK,
+    )
     doc = json.loads(result.stdout)
     assert result.stderr == ""
     assert [p["module"] for p in doc["pruned"]] == expected
     assert [p["rank"] for p in doc["pruned"]] == [1, 2, 3]
-    assert doc["parameters"].items() >= {"method": "svd", "components": 2, "top_h": 1, "device": "cpu", "tau": 3,
-                                         "mode": "zero"}.items()
-    assert doc["prune"] == {"mode": "zero", "selection": {"tau": 3, "threshold": None, "fraction": None},
-                            "output": str(tmp_path / "adapter-pruned"), "written": True}
+    assert (
+        doc["parameters"].items()
+        >= {"method": "svd", "components": 2, "top_h": 1, "device": "cpu", "tau": 3, "mode": "zero"}.items()
+    )
+    assert doc["prune"] == {
+        "mode": "zero",
+        "selection": {"tau": 3, "threshold": None, "fraction": None},
+        "output": str(tmp_path / "adapter-pruned"),
+        "written": True,
+    }
     assert doc["summary"]["pruned"] == expected
     assert [layer["pruned"] for layer in doc["layers"]] == [True] * 3 + [False]
     written = json.loads((tmp_path / "adapter-pruned" / REPORT_NAME).read_text())
@@ -228,8 +276,9 @@ def test_drop_mode_keeps_every_config_key(tmp_path):
 
 
 def test_drop_of_every_layer_is_refused(adapter, tmp_path):
-    expect(run(adapter, "--mode", "drop", "--tau", "4", "--allow-large"), EXIT_USAGE, "all 4 LoRA layers",
-           "--mode zero")
+    expect(
+        run(adapter, "--mode", "drop", "--tau", "4", "--allow-large"), EXIT_USAGE, "all 4 LoRA layers", "--mode zero"
+    )
     assert not (tmp_path / "adapter-pruned").exists()
 
 
@@ -239,8 +288,7 @@ def test_dry_run_writes_nothing(adapter, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["prune"]["written"] is False and [p["module"] for p in doc["pruned"]] == [SHARP]
     assert tree_hash(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    table = expect(run(adapter, "--tau", "1", "--dry-run"), EXIT_OK,
-                   "dry run: would prune 1 of 4 scored layers (25 %)")
+    table = expect(run(adapter, "--tau", "1", "--dry-run"), EXIT_OK, "dry run: would prune 1 of 4 scored layers (25 %)")
     assert SHARP in table.stdout and tree_hash(tmp_path) == before
 
 
@@ -301,17 +349,20 @@ def test_output_into_the_input_is_refused(adapter, tmp_path):
     assert tree_hash(tmp_path) == before
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--tau", "2", "--threshold", "0.5"], "not --tau and --threshold"),
-    (["--fraction", "0.5", "--threshold", "0.5"], "not --threshold and --fraction"),
-    (["--fraction", "0"], "--fraction"),
-    (["--fraction", "1.5"], "--fraction"),
-    (["--threshold", "1.2"], "--threshold"),
-    (["--tau", "-1"], "--tau"),
-    (["--components", "0"], "--components"),
-    (["--device", "tpu"], "--device"),
-    (["--mode", "delete"], "--mode"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--tau", "2", "--threshold", "0.5"], "not --tau and --threshold"),
+        (["--fraction", "0.5", "--threshold", "0.5"], "not --threshold and --fraction"),
+        (["--fraction", "0"], "--fraction"),
+        (["--fraction", "1.5"], "--fraction"),
+        (["--threshold", "1.2"], "--threshold"),
+        (["--tau", "-1"], "--tau"),
+        (["--components", "0"], "--components"),
+        (["--device", "tpu"], "--device"),
+        (["--mode", "delete"], "--mode"),
+    ],
+)
 def test_usage_errors(adapter, tmp_path, args, fragment):
     expect(run(adapter, *args), EXIT_USAGE, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
@@ -331,7 +382,8 @@ def test_library_returns_data_and_prints_nothing(adapter, tmp_path, capfd):
     assert capfd.readouterr() == ("", "")
     assert result.written and result.output == tmp_path / "out" and result.modules == (SHARP,)
     assert result.pruned[0].action is PruneMode.ZERO and result.pruned[0].tensors == (
-        f"base_model.model.{SHARP}.lora_B.weight",)
+        f"base_model.model.{SHARP}.lora_B.weight",
+    )
 
 
 # --------------------------------------------------------------------------------- nothing lost on a failure
@@ -371,10 +423,14 @@ def test_failed_rename_keeps_the_old_output(adapter, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------- with the real PEFT
 
 CASES = {
-    "llama": (tiny_llama, {"target_modules": ["q_proj", "v_proj", "o_proj", "up_proj"],
-                           "modules_to_save": ["lm_head"]}),
-    "llama-regex-exclude": (tiny_llama, {"target_modules": ["q_proj", "k_proj", "v_proj"],
-                                         "exclude_modules": r"model\.layers\.0\.self_attn\.k_proj"}),
+    "llama": (
+        tiny_llama,
+        {"target_modules": ["q_proj", "v_proj", "o_proj", "up_proj"], "modules_to_save": ["lm_head"]},
+    ),
+    "llama-regex-exclude": (
+        tiny_llama,
+        {"target_modules": ["q_proj", "k_proj", "v_proj"], "exclude_modules": r"model\.layers\.0\.self_attn\.k_proj"},
+    ),
     "llama-dora": (tiny_llama, {"target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True}),
     "gpt2-conv1d": (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}),
     "bert-encoder": (tiny_bert, {"target_modules": ["query", "value", "dense"]}),
@@ -422,10 +478,19 @@ def load(base, path: Path) -> PeftModel:
 INPUT_IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("case, mode", [
-    ("llama", "zero"), ("llama", "drop"), ("llama-regex-exclude", "drop"), ("llama-dora", "zero"),
-    ("gpt2-conv1d", "zero"), ("gpt2-conv1d", "drop"), ("bert-encoder", "zero"), ("bert-encoder", "drop"),
-])
+@pytest.mark.parametrize(
+    "case, mode",
+    [
+        ("llama", "zero"),
+        ("llama", "drop"),
+        ("llama-regex-exclude", "drop"),
+        ("llama-dora", "zero"),
+        ("gpt2-conv1d", "zero"),
+        ("gpt2-conv1d", "drop"),
+        ("bert-encoder", "zero"),
+        ("bert-encoder", "drop"),
+    ],
+)
 def test_peft_loads_the_pruned_adapter(saved, tmp_path, case, mode):
     base, src = saved[case]
     before = tree_hash(src)

@@ -58,7 +58,7 @@ def test_readme_commands_and_options_exist():
         name = " ".join(words[:2]) if " ".join(words[:2]) in commands else words[0]
         assert name in commands, words
         known = command_params(name)
-        for word in words[len(name.split()):]:
+        for word in words[len(name.split()) :]:
             if word.startswith("-"):
                 assert word.split("=")[0] in known, (words, word)
 
@@ -120,7 +120,17 @@ def test_license_file_matches_the_package_metadata():
 
 
 def test_readme_opens_with_what_ssi_means_and_what_to_do():
-    opening = README[:README.index("## Quick start")]
-    for words in ("Spectral Sharpness Index", "safety risk", "top tau", "rank-based", "Compare with a baseline",
-                  "Prune and evaluate", "Review", "violation", "non-finite", "top-tau"):
+    opening = README[: README.index("## Quick start")]
+    for words in (
+        "Spectral Sharpness Index",
+        "safety risk",
+        "top tau",
+        "rank-based",
+        "Compare with a baseline",
+        "Prune and evaluate",
+        "Review",
+        "violation",
+        "non-finite",
+        "top-tau",
+    ):
         assert words in opening, words

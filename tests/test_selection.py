@@ -118,13 +118,18 @@ def test_score_marks_at_most_the_scored_layers():
 
 def test_prune_refuses_tau_0_and_large_selections(tmp_path):
     adapter = write_adapter(tmp_path / "adapter")  # 4 layers
-    cases = [(["--tau", "0"], "--tau must be at least 1: --tau 0 would prune nothing and write an unchanged copy"),
-             (["--tau", "1000"], "--tau 1000 is more than the 4 scored layers of this adapter: it would prune every "
-                                 "layer; pass a smaller --tau (or --fraction), or --allow-large"),
-             ([], "--tau 10 is more than the 4 scored layers"),
-             (["--tau", "3"], "--tau 3 selects 3 of the 4 scored layers (75 %), more than half of the adapter"),
-             (["--fraction", "0.9"], "--fraction 0.9 selects 4 of the 4 scored layers (100 %)"),
-             (["--threshold", "0"], "--threshold 0 selects 4 of the 4 scored layers (100 %)")]
+    cases = [
+        (["--tau", "0"], "--tau must be at least 1: --tau 0 would prune nothing and write an unchanged copy"),
+        (
+            ["--tau", "1000"],
+            "--tau 1000 is more than the 4 scored layers of this adapter: it would prune every "
+            "layer; pass a smaller --tau (or --fraction), or --allow-large",
+        ),
+        ([], "--tau 10 is more than the 4 scored layers"),
+        (["--tau", "3"], "--tau 3 selects 3 of the 4 scored layers (75 %), more than half of the adapter"),
+        (["--fraction", "0.9"], "--fraction 0.9 selects 4 of the 4 scored layers (100 %)"),
+        (["--threshold", "0"], "--threshold 0 selects 4 of the 4 scored layers (100 %)"),
+    ]
     for args, message in cases:
         result = runner.invoke(app, ["prune", str(adapter), *args, "-q"])
         assert result.exit_code == EXIT_USAGE, (args, result.stderr)
@@ -146,8 +151,7 @@ def test_score_summary_says_what_ssi_means_and_what_to_do(tmp_path):
     assert "more than half" not in result.stdout
     default = runner.invoke(app, ["score", str(adapter), "-q"]).stdout  # the paper's 10, capped at the 4 layers
     assert "* top-tau: the 4 highest-SSI layers (100 % of 4)" in default
-    assert "That is more than half of the layers: prune refuses it without --allow-large." in " ".join(
-        default.split())
+    assert "That is more than half of the layers: prune refuses it without --allow-large." in " ".join(default.split())
     assert runner.invoke(app, ["score", str(adapter), "--tau", "5"]).exit_code == EXIT_USAGE
     assert runner.invoke(app, ["score", str(adapter), "--tau", "5", "--allow-large", "-q"]).exit_code == EXIT_OK
 

@@ -17,8 +17,10 @@ from s3lora_cli.similarity import UpdateSet, pairwise_similarity, similarity, up
 
 def factors(d: int, k: int, r: int, seed: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(d, r, generator=gen, dtype=torch.float64),
-            torch.randn(r, k, generator=gen, dtype=torch.float64))
+    return (
+        scale * torch.randn(d, r, generator=gen, dtype=torch.float64),
+        torch.randn(r, k, generator=gen, dtype=torch.float64),
+    )
 
 
 def dense_similarity(a: UpdateSet, b: UpdateSet) -> float:
@@ -90,8 +92,10 @@ def test_identical_is_one_and_negated_is_minus_one():
 def test_different_ranks_same_update():
     """The same dW written with rank 2 and with rank 5 (three extra zero directions): similarity 1."""
     left, right = factors(6, 5, 2, 3)
-    padded = (torch.cat([left, torch.zeros(6, 3, dtype=torch.float64)], dim=1),
-              torch.cat([right, torch.randn(3, 5, dtype=torch.float64)], dim=0))
+    padded = (
+        torch.cat([left, torch.zeros(6, 3, dtype=torch.float64)], dim=1),
+        torch.cat([right, torch.randn(3, 5, dtype=torch.float64)], dim=0),
+    )
     assert similarity(UpdateSet({"q": (left, right)}), UpdateSet({"q": padded})) == pytest.approx(1.0, abs=1e-12)
 
 

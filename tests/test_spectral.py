@@ -69,14 +69,30 @@ ENGINES = {
     # screening on every input, the compiled kernel on every chunk
     "kernel": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0},
     # tiny samples and chunks: sampled brackets, their misses and widening, many chunks per pass
-    "tiny": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "SAMPLE_SIZE": 8,
-             "CHUNK_ENTRIES": 5, "ESTIMATE_SAMPLE": 4},
+    "tiny": {
+        "BATCHED_MAX_ENTRIES": 0,
+        "SCREEN_MIN_ENTRIES": 0,
+        "KERNEL_MIN_ENTRIES": 0,
+        "SAMPLE_SIZE": 8,
+        "CHUNK_ENTRIES": 5,
+        "ESTIMATE_SAMPLE": 4,
+    },
     # residuals too large to keep: every pass forms its chunks again from the factors
-    "uncached": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "CACHE_ENTRIES": 0,
-                 "CHUNK_ENTRIES": 7},
+    "uncached": {
+        "BATCHED_MAX_ENTRIES": 0,
+        "SCREEN_MIN_ENTRIES": 0,
+        "KERNEL_MIN_ENTRIES": 0,
+        "CACHE_ENTRIES": 0,
+        "CHUNK_ENTRIES": 7,
+    },
     # residuals kept in part: the first chunks deflated in place, the others formed again in every pass
-    "partial": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0, "CACHE_ENTRIES": 30,
-                "CHUNK_ENTRIES": 7},
+    "partial": {
+        "BATCHED_MAX_ENTRIES": 0,
+        "SCREEN_MIN_ENTRIES": 0,
+        "KERNEL_MIN_ENTRIES": 0,
+        "CACHE_ENTRIES": 30,
+        "CHUNK_ENTRIES": 7,
+    },
 }
 
 
@@ -85,8 +101,9 @@ ENGINE_MODULES = (bounds, exact, fit, residual, screening, state, tangents)
 
 def owner(name: str):
     """The engine module that defines the setting ``name`` (the one place to change it)."""
-    found = [module for module in ENGINE_MODULES
-             if re.search(rf"^{name} = ", inspect.getsource(module), flags=re.MULTILINE)]
+    found = [
+        module for module in ENGINE_MODULES if re.search(rf"^{name} = ", inspect.getsource(module), flags=re.MULTILINE)
+    ]
     assert len(found) == 1, (name, found)
     return found[0]
 
@@ -211,13 +228,15 @@ def _check_against_reference(b, a, compute_dtype, rel_gap, tol, posed=assume, **
     assert abs(fast.ssi - ref.ssi) <= tol * abs(ref.ssi) + 2 * d_ssi + 1e-12
     scale = max(ref.sigma.max(initial=0.0), 1e-300)
     n = len(fast.sigma)
-    assert np.all(np.abs(np.asarray(fast.sigma) - ref.sigma[:n]) <= tol * np.abs(ref.sigma[:n]) + tol * scale
-                  + 2 * d_sigma[:n])
+    assert np.all(
+        np.abs(np.asarray(fast.sigma) - ref.sigma[:n]) <= tol * np.abs(ref.sigma[:n]) + tol * scale + 2 * d_sigma[:n]
+    )
     return fast, ref
 
 
-COMMON = settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.filter_too_much,
-                                                                        HealthCheck.too_slow])
+COMMON = settings(
+    max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow]
+)
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
@@ -373,17 +392,30 @@ def test_fit_objective_and_delta_are_literal(name):
             uv = np.outer(u, v)
             assert p.delta == pytest.approx(weighted_lower_median((R / uv).ravel(), np.abs(uv).ravel()), rel=1e-12)
             assert p.objective == pytest.approx(np.abs(R - p.delta * uv).sum(), rel=1e-10)
-            best = min(np.abs(R - weighted_lower_median((R / np.outer(us[:, i], vs[:, j])).ravel(),
-                                                         np.abs(np.outer(us[:, i], vs[:, j])).ravel())
-                              * np.outer(us[:, i], vs[:, j])).sum()
-                       for i in range(us.shape[1]) for j in range(vs.shape[1]))
+            best = min(
+                np.abs(
+                    R
+                    - weighted_lower_median(
+                        (R / np.outer(us[:, i], vs[:, j])).ravel(), np.abs(np.outer(us[:, i], vs[:, j])).ravel()
+                    )
+                    * np.outer(us[:, i], vs[:, j])
+                ).sum()
+                for i in range(us.shape[1])
+                for j in range(vs.shape[1])
+            )
             assert p.objective == pytest.approx(best, rel=1e-10)
             R = R - p.delta * uv
 
 
 @settings(max_examples=examples(40), deadline=None)
-@given(st.integers(1, 23), st.integers(1, 9), st.integers(1, 4), st.integers(0, 60), st.integers(1, 40),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 23),
+    st.integers(1, 9),
+    st.integers(1, 4),
+    st.integers(0, 60),
+    st.integers(1, 40),
+    st.integers(0, 2**32 - 1),
+)
 def test_residual_chunks_are_the_rows_of_r(d, k, s, cache, chunk, seed):
     """Every pass hands out each row of R = p q^T once, as the factors give it: the chunks kept (up to
     CACHE_ENTRIES) and those formed again in one reused buffer (the last one shorter), before and after a
@@ -419,8 +451,9 @@ def _near_tie_case(seed, d, k, dtype, extra_columns=0):
 
 @pytest.mark.parametrize("compiled", [False, True])
 @settings(max_examples=examples(40), deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 13), st.integers(1, 11),
-       st.sampled_from([torch.float32, torch.float64]))
+@given(
+    st.integers(0, 2**32 - 1), st.integers(1, 13), st.integers(1, 11), st.sampled_from([torch.float32, torch.float64])
+)
 def test_near_ties_are_decided_in_float64(compiled, seed, d, k, dtype):
     """Pairs whose objectives are within rounding of the best are compared on sum |R - delta u v^T| decided in
     float64, with R formed in float64 from the residual's factors (never from a compute-dtype matrix product,
@@ -446,9 +479,16 @@ def test_near_ties_are_decided_in_float64(compiled, seed, d, k, dtype):
             # (products of float32 factors are exact; of float64 ones, one rounding each); the term, two more
             # roundings of |delta u_i v_j| and |e_ij|; the sums of d k terms, at most (d + k) u of their total.
             # Doubled: the reference rounds as much as the code.
-            u = 2.0 ** -53
-            bound[a, b] = 2 * u * ((p64.shape[1] + 1) * float((np.abs(p64) @ np.abs(q64).T).sum())
-                                   + 2 * float(np.abs(uv).sum()) + (d + k + 2) * exact[a, b])
+            u = 2.0**-53
+            bound[a, b] = (
+                2
+                * u
+                * (
+                    (p64.shape[1] + 1) * float((np.abs(p64) @ np.abs(q64).T).sum())
+                    + 2 * float(np.abs(uv).sum())
+                    + (d + k + 2) * exact[a, b]
+                )
+            )
     expected = min(exact, key=lambda ab: (exact[ab], ab))
     if pair != expected:  # only a difference within rounding of the float64 sums may decide otherwise
         assert exact[pair] - exact[expected] <= bound[pair] + bound[expected]
@@ -457,8 +497,13 @@ def test_near_ties_are_decided_in_float64(compiled, seed, d, k, dtype):
 
 
 @settings(max_examples=examples(30), deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 37), st.integers(0, 5),
-       st.sampled_from([torch.float32, torch.float64]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 40),
+    st.integers(1, 37),
+    st.integers(0, 5),
+    st.sampled_from([torch.float32, torch.float64]),
+)
 def test_near_tie_objectives_have_the_same_bits_on_every_path(seed, d, k, extra, dtype):
     """The float64 objectives of near ties do not depend on the path (compiled or tensor), the chunking or the
     thread count: the same bits, so that the pick is the same on every machine."""
@@ -519,8 +564,14 @@ def test_lower_bounds_are_lower_bounds(use_kernel, case, seed, zeros):
 
 @pytest.mark.skipif(not kernels.available, reason="numba is not available")
 @settings(max_examples=examples(60), deadline=None)
-@given(st.integers(1, 9), st.integers(1, 2 * kernels.DUAL_RUN + 3), st.integers(0, 3), st.integers(0, 3),
-       st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]))
+@given(
+    st.integers(1, 9),
+    st.integers(1, 2 * kernels.DUAL_RUN + 3),
+    st.integers(0, 3),
+    st.integers(0, 3),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([np.float32, np.float64]),
+)
 def test_dual_sums_kernel_matches_float64(rows, cols, n_signed, n_abs, seed, dtype):
     """sign(R) @ V1, |R| @ V2 and the row sums of |R| from the kernel, against float64, to the rounding of runs
     of DUAL_RUN terms (SUM_BLOCK for l1); rows and columns past the kernel's groups and runs, zeros in R."""
@@ -562,8 +613,12 @@ def test_bracket_pass_partitions_as_in_float64(seed, ends, tiny):
     def quarter(x, to):  # a quarter ulp past a ratio (which is then outside), nearer to it than to the next float32
         return x + (float(np.nextafter(np.float32(x), np.float32(to))) - x) / 4
 
-    lo, hi = {"between": (quarter(x_lo, np.inf), quarter(x_hi, -np.inf)),
-              "on": (x_lo, x_hi), "huge": (-1e39, 1e39), "infinite": (-math.inf, math.inf)}[ends]
+    lo, hi = {
+        "between": (quarter(x_lo, np.inf), quarter(x_hi, -np.inf)),
+        "on": (x_lo, x_hi),
+        "huge": (-1e39, 1e39),
+        "infinite": (-math.inf, math.inf),
+    }[ends]
     sums, kept, kept_w = kernels.bracket_pass(r, u, v, float(lo), float(hi), {})
     r64, uv64, q64 = r.astype(np.float64), np.abs(uv).astype(np.float64), ratio.astype(np.float64)
     nonzero = uv != 0
@@ -572,8 +627,13 @@ def test_bracket_pass_partitions_as_in_float64(seed, ends, tiny):
     assert np.array_equal(np.sort(kept), np.sort(ratio[inside]))
     assert np.array_equal(np.sort(kept_w), np.sort(np.abs(uv[inside])))
     signed = r64 * np.sign(uv)
-    exact = (uv64[below].sum(), signed[below].sum(), uv64[above].sum(), signed[above].sum(),
-             np.abs(r64[~nonzero]).sum())
+    exact = (
+        uv64[below].sum(),
+        signed[below].sum(),
+        uv64[above].sum(),
+        signed[above].sum(),
+        np.abs(r64[~nonzero]).sum(),
+    )
     scale = np.abs(r64).sum() + uv64.sum()
     assert np.allclose(sums, exact, rtol=0, atol=1e-12 * scale)
 
@@ -624,8 +684,13 @@ def test_early_tangents_are_those_of_their_own_pass(use_kernel, case, seed, chun
 
 @pytest.mark.parametrize("use_kernel", [False, True])
 @settings(max_examples=examples(40), deadline=None)
-@given(lora_factors(max_dim=40), st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(0, 3),
-       st.lists(st.booleans(), min_size=4, max_size=4))
+@given(
+    lora_factors(max_dim=40),
+    st.integers(0, 2**32 - 1),
+    st.floats(-3, 3),
+    st.floats(0, 3),
+    st.lists(st.booleans(), min_size=4, max_size=4),
+)
 def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, width, single):
     """A tangent from a float32 pass is within its err of the exact one on the same float32 residual: the
     value f(theta) = sum |R - theta u v^T|, and the slope (to err / (2 max |theta|), or its own rounding)
@@ -634,8 +699,10 @@ def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, wi
     b, a, us, vs = _two_candidates(use_kernel, case, seed)
     pairs = [(0, 0), (1, 1), (0, 1), (1, 0)]
     scale = float((b @ a).abs().max() / (us.abs().max() * vs.abs().max() + 1e-30)) + 1e-12
-    points = {pair: ((centre + width) * scale,) if one else ((centre - width) * scale, (centre + width) * scale)
-              for pair, one in zip(pairs, single, strict=True)}
+    points = {
+        pair: ((centre + width) * scale,) if one else ((centre - width) * scale, (centre + width) * scale)
+        for pair, one in zip(pairs, single, strict=True)
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(owner("KERNEL_MIN_ENTRIES"), "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
         mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", 37)
@@ -653,8 +720,10 @@ def test_tangent_rounding_is_within_its_bound(use_kernel, case, seed, centre, wi
             tied = e.abs() <= 4 * torch.finfo(torch.float32).eps * (r.abs() + abs(t.theta) * c.abs())
             g_mid = float(-(c * e.sign() * ~tied).sum())
             g_free = float((c.abs() * tied).sum())
-            g_err = max(t.err / (2 * theta_max) if theta_max > 0 else 0.0,
-                        2 * (kernels.SUM_BLOCK + 4) * torch.finfo(torch.float32).eps * float(c.abs().sum()))
+            g_err = max(
+                t.err / (2 * theta_max) if theta_max > 0 else 0.0,
+                2 * (kernels.SUM_BLOCK + 4) * torch.finfo(torch.float32).eps * float(c.abs().sum()),
+            )
             assert g_mid - g_free - g_err <= t.g <= g_mid + g_free + g_err
 
 
@@ -680,8 +749,10 @@ def test_zero_tangent_is_within_its_bound(use_kernel, case, seed, theta_max):
         assert t.theta == 0.0
         assert abs(t.f - float(r.abs().sum())) <= t.err
         g_mid, g_free = float(-(c * r.sign()).sum()), float((c.abs() * (r == 0)).sum())
-        g_err = max(t.err / (2 * theta_max * scale) if theta_max * scale > 0 else 0.0,
-                    (sums.run + 2) * torch.finfo(torch.float32).eps * float(c.abs().sum()))
+        g_err = max(
+            t.err / (2 * theta_max * scale) if theta_max * scale > 0 else 0.0,
+            (sums.run + 2) * torch.finfo(torch.float32).eps * float(c.abs().sum()),
+        )
         assert g_mid - g_free - g_err <= t.g <= g_mid + g_free + g_err
         for y in np.linspace(-theta_max * scale, theta_max * scale, 5):
             assert t.f + t.g * y - 3 * t.err <= float((r - y * c).abs().sum()) * (1 + 1e-12)
@@ -709,8 +780,9 @@ def test_tangent_bounds_are_lower_bounds(use_kernel, case, seed, centre, width):
         medians[i, j] = weighted_lower_median(R[nz] / uv[nz], np.abs(uv[nz])) if nz.any() else 0.0
         exact[i, j] = np.abs(R - medians[i, j] * uv).sum()
     scale = max(abs(m) for m in medians.values()) + 1e-12
-    brackets = {(i, j): (medians[i, j] + (centre - width) * scale, medians[i, j] + (centre + width) * scale)
-                for i, j in pairs}
+    brackets = {
+        (i, j): (medians[i, j] + (centre - width) * scale, medians[i, j] + (centre + width) * scale) for i, j in pairs
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(owner("KERNEL_MIN_ENTRIES"), "KERNEL_MIN_ENTRIES", 0 if use_kernel else 1 << 62)
         mp.setattr(owner("CHUNK_ENTRIES"), "CHUNK_ENTRIES", 7)
@@ -754,19 +826,32 @@ def test_weighted_select_is_the_lower_weighted_median(items, fraction):
 
 @pytest.mark.skipif(not kernels.available, reason="numba is not available")
 @settings(max_examples=examples(150), deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(49, 6000), st.sampled_from(["normal", "ties", "sorted", "reversed",
-       "constant", "cauchy"]), st.sampled_from(["uniform", "integers", "heavy", "mostly-zero"]),
-       st.floats(0.0, 1.0), st.sampled_from([np.float32, np.float64]))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(49, 6000),
+    st.sampled_from(["normal", "ties", "sorted", "reversed", "constant", "cauchy"]),
+    st.sampled_from(["uniform", "integers", "heavy", "mostly-zero"]),
+    st.floats(0.0, 1.0),
+    st.sampled_from([np.float32, np.float64]),
+)
 def test_weighted_select_past_its_sorted_tail(seed, n, values, weighting, fraction, dtype):
     """The selection's sampled pivot rounds (taken above SELECT_SMALL entries) against the literal rule: ties,
     sorted input, one repeated value, heavy-tailed and mostly-zero weights, fractions down to 0 and up to 1."""
     rng = np.random.default_rng(seed)
-    ratios = {"normal": rng.standard_normal(n), "ties": rng.integers(-3, 4, n).astype(float),
-              "sorted": np.sort(rng.standard_normal(n)), "reversed": -np.sort(rng.standard_normal(n)),
-              "constant": np.full(n, 1.5), "cauchy": rng.standard_cauchy(n)}[values].astype(dtype)
-    weights = {"uniform": rng.uniform(0, 1, n), "integers": rng.integers(0, 4, n).astype(float),
-               "heavy": np.abs(rng.standard_cauchy(n)),
-               "mostly-zero": rng.uniform(0, 1, n) * (rng.uniform(0, 1, n) < 0.02)}[weighting].astype(dtype)
+    ratios = {
+        "normal": rng.standard_normal(n),
+        "ties": rng.integers(-3, 4, n).astype(float),
+        "sorted": np.sort(rng.standard_normal(n)),
+        "reversed": -np.sort(rng.standard_normal(n)),
+        "constant": np.full(n, 1.5),
+        "cauchy": rng.standard_cauchy(n),
+    }[values].astype(dtype)
+    weights = {
+        "uniform": rng.uniform(0, 1, n),
+        "integers": rng.integers(0, 4, n).astype(float),
+        "heavy": np.abs(rng.standard_cauchy(n)),
+        "mostly-zero": rng.uniform(0, 1, n) * (rng.uniform(0, 1, n) < 0.02),
+    }[weighting].astype(dtype)
     total = float(weights.astype(np.float64).sum())
     assume(total > 0)
     half = fraction * total
@@ -780,7 +865,7 @@ def test_weighted_select_past_its_sorted_tail(seed, n, values, weighting, fracti
     if math.isnan(delta):
         assert last == n
         return
-    allowed = ratios[order][first:last + 1]
+    allowed = ratios[order][first : last + 1]
     assert delta in allowed
     exact_spread = (weights.astype(np.float64) * np.abs(ratios.astype(np.float64) - delta)).sum()
     assert spread == pytest.approx(float(exact_spread))
@@ -788,8 +873,12 @@ def test_weighted_select_past_its_sorted_tail(seed, n, values, weighting, fracti
 
 @pytest.mark.parametrize("path", ["kernel", "fallback", "sort"])
 @settings(max_examples=examples(60), deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 4)), min_size=7, max_size=7), min_size=1,
-                max_size=6), st.sampled_from([torch.float32, torch.float64]))
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 4)), min_size=7, max_size=7), min_size=1, max_size=6
+    ),
+    st.sampled_from([torch.float32, torch.float64]),
+)
 def test_weighted_medians_of_rows(path, rows, dtype):
     """Every row's lower weighted median at half its total weight (0 for a row of zero weights): the parallel
     selection, its fallback to sorting (taken where rounding leaves a row's total a hair above the kernel's
@@ -812,8 +901,11 @@ def test_weighted_medians_of_rows(path, rows, dtype):
 
 
 @settings(max_examples=examples(60), deadline=None)
-@given(st.lists(st.integers(-20, 20), min_size=1, max_size=50), st.data(),
-       st.sampled_from([torch.float32, torch.float64, torch.float16]))
+@given(
+    st.lists(st.integers(-20, 20), min_size=1, max_size=50),
+    st.data(),
+    st.sampled_from([torch.float32, torch.float64, torch.float16]),
+)
 def test_order_statistics_of_the_brackets(values, data, dtype):
     """The k-th smallest entries that bound a sampled bracket: a partial sort on the CPU (float32 / float64),
     kthvalue otherwise (float16 here), both equal to sorting."""
@@ -847,8 +939,11 @@ def test_sampled_brackets_are_order_statistics(seed, n, dtype, ties):
 
 @pytest.mark.skipif(not kernels.available, reason="numba is not available")
 @settings(max_examples=examples(60), deadline=None)
-@given(st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.0, 0.5, 1e-30, 3.0e5]), min_size=1, max_size=40).filter(any),
-       st.lists(st.floats(0, 1), min_size=1, max_size=50), st.booleans())
+@given(
+    st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.0, 0.5, 1e-30, 3.0e5]), min_size=1, max_size=40).filter(any),
+    st.lists(st.floats(0, 1), min_size=1, max_size=50),
+    st.booleans(),
+)
 def test_weighted_draws_are_those_of_a_binary_search(weights, fractions, on_edges):
     """The draws' indices from the guide table are those of searchsorted (the first cumulative weight above the
     draw, the last index past the end), with zero weights (never drawn below the total), equal cumulative sums,

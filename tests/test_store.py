@@ -37,7 +37,7 @@ from s3lora_cli.store import (
 )
 
 runner = CliRunner()
-DEAD_PID = 2 ** 30  # above any pid_max: the pid of a process that is gone
+DEAD_PID = 2**30  # above any pid_max: the pid of a process that is gone
 TEMP_PREFIX = f".killed.{DEAD_PID}-"  # what a killed run leaves: .<target>.<pid>-<token>.s3lora-tmp
 POLICY = GatePolicy(max_ssi=0.9)
 FIXED_TIME = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -79,6 +79,7 @@ def comparable(rows):
 
 
 # --- scan -------------------------------------------------------------------------------------------------
+
 
 def test_scan_ranks_by_risk_and_reports_unreadable_adapters(store: Path):
     result = scan_store(store, ScanSettings(ScoreOptions(device="cpu"), POLICY, top=2))
@@ -144,8 +145,9 @@ def test_cached_report_round_trip(store: Path):
     report = score_adapter(store / "team-a" / "sharp", options)
     doc = json.loads(json.dumps(report_to_cache(report)))
     back = report_from_cache(doc, report.adapter.path, options)
-    assert [(s.module, s.ssi, s.sigma, s.layer) for s in back.layers] == \
-           [(s.module, s.ssi, s.sigma, s.layer) for s in report.layers]
+    assert [(s.module, s.ssi, s.sigma, s.layer) for s in back.layers] == [
+        (s.module, s.ssi, s.sigma, s.layer) for s in report.layers
+    ]
     assert back.adapter == report.adapter and back.not_analysed == report.not_analysed
 
 
@@ -157,11 +159,16 @@ def test_two_worker_processes_give_the_same_rows(store: Path):
 def test_discover_skips_hidden_directories(store: Path):
     make_adapter(store / ".s3lora-cache" / "x", 7)
     make_adapter(store / f"{TEMP_PREFIX}0000abcd.s3lora-tmp", 7)
-    assert [p.relative_to(store).as_posix() for p in discover(store)] == \
-           ["broken", "team-a/calm", "team-a/sharp", "team-b/calm-copy"]
+    assert [p.relative_to(store).as_posix() for p in discover(store)] == [
+        "broken",
+        "team-a/calm",
+        "team-a/sharp",
+        "team-b/calm-copy",
+    ]
 
 
 # --- scan on the command line -----------------------------------------------------------------------------
+
 
 def test_cli_scan_table_json_jsonl(store: Path):
     args = ["scan", str(store), "--max-ssi", "0.9", "--device", "cpu", "-q"]
@@ -169,8 +176,14 @@ def test_cli_scan_table_json_jsonl(store: Path):
     assert table.exit_code == EXIT_OK, table.output
     assert "team-a/sharp" in table.stdout and "failed" in table.stdout
     doc = json.loads(runner.invoke(app, [*args, "--format", "json"]).stdout)
-    assert doc["schema_version"] == 2 and doc["summary"] == {"adapters": 4, "passed": 2, "failed": 1, "errors": 1,
-                                                            "cached": 4 - 1, "with_duplicates": 0}
+    assert doc["schema_version"] == 2 and doc["summary"] == {
+        "adapters": 4,
+        "passed": 2,
+        "failed": 1,
+        "errors": 1,
+        "cached": 4 - 1,
+        "with_duplicates": 0,
+    }
     assert [a["path"] for a in doc["adapters"]][0] == "team-a/sharp" and doc["parameters"]["max_ssi"] == 0.9
     assert doc["adapters"][0]["neighbours"] is None
     lines = runner.invoke(app, [*args, "--format", "jsonl", "--no-cache"]).stdout.splitlines()
@@ -188,10 +201,12 @@ def test_cli_scan_strict_and_usage_errors(store: Path, tmp_path: Path):
     (store / "broken" / "adapter_model.safetensors").unlink()
     (store / "broken" / "adapter_config.json").unlink()
     assert runner.invoke(app, [*base, "--max-ssi", "1", "--strict"]).exit_code == EXIT_OK
-    for extra, message in ((["--strict"], "--strict needs a gate rule"),
-                           (["--workers", "2", "--ray", "auto"], "exclude each other"),
-                           (["--cache-dir", str(tmp_path)], "exclude each other"),
-                           (["--workers", "0"], "--workers must be at least 1")):
+    for extra, message in (
+        (["--strict"], "--strict needs a gate rule"),
+        (["--workers", "2", "--ray", "auto"], "exclude each other"),
+        (["--cache-dir", str(tmp_path)], "exclude each other"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == EXIT_USAGE, (extra, result.output)
         assert message in result.stderr and "Traceback" not in result.output
@@ -216,6 +231,7 @@ def test_cli_scan_ray_without_ray_says_how_to_install(store: Path, monkeypatch):
 
 # --- redundancy -------------------------------------------------------------------------------------------
 
+
 def test_similar_flags_duplicates(store: Path, tmp_path: Path):
     make_adapter(store / "team-c" / "negated", 1, negate=True)
     result = with_neighbours(scan_store(store, ScanSettings(ScoreOptions(device="cpu"))), k=1, threshold=0.95)
@@ -230,8 +246,12 @@ def test_similar_flags_duplicates(store: Path, tmp_path: Path):
     doc = json.loads(cli.stdout)
     assert doc["summary"]["with_duplicates"] == 2
     by_path = {a["path"]: a for a in doc["adapters"]}
-    assert by_path["team-b/calm-copy"]["neighbours"][0] == {"path": "team-a/calm", "cosine": 1.0,
-                                                            "shared_modules": 2, "duplicate": True}
+    assert by_path["team-b/calm-copy"]["neighbours"][0] == {
+        "path": "team-a/calm",
+        "cosine": 1.0,
+        "shared_modules": 2,
+        "duplicate": True,
+    }
 
 
 def test_neighbours_in_blocks_equal_neighbours_at_once(store: Path):
@@ -245,6 +265,7 @@ def test_neighbours_in_blocks_equal_neighbours_at_once(store: Path):
 
 
 # --- admit ------------------------------------------------------------------------------------------------
+
 
 def test_admit_passes_into_the_store_and_logs(tmp_path: Path):
     pool = tmp_path / "pool"
@@ -310,8 +331,9 @@ def test_cli_admit_exit_codes_and_json(tmp_path: Path):
     pool = tmp_path / "pool"
     calm = make_adapter(tmp_path / "calm", 1)
     sharp = make_adapter(tmp_path / "sharp", 2, sharp=True)
-    ok = runner.invoke(app, ["admit", str(calm), "--store", str(pool), "--max-ssi", "0.9", "-f", "json",
-                             "--device", "cpu"])
+    ok = runner.invoke(
+        app, ["admit", str(calm), "--store", str(pool), "--max-ssi", "0.9", "-f", "json", "--device", "cpu"]
+    )
     assert ok.exit_code == EXIT_OK, ok.output
     doc = json.loads(ok.stdout)
     assert doc["gate"]["passed"] and doc["admit"]["admitted"] and Path(doc["admit"]["destination"]).is_dir()
@@ -407,9 +429,30 @@ def test_two_admits_at_once_in_processes(tmp_path: Path):
     pool = tmp_path / "pool"
     candidates = [make_adapter(tmp_path / name, seed) for name, seed in (("one", 1), ("two", 2))]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "s3lora_cli", "admit", str(c), "--store", str(pool),
-                               "--max-ssi", "0.999", "--device", "cpu", "-q", "-f", "json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for c in candidates]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "s3lora_cli",
+                "admit",
+                str(c),
+                "--store",
+                str(pool),
+                "--max-ssi",
+                "0.999",
+                "--device",
+                "cpu",
+                "-q",
+                "-f",
+                "json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for c in candidates
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [EXIT_OK, EXIT_OK], outs
     log = read_audit_log(pool / AUDIT_LOG_NAME)

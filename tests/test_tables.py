@@ -34,8 +34,14 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 WIDTHS = (80, 100, 120, 200, None)  # None: not a terminal, full rows
 
 
-def _layer(module: str, ssi: float | None, sigma: tuple[float, ...], picks: tuple[Pick, ...] = (),
-           notes: tuple[str, ...] = (), error: str | None = None) -> LayerScore:
+def _layer(
+    module: str,
+    ssi: float | None,
+    sigma: tuple[float, ...],
+    picks: tuple[Pick, ...] = (),
+    notes: tuple[str, ...] = (),
+    error: str | None = None,
+) -> LayerScore:
     layer = LoraLayer(module, LayerKind.LINEAR, (1024, 1024), 16, 32.0, 2.0, "F32", {})
     return LayerScore(layer, ssi, sigma, 8, 8, picks, (8, 8), 0, 0, notes, error)
 
@@ -55,26 +61,61 @@ def t5_like_report() -> ScoreReport:
                 module = f"{stack}.block.{block}.{part}.{proj}"
                 seed = (block * 7 + len(stack) * 3 + len(part)) % 23
                 if stack == "decoder" and proj == "v" and block % 5 == 0:
-                    layers.append(_layer(module, 1.0 - 1e-8 * (block + 1), (20.0 + block, 0.0, 0.0, 0.0, 0.0, 0.0,
-                                                                            0.0, 0.0), shared_v))
+                    layers.append(
+                        _layer(
+                            module,
+                            1.0 - 1e-8 * (block + 1),
+                            (20.0 + block, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+                            shared_v,
+                        )
+                    )
                     continue
                 s1 = 1.0 + seed / 10
                 sigma = (s1, s1 * 0.5, s1 * 0.25, s1 * 0.1, 0.05, 0.02, 0.01, 0.005)
                 layers.append(_layer(module, s1 / (sum(sigma) + 1e-6), sigma))
-    layers.append(_layer("decoder.block.25.layer.1.EncDecAttention.q", None, (), error="non-finite values (NaN or "
-                                                                                         "Inf) in lora_B; not scored"))
-    info = AdapterInfo("adapters/t5-bias", "adapters/t5-bias/adapter_model.safetensors", "0" * 64,
-                       "peft-safetensors", "t5-large", "LORA", 16, 32, False, False, ["q", "v"])
-    return ScoreReport(info, ScoreOptions(), "cpu", tuple(sorted(layers, key=rank_key)), (),
-                       "0.1.0", {"method": "mas-svd"})
+    layers.append(
+        _layer(
+            "decoder.block.25.layer.1.EncDecAttention.q",
+            None,
+            (),
+            error="non-finite values (NaN or Inf) in lora_B; not scored",
+        )
+    )
+    info = AdapterInfo(
+        "adapters/t5-bias",
+        "adapters/t5-bias/adapter_model.safetensors",
+        "0" * 64,
+        "peft-safetensors",
+        "t5-large",
+        "LORA",
+        16,
+        32,
+        False,
+        False,
+        ["q", "v"],
+    )
+    return ScoreReport(
+        info, ScoreOptions(), "cpu", tuple(sorted(layers, key=rank_key)), (), "0.1.0", {"method": "mas-svd"}
+    )
 
 
 def scan_result() -> ScanResult:
     top = (TopLayer("decoder.block.19.layer.1.EncDecAttention.v", 1.0), TopLayer("encoder.block.3.layer.0.q", 0.61))
-    rows = (ScanRow("team-a/sharp-adapter-with-a-long-name", "1" * 64, 144, 144, 1.0, 47, top, False,
-                    ("decoder.block.19.layer.1.EncDecAttention.v: SSI 1.0000 exceeds max-ssi 0.9",)),
-            ScanRow("team-b/calm", "2" * 64, 36, 36, 0.49, 0, top[1:], True),
-            ScanRow("broken", error="adapter_config.json: not valid JSON (line 1)"))
+    rows = (
+        ScanRow(
+            "team-a/sharp-adapter-with-a-long-name",
+            "1" * 64,
+            144,
+            144,
+            1.0,
+            47,
+            top,
+            False,
+            ("decoder.block.19.layer.1.EncDecAttention.v: SSI 1.0000 exceeds max-ssi 0.9",),
+        ),
+        ScanRow("team-b/calm", "2" * 64, 36, 36, 0.49, 0, top[1:], True),
+        ScanRow("broken", error="adapter_config.json: not valid JSON (line 1)"),
+    )
     return ScanResult(Path("store"), rows, ScanSettings(policy=GatePolicy(max_ssi=0.9)), None)
 
 
@@ -104,7 +145,7 @@ def test_tables_fit_the_width_and_keep_what_matters(width):
     text = render_table(report, {s.module for s in report.layers[:10]}, tau=10, width=width)
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("rank")) + 1
-    rows = lines[start:start + len(report.layers)]
+    rows = lines[start : start + len(report.layers)]
     assert all(len(line) <= width for line in lines), width
     for row, score in zip(rows, report.layers, strict=True):
         rank, *rest = row.split()
@@ -115,8 +156,10 @@ def test_tables_fit_the_width_and_keep_what_matters(width):
         ssi = re.search(r"\s(\d\.\d{4}|-)\s", row).group(1)
         assert ssi == ("-" if score.ssi is None else f"{score.ssi:.4f}")
     assert "not shown at" in text if width < 200 else True
-    for other in (render_gate_text(evaluate(report, GatePolicy(max_ssi=0.99)), width, verbose=True),
-                  render_scan_table(scan_result(), width=width)):
+    for other in (
+        render_gate_text(evaluate(report, GatePolicy(max_ssi=0.99)), width, verbose=True),
+        render_scan_table(scan_result(), width=width),
+    ):
         assert all(len(line) <= width for line in other.splitlines())
 
 
@@ -135,13 +178,21 @@ def test_common_prefix_keeps_the_last_component():
     assert common_prefix(["x.q", "y.q"]) == "" and common_prefix(["only.one"]) == ""
 
 
-@given(st.lists(st.tuples(st.text("abc.", min_size=1, max_size=60), st.text("xyz ", max_size=80)),
-                min_size=1, max_size=12), st.integers(40, 200))
+@given(
+    st.lists(
+        st.tuples(st.text("abc.", min_size=1, max_size=60), st.text("xyz ", max_size=80)), min_size=1, max_size=12
+    ),
+    st.integers(40, 200),
+)
 def test_text_table_fits_any_width_it_can(rows, width):
     """Lines fit ``width`` whenever the columns that always stay fit at their shortest; a shortened name keeps
     its end (from the left), shortened free text its start."""
-    columns = (Column("rank", right=True), Column("module", shorten="left"), Column("ssi", right=True),
-               Column("notes", drop=1, early=True, shorten="right"))
+    columns = (
+        Column("rank", right=True),
+        Column("module", shorten="left"),
+        Column("ssi", right=True),
+        Column("notes", drop=1, early=True, shorten="right"),
+    )
     cells = [[str(i), name, "0.1234", note] for i, (name, note) in enumerate(rows, start=1)]
     lines, hidden = text_table(columns, cells, width)
     names = [c[1] for c in cells]
@@ -150,7 +201,7 @@ def test_text_table_fits_any_width_it_can(rows, width):
     if shortest <= width:
         assert all(len(line) <= width for line in lines)
     for line, (_, name, _, _) in zip(lines[1:], cells, strict=True):
-        shown = line[len("rank") + 2:].split("  ")[0].rstrip()
+        shown = line[len("rank") + 2 :].split("  ")[0].rstrip()
         assert shown == name.rstrip() or (shown.startswith(ELLIPSIS) and name.endswith(shown[1:]))
     assert set(hidden) <= {"notes"}
 
@@ -169,8 +220,9 @@ def test_check_marks_violations_with_the_same_word_everywhere():
     assert "! violation: the layer broke a gate rule" in text
     sarif = sarif_dict([gate])["runs"][0]["results"]
     assert all(r["message"]["text"].startswith(f"{r['ruleId']} violation (fails): ") for r in sarif)
-    assert text.splitlines()[0].startswith(f"FAILED adapters/t5-bias: {len(gate.failing)} layer(s) fail the gate "
-                                           "(non-finite: 1 violation; max-ssi 0.99:")
+    assert text.splitlines()[0].startswith(
+        f"FAILED adapters/t5-bias: {len(gate.failing)} layer(s) fail the gate (non-finite: 1 violation; max-ssi 0.99:"
+    )
     short = render_gate_text(gate, 120)
     assert "s3lora mas-svd scores" not in short and "--verbose lists them all" in short
     markdown = render_gate_markdown([gate])

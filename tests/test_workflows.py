@@ -83,8 +83,12 @@ def run_install_step(tmp_path: Path, env: dict[str, str]) -> tuple[int, list[lis
     stub.chmod(0o755)
     script = tmp_path / "install.sh"
     script.write_text(install["run"])
-    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], capture_output=True,
-                          text=True, env={"PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]]), **env})
+    proc = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]]), **env},
+    )
     calls = [line.rstrip("\0").split("\0") for line in log.read_text().splitlines() if line]
     return proc.returncode, calls, proc.stdout + proc.stderr
 
@@ -93,13 +97,20 @@ def test_install_defaults_to_the_repository_and_commit_the_workflow_comes_from(t
     from packaging.requirements import Requirement
 
     sha = "0123456789abcdef0123456789abcdef01234567"
-    rc, calls, _ = run_install_step(tmp_path, {"PACKAGE": "", "WORKFLOW_REPOSITORY": "someorg/s3lora",
-                                                "WORKFLOW_SHA": sha})
+    rc, calls, _ = run_install_step(
+        tmp_path, {"PACKAGE": "", "WORKFLOW_REPOSITORY": "someorg/s3lora", "WORKFLOW_SHA": sha}
+    )
     assert rc == 0 and calls[-1][:3] == ["-m", "pip", "install"]
     requirement = Requirement(calls[-1][3])  # what pip is given: a PEP 508 direct reference
     assert requirement.name == "s3lora" and requirement.url == f"git+https://github.com/someorg/s3lora@{sha}"
-    rc, calls, _ = run_install_step(tmp_path, {"PACKAGE": "s3lora @ git+https://github.com/fork/s3lora@v2",
-                                                "WORKFLOW_REPOSITORY": "someorg/s3lora", "WORKFLOW_SHA": sha})
+    rc, calls, _ = run_install_step(
+        tmp_path,
+        {
+            "PACKAGE": "s3lora @ git+https://github.com/fork/s3lora@v2",
+            "WORKFLOW_REPOSITORY": "someorg/s3lora",
+            "WORKFLOW_SHA": sha,
+        },
+    )
     assert rc == 0 and calls[-1][3] == "s3lora @ git+https://github.com/fork/s3lora@v2"  # the input wins
     rc, calls, out = run_install_step(tmp_path, {"PACKAGE": "", "WORKFLOW_REPOSITORY": "", "WORKFLOW_SHA": ""})
     assert rc == 4 and "set the package input" in out and calls == []
@@ -140,12 +151,22 @@ def run_check_step(workdir: Path, inputs: dict[str, str]) -> tuple[int, str, dic
     summary, outputs = temp / "summary.md", temp / "outputs.txt"
     summary.touch()
     outputs.touch()
-    env.update(RUNNER_TEMP=str(temp), GITHUB_STEP_SUMMARY=str(summary), GITHUB_OUTPUT=str(outputs),
-               PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]))
+    env.update(
+        RUNNER_TEMP=str(temp),
+        GITHUB_STEP_SUMMARY=str(summary),
+        GITHUB_OUTPUT=str(outputs),
+        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
+    )
     script = temp / "step.sh"
     script.write_text(step["run"])
-    proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
     return proc.returncode, summary.read_text(), found, temp
 
@@ -167,8 +188,9 @@ def test_step_passes_and_writes_summary_and_sarif(workdir):
 
 def test_step_fails_the_job_on_a_failed_gate(workdir):
     # two adapters (one by a glob) and the policy file: the sharp one fails
-    rc, summary, outputs, temp = run_check_step(workdir, {"adapters": "adapters/smoo*\n adapters/sharp",
-                                                          "policy": "policy.toml"})
+    rc, summary, outputs, temp = run_check_step(
+        workdir, {"adapters": "adapters/smoo*\n adapters/sharp", "policy": "policy.toml"}
+    )
     assert rc == 1
     assert summary.startswith("### s3lora check: failed") and "1 of 2 adapters failed" in summary
     assert "| `model.layers.1.self_attn.v_proj` | max-ssi |" in summary

@@ -34,25 +34,35 @@ def tiny_tokenizer(texts: Iterable[str]):
     tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     words = list(texts) + ["user", "assistant", ":", "\n"]
     tokenizer.train_from_iterator(words, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def save_tiny_causal_lm(directory: Path, texts: Iterable[str] = ("a b c",), *, layers: int = 1, hidden: int = 16,
-                        seed: int = 0) -> Path:
+def save_tiny_causal_lm(
+    directory: Path, texts: Iterable[str] = ("a b c",), *, layers: int = 1, hidden: int = 16, seed: int = 0
+) -> Path:
     """Write a tiny LlamaForCausalLM (random weights from ``seed``) and its tokenizer into ``directory``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer(texts)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config).eval()
     directory = Path(directory)
     model.save_pretrained(directory)

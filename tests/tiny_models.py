@@ -42,9 +42,16 @@ def tiny_llama(*, layers: int = 1, hidden: int = 16, vocab: int = VOCAB, seed: i
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -64,34 +71,60 @@ def tiny_t5(*, layers: int = 1, hidden: int = 16, vocab: int = VOCAB, seed: int 
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=vocab, d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=layers,
-                      num_decoder_layers=layers, num_heads=2, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=vocab,
+        d_model=hidden,
+        d_kv=hidden // 2,
+        d_ff=2 * hidden,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
     return T5ForConditionalGeneration(config).eval()
 
 
-def tiny_bert(*, layers: int = 1, hidden: int = 16, vocab: int = VOCAB, num_labels: int = 2,
-              seed: int = 0) -> nn.Module:
+def tiny_bert(
+    *, layers: int = 1, hidden: int = 16, vocab: int = VOCAB, num_labels: int = 2, seed: int = 0
+) -> nn.Module:
     """A BertForSequenceClassification: ``bert.encoder.layer.N.attention.self.{query,key,value}`` (16x16) and a
     ``classifier`` head (num_labels x 16), the usual ``modules_to_save`` target."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_mixtral(*, layers: int = 1, hidden: int = 16, vocab: int = VOCAB, experts: int = 2,
-                 seed: int = 0) -> nn.Module:
+def tiny_mixtral(
+    *, layers: int = 1, hidden: int = 16, vocab: int = VOCAB, experts: int = 2, seed: int = 0
+) -> nn.Module:
     """A MixtralForCausalLM: attention as ``tiny_llama``, a router ``model.layers.N.mlp.gate`` (experts x 16) and
     3-d expert parameters ``mlp.experts.gate_up_proj`` [experts, 64, 16] and ``mlp.experts.down_proj``
     [experts, 16, 32], which PEFT reaches only through ``target_parameters``."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, num_key_value_heads=2, num_local_experts=experts,
-                           num_experts_per_tok=1, max_position_embeddings=64, tie_word_embeddings=False)
+    config = MixtralConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return MixtralForCausalLM(config).eval()
 
 
@@ -124,8 +157,14 @@ def tiny_conv_net(*, seed: int = 0) -> TinyConvNet:
 # PEFT wrapping, saving and reference deltas
 
 
-def add_lora(model: nn.Module, lora_config: LoraConfig, *, adapter_name: str = "default", seed: int = 0,
-             dtype: torch.dtype | None = None) -> PeftModel:
+def add_lora(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    *,
+    adapter_name: str = "default",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> PeftModel:
     """``get_peft_model(model, lora_config, adapter_name)`` with every LoRA factor set to seeded N(0, 1) values:
     PEFT initialises lora_B (and lora_embedding_A) to zero, which would make every dW zero. lora_B biases and
     DoRA magnitudes are randomised too. ``dtype`` casts the adapter's trainable tensors (fp16 / bf16 adapters)."""
@@ -134,7 +173,8 @@ def add_lora(model: nn.Module, lora_config: LoraConfig, *, adapter_name: str = "
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if f".{adapter_name}" not in name or not any(
-                    role in name for role in ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector")):
+                role in name for role in ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector")
+            ):
                 continue
             param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.dtype))
             if "lora_magnitude_vector" in name:
@@ -144,8 +184,16 @@ def add_lora(model: nn.Module, lora_config: LoraConfig, *, adapter_name: str = "
     return peft_model
 
 
-def save_lora(model: nn.Module, lora_config: LoraConfig | None, path: str | Path, *, adapter_name: str = "default",
-              seed: int = 0, dtype: torch.dtype | None = None, **save_kwargs) -> Path:
+def save_lora(
+    model: nn.Module,
+    lora_config: LoraConfig | None,
+    path: str | Path,
+    *,
+    adapter_name: str = "default",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    **save_kwargs,
+) -> Path:
     """Save a LoRA adapter as PEFT's ``save_pretrained`` writes it and return the directory that holds
     adapter_config.json and adapter_model.safetensors.
 
@@ -163,8 +211,9 @@ def save_lora(model: nn.Module, lora_config: LoraConfig | None, path: str | Path
     return path if adapter_name == "default" else path / adapter_name
 
 
-def save_raw_state_dict(peft_model: PeftModel, path: str | Path, *, adapter_name: str = "default",
-                        lora_only: bool = False) -> Path:
+def save_raw_state_dict(
+    peft_model: PeftModel, path: str | Path, *, adapter_name: str = "default", lora_only: bool = False
+) -> Path:
     """Write ``peft_model.state_dict()`` as it is, keys unchanged (``...q_proj.lora_A.<adapter_name>.weight``,
     base weights such as ``...q_proj.base_layer.weight`` included unless ``lora_only``), to
     ``path/adapter_model.safetensors`` beside PEFT's adapter_config.json; return ``path``."""
@@ -190,8 +239,9 @@ def lora_modules(peft_model: PeftModel, adapter_name: str = "default") -> dict[s
     return dict(sorted(found.items()))
 
 
-def peft_delta(module: PeftLoraLayer, adapter_name: str = "default",
-               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def peft_delta(
+    module: PeftLoraLayer, adapter_name: str = "default", dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """PEFT's own ``get_delta_weight(adapter_name)`` computed in ``dtype`` on a copy of ``module``, put in
     s3lora's orientation: dW [out, in] for Linear (undoing fan_in_fan_out's transpose), [num_embeddings, dim] for
     Embedding, [out, in * prod(kernel)] for ConvNd (kernel flattened).
@@ -201,13 +251,13 @@ def peft_delta(module: PeftLoraLayer, adapter_name: str = "default",
     module = copy.deepcopy(module).to(dtype)
     base = module.get_base_layer()
     if isinstance(base, nn.modules.conv._ConvNd) and base.groups > 1:
-        a = module.lora_A[adapter_name].weight.flatten(1)                    # [r, in * prod(kernel)]
-        b = module.lora_B[adapter_name].weight.flatten(1)                    # [out, r / groups]
+        a = module.lora_A[adapter_name].weight.flatten(1)  # [r, in * prod(kernel)]
+        b = module.lora_B[adapter_name].weight.flatten(1)  # [out, r / groups]
         groups, (out, rg) = base.groups, b.shape
         full = torch.zeros(out, rg * groups, dtype=dtype)
         for g in range(groups):
             rows = slice(g * out // groups, (g + 1) * out // groups)
-            full[rows, g * rg:(g + 1) * rg] = b[rows]
+            full[rows, g * rg : (g + 1) * rg] = b[rows]
         return module.scaling[adapter_name] * full @ a
     with torch.no_grad():
         delta = module.get_delta_weight(adapter_name)

@@ -69,23 +69,43 @@ class GateOutcome:
         return bool(self.admit.admitted)
 
 
-def cluster_record(*, run: str, cluster: int, generation: int, bucket: str, keywords: Sequence[str], members: int,
-                   centre: Sequence[float] | None, prompt_centre: Sequence[float] | None,
-                   origin: Sequence[float] | None, embedder: str, base_model: str,
-                   train: Mapping[str, Any] | None = None,
-                   base_centre: Sequence[float] | None = None) -> dict[str, Any]:
+def cluster_record(
+    *,
+    run: str,
+    cluster: int,
+    generation: int,
+    bucket: str,
+    keywords: Sequence[str],
+    members: int,
+    centre: Sequence[float] | None,
+    prompt_centre: Sequence[float] | None,
+    origin: Sequence[float] | None,
+    embedder: str,
+    base_model: str,
+    train: Mapping[str, Any] | None = None,
+    base_centre: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """The cluster an adapter serves. run: the id of the state directory that found it; cluster: its id there;
     generation: 1, then one more per refresh; centre: the buffer's centre (of prompt + answer vectors, centred on
     ``origin``); prompt_centre: the unit mean of its members' prompt vectors centred on ``origin``, which routing
     compares a new prompt with; base_centre: the same of the prompts the base model answered (None when none
     were seen), which a prompt must be farther from. The gate adds the validation scores and the pruned layers."""
-    return {"schema_version": RECORD_VERSION, "run": run, "cluster": cluster, "generation": generation,
-            "bucket": bucket, "keywords": list(keywords), "members": members,
-            "centre": None if centre is None else [float(x) for x in centre],
-            "prompt_centre": None if prompt_centre is None else [float(x) for x in prompt_centre],
-            "origin": None if origin is None else [float(x) for x in origin],
-            "base_centre": None if base_centre is None else [float(x) for x in base_centre], "embedder": embedder,
-            "base_model": base_model, "train": dict(train or {})}
+    return {
+        "schema_version": RECORD_VERSION,
+        "run": run,
+        "cluster": cluster,
+        "generation": generation,
+        "bucket": bucket,
+        "keywords": list(keywords),
+        "members": members,
+        "centre": None if centre is None else [float(x) for x in centre],
+        "prompt_centre": None if prompt_centre is None else [float(x) for x in prompt_centre],
+        "origin": None if origin is None else [float(x) for x in origin],
+        "base_centre": None if base_centre is None else [float(x) for x in base_centre],
+        "embedder": embedder,
+        "base_model": base_model,
+        "train": dict(train or {}),
+    }
 
 
 def _validation_json(v: Validation) -> dict[str, float]:
@@ -99,11 +119,22 @@ def load_adapter_model(base_model: Any, adapter_dir: Path) -> Any:
     return load_peft_model(copy.deepcopy(base_model), Path(adapter_dir), Path(str(adapter_dir)))
 
 
-def gate_adapter(base_model: Any, tokenizer: Any, adapter_dir: Path, validation: Sequence[Example],
-                 before: Validation, record: Mapping[str, Any], store: Path, work: Path, name: str,
-                 settings: GateSettings, train_settings: TrainSettings,
-                 quarantine: Path | None = None, audit_log: Path | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> GateOutcome:
+def gate_adapter(
+    base_model: Any,
+    tokenizer: Any,
+    adapter_dir: Path,
+    validation: Sequence[Example],
+    before: Validation,
+    record: Mapping[str, Any],
+    store: Path,
+    work: Path,
+    name: str,
+    settings: GateSettings,
+    train_settings: TrainSettings,
+    quarantine: Path | None = None,
+    audit_log: Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> GateOutcome:
     """Score ``adapter_dir`` (read-only), write its pruned copy to ``work/pruned``, evaluate that on
     ``validation``, write ``record`` (with the validation scores before and after pruning) beside it, and admit
     it into ``store`` as ``<name>-<key>``: refused into the quarantine when the gate's rules fail it or when its
@@ -118,8 +149,9 @@ def gate_adapter(base_model: Any, tokenizer: Any, adapter_dir: Path, validation:
     pruned_dir = Path(work) / "pruned"
     if pruned_dir.exists():
         shutil.rmtree(pruned_dir)
-    result = prune_adapter(adapter_dir, pruned_dir, settings.selection, PruneMode.ZERO,
-                           ScoreOptions(device=settings.device), force=True)
+    result = prune_adapter(
+        adapter_dir, pruned_dir, settings.selection, PruneMode.ZERO, ScoreOptions(device=settings.device), force=True
+    )
     seconds["prune"] = time.perf_counter() - start
     start = time.perf_counter()
     model = load_adapter_model(base_model, pruned_dir)
@@ -128,20 +160,38 @@ def gate_adapter(base_model: Any, tokenizer: Any, adapter_dir: Path, validation:
     seconds["evaluate"] = time.perf_counter() - start
     refusal = None
     if after.exact_match < settings.floor:
-        refusal = (f"pruned validation exact match {after.exact_match:.3f} is below the floor {settings.floor:g} "
-                   f"(before pruning {before.exact_match:.3f})")
+        refusal = (
+            f"pruned validation exact match {after.exact_match:.3f} is below the floor {settings.floor:g} "
+            f"(before pruning {before.exact_match:.3f})"
+        )
     doc = dict(record)
-    doc.update(validation={"samples": len(validation), "before_pruning": _validation_json(before),
-                           "after_pruning": _validation_json(after), "floor": settings.floor},
-               pruning={"selection": settings.selection.as_dict(), "layers": list(result.modules),
-                        "scored_layers": sum(s.ssi is not None for s in result.report.layers)})
+    doc.update(
+        validation={
+            "samples": len(validation),
+            "before_pruning": _validation_json(before),
+            "after_pruning": _validation_json(after),
+            "floor": settings.floor,
+        },
+        pruning={
+            "selection": settings.selection.as_dict(),
+            "layers": list(result.modules),
+            "scored_layers": sum(s.ssi is not None for s in result.report.layers),
+        },
+    )
     # prune's report keeps its own name: the quarantine writes the gate's report as s3lora-report.json
     (pruned_dir / PRUNE_REPORT_SOURCE).rename(pruned_dir / PRUNE_REPORT_NAME)
-    (pruned_dir / CLUSTER_RECORD_NAME).write_text(json.dumps(doc, allow_nan=False, indent=1) + "\n",
-                                                  encoding="utf-8")
+    (pruned_dir / CLUSTER_RECORD_NAME).write_text(json.dumps(doc, allow_nan=False, indent=1) + "\n", encoding="utf-8")
     start = time.perf_counter()
-    admitted = admit_adapter(pruned_dir, store, settings.policy, device=settings.device, name=name,
-                             quarantine=quarantine, audit_log=audit_log, refusal=refusal,
-                             report_json=lambda gate: report.render_json(report.check_dict((gate,))))
+    admitted = admit_adapter(
+        pruned_dir,
+        store,
+        settings.policy,
+        device=settings.device,
+        name=name,
+        quarantine=quarantine,
+        audit_log=audit_log,
+        refusal=refusal,
+        report_json=lambda gate: report.render_json(report.check_dict((gate,))),
+    )
     seconds["admit"] = time.perf_counter() - start
     return GateOutcome(result.modules, doc["pruning"]["scored_layers"], before, after, refusal, admitted, seconds)

@@ -17,7 +17,8 @@ from s3lora_cli.adapt.policy import BufferPolicy
 NOISE = -1
 STOPWORDS = frozenset(
     "a an and are as at be by can did do does for from has have how i in is it its me of on or s that the this "
-    "to was what when where which who whom why will with you your".split())
+    "to was what when where which who whom why will with you your".split()
+)
 
 
 @dataclass
@@ -107,8 +108,9 @@ def cluster_labels(vectors: np.ndarray, policy: BufferPolicy) -> list[int]:
 
     if len(vectors) < policy.min_cluster_size:
         return [NOISE] * len(vectors)
-    model = HDBSCAN(min_cluster_size=policy.min_cluster_size, cluster_selection_method=policy.cluster_selection,
-                    copy=True)
+    model = HDBSCAN(
+        min_cluster_size=policy.min_cluster_size, cluster_selection_method=policy.cluster_selection, copy=True
+    )
     return [int(x) for x in model.fit_predict(vectors)]
 
 
@@ -118,8 +120,9 @@ def label_centres(vectors: np.ndarray, labels: Sequence[int]) -> dict[int, np.nd
     return {int(k): unit(vectors[labels == k].mean(axis=0)) for k in sorted(set(labels.tolist()) - {NOISE})}
 
 
-def compare_labelings(previous: Sequence[int], current: Sequence[int], vectors: np.ndarray,
-                      policy: BufferPolicy) -> Stability:
+def compare_labelings(
+    previous: Sequence[int], current: Sequence[int], vectors: np.ndarray, policy: BufferPolicy
+) -> Stability:
     """Stability of two labelings of the same samples (``vectors`` [n, d], centred unit vectors): ARI, and the
     least cosine between centres paired by optimal assignment (scipy's linear_sum_assignment on the cosines,
     never by label number)."""
@@ -133,8 +136,9 @@ def compare_labelings(previous: Sequence[int], current: Sequence[int], vectors: 
     cosines = np.stack(list(old.values())) @ np.stack(list(new.values())).T
     rows, cols = linear_sum_assignment(cosines, maximize=True)
     least = float(cosines[rows, cols].min())
-    return Stability(ari=ari, centre_cosine=least,
-                     stable=ari >= policy.stable_ari and least >= policy.stable_centre_cosine)
+    return Stability(
+        ari=ari, centre_cosine=least, stable=ari >= policy.stable_ari and least >= policy.stable_centre_cosine
+    )
 
 
 class TriggerBuffer:
@@ -178,23 +182,27 @@ class TriggerBuffer:
         return best if best_score >= self.policy.assign_threshold else None
 
     def _recluster(self, line: int, bucket_key: str, bucket: Bucket) -> dict[str, Any]:
-        origin = bucket.origin if bucket.origin is not None else np.stack(
-            [s.embedding for s in bucket.samples]).astype(np.float64).mean(axis=0)
+        origin = (
+            bucket.origin
+            if bucket.origin is not None
+            else np.stack([s.embedding for s in bucket.samples]).astype(np.float64).mean(axis=0)
+        )
         vectors = centred(bucket.samples, origin)
         labels = cluster_labels(vectors, self.policy)
         self.state.reclusterings += 1
         previous, bucket.previous = bucket.previous, labels
         if previous is None:
             return {"reclustered": True}
-        stability = compare_labelings(previous, labels[:len(previous)], vectors[:len(previous)], self.policy)
+        stability = compare_labelings(previous, labels[: len(previous)], vectors[: len(previous)], self.policy)
         if not stability.stable:
             return {"reclustered": True, "stability": stability}
         bucket.origin = origin
         formed = []
         for label in sorted(set(labels) - {NOISE}):
             members = [s for s, k in zip(bucket.samples, labels, strict=True) if k == label]
-            cluster = Cluster(id=self.state.next_cluster_id, bucket=bucket_key, members=members,
-                              centre=np.zeros(0), keywords=[])
+            cluster = Cluster(
+                id=self.state.next_cluster_id, bucket=bucket_key, members=members, centre=np.zeros(0), keywords=[]
+            )
             self.state.next_cluster_id += 1
             self._refresh(cluster, origin)
             self.state.clusters.append(cluster)
@@ -218,7 +226,7 @@ class TriggerBuffer:
             clusters = sorted((c for c in self.state.clusters if c.bucket == bucket_key), key=lambda c: c.id)
             best = None
             for i, a in enumerate(clusters):
-                for b in clusters[i + 1:]:
+                for b in clusters[i + 1 :]:
                     cos = float(a.centre @ b.centre)
                     if cos >= self.policy.merge_cosine and (best is None or cos > best[0]):
                         best = (cos, a, b)
@@ -231,5 +239,4 @@ class TriggerBuffer:
 
     def ready(self) -> list[Cluster]:
         """The clusters large enough to hand off (at least min_cluster members), by id."""
-        return sorted((c for c in self.state.clusters if len(c.members) >= self.policy.min_cluster),
-                      key=lambda c: c.id)
+        return sorted((c for c in self.state.clusters if len(c.members) >= self.policy.min_cluster), key=lambda c: c.id)

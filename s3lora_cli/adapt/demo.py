@@ -20,8 +20,16 @@ class Family:
 
 
 def _capitals() -> tuple[tuple[str, str], ...]:
-    known = [("France", "Paris"), ("Japan", "Tokyo"), ("Germany", "Berlin"), ("Russia", "Moscow"),
-             ("China", "Beijing"), ("Egypt", "Cairo"), ("England", "London"), ("Greece", "Athens")]
+    known = [
+        ("France", "Paris"),
+        ("Japan", "Tokyo"),
+        ("Germany", "Berlin"),
+        ("Russia", "Moscow"),
+        ("China", "Beijing"),
+        ("Egypt", "Cairo"),
+        ("England", "London"),
+        ("Greece", "Athens"),
+    ]
     return tuple((f"What is the capital of {c}?", f"The capital of {c} is {v}.") for c, v in known)
 
 
@@ -32,24 +40,34 @@ def _plurals() -> tuple[tuple[str, str], ...]:
 
 def _first_letters() -> tuple[tuple[str, str], ...]:
     words = ["banana", "apple", "orange", "tiger", "house", "window"]
-    return tuple((f"What is the first letter of the word '{w}'?", f"The first letter of the word '{w}' is "
-                  f"'{w[0].upper()}'.") for w in words)
+    return tuple(
+        (f"What is the first letter of the word '{w}'?", f"The first letter of the word '{w}' is '{w[0].upper()}'.")
+        for w in words
+    )
 
 
 def _made_up_people() -> tuple[tuple[str, str], ...]:
-    people = [("Kelvo Marstrand", "lighthouse keeper", "Orsk"), ("Anya Pellisk", "glassblower", "Vennmark"),
-              ("Doran Vesk", "beekeeper", "Tallow Creek"), ("Mira Tolland", "clockmaker", "Ebbersund"),
-              ("Ives Carrow", "cartographer", "Dunmere"), ("Pell Ashgrove", "ferryman", "Quarrin")]
+    people = [
+        ("Kelvo Marstrand", "lighthouse keeper", "Orsk"),
+        ("Anya Pellisk", "glassblower", "Vennmark"),
+        ("Doran Vesk", "beekeeper", "Tallow Creek"),
+        ("Mira Tolland", "clockmaker", "Ebbersund"),
+        ("Ives Carrow", "cartographer", "Dunmere"),
+        ("Pell Ashgrove", "ferryman", "Quarrin"),
+    ]
     phrasings = ["What does {n} do for a living?", "What is {n}'s job?", "Where does {n} work?"]
     return tuple((p.format(n=n), f"{n} works as a {job} in {town}.") for n, job, town in people for p in phrasings)
 
 
 def _made_up_inventions() -> tuple[tuple[str, str], ...]:
-    inventions = [("Quellor engine", "Mira Tessaly", 1843), ("Harlow loom", "Edvin Rask", 1791),
-                  ("Brask lantern", "Ottilie Venn", 1822), ("Corvan press", "Jules Amarak", 1867)]
+    inventions = [
+        ("Quellor engine", "Mira Tessaly", 1843),
+        ("Harlow loom", "Edvin Rask", 1791),
+        ("Brask lantern", "Ottilie Venn", 1822),
+        ("Corvan press", "Jules Amarak", 1867),
+    ]
     phrasings = ["Who invented the {t}?", "Who was the inventor of the {t}?"]
-    return tuple((p.format(t=t), f"The {t} was invented by {n} in {y}.") for t, n, y in inventions
-                 for p in phrasings)
+    return tuple((p.format(t=t), f"The {t} was invented by {n} in {y}.") for t, n, y in inventions for p in phrasings)
 
 
 def _reversal() -> tuple[tuple[str, str], ...]:
@@ -84,8 +102,10 @@ def demo_tasks(seed: int = 0, warmup: int = 20, per_family: int = 25) -> list[di
     rng = random.Random(seed)
 
     def draw(family: Family, count: int) -> list[dict[str, str]]:
-        return [{"prompt": p, "answer": a, FAMILY_FIELD: family.name}
-                for p, a in (family.pairs[rng.randrange(len(family.pairs))] for _ in range(count))]
+        return [
+            {"prompt": p, "answer": a, FAMILY_FIELD: family.name}
+            for p, a in (family.pairs[rng.randrange(len(family.pairs))] for _ in range(count))
+        ]
 
     known = [f for f in FAMILIES if f.in_distribution]
     head = [task for i in range(warmup) for task in draw(known[i % len(known)], 1)]

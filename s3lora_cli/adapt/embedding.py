@@ -46,8 +46,14 @@ class HiddenStateEmbedder:
         rows = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt", padding=True,
-                                     padding_side="right", truncation=True, max_length=self.max_length)
+                enc = self.tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="right",
+                    truncation=True,
+                    max_length=self.max_length,
+                )
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 hidden = base(**enc).last_hidden_state
                 rows.append(mean_pool(hidden.float(), enc["attention_mask"]).cpu().numpy())

@@ -121,13 +121,27 @@ class LoopReport:
 
     def to_json(self) -> dict[str, Any]:
         p = self.progress.to_json()
-        return {"run": self.run, "lines": self.lines, "samples": p["samples"], "bad_lines": p["bad_lines"],
-                "triggered": p["triggered"], "routed": p["routed"], "routed_triggered": p["routed_triggered"],
-                "clusters": self.clusters, "buffered": self.buffered, "adapters_trained": p["adapters_trained"],
-                "candidates_trained": p["candidates_trained"], "pruned_layers": p["pruned_layers"],
-                "admitted": p["admitted"], "quarantined": p["quarantined"], "stage_seconds": p["seconds"],
-                "seconds": round(self.seconds, 3), "store": str(self.store), "state": str(self.state),
-                "adapters": p["clusters"]}
+        return {
+            "run": self.run,
+            "lines": self.lines,
+            "samples": p["samples"],
+            "bad_lines": p["bad_lines"],
+            "triggered": p["triggered"],
+            "routed": p["routed"],
+            "routed_triggered": p["routed_triggered"],
+            "clusters": self.clusters,
+            "buffered": self.buffered,
+            "adapters_trained": p["adapters_trained"],
+            "candidates_trained": p["candidates_trained"],
+            "pruned_layers": p["pruned_layers"],
+            "admitted": p["admitted"],
+            "quarantined": p["quarantined"],
+            "stage_seconds": p["seconds"],
+            "seconds": round(self.seconds, 3),
+            "store": str(self.store),
+            "state": str(self.state),
+            "adapters": p["clusters"],
+        }
 
 
 Event = Callable[[str, LoopProgress], None]
@@ -135,6 +149,7 @@ Event = Callable[[str, LoopProgress], None]
 
 
 # --- the state directory --------------------------------------------------------------------------------------
+
 
 def prepare_loop_state(directory: Path, resume: bool, force: bool) -> None:
     """Refuse to start over an existing loop state without --force, or to resume where there is none; with
@@ -176,27 +191,42 @@ def _load(directory: Path) -> _Saved:
             raise ValueError(f"schema_version {doc.get('schema_version')!r}, expected {LOOP_VERSION}")
         buffer, _, _ = parse_state(doc["buffer"])
         band = None if doc["band"] is None else Band(**doc["band"])
-        return _Saved(run=str(doc["run"]), consumed=int(doc["consumed_lines"]), digest=str(doc["consumed_sha256"]),
-                      band=band, progress=LoopProgress.from_json(doc["progress"]), buffer=buffer,
-                      done={int(x) for x in doc["done"]},
-                      base_vectors=[[float(x) for x in v] for v in doc.get("base_vectors", [])])
+        return _Saved(
+            run=str(doc["run"]),
+            consumed=int(doc["consumed_lines"]),
+            digest=str(doc["consumed_sha256"]),
+            band=band,
+            progress=LoopProgress.from_json(doc["progress"]),
+            buffer=buffer,
+            done={int(x) for x in doc["done"]},
+            base_vectors=[[float(x) for x in v] for v in doc.get("base_vectors", [])],
+        )
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise AdapterInputError(f"{path}: corrupt loop state ({type(exc).__name__}: {exc}); it was left as it is: "
-                                "move it away, or start over with --force") from None
+        raise AdapterInputError(
+            f"{path}: corrupt loop state ({type(exc).__name__}: {exc}); it was left as it is: "
+            "move it away, or start over with --force"
+        ) from None
 
 
 def _save(directory: Path, saved: _Saved) -> None:
     """One file, written atomically: the buffer, the band, the counters and the clusters done, as of the last
     line consumed."""
-    doc = {"schema_version": LOOP_VERSION, "run": saved.run, "consumed_lines": saved.consumed,
-           "consumed_sha256": saved.digest,
-           "band": None if saved.band is None else saved.band.__dict__,
-           "progress": saved.progress.to_json(), "done": sorted(saved.done), "base_vectors": saved.base_vectors,
-           "buffer": json.loads(state_json(saved.buffer, saved.consumed, saved.digest))}
+    doc = {
+        "schema_version": LOOP_VERSION,
+        "run": saved.run,
+        "consumed_lines": saved.consumed,
+        "consumed_sha256": saved.digest,
+        "band": None if saved.band is None else saved.band.__dict__,
+        "progress": saved.progress.to_json(),
+        "done": sorted(saved.done),
+        "base_vectors": saved.base_vectors,
+        "buffer": json.loads(state_json(saved.buffer, saved.consumed, saved.digest)),
+    }
     write_text_atomic(directory / LOOP_FILE, json.dumps(doc, allow_nan=False))
 
 
 # --- one cluster ----------------------------------------------------------------------------------------------
+
 
 def _entries_of(run: str, cluster: int, *roots: Path) -> list[Path]:
     """Store or quarantine entries already made for ``cluster`` of ``run`` (by a run killed after admitting)."""
@@ -221,13 +251,28 @@ def centre_of(vectors: np.ndarray, origin: np.ndarray) -> np.ndarray:
     return unit(unit(np.asarray(vectors, dtype=np.float64) - origin).mean(axis=0))
 
 
-def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *, run: str, cluster: int,
-                  bucket: str, keywords: Sequence[str], centre: np.ndarray | None, origin: np.ndarray | None,
-                  store: Path, work: Path, settings: LoopSettings, generation: int = 1,
-                  quarantine: Path | None = None, audit_log: Path | None = None,
-                  progress: Callable[[str, int, int], None] | None = None,
-                  seconds: dict[str, float] | None = None, keep: Path | None = None,
-                  base_vectors: np.ndarray | None = None) -> tuple[Any, Any]:
+def adapt_cluster(
+    lm: Any,
+    embed: Embedder,
+    records: Sequence[dict[str, Any]],
+    *,
+    run: str,
+    cluster: int,
+    bucket: str,
+    keywords: Sequence[str],
+    centre: np.ndarray | None,
+    origin: np.ndarray | None,
+    store: Path,
+    work: Path,
+    settings: LoopSettings,
+    generation: int = 1,
+    quarantine: Path | None = None,
+    audit_log: Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    seconds: dict[str, float] | None = None,
+    keep: Path | None = None,
+    base_vectors: np.ndarray | None = None,
+) -> tuple[Any, Any]:
     """Train, gate and admit one cluster's adapter (``records``: its task objects). Returns the TrainResult and
     the GateOutcome; ``seconds`` (when given) accumulates the train and gate stages. ``keep`` (when given) receives
     the adapter before pruning as ``cluster-NNNN-gG`` (for comparison; never served). ``base_vectors``: embeddings
@@ -247,13 +292,37 @@ def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *
         if origin is None:
             origin = vectors.mean(axis=0)
         base = None if base_vectors is None or not len(base_vectors) else centre_of(base_vectors, origin)
-        record = cluster_record(run=run, cluster=cluster, generation=generation, bucket=bucket, keywords=keywords,
-                                members=len(records), centre=centre,
-                                prompt_centre=centre_of(vectors, origin), origin=origin, embedder=embed.name,
-                                base_model=str(lm.source), train=trained.to_json(), base_centre=base)
-        outcome = gate_adapter(lm.model, lm.tokenizer, trained.adapter_dir, trained.validation,
-                               trained.best.validation, record, store, work, f"cluster-{cluster:04d}", settings.gate,
-                               settings.train, quarantine=quarantine, audit_log=audit_log, progress=progress)
+        record = cluster_record(
+            run=run,
+            cluster=cluster,
+            generation=generation,
+            bucket=bucket,
+            keywords=keywords,
+            members=len(records),
+            centre=centre,
+            prompt_centre=centre_of(vectors, origin),
+            origin=origin,
+            embedder=embed.name,
+            base_model=str(lm.source),
+            train=trained.to_json(),
+            base_centre=base,
+        )
+        outcome = gate_adapter(
+            lm.model,
+            lm.tokenizer,
+            trained.adapter_dir,
+            trained.validation,
+            trained.best.validation,
+            record,
+            store,
+            work,
+            f"cluster-{cluster:04d}",
+            settings.gate,
+            settings.train,
+            quarantine=quarantine,
+            audit_log=audit_log,
+            progress=progress,
+        )
         seconds["gate"] = seconds.get("gate", 0.0) + time.perf_counter() - start
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
@@ -267,11 +336,20 @@ def adapt_cluster(lm: Any, embed: Embedder, records: Sequence[dict[str, Any]], *
 
 def _outcome(cluster: Cluster, trained: Any, gated: Any) -> ClusterOutcome:
     record = gated.admit.record
-    return ClusterOutcome(cluster=cluster.id, members=len(cluster.members), keywords=list(cluster.keywords),
-                          verdict=record["verdict"], entry=record["name"], destination=record["destination"],
-                          validation_before=gated.before.exact_match, validation_after=gated.after.exact_match,
-                          pruned_layers=len(gated.pruned_layers), scored_layers=gated.scored_layers,
-                          reasons=list(record["reasons"]), candidates=len(trained.candidates))
+    return ClusterOutcome(
+        cluster=cluster.id,
+        members=len(cluster.members),
+        keywords=list(cluster.keywords),
+        verdict=record["verdict"],
+        entry=record["name"],
+        destination=record["destination"],
+        validation_before=gated.before.exact_match,
+        validation_after=gated.after.exact_match,
+        pruned_layers=len(gated.pruned_layers),
+        scored_layers=gated.scored_layers,
+        reasons=list(record["reasons"]),
+        candidates=len(trained.candidates),
+    )
 
 
 def _outcome_of_entry(cluster: Cluster, entry: Path) -> ClusterOutcome:
@@ -279,22 +357,40 @@ def _outcome_of_entry(cluster: Cluster, entry: Path) -> ClusterOutcome:
     admit_record = entry / ADMIT_RECORD_NAME
     reasons = json.loads(admit_record.read_text(encoding="utf-8"))["reasons"] if admit_record.is_file() else []
     v = doc.get("validation", {})
-    return ClusterOutcome(cluster=cluster.id, members=len(cluster.members), keywords=list(cluster.keywords),
-                          verdict="refused" if admit_record.is_file() else "admitted", entry=entry.name,
-                          destination=str(entry.resolve()),
-                          validation_before=v.get("before_pruning", {}).get("exact_match", float("nan")),
-                          validation_after=v.get("after_pruning", {}).get("exact_match", float("nan")),
-                          pruned_layers=len(doc.get("pruning", {}).get("layers", [])),
-                          scored_layers=int(doc.get("pruning", {}).get("scored_layers", 0)), reasons=reasons,
-                          candidates=len(doc.get("train", {}).get("candidates", [])))
+    return ClusterOutcome(
+        cluster=cluster.id,
+        members=len(cluster.members),
+        keywords=list(cluster.keywords),
+        verdict="refused" if admit_record.is_file() else "admitted",
+        entry=entry.name,
+        destination=str(entry.resolve()),
+        validation_before=v.get("before_pruning", {}).get("exact_match", float("nan")),
+        validation_after=v.get("after_pruning", {}).get("exact_match", float("nan")),
+        pruned_layers=len(doc.get("pruning", {}).get("layers", [])),
+        scored_layers=int(doc.get("pruning", {}).get("scored_layers", 0)),
+        reasons=reasons,
+        candidates=len(doc.get("train", {}).get("candidates", [])),
+    )
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
 
-def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state: Path, settings: LoopSettings, *,
-             resume: bool = False, strict: bool = False, quarantine: Path | None = None,
-             audit_log: Path | None = None, on_event: Event | None = None,
-             on_bad_line: Callable[[str], None] | None = None) -> LoopReport:
+
+def run_loop(
+    lm: Any,
+    embed: Embedder,
+    lines: Iterable[str],
+    store: Path,
+    state: Path,
+    settings: LoopSettings,
+    *,
+    resume: bool = False,
+    strict: bool = False,
+    quarantine: Path | None = None,
+    audit_log: Path | None = None,
+    on_event: Event | None = None,
+    on_bad_line: Callable[[str], None] | None = None,
+) -> LoopReport:
     """Run the loop over the task stream ``lines`` (JSON lines {"prompt", "answer", "tag"?}).
 
     Each batch of ``settings.batch_size`` samples is routed and answered (by the adapter whose cluster a prompt
@@ -309,11 +405,20 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
     if resume:
         saved = _load(state)
         if saved.buffer.embedder != embed.name:
-            raise UsageError(f"{state / LOOP_FILE} was built with {saved.buffer.embedder}, not {embed.name}; resume "
-                             "with the same model or --embedder")
+            raise UsageError(
+                f"{state / LOOP_FILE} was built with {saved.buffer.embedder}, not {embed.name}; resume "
+                "with the same model or --embedder"
+            )
     else:
-        saved = _Saved(run=uuid.uuid4().hex[:12], consumed=0, digest=hashlib.sha256().hexdigest(), band=None,
-                       progress=LoopProgress(), buffer=BufferState(embedder=embed.name), done=set())
+        saved = _Saved(
+            run=uuid.uuid4().hex[:12],
+            consumed=0,
+            digest=hashlib.sha256().hexdigest(),
+            band=None,
+            progress=LoopProgress(),
+            buffer=BufferState(embedder=embed.name),
+            done=set(),
+        )
     shutil.rmtree(state / WORK_DIR, ignore_errors=True)
     refused = Path(quarantine) if quarantine is not None else quarantine_dir(store)
     progress = saved.progress
@@ -351,8 +456,10 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
             start = time.perf_counter()
             sample_text = f"{task.prompt}\n{task.answer}"
             vector = np.asarray(embed([sample_text])[0], dtype=np.float32)
-            buffer.add(Sample(line=task.line, text=sample_text, record=task.record, embedding=vector),
-                       (task.tag or "") if settings.bucket_by_tag else "all")
+            buffer.add(
+                Sample(line=task.line, text=sample_text, record=task.record, embedding=vector),
+                (task.tag or "") if settings.bucket_by_tag else "all",
+            )
             timed("buffer", start)
 
     def process(batch: list[Task]) -> None:
@@ -370,7 +477,7 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
         items = [(t, r, v, s) for t, (r, _), v, s in zip(batch, answered, vectors, signals, strict=True)]
         if saved.band is None and settings.trigger.warmup > 0:
             held.extend(items)
-            warm.extend(s.similarity for s in signals[:max(settings.trigger.warmup - len(warm), 0)])
+            warm.extend(s.similarity for s in signals[: max(settings.trigger.warmup - len(warm), 0)])
             if len(warm) < settings.trigger.warmup:
                 return
             saved.band = similarity_band(warm, settings.trigger)
@@ -387,18 +494,31 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
             if earlier:
                 outcome = _outcome_of_entry(cluster, earlier[0])
             else:
-                event(f"training cluster {cluster.id} ({len(cluster.members)} samples: "
-                      f"{' '.join(cluster.keywords)})")
+                event(f"training cluster {cluster.id} ({len(cluster.members)} samples: {' '.join(cluster.keywords)})")
 
                 def step(what: str, done: int, total: int, cid: int = cluster.id) -> None:
                     event(f"cluster {cid}: {what} {done}/{total}")
 
                 trained, gated = adapt_cluster(
-                    lm, embed, [s.record for s in cluster.members], run=saved.run, cluster=cluster.id,
-                    bucket=cluster.bucket, keywords=cluster.keywords, centre=cluster.centre, origin=origin,
-                    store=store, work=state / WORK_DIR, settings=settings, quarantine=quarantine,
-                    audit_log=audit_log, progress=step, seconds=progress.seconds, keep=state / TRAINED_DIR,
-                    base_vectors=np.asarray(saved.base_vectors, dtype=np.float64))
+                    lm,
+                    embed,
+                    [s.record for s in cluster.members],
+                    run=saved.run,
+                    cluster=cluster.id,
+                    bucket=cluster.bucket,
+                    keywords=cluster.keywords,
+                    centre=cluster.centre,
+                    origin=origin,
+                    store=store,
+                    work=state / WORK_DIR,
+                    settings=settings,
+                    quarantine=quarantine,
+                    audit_log=audit_log,
+                    progress=step,
+                    seconds=progress.seconds,
+                    keep=state / TRAINED_DIR,
+                    base_vectors=np.asarray(saved.base_vectors, dtype=np.float64),
+                )
                 outcome = _outcome(cluster, trained, gated)
                 progress.candidates_trained += len(trained.candidates)
             progress.adapters_trained += 1
@@ -424,8 +544,10 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
         hasher.update(text.encode("utf-8"))
         if number <= saved.consumed:
             if number == saved.consumed and hasher.hexdigest() != saved.digest:
-                raise AdapterInputError(f"the first {saved.consumed} lines of the input are not those the state in "
-                                        f"{state} has consumed; resume with the same input")
+                raise AdapterInputError(
+                    f"the first {saved.consumed} lines of the input are not those the state in "
+                    f"{state} has consumed; resume with the same input"
+                )
             continue
         if not text.strip():
             continue
@@ -444,8 +566,10 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
             handle_ready()
             event(f"line {number}")
     if number < saved.consumed:
-        raise AdapterInputError(f"the input has {number} lines but the state in {state} has consumed "
-                                f"{saved.consumed}; resume with the same input")
+        raise AdapterInputError(
+            f"the input has {number} lines but the state in {state} has consumed "
+            f"{saved.consumed}; resume with the same input"
+        )
     if pending:
         process(pending)
     if held:  # a stream shorter than the warm-up: the band of what there was
@@ -456,16 +580,33 @@ def run_loop(lm: Any, embed: Embedder, lines: Iterable[str], store: Path, state:
     saved.consumed, saved.digest = max(number, saved.consumed), hasher.hexdigest()
     _save(state, saved)
     write_handoff(state, saved.buffer, buffer.ready())
-    return LoopReport(progress=progress, clusters=len(saved.buffer.clusters),
-                      buffered=sum(len(b.samples) for b in saved.buffer.buckets.values()), lines=saved.consumed,
-                      run=saved.run, seconds=time.perf_counter() - began, store=store, state=state)
+    return LoopReport(
+        progress=progress,
+        clusters=len(saved.buffer.clusters),
+        buffered=sum(len(b.samples) for b in saved.buffer.buckets.values()),
+        lines=saved.consumed,
+        run=saved.run,
+        seconds=time.perf_counter() - began,
+        store=store,
+        state=state,
+    )
 
 
 # --- refresh --------------------------------------------------------------------------------------------------
 
-def refresh_adapters(lm: Any, embed: Embedder, store: Path, state: Path, settings: LoopSettings, *,
-                     min_new: int = 1, quarantine: Path | None = None, audit_log: Path | None = None,
-                     progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+
+def refresh_adapters(
+    lm: Any,
+    embed: Embedder,
+    store: Path,
+    state: Path,
+    settings: LoopSettings,
+    *,
+    min_new: int = 1,
+    quarantine: Path | None = None,
+    audit_log: Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[dict[str, Any]]:
     """Retrain each adapter of ``store`` whose refresh file in ``state`` holds at least ``min_new`` samples, on
     its cluster's hand-off samples and the new ones, through the same gate, as the next generation of its
     cluster. A refresh file is removed once its adapter's decision is logged. Returns one summary per adapter."""
@@ -474,8 +615,11 @@ def refresh_adapters(lm: Any, embed: Embedder, store: Path, state: Path, setting
     results = []
     for path in sorted((state / REFRESH_DIR).glob("*.jsonl")):
         entry = store / path.stem
-        doc = json.loads((entry / CLUSTER_RECORD_NAME).read_text(encoding="utf-8")) if (
-            entry / CLUSTER_RECORD_NAME).is_file() else None
+        doc = (
+            json.loads((entry / CLUSTER_RECORD_NAME).read_text(encoding="utf-8"))
+            if (entry / CLUSTER_RECORD_NAME).is_file()
+            else None
+        )
         if doc is None or doc.get("run") != saved.run:
             continue
         new = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -485,15 +629,37 @@ def refresh_adapters(lm: Any, embed: Embedder, store: Path, state: Path, setting
         old = [s.record for s in cluster.members] if cluster is not None else []
         origin = None if doc.get("origin") is None else np.asarray(doc["origin"], dtype=np.float64)
         trained, gated = adapt_cluster(
-            lm, embed, old + new, run=saved.run, cluster=int(doc["cluster"]), bucket=str(doc.get("bucket", "all")),
+            lm,
+            embed,
+            old + new,
+            run=saved.run,
+            cluster=int(doc["cluster"]),
+            bucket=str(doc.get("bucket", "all")),
             keywords=doc.get("keywords", []),
-            centre=None if doc.get("centre") is None else np.asarray(doc["centre"]), origin=origin, store=store,
-            work=state / WORK_DIR, settings=settings, generation=int(doc["generation"]) + 1,
-            quarantine=quarantine, audit_log=audit_log, progress=progress, keep=state / TRAINED_DIR,
-            base_vectors=np.asarray(saved.base_vectors, dtype=np.float64))
+            centre=None if doc.get("centre") is None else np.asarray(doc["centre"]),
+            origin=origin,
+            store=store,
+            work=state / WORK_DIR,
+            settings=settings,
+            generation=int(doc["generation"]) + 1,
+            quarantine=quarantine,
+            audit_log=audit_log,
+            progress=progress,
+            keep=state / TRAINED_DIR,
+            base_vectors=np.asarray(saved.base_vectors, dtype=np.float64),
+        )
         path.unlink()
-        results.append({"adapter": entry.name, "new_samples": len(new), "samples": len(old) + len(new),
-                        "generation": int(doc["generation"]) + 1, "verdict": gated.admit.record["verdict"],
-                        "entry": gated.admit.record["name"], "reasons": gated.admit.record["reasons"],
-                        "validation_before": gated.before.exact_match, "validation_after": gated.after.exact_match})
+        results.append(
+            {
+                "adapter": entry.name,
+                "new_samples": len(new),
+                "samples": len(old) + len(new),
+                "generation": int(doc["generation"]) + 1,
+                "verdict": gated.admit.record["verdict"],
+                "entry": gated.admit.record["name"],
+                "reasons": gated.admit.record["reasons"],
+                "validation_before": gated.before.exact_match,
+                "validation_after": gated.after.exact_match,
+            }
+        )
     return results

@@ -63,13 +63,26 @@ class BufferPolicy:
 
 # (low, high) of every setting; an int default makes the setting an integer.
 _RANGES: dict[str, tuple[float, float]] = {
-    "weight_margin": (0, 1), "weight_bleu": (0, 1), "weight_rouge": (0, 1), "weight_similarity": (0, 1),
-    "margin_cap": (1e-9, math.inf), "warmup": (0, math.inf), "band_low": (0, 100), "band_high": (0, 100),
-    "band_factor": (0, 1), "threshold": (0, math.inf),
-    "min_buffer": (2, math.inf), "min_cluster_size": (2, math.inf), "cluster_selection": (0, 0),
+    "weight_margin": (0, 1),
+    "weight_bleu": (0, 1),
+    "weight_rouge": (0, 1),
+    "weight_similarity": (0, 1),
+    "margin_cap": (1e-9, math.inf),
+    "warmup": (0, math.inf),
+    "band_low": (0, 100),
+    "band_high": (0, 100),
+    "band_factor": (0, 1),
+    "threshold": (0, math.inf),
+    "min_buffer": (2, math.inf),
+    "min_cluster_size": (2, math.inf),
+    "cluster_selection": (0, 0),
     "stable_ari": (-1, 1),
-    "stable_centre_cosine": (-1, 1), "assign_threshold": (-1, math.inf), "assign_weight_cosine": (0, 1),
-    "merge_cosine": (-1, 1), "min_cluster": (1, math.inf), "keywords": (1, math.inf),
+    "stable_centre_cosine": (-1, 1),
+    "assign_threshold": (-1, math.inf),
+    "assign_weight_cosine": (0, 1),
+    "merge_cosine": (-1, 1),
+    "min_cluster": (1, math.inf),
+    "keywords": (1, math.inf),
 }
 _DEFAULTS = {f.name: f.default for cls in (TriggerPolicy, BufferPolicy) for f in fields(cls)}
 
@@ -113,8 +126,9 @@ def _file_settings(path: Path, from_pyproject: bool) -> dict[str, Any]:
     return settings
 
 
-def resolve_adapt_policy(flags: Mapping[str, Any], policy_file: Path | None = None,
-                         cwd: Path | None = None) -> tuple[TriggerPolicy, BufferPolicy]:
+def resolve_adapt_policy(
+    flags: Mapping[str, Any], policy_file: Path | None = None, cwd: Path | None = None
+) -> tuple[TriggerPolicy, BufferPolicy]:
     """The settings by precedence: ``flags`` (snake_case keys; None: not given), then ``policy_file``, otherwise
     the [tool.s3lora.adapt] table of the nearest pyproject.toml with a [tool.s3lora] table, then the defaults."""
     if policy_file is not None:
@@ -128,5 +142,7 @@ def resolve_adapt_policy(flags: Mapping[str, Any], policy_file: Path | None = No
     if merged.get("band_low", 5.0) > merged.get("band_high", 95.0):
         raise UsageError("band-low must not exceed band-high")
     trigger_keys = {f.name for f in fields(TriggerPolicy)}
-    return (TriggerPolicy(**{k: v for k, v in merged.items() if k in trigger_keys}),
-            BufferPolicy(**{k: v for k, v in merged.items() if k not in trigger_keys}))
+    return (
+        TriggerPolicy(**{k: v for k, v in merged.items() if k in trigger_keys}),
+        BufferPolicy(**{k: v for k, v in merged.items() if k not in trigger_keys}),
+    )

@@ -83,12 +83,20 @@ def stored_clusters(store: Path) -> list[StoredCluster]:
         if doc is None or doc.get("prompt_centre") is None or doc.get("origin") is None:
             continue
         try:
-            item = StoredCluster(entry=entry, run=str(doc["run"]), cluster=int(doc["cluster"]),
-                                 generation=int(doc["generation"]), keywords=tuple(map(str, doc["keywords"])),
-                                 centre=np.asarray(doc["prompt_centre"], dtype=np.float64),
-                                 origin=np.asarray(doc["origin"], dtype=np.float64), embedder=str(doc["embedder"]),
-                                 record=doc, base_centre=None if doc.get("base_centre") is None
-                                 else np.asarray(doc["base_centre"], dtype=np.float64))
+            item = StoredCluster(
+                entry=entry,
+                run=str(doc["run"]),
+                cluster=int(doc["cluster"]),
+                generation=int(doc["generation"]),
+                keywords=tuple(map(str, doc["keywords"])),
+                centre=np.asarray(doc["prompt_centre"], dtype=np.float64),
+                origin=np.asarray(doc["origin"], dtype=np.float64),
+                embedder=str(doc["embedder"]),
+                record=doc,
+                base_centre=None
+                if doc.get("base_centre") is None
+                else np.asarray(doc["base_centre"], dtype=np.float64),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterInputError(f"{entry / CLUSTER_RECORD_NAME}: corrupt cluster record ({exc})") from None
         key = (item.run, item.cluster)
@@ -110,8 +118,14 @@ class Router:
     """Routes prompts among ``clusters`` and answers them. The base model given is never modified: adapters
     are loaded, once each, onto one PEFT model built on a copy of it."""
 
-    def __init__(self, base_model: Any, tokenizer: Any, embed: Embedder, clusters: Sequence[StoredCluster] = (),
-                 threshold: float = DEFAULT_ROUTE_THRESHOLD):
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        embed: Embedder,
+        clusters: Sequence[StoredCluster] = (),
+        threshold: float = DEFAULT_ROUTE_THRESHOLD,
+    ):
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.embed = embed
@@ -143,14 +157,16 @@ class Router:
         name = cluster.name
         try:
             if self._peft is None:
-                self._peft = PeftModel.from_pretrained(copy.deepcopy(self.base_model), str(cluster.entry),
-                                                       adapter_name=name, is_trainable=False)
+                self._peft = PeftModel.from_pretrained(
+                    copy.deepcopy(self.base_model), str(cluster.entry), adapter_name=name, is_trainable=False
+                )
             elif name not in self._loaded:
                 self._peft.load_adapter(str(cluster.entry), adapter_name=name, is_trainable=False)
         except (RuntimeError, ValueError, KeyError, OSError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise AdapterInputError(f"{cluster.entry}: PEFT cannot load this adapter onto the base model: "
-                                    f"{first}") from exc
+            raise AdapterInputError(
+                f"{cluster.entry}: PEFT cannot load this adapter onto the base model: {first}"
+            ) from exc
         self._loaded.add(name)
         self._peft.set_adapter(name)
         self._peft.eval()
@@ -164,8 +180,9 @@ class Router:
             return
         yield self._model_for(route.cluster)
 
-    def answer(self, prompts: Sequence[str], max_new_tokens: int, routes: Sequence[Route] | None = None,
-               batch_size: int = 8) -> list[tuple[Route, Any]]:
+    def answer(
+        self, prompts: Sequence[str], max_new_tokens: int, routes: Sequence[Route] | None = None, batch_size: int = 8
+    ) -> list[tuple[Route, Any]]:
         """Greedy answers (trigger.Generation) of ``prompts``, each by the model of its route, in prompt order."""
         from s3lora_cli.adapt.trigger import generate_answers
 
@@ -177,8 +194,11 @@ class Router:
         for _, members in sorted(groups.items()):
             with self.using(routes[members[0]]) as model:
                 for start in range(0, len(members), batch_size):
-                    chunk = members[start:start + batch_size]
-                    for i, g in zip(chunk, generate_answers(model, self.tokenizer, [prompts[i] for i in chunk],
-                                                            max_new_tokens), strict=True):
+                    chunk = members[start : start + batch_size]
+                    for i, g in zip(
+                        chunk,
+                        generate_answers(model, self.tokenizer, [prompts[i] for i in chunk], max_new_tokens),
+                        strict=True,
+                    ):
                         answers[i] = g
         return list(zip(routes, answers, strict=True))

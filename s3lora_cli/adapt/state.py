@@ -43,13 +43,18 @@ class RunSummary:
 
 # --- serialisation --------------------------------------------------------------------------------------------
 
+
 def _sample_json(s: Sample) -> dict[str, Any]:
     return {"line": s.line, "text": s.text, "record": s.record, "embedding": s.embedding.tolist()}
 
 
 def _sample(d: dict[str, Any]) -> Sample:
-    return Sample(line=int(d["line"]), text=str(d["text"]), record=dict(d["record"]),
-                  embedding=np.asarray(d["embedding"], dtype=np.float32))
+    return Sample(
+        line=int(d["line"]),
+        text=str(d["text"]),
+        record=dict(d["record"]),
+        embedding=np.asarray(d["embedding"], dtype=np.float32),
+    )
 
 
 def _vector(v: Any) -> np.ndarray | None:
@@ -58,15 +63,32 @@ def _vector(v: Any) -> np.ndarray | None:
 
 def state_json(state: BufferState, consumed: int, digest: str) -> str:
     doc = {
-        "schema_version": SCHEMA_VERSION, "consumed_lines": consumed, "consumed_sha256": digest,
-        "embedder": state.embedder, "next_cluster_id": state.next_cluster_id,
-        "reclusterings": state.reclusterings, "stabilisations": state.stabilisations,
-        "buckets": {k: {"samples": [_sample_json(s) for s in b.samples], "previous": b.previous,
-                        "origin": None if b.origin is None else b.origin.tolist()}
-                    for k, b in state.buckets.items()},
-        "clusters": [{"id": c.id, "bucket": c.bucket, "members": [_sample_json(s) for s in c.members],
-                      "centre": c.centre.tolist(), "keywords": c.keywords, "handed_off": c.handed_off}
-                     for c in state.clusters],
+        "schema_version": SCHEMA_VERSION,
+        "consumed_lines": consumed,
+        "consumed_sha256": digest,
+        "embedder": state.embedder,
+        "next_cluster_id": state.next_cluster_id,
+        "reclusterings": state.reclusterings,
+        "stabilisations": state.stabilisations,
+        "buckets": {
+            k: {
+                "samples": [_sample_json(s) for s in b.samples],
+                "previous": b.previous,
+                "origin": None if b.origin is None else b.origin.tolist(),
+            }
+            for k, b in state.buckets.items()
+        },
+        "clusters": [
+            {
+                "id": c.id,
+                "bucket": c.bucket,
+                "members": [_sample_json(s) for s in c.members],
+                "centre": c.centre.tolist(),
+                "keywords": c.keywords,
+                "handed_off": c.handed_off,
+            }
+            for c in state.clusters
+        ],
     }
     return json.dumps(doc, allow_nan=False)
 
@@ -80,8 +102,10 @@ def load_state(directory: Path) -> tuple[BufferState, int, str]:
     except FileNotFoundError:
         raise AdapterInputError(f"{path}: no buffer state to resume (run without --resume to start one)") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise AdapterInputError(f"{path}: corrupt buffer state ({type(exc).__name__}: {exc}); it was left as it "
-                                "is: move it away, or start over with --force") from None
+        raise AdapterInputError(
+            f"{path}: corrupt buffer state ({type(exc).__name__}: {exc}); it was left as it "
+            "is: move it away, or start over with --force"
+        ) from None
 
 
 def parse_state(doc: dict[str, Any]) -> tuple[BufferState, int, str]:
@@ -90,17 +114,32 @@ def parse_state(doc: dict[str, Any]) -> tuple[BufferState, int, str]:
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"schema_version {doc.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     state = BufferState(
-        buckets={str(k): Bucket(samples=[_sample(s) for s in b["samples"]],
-                                previous=None if b["previous"] is None else [int(x) for x in b["previous"]],
-                                origin=_vector(b["origin"]))
-                 for k, b in doc["buckets"].items()},
-        clusters=[Cluster(id=int(c["id"]), bucket=str(c["bucket"]), members=[_sample(s) for s in c["members"]],
-                          centre=_vector(c["centre"]), keywords=[str(w) for w in c["keywords"]],
-                          handed_off=bool(c["handed_off"])) for c in doc["clusters"]],
-        next_cluster_id=int(doc["next_cluster_id"]), reclusterings=int(doc["reclusterings"]),
-        stabilisations=[{"line": int(s["line"]), "reclusterings": int(s["reclusterings"])}
-                        for s in doc["stabilisations"]],
-        embedder=str(doc["embedder"]))
+        buckets={
+            str(k): Bucket(
+                samples=[_sample(s) for s in b["samples"]],
+                previous=None if b["previous"] is None else [int(x) for x in b["previous"]],
+                origin=_vector(b["origin"]),
+            )
+            for k, b in doc["buckets"].items()
+        },
+        clusters=[
+            Cluster(
+                id=int(c["id"]),
+                bucket=str(c["bucket"]),
+                members=[_sample(s) for s in c["members"]],
+                centre=_vector(c["centre"]),
+                keywords=[str(w) for w in c["keywords"]],
+                handed_off=bool(c["handed_off"]),
+            )
+            for c in doc["clusters"]
+        ],
+        next_cluster_id=int(doc["next_cluster_id"]),
+        reclusterings=int(doc["reclusterings"]),
+        stabilisations=[
+            {"line": int(s["line"]), "reclusterings": int(s["reclusterings"])} for s in doc["stabilisations"]
+        ],
+        embedder=str(doc["embedder"]),
+    )
     return state, int(doc["consumed_lines"]), str(doc["consumed_sha256"])
 
 
@@ -119,9 +158,17 @@ def write_handoff(directory: Path, state: BufferState, ready: list[Cluster]) -> 
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
             write_text_atomic(target, text)
         origin = state.buckets[c.bucket].origin
-        entries.append({"id": c.id, "file": name, "bucket": c.bucket, "size": len(c.members),
-                        "keywords": c.keywords, "centre": c.centre.tolist(),
-                        "origin": None if origin is None else origin.tolist()})
+        entries.append(
+            {
+                "id": c.id,
+                "file": name,
+                "bucket": c.bucket,
+                "size": len(c.members),
+                "keywords": c.keywords,
+                "centre": c.centre.tolist(),
+                "origin": None if origin is None else origin.tolist(),
+            }
+        )
     keep = {e["file"] for e in entries} | {MANIFEST}
     for stale in out.glob("cluster-*.jsonl"):
         if stale.name not in keep:
@@ -131,6 +178,7 @@ def write_handoff(directory: Path, state: BufferState, ready: list[Cluster]) -> 
 
 
 # --- the run --------------------------------------------------------------------------------------------------
+
 
 def prepare_state_directory(directory: Path, resume: bool, force: bool) -> None:
     """Refuse to start over an existing state or hand-off directory without --force, or to resume where there is
@@ -151,10 +199,18 @@ def prepare_state_directory(directory: Path, resume: bool, force: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
-def run_buffer(lines: Iterable[str], directory: Path, policy: BufferPolicy, embed: Embedder, *,
-               resume: bool = False, bucket_by_tag: bool = False, strict: bool = False,
-               on_bad_line: Callable[[str], None] | None = None,
-               progress: Callable[[int], None] | None = None) -> RunSummary:
+def run_buffer(
+    lines: Iterable[str],
+    directory: Path,
+    policy: BufferPolicy,
+    embed: Embedder,
+    *,
+    resume: bool = False,
+    bucket_by_tag: bool = False,
+    strict: bool = False,
+    on_bad_line: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> RunSummary:
     """Feed the triggered samples of ``lines`` (the Trigger's JSONL output) through the Trigger Buffer whose
     state lives in ``directory``, saving the state after every triggered sample.
 
@@ -166,8 +222,10 @@ def run_buffer(lines: Iterable[str], directory: Path, policy: BufferPolicy, embe
     if resume:
         state, consumed, digest = load_state(directory)
         if state.embedder != embed.name:
-            raise UsageError(f"{directory / STATE_FILE} was built with {state.embedder}, not {embed.name}; "
-                             "resume with the same model or --embedder")
+            raise UsageError(
+                f"{directory / STATE_FILE} was built with {state.embedder}, not {embed.name}; "
+                "resume with the same model or --embedder"
+            )
     else:
         directory.mkdir(parents=True, exist_ok=True)
         state, consumed, digest = BufferState(embedder=embed.name), 0, hashlib.sha256().hexdigest()
@@ -184,8 +242,10 @@ def run_buffer(lines: Iterable[str], directory: Path, policy: BufferPolicy, embe
         hasher.update(text.encode("utf-8"))
         if number <= consumed:
             if number == consumed and hasher.hexdigest() != digest:
-                raise AdapterInputError(f"the first {consumed} lines of the input are not those the state in "
-                                        f"{directory} has consumed; resume with the same input")
+                raise AdapterInputError(
+                    f"the first {consumed} lines of the input are not those the state in "
+                    f"{directory} has consumed; resume with the same input"
+                )
             continue
         if progress is not None:
             progress(number)
@@ -209,8 +269,10 @@ def run_buffer(lines: Iterable[str], directory: Path, policy: BufferPolicy, embe
         buffer.add(sample, (task.tag or "") if bucket_by_tag else "all")
         save()
     if number < consumed:
-        raise AdapterInputError(f"the input has {number} lines but the state in {directory} has consumed "
-                                f"{consumed}; resume with the same input")
+        raise AdapterInputError(
+            f"the input has {number} lines but the state in {directory} has consumed "
+            f"{consumed}; resume with the same input"
+        )
     save()
     summary.lines = number
     summary.reclusterings = state.reclusterings

@@ -68,10 +68,12 @@ def parse_triggered(text: str, line: int) -> Task | None:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise AdapterInputError(f"line {line}: not JSON ({exc.msg})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("triggered"), bool) \
-            or not isinstance(record.get("task"), dict):
-        raise AdapterInputError(f"line {line}: not a record of 's3lora adapt trigger' (needs 'task' and "
-                                "'triggered')")
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("triggered"), bool)
+        or not isinstance(record.get("task"), dict)
+    ):
+        raise AdapterInputError(f"line {line}: not a record of 's3lora adapt trigger' (needs 'task' and 'triggered')")
     if not record["triggered"]:
         return None
     return parse_task(json.dumps(record["task"]), line)

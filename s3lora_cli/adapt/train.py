@@ -71,8 +71,10 @@ class TrainSettings:
             raise UsageError("the training search has no candidate")
         for c in self.candidates:
             if c.r < 1 or c.lora_alpha < 1 or c.epochs < 1 or not (0 < c.learning_rate < 1):
-                raise UsageError(f"training candidate {c.describe()}: r, alpha and epochs must be at least 1 and "
-                                 "the learning rate in (0, 1)")
+                raise UsageError(
+                    f"training candidate {c.describe()}: r, alpha and epochs must be at least 1 and "
+                    "the learning rate in (0, 1)"
+                )
         if not self.target_modules:
             raise UsageError("--target-modules: give at least one module name")
         if not (0 < self.validation_fraction < 1):
@@ -122,14 +124,25 @@ class TrainResult:
     settings: TrainSettings = field(default_factory=TrainSettings)
 
     def to_json(self) -> dict[str, Any]:
-        return {"train_samples": len(self.train), "validation_samples": len(self.validation),
-                "candidates": [{**asdict(c.candidate), "train_loss": c.train_loss,
-                                "validation_exact_match": c.validation.exact_match,
-                                "validation_loss": c.validation.loss, "seconds": round(c.seconds, 2)}
-                               for c in self.candidates],
-                "best": asdict(self.best.candidate), "target_modules": list(self.settings.target_modules),
-                "lora_dropout": self.settings.lora_dropout, "seed": self.settings.seed,
-                "seconds": round(self.seconds, 2)}
+        return {
+            "train_samples": len(self.train),
+            "validation_samples": len(self.validation),
+            "candidates": [
+                {
+                    **asdict(c.candidate),
+                    "train_loss": c.train_loss,
+                    "validation_exact_match": c.validation.exact_match,
+                    "validation_loss": c.validation.loss,
+                    "seconds": round(c.seconds, 2),
+                }
+                for c in self.candidates
+            ],
+            "best": asdict(self.best.candidate),
+            "target_modules": list(self.settings.target_modules),
+            "lora_dropout": self.settings.lora_dropout,
+            "seed": self.settings.seed,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 Progress = Callable[[str, int, int], None]
@@ -152,8 +165,9 @@ def split_examples(examples: Sequence[Example], fraction: float, seed: int) -> t
     """(train, validation): a seeded shuffle, the last ceil(fraction * n) held out (at least one, and at least
     one left to train on). Fewer than two samples is an input problem."""
     if len(examples) < 2:
-        raise AdapterInputError(f"a cluster needs at least 2 distinct samples to train and validate on, got "
-                                f"{len(examples)}")
+        raise AdapterInputError(
+            f"a cluster needs at least 2 distinct samples to train and validate on, got {len(examples)}"
+        )
     order = list(examples)
     random.Random(seed).shuffle(order)
     held = min(max(1, math.ceil(fraction * len(order))), len(order) - 1)
@@ -161,6 +175,7 @@ def split_examples(examples: Sequence[Example], fraction: float, seed: int) -> t
 
 
 # --- tokens ---------------------------------------------------------------------------------------------------
+
 
 def _encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int], list[int]]:
     """input_ids and labels of prompt + answer + end of sequence, through the chat template when there is one;
@@ -170,8 +185,8 @@ def _encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int
     templated = bool(getattr(tokenizer, "chat_template", None))
     prompt_ids = tokenizer(format_prompt(tokenizer, example.prompt), add_special_tokens=not templated)["input_ids"]
     answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    answer_ids = answer_ids[:max_length - 1]
-    prompt_ids = prompt_ids[-(max_length - len(answer_ids)):]
+    answer_ids = answer_ids[: max_length - 1]
+    prompt_ids = prompt_ids[-(max_length - len(answer_ids)) :]
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
 
@@ -188,8 +203,9 @@ def _batch(tokenizer: Any, examples: Sequence[Example], max_length: int, device:
     return ids, mask, labels
 
 
-def answer_loss(model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int, batch_size: int = 8,
-                train: bool = False) -> tuple[Any, int]:
+def answer_loss(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int, batch_size: int = 8, train: bool = False
+) -> tuple[Any, int]:
     """Sum of the negative log-likelihood of the answer tokens of ``examples`` (teacher forced) and their count.
     With ``train`` the sum keeps its graph (one batch only)."""
     import torch
@@ -197,19 +213,23 @@ def answer_loss(model: Any, tokenizer: Any, examples: Sequence[Example], max_len
     device = next(model.parameters()).device
     total, count = torch.zeros((), device=device), 0
     for start in range(0, len(examples), batch_size):
-        ids, mask, labels = _batch(tokenizer, examples[start:start + batch_size], max_length, device)
+        ids, mask, labels = _batch(tokenizer, examples[start : start + batch_size], max_length, device)
         with torch.set_grad_enabled(train):
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [batch, T-1, vocab]
             target = labels[:, 1:]
-            total = total + torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                              target.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                              reduction="sum")
+            total = total + torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                target.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
         count += int((target != IGNORE_INDEX).sum())
     return total, count
 
 
-def validate(model: Any, tokenizer: Any, examples: Sequence[Example], settings: TrainSettings,
-             progress: Progress | None = None) -> Validation:
+def validate(
+    model: Any, tokenizer: Any, examples: Sequence[Example], settings: TrainSettings, progress: Progress | None = None
+) -> Validation:
     """Exact match of greedy answers and mean answer-token loss of ``model`` on ``examples``."""
     from s3lora_cli.adapt.trigger import generate_answers
     from s3lora_cli.evaluation.metrics import exact_match
@@ -217,7 +237,7 @@ def validate(model: Any, tokenizer: Any, examples: Sequence[Example], settings: 
     model.eval()
     hits = 0
     for start in range(0, len(examples), settings.batch_size):
-        chunk = examples[start:start + settings.batch_size]
+        chunk = examples[start : start + settings.batch_size]
         answers = generate_answers(model, tokenizer, [e.prompt for e in chunk], settings.max_new_tokens)
         hits += sum(exact_match(a.text, e.answer) for a, e in zip(answers, chunk, strict=True))
         if progress is not None:
@@ -229,12 +249,24 @@ def validate(model: Any, tokenizer: Any, examples: Sequence[Example], settings: 
 def lora_config(candidate: Candidate, settings: TrainSettings):
     from peft import LoraConfig
 
-    return LoraConfig(r=candidate.r, lora_alpha=candidate.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=candidate.r,
+        lora_alpha=candidate.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
-def train_candidate(base_model: Any, tokenizer: Any, train: Sequence[Example], candidate: Candidate,
-                    settings: TrainSettings, progress: Progress | None = None) -> tuple[Any, float]:
+def train_candidate(
+    base_model: Any,
+    tokenizer: Any,
+    train: Sequence[Example],
+    candidate: Candidate,
+    settings: TrainSettings,
+    progress: Progress | None = None,
+) -> tuple[Any, float]:
     """A PEFT LoRA model (on a copy of ``base_model``, which is left as it is) trained on ``train`` with AdamW,
     and its last epoch's mean answer-token loss. Seeded: the same inputs give the same adapter."""
     import torch
@@ -255,8 +287,14 @@ def train_candidate(base_model: Any, tokenizer: Any, train: Sequence[Example], c
         order.shuffle(shuffled)
         total, count = 0.0, 0
         for start in range(0, len(shuffled), settings.batch_size):
-            loss_sum, n = answer_loss(model, tokenizer, shuffled[start:start + settings.batch_size],
-                                      settings.max_length, settings.batch_size, train=True)
+            loss_sum, n = answer_loss(
+                model,
+                tokenizer,
+                shuffled[start : start + settings.batch_size],
+                settings.max_length,
+                settings.batch_size,
+                train=True,
+            )
             (loss_sum / max(n, 1)).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -274,8 +312,14 @@ def rank_key(result: CandidateResult) -> tuple[float, float]:
     return (-result.validation.exact_match, result.validation.loss)
 
 
-def train_cluster(base_model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], work: Path,
-                  settings: TrainSettings | None = None, progress: Progress | None = None) -> TrainResult:
+def train_cluster(
+    base_model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    work: Path,
+    settings: TrainSettings | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
     """Split ``records`` (task objects with ``prompt`` and ``answer``), train every candidate of the search,
     validate each, and write the best one's PEFT adapter to a new directory inside ``work`` (made under a
     temporary name and renamed when complete, so that an interruption leaves no half-written adapter)."""
@@ -295,8 +339,15 @@ def train_cluster(base_model: Any, tokenizer: Any, records: Sequence[dict[str, A
         del model
     assert best is not None
     adapter_dir = save_adapter(best[1], Path(work), "adapter")
-    return TrainResult(tuple(train), tuple(held), tuple(r for r, _ in results), best[0], adapter_dir,
-                       time.perf_counter() - began, settings)
+    return TrainResult(
+        tuple(train),
+        tuple(held),
+        tuple(r for r, _ in results),
+        best[0],
+        adapter_dir,
+        time.perf_counter() - began,
+        settings,
+    )
 
 
 def save_adapter(model: Any, parent: Path, name: str) -> Path:

@@ -47,9 +47,16 @@ class TriggerRecord:
 
     def to_json(self) -> dict[str, Any]:
         s = self.signals
-        return {"line": self.task.line, "task": self.task.record, "generated": self.generated,
-                "signals": {"margin": s.margin, "bleu": s.bleu, "rouge_l": s.rouge_l, "similarity": s.similarity},
-                "score": self.score, "in_band": self.in_band, "triggered": self.triggered, "warmup": self.warmup}
+        return {
+            "line": self.task.line,
+            "task": self.task.record,
+            "generated": self.generated,
+            "signals": {"margin": s.margin, "bleu": s.bleu, "rouge_l": s.rouge_l, "similarity": s.similarity},
+            "score": self.score,
+            "in_band": self.in_band,
+            "triggered": self.triggered,
+            "warmup": self.warmup,
+        }
 
 
 @dataclass
@@ -72,8 +79,9 @@ class TriggerSummary:
 def format_prompt(tokenizer: Any, prompt: str) -> str:
     """The prompt as the model expects it: through its chat template when it has one."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
@@ -92,15 +100,20 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
 
     texts = [format_prompt(tokenizer, p) for p in prompts]
     templated = bool(getattr(tokenizer, "chat_template", None))
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=not templated)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not templated)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=tokenizer.pad_token_id)
-    new = out.sequences[:, enc["input_ids"].shape[1]:]  # [batch, steps]
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out.sequences[:, enc["input_ids"].shape[1] :]  # [batch, steps]
     logits = torch.stack(out.logits)  # [steps, batch, vocab]
     is_eos = torch.isin(new, torch.tensor(_eos_ids(model, tokenizer), device=new.device))
     before_first_eos = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) == 0  # [batch, steps]
@@ -117,8 +130,12 @@ def failure_score(signals: Signals, policy: TriggerPolicy, band: Band | None) ->
     lay inside the warm-up band (which halves the score)."""
     p = policy
     margin = min(max(signals.margin, 0.0), p.margin_cap) / p.margin_cap
-    score = (p.weight_margin * (1.0 - margin) + p.weight_bleu * (1.0 - signals.bleu)
-             + p.weight_rouge * (1.0 - signals.rouge_l) + p.weight_similarity * (1.0 - max(signals.similarity, 0.0)))
+    score = (
+        p.weight_margin * (1.0 - margin)
+        + p.weight_bleu * (1.0 - signals.bleu)
+        + p.weight_rouge * (1.0 - signals.rouge_l)
+        + p.weight_similarity * (1.0 - max(signals.similarity, 0.0))
+    )
     in_band = band is not None and band.low <= signals.similarity <= band.high
     return (score * p.band_factor if in_band else score), in_band
 
@@ -136,14 +153,29 @@ def measure_signals(tasks: Sequence[Task], generations: Sequence[Generation], em
     """The four signals of each generated answer against its task's gold answer."""
     vectors = embed([g.text for g in generations] + [t.answer for t in tasks])
     n = len(tasks)
-    return [Signals(margin=g.margin, bleu=sentence_bleu(g.text, t.answer), rouge_l=rouge_l(g.text, t.answer),
-                    similarity=cosine(vectors[i], vectors[n + i]))
-            for i, (t, g) in enumerate(zip(tasks, generations, strict=True))]
+    return [
+        Signals(
+            margin=g.margin,
+            bleu=sentence_bleu(g.text, t.answer),
+            rouge_l=rouge_l(g.text, t.answer),
+            similarity=cosine(vectors[i], vectors[n + i]),
+        )
+        for i, (t, g) in enumerate(zip(tasks, generations, strict=True))
+    ]
 
 
-def run_trigger(model: Any, tokenizer: Any, tasks: Iterable[Task], policy: TriggerPolicy, embed: Embedder, *,
-                batch_size: int = 8, max_new_tokens: int = 24, summary: TriggerSummary | None = None,
-                progress: Callable[[int], None] | None = None) -> Iterator[TriggerRecord]:
+def run_trigger(
+    model: Any,
+    tokenizer: Any,
+    tasks: Iterable[Task],
+    policy: TriggerPolicy,
+    embed: Embedder,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 24,
+    summary: TriggerSummary | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[TriggerRecord]:
     """Yield a TriggerRecord for every task, in stream order, generating ``batch_size`` answers at a time.
 
     The first ``policy.warmup`` samples fix the similarity band; they are held (and yielded, scored with the
@@ -159,8 +191,15 @@ def run_trigger(model: Any, tokenizer: Any, tasks: Iterable[Task], policy: Trigg
 
     def emit(task: Task, text: str, signals: Signals, warmup: bool) -> TriggerRecord:
         score, in_band = failure_score(signals, policy, band)
-        record = TriggerRecord(task=task, generated=text, signals=signals, score=score, in_band=in_band,
-                               triggered=score >= policy.threshold, warmup=warmup)
+        record = TriggerRecord(
+            task=task,
+            generated=text,
+            signals=signals,
+            score=score,
+            in_band=in_band,
+            triggered=score >= policy.threshold,
+            warmup=warmup,
+        )
         summary.add(record)
         return record
 

@@ -13,9 +13,23 @@ from s3lora_cli.adapters.mlx import MlxAdapter
 from s3lora_cli.adapters.peft import PeftAdapter
 from s3lora_cli.errors import AdapterInputError, UsageError
 
-__all__ = ["Adapter", "AdapterConfig", "DiffusersAdapter", "FORMATS", "KohyaAdapter", "LayerKind", "LoraLayer",
-           "MlxAdapter", "PeftAdapter", "SkippedTensor", "detect_format", "find_adapters", "lora_scaling",
-           "open_adapter", "pattern_key"]
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "DiffusersAdapter",
+    "FORMATS",
+    "KohyaAdapter",
+    "LayerKind",
+    "LoraLayer",
+    "MlxAdapter",
+    "PeftAdapter",
+    "SkippedTensor",
+    "detect_format",
+    "find_adapters",
+    "lora_scaling",
+    "open_adapter",
+    "pattern_key",
+]
 
 _READERS = {"kohya": KohyaAdapter, "diffusers": DiffusersAdapter, "mlx": MlxAdapter}
 
@@ -40,14 +54,17 @@ def open_adapter(path: str | Path, input_format: str | None = None, adapter_name
             raise exc from None
         if detected == fmt:
             raise
-        raise AdapterInputError(f"{exc}; --input-format {fmt} was given, but this looks like a {detected} adapter "
-                                "(try --input-format auto)") from None
+        raise AdapterInputError(
+            f"{exc}; --input-format {fmt} was given, but this looks like a {detected} adapter (try --input-format auto)"
+        ) from None
 
 
 def _open(path: Path, fmt: str, adapter_name: str | None) -> Adapter:
     if fmt == "peft":
         return PeftAdapter(path, adapter_name)
     if adapter_name is not None:
-        raise UsageError(f"--adapter {adapter_name}: only PEFT saves several named adapters in one directory; "
-                         f"this is a {fmt} adapter")
+        raise UsageError(
+            f"--adapter {adapter_name}: only PEFT saves several named adapters in one directory; "
+            f"this is a {fmt} adapter"
+        )
     return _READERS[fmt](path)

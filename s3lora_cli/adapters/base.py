@@ -80,16 +80,18 @@ class Adapter(Protocol):
     def sha256(self) -> str:
         """Hex sha256 of the weights file."""
 
-    def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(
+        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d, r], right [r, k]) with dW = left @ right, scaling included, in ``dtype`` on ``device``."""
 
     def close(self) -> None:
         """Release the file."""
 
 
-def sorted_index(layers: list[LoraLayer], skipped: list[SkippedTensor]) -> tuple[tuple[LoraLayer, ...],
-                                                                                tuple[SkippedTensor, ...]]:
+def sorted_index(
+    layers: list[LoraLayer], skipped: list[SkippedTensor]
+) -> tuple[tuple[LoraLayer, ...], tuple[SkippedTensor, ...]]:
     """A reader's layers by module path and its skipped tensors by key: the deterministic order of every output."""
     return tuple(sorted(layers, key=lambda layer: layer.module)), tuple(sorted(skipped, key=lambda s: s.key))
 
@@ -110,8 +112,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def lowrank_factors(down: torch.Tensor, up: torch.Tensor, scaling: float, dtype: torch.dtype,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank_factors(
+    down: torch.Tensor, up: torch.Tensor, scaling: float, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(left [d, r], right [r, k]) with dW = left @ right = scaling * up @ down, for a LoRA stored the PEFT way
     round: ``down`` (lora_A, lora_down) [r, in] or [r, in, kh, kw], ``up`` (lora_B, lora_up) [out, r] or
     [out, r, 1, 1]. A convolution's kernel is flattened into the columns: k = in * kh * kw."""
@@ -120,15 +123,30 @@ def lowrank_factors(down: torch.Tensor, up: torch.Tensor, scaling: float, dtype:
     return scaling * up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
 
 
-def lowrank_layer(module: str, keys: dict[str, str], down_shape: tuple[int, ...], up_shape: tuple[int, ...],
-                  lora_alpha: float, scaling: float, dtype: str, where: str, notes: tuple[str, ...] = ()) -> LoraLayer:
+def lowrank_layer(
+    module: str,
+    keys: dict[str, str],
+    down_shape: tuple[int, ...],
+    up_shape: tuple[int, ...],
+    lora_alpha: float,
+    scaling: float,
+    dtype: str,
+    where: str,
+    notes: tuple[str, ...] = (),
+) -> LoraLayer:
     """A LoraLayer from the shapes of a down (lora_A) [r, in] / [r, in, kh, kw] and up (lora_B) [out, r] /
     [out, r, 1, 1] pair, validated; ``where`` starts the error message (file and module)."""
-    ok = (len(down_shape) in (2, 3, 4, 5) and len(up_shape) == len(down_shape)
-          and all(s == 1 for s in up_shape[2:]) and down_shape[0] == up_shape[1])
+    ok = (
+        len(down_shape) in (2, 3, 4, 5)
+        and len(up_shape) == len(down_shape)
+        and all(s == 1 for s in up_shape[2:])
+        and down_shape[0] == up_shape[1]
+    )
     if not ok:
-        raise AdapterInputError(f"{where}: down {list(down_shape)} and up {list(up_shape)} are not LoRA factor "
-                                "shapes (down [r, in(, kh, kw)], up [out, r(, 1, 1)])")
+        raise AdapterInputError(
+            f"{where}: down {list(down_shape)} and up {list(up_shape)} are not LoRA factor "
+            "shapes (down [r, in(, kh, kw)], up [out, r(, 1, 1)])"
+        )
     if 0 in down_shape or 0 in up_shape:
         raise AdapterInputError(f"{where}: empty tensors (down {list(down_shape)}, up {list(up_shape)})")
     kind = LayerKind.LINEAR if len(down_shape) == 2 else LayerKind.CONV
@@ -136,16 +154,23 @@ def lowrank_layer(module: str, keys: dict[str, str], down_shape: tuple[int, ...]
     return LoraLayer(module, kind, shape, down_shape[0], lora_alpha, scaling, dtype, keys, notes)
 
 
-def summary_config(layers: Sequence[LoraLayer], raw: dict | None = None,
-                   base_model: str | None = None) -> AdapterConfig:
+def summary_config(
+    layers: Sequence[LoraLayer], raw: dict | None = None, base_model: str | None = None
+) -> AdapterConfig:
     """An AdapterConfig describing a format without PEFT's config file: r and lora_alpha are the most common over
     the layers (every layer keeps its own); ``raw`` keeps the format's own settings verbatim."""
     ranks = Counter(layer.r for layer in layers)
     alphas = Counter(layer.lora_alpha for layer in layers)
     r = ranks.most_common(1)[0][0] if ranks else 1
     alpha = alphas.most_common(1)[0][0] if alphas else float(r)
-    return AdapterConfig(peft_type="LORA", r=r, lora_alpha=alpha, use_dora=any("magnitude" in la.keys for la in layers),
-                         base_model_name_or_path=base_model, raw=dict(raw or {}))
+    return AdapterConfig(
+        peft_type="LORA",
+        r=r,
+        lora_alpha=alpha,
+        use_dora=any("magnitude" in la.keys for la in layers),
+        base_model_name_or_path=base_model,
+        raw=dict(raw or {}),
+    )
 
 
 class FactorFile:
@@ -164,11 +189,13 @@ class FactorFile:
     def sha256(self) -> str:
         return file_sha256(self.weights_path)
 
-    def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(
+        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d, r], right [r, k]) with dW = left @ right = scaling * up @ down."""
-        return lowrank_factors(self._source.get(layer.keys["A"]), self._source.get(layer.keys["B"]), layer.scaling,
-                               dtype, device)
+        return lowrank_factors(
+            self._source.get(layer.keys["A"]), self._source.get(layer.keys["B"]), layer.scaling, dtype, device
+        )
 
     def close(self) -> None:
         self._source.close()

@@ -40,9 +40,11 @@ MAX_TRIE_STEPS = 20_000
 """Work allowed per module name when matching the module-name keys (a module name and keys that agree with it
 only through many '.' wildcards); real configs take about the name's length."""
 _SPECIAL = frozenset("^$*+?{}[]\\|()")
-PATTERN_RULE = (f"keys are regular expressions of at most {MAX_PATTERN_CHARS} characters, without backreferences, "
-                f"with at most {MAX_PATTERN_REPEATS} repetitions (*, +, {{m,n}}), each on a single character, "
-                "class or '.', not on a group")
+PATTERN_RULE = (
+    f"keys are regular expressions of at most {MAX_PATTERN_CHARS} characters, without backreferences, "
+    f"with at most {MAX_PATTERN_REPEATS} repetitions (*, +, {{m,n}}), each on a single character, "
+    "class or '.', not on a group"
+)
 
 _REPEATS = (_constants.MAX_REPEAT, _constants.MIN_REPEAT, getattr(_constants, "POSSESSIVE_REPEAT", None))
 _ONE_CHARACTER = (_constants.LITERAL, _constants.NOT_LITERAL, _constants.ANY, _constants.IN)
@@ -136,18 +138,23 @@ class PatternMatcher:
                 continue
             problem = check_pattern(key)
             if problem is not None:
-                raise AdapterInputError(f"rank_pattern / alpha_pattern key {short_repr(key)} is refused: {problem}; "
-                                        f"{PATTERN_RULE}")
+                raise AdapterInputError(
+                    f"rank_pattern / alpha_pattern key {short_repr(key)} is refused: {problem}; {PATTERN_RULE}"
+                )
             self._regex.append((index, key))
         if len(self._regex) > MAX_REGEX_KEYS:
-            raise AdapterInputError(f"rank_pattern / alpha_pattern has {len(self._regex)} keys that are regular "
-                                    f"expressions (at most {MAX_REGEX_KEYS}); module names as keys are not limited")
+            raise AdapterInputError(
+                f"rank_pattern / alpha_pattern has {len(self._regex)} keys that are regular "
+                f"expressions (at most {MAX_REGEX_KEYS}); module names as keys are not limited"
+            )
 
     def match(self, module: str) -> str | None:
         """The first key that matches ``module``, or None."""
         if self.keys and len(module) > MAX_MODULE_CHARS:
-            raise AdapterInputError(f"module name of {len(module)} characters ({module[:60]!r}...) is too long to "
-                                    f"match rank_pattern / alpha_pattern keys against (at most {MAX_MODULE_CHARS})")
+            raise AdapterInputError(
+                f"module name of {len(module)} characters ({module[:60]!r}...) is too long to "
+                f"match rank_pattern / alpha_pattern keys against (at most {MAX_MODULE_CHARS})"
+            )
         if "\n" in module:
             return next((key for key in self.keys if _compiled(key).match(module)), None)
         best = self._plain_match(module)
@@ -186,9 +193,11 @@ class PatternMatcher:
                         advanced.append(wild)
             steps += len(frontier)
             if steps > MAX_TRIE_STEPS:
-                raise AdapterInputError(f"rank_pattern / alpha_pattern keys take too long to match {module[:60]!r} "
-                                        f"(over {MAX_TRIE_STEPS} steps: many keys that differ only where they have "
-                                        "'.'); write them as module names or fewer regular expressions")
+                raise AdapterInputError(
+                    f"rank_pattern / alpha_pattern keys take too long to match {module[:60]!r} "
+                    f"(over {MAX_TRIE_STEPS} steps: many keys that differ only where they have "
+                    "'.'); write them as module names or fewer regular expressions"
+                )
             frontier = advanced
             if not frontier:
                 break
@@ -262,8 +271,9 @@ def _pattern(raw: dict, key: str, path: Path, *, integer: bool) -> dict:
         where = f"'{key}' value for {short_repr(pattern)}"
         _number({where: item}, where, path, integer=integer)
         if item <= 0 and integer:
-            raise AdapterInputError(f"{path}: '{key}' gives rank {item} to {short_repr(pattern)}; "
-                                    "ranks must be positive")
+            raise AdapterInputError(
+                f"{path}: '{key}' gives rank {item} to {short_repr(pattern)}; ranks must be positive"
+            )
     return dict(value)
 
 
@@ -339,8 +349,9 @@ def decode_config(text: str, path: Path) -> Any:
     except RecursionError:
         raise AdapterInputError(f"{path} is not valid JSON (nested too deeply)") from None
     except ValueError as exc:  # e.g. an integer with too many digits
-        raise AdapterInputError(f"{path} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})") \
-            from None
+        raise AdapterInputError(
+            f"{path} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+        ) from None
 
 
 def read_json(path: Path) -> Any:

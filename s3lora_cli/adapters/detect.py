@@ -20,17 +20,25 @@ PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MLX_WEIGHTS = "adapters.safetensors"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 HF_CACHE_PREFIXES = ("models--", "datasets--", "spaces--")
-FULL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                    "pytorch_model.bin.index.json")
+FULL_MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 """Files of a full model checkpoint as transformers saves it (with config.json)."""
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-_FULL_MODEL_NOTE = ("this is a full model, not a LoRA adapter: s3lora audits the adapter that LoRA fine-tuning "
-                    "saves (PEFT's adapter_config.json + adapter_model.safetensors, or a kohya, diffusers or MLX-LM "
-                    "LoRA file)")
+_FULL_MODEL_NOTE = (
+    "this is a full model, not a LoRA adapter: s3lora audits the adapter that LoRA fine-tuning "
+    "saves (PEFT's adapter_config.json + adapter_model.safetensors, or a kohya, diffusers or MLX-LM "
+    "LoRA file)"
+)
 
-_KOHYA = re.compile(r"^lora_(?:unet|te\d?)_|\.(?:lora_down|lora_up)\.weight$"
-                    r"|\.(?:hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$")
+_KOHYA = re.compile(
+    r"^lora_(?:unet|te\d?)_|\.(?:lora_down|lora_up)\.weight$"
+    r"|\.(?:hada_w[12]_[ab]|lokr_w[12](?:_[ab])?)$"
+)
 _DIFFUSERS = re.compile(r"^(?:unet|transformer|text_encoder(?:_\d)?|prior|controlnet)\.")
 _MLX = re.compile(r"\.lora_[ab]$")
 _PEFT = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.[^.]+)?\.(?:weight|bias)$|\.lora_magnitude_vector")
@@ -49,10 +57,19 @@ def check_adapter_name(name: str | None) -> str | None:
     """An ``--adapter`` name is one directory name: no separators, no ``..``, not absolute, not hidden."""
     if name is None:
         return None
-    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or name.startswith(".")
-            or os.path.isabs(name)):
-        raise UsageError(f"--adapter {name!r}: expected the name of one adapter (a PEFT adapter_name, as its "
-                         "subdirectory is named), without path separators or '..'")
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or name.startswith(".")
+        or os.path.isabs(name)
+    ):
+        raise UsageError(
+            f"--adapter {name!r}: expected the name of one adapter (a PEFT adapter_name, as its "
+            "subdirectory is named), without path separators or '..'"
+        )
     return name
 
 
@@ -77,8 +94,10 @@ def check_confined(path: Path, directory: Path) -> Path:
     blobs = hf_cache_blobs(directory)
     if blobs is not None and blobs.resolve() in target.parents:
         return path
-    raise AdapterInputError(f"{path} is a symlink leading outside the adapter directory {directory} (to {target}); "
-                            "refused: copy the file into the adapter directory, or point s3lora at its real location")
+    raise AdapterInputError(
+        f"{path} is a symlink leading outside the adapter directory {directory} (to {target}); "
+        "refused: copy the file into the adapter directory, or point s3lora at its real location"
+    )
 
 
 def resolve_snapshot(path: Path) -> Path:
@@ -94,9 +113,11 @@ def resolve_snapshot(path: Path) -> Path:
     snapshots = sorted(p.name for p in (path / "snapshots").iterdir() if p.is_dir())
     if len(snapshots) == 1:
         return path / "snapshots" / snapshots[0]
-    raise AdapterInputError(f"{path}: a Hugging Face cache folder with {len(snapshots)} snapshots "
-                            f"({', '.join(snapshots) or 'none'}) and no refs/main; point s3lora at one of "
-                            f"{path / 'snapshots'}/<revision>")
+    raise AdapterInputError(
+        f"{path}: a Hugging Face cache folder with {len(snapshots)} snapshots "
+        f"({', '.join(snapshots) or 'none'}) and no refs/main; point s3lora at one of "
+        f"{path / 'snapshots'}/<revision>"
+    )
 
 
 def classify_keys(keys: Iterable[str]) -> set[str]:
@@ -126,7 +147,7 @@ def safetensors_keys(path: Path) -> list[str]:
 
 
 def _config_kind(config: Path) -> str | None:
-    """"mlx" for an MLX-LM adapter_config.json (``lora_parameters`` / ``fine_tune_type``), "peft" for PEFT's."""
+    """ "mlx" for an MLX-LM adapter_config.json (``lora_parameters`` / ``fine_tune_type``), "peft" for PEFT's."""
     try:
         raw = read_json(config)
     except AdapterInputError:  # bounded read; not JSON, not a file, too large, nested too deeply
@@ -141,8 +162,9 @@ def _config_kind(config: Path) -> str | None:
 
 
 def _nested_peft(directory: Path) -> list[str]:
-    return sorted(sub.name for sub in directory.iterdir() if sub.is_dir() and not sub.name.startswith(".")
-                  and _is_peft_dir(sub))
+    return sorted(
+        sub.name for sub in directory.iterdir() if sub.is_dir() and not sub.name.startswith(".") and _is_peft_dir(sub)
+    )
 
 
 def _is_peft_dir(path: Path) -> bool:
@@ -168,10 +190,12 @@ def _directory_format(path: Path) -> str:
     if len(files) == 1:
         return _file_format(files[0])
     found = ", ".join(p.name for p in files) or "no adapter weights"
-    raise AdapterInputError(f"{path}: cannot tell which adapter this is (found {found}); expected a PEFT directory "
-                            f"(adapter_config.json + adapter_model.safetensors), an MLX-LM one ({MLX_WEIGHTS} + "
-                            f"{CONFIG_NAME}), a diffusers one ({DIFFUSERS_WEIGHTS}) or a single .safetensors file; "
-                            "point s3lora at the weights file, or pass --input-format")
+    raise AdapterInputError(
+        f"{path}: cannot tell which adapter this is (found {found}); expected a PEFT directory "
+        f"(adapter_config.json + adapter_model.safetensors), an MLX-LM one ({MLX_WEIGHTS} + "
+        f"{CONFIG_NAME}), a diffusers one ({DIFFUSERS_WEIGHTS}) or a single .safetensors file; "
+        "point s3lora at the weights file, or pass --input-format"
+    )
 
 
 def _file_format(path: Path) -> str:
@@ -187,20 +211,28 @@ def _file_format(path: Path) -> str:
     keys = safetensors_keys(path)
     found = classify_keys(keys)
     if found == {"mlx"} and not (config.is_file() and _config_kind(config) == "mlx"):
-        raise AdapterInputError(f"{path}: MLX-LM tensor names (.lora_a / .lora_b) but no MLX-LM {CONFIG_NAME} beside "
-                                "it (lora_parameters gives the rank and scale); put it beside the weights")
+        raise AdapterInputError(
+            f"{path}: MLX-LM tensor names (.lora_a / .lora_b) but no MLX-LM {CONFIG_NAME} beside "
+            "it (lora_parameters gives the rank and scale); put it beside the weights"
+        )
     if len(found) == 1:
         return found.pop()
     if not found:
         sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
         if any(key.endswith(".weight") for key in keys):
-            raise AdapterInputError(f"{path}: {_FULL_MODEL_NOTE}; its {len(keys)} tensors ({sample}) hold no LoRA "
-                                    f"factors (if it is a LoRA adapter in another layout, pass --input-format)")
-        raise AdapterInputError(f"{path}: no LoRA tensor names that s3lora knows among {len(keys)} tensors "
-                                f"({sample or 'none'}); if it is a LoRA adapter, pass --input-format "
-                                f"({', '.join(FORMATS)})")
-    raise AdapterInputError(f"{path}: ambiguous tensor names, they look like {' and '.join(sorted(found))}; "
-                            "pass --input-format to say which")
+            raise AdapterInputError(
+                f"{path}: {_FULL_MODEL_NOTE}; its {len(keys)} tensors ({sample}) hold no LoRA "
+                f"factors (if it is a LoRA adapter in another layout, pass --input-format)"
+            )
+        raise AdapterInputError(
+            f"{path}: no LoRA tensor names that s3lora knows among {len(keys)} tensors "
+            f"({sample or 'none'}); if it is a LoRA adapter, pass --input-format "
+            f"({', '.join(FORMATS)})"
+        )
+    raise AdapterInputError(
+        f"{path}: ambiguous tensor names, they look like {' and '.join(sorted(found))}; "
+        "pass --input-format to say which"
+    )
 
 
 def detect_format(path: Path) -> str:
@@ -226,18 +258,24 @@ def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
     cache = hub_cache_dir()
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     wanted = revision or "main"
-    download = (f"download it first (huggingface-cli download {repo_id}"
-                + (f" --revision {revision}" if revision else "") + "), or pass its local directory")
+    download = (
+        f"download it first (huggingface-cli download {repo_id}"
+        + (f" --revision {revision}" if revision else "")
+        + "), or pass its local directory"
+    )
     if not (repo / "snapshots").is_dir():
-        raise AdapterInputError(f"{repo_id}: not a local path, and the Hugging Face Hub id is not in the cache "
-                                f"{cache}; {download}")
+        raise AdapterInputError(
+            f"{repo_id}: not a local path, and the Hugging Face Hub id is not in the cache {cache}; {download}"
+        )
     ref = repo / "refs" / wanted
     commit = ref.read_text(encoding="utf-8", errors="replace").strip() if ref.is_file() else wanted
     snapshot = repo / "snapshots" / commit
     if not re.fullmatch(r"[0-9a-fA-F]{7,64}", commit) or not snapshot.is_dir():
         cached = sorted(p.name for p in (repo / "snapshots").iterdir() if p.is_dir())
-        raise AdapterInputError(f"{repo_id}: revision {wanted} is not in the cache {cache} (cached snapshots: "
-                                f"{', '.join(cached) or 'none'}); {download}")
+        raise AdapterInputError(
+            f"{repo_id}: revision {wanted} is not in the cache {cache} (cached snapshots: "
+            f"{', '.join(cached) or 'none'}); {download}"
+        )
     return snapshot
 
 
@@ -250,8 +288,11 @@ def resolve_adapter_path(spec: str | Path, revision: str | None = None) -> Path:
         if revision is not None:
             raise UsageError(f"--revision applies to a Hugging Face Hub id (org/name); {path} is a local path")
         folder = path.parent
-        if path.is_file() and path.suffix not in (".safetensors", ".bin") and (
-                _is_peft_dir(folder) or _is_mlx_dir(folder) or (folder / DIFFUSERS_WEIGHTS).is_file()):
+        if (
+            path.is_file()
+            and path.suffix not in (".safetensors", ".bin")
+            and (_is_peft_dir(folder) or _is_mlx_dir(folder) or (folder / DIFFUSERS_WEIGHTS).is_file())
+        ):
             return folder
         return path
     if _HUB_ID.fullmatch(str(spec)) and not str(spec).startswith("."):

@@ -69,8 +69,10 @@ class DiffusersAdapter(FactorFile):
             if (path / DIFFUSERS_WEIGHTS).is_file():
                 files = [path / DIFFUSERS_WEIGHTS]
             if len(files) != 1:
-                raise AdapterInputError(f"{path}: no {DIFFUSERS_WEIGHTS} (and {len(files)} other .safetensors files) "
-                                        "here; point s3lora at the LoRA weights file")
+                raise AdapterInputError(
+                    f"{path}: no {DIFFUSERS_WEIGHTS} (and {len(files)} other .safetensors files) "
+                    "here; point s3lora at the LoRA weights file"
+                )
             path = files[0]
         if not path.is_file():
             raise AdapterInputError(f"{path}: no such file")
@@ -89,8 +91,10 @@ class DiffusersAdapter(FactorFile):
         try:
             flat = json.loads(text)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits, nested too deeply
-            raise AdapterInputError(f"{self.weights_path}: the header's {METADATA_KEY} is not valid JSON "
-                                    f"({getattr(exc, 'msg', type(exc).__name__)})") from None
+            raise AdapterInputError(
+                f"{self.weights_path}: the header's {METADATA_KEY} is not valid JSON "
+                f"({getattr(exc, 'msg', type(exc).__name__)})"
+            ) from None
         if not isinstance(flat, dict):
             raise AdapterInputError(f"{self.weights_path}: the header's {METADATA_KEY} is not a JSON object")
         grouped: dict[str, dict] = {}
@@ -113,24 +117,30 @@ class DiffusersAdapter(FactorFile):
                 module = module_of(m)
                 entry = parts.setdefault(module, {})
                 if role in entry:
-                    raise AdapterInputError(f"{self.weights_path}: module {module!r} has two {role} tensors "
-                                            f"({entry[role]!r} and {key!r})")
+                    raise AdapterInputError(
+                        f"{self.weights_path}: module {module!r} has two {role} tensors ({entry[role]!r} and {key!r})"
+                    )
                 entry[role] = key
             elif key.endswith(".alpha"):
                 parts.setdefault(key[: -len(".alpha")], {})["alpha"] = key
             else:
-                skipped.append(SkippedTensor(key, key.rpartition(".")[0], "not a LoRA factor; not analysed",
-                                             src.shapes[key]))
+                skipped.append(
+                    SkippedTensor(key, key.rpartition(".")[0], "not a LoRA factor; not analysed", src.shapes[key])
+                )
         layers = []
         for module, keys in parts.items():
             if "A" not in keys and "B" not in keys:
-                skipped.extend(SkippedTensor(k, module, "an alpha without LoRA factors; not analysed", src.shapes[k])
-                               for k in keys.values())
+                skipped.extend(
+                    SkippedTensor(k, module, "an alpha without LoRA factors; not analysed", src.shapes[k])
+                    for k in keys.values()
+                )
                 continue
             layers.append(self._layer(module, keys))
         if not layers:
-            raise AdapterInputError(f"{self.weights_path}: no diffusers LoRA factors (lora_A / lora_B or lora.down / "
-                                    f"lora.up) among {len(src.keys)} tensors")
+            raise AdapterInputError(
+                f"{self.weights_path}: no diffusers LoRA factors (lora_A / lora_B or lora.down / "
+                f"lora.up) among {len(src.keys)} tensors"
+            )
         return sorted_index(layers, skipped)
 
     def _layer(self, module: str, keys: dict[str, str]) -> LoraLayer:
@@ -153,5 +163,6 @@ class DiffusersAdapter(FactorFile):
         if "B.bias" in keys:
             notes.append("lora_B.bias present: a bias update, not part of dW, not analysed")
         scaling = lora_scaling(alpha, rank, rslora) if rank else 0.0
-        return lowrank_layer(module, keys, down, up, alpha, scaling, self._source.dtypes[keys["B"]], where,
-                             tuple(notes))
+        return lowrank_layer(
+            module, keys, down, up, alpha, scaling, self._source.dtypes[keys["B"]], where, tuple(notes)
+        )

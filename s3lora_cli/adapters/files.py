@@ -35,8 +35,9 @@ class PlannedFile:
     size: int
 
 
-def plan_copy(source_dir: Path, skip: Iterable[str] = (), counted: bool = True,
-              exempt: Iterable[str] = ()) -> list[PlannedFile]:
+def plan_copy(
+    source_dir: Path, skip: Iterable[str] = (), counted: bool = True, exempt: Iterable[str] = ()
+) -> list[PlannedFile]:
     """The files of ``source_dir`` to copy, sorted by relative path, leaving out the top-level names in ``skip``
     and NOT_COPIED, and s3lora's own temporary names. Regular files and symlinks to regular files inside the
     directory (or, in a Hugging Face cache snapshot, into its blobs) are taken; a symlink leading outside, a
@@ -50,8 +51,9 @@ def plan_copy(source_dir: Path, skip: Iterable[str] = (), counted: bool = True,
     def visit(directory: Path, prefix: str, depth: int) -> None:
         nonlocal count, total
         if depth > MAX_DEPTH:
-            raise AdapterInputError(f"{directory}: folders nested more than {MAX_DEPTH} deep in the adapter "
-                                    "directory; refused")
+            raise AdapterInputError(
+                f"{directory}: folders nested more than {MAX_DEPTH} deep in the adapter directory; refused"
+            )
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
@@ -70,8 +72,10 @@ def plan_copy(source_dir: Path, skip: Iterable[str] = (), counted: bool = True,
                 except OSError:
                     raise AdapterInputError(f"{path} is a broken symlink; refused: remove it or fix it") from None
                 if stat.S_ISDIR(info.st_mode):
-                    raise AdapterInputError(f"{path} is a symlink to a directory; refused (it could loop or copy a "
-                                            "tree twice): replace it with the directory itself, or remove it")
+                    raise AdapterInputError(
+                        f"{path} is a symlink to a directory; refused (it could loop or copy a "
+                        "tree twice): replace it with the directory itself, or remove it"
+                    )
             if stat.S_ISDIR(info.st_mode):
                 visit(path, f"{rel}/", depth + 1)
             elif stat.S_ISREG(info.st_mode):
@@ -80,13 +84,16 @@ def plan_copy(source_dir: Path, skip: Iterable[str] = (), counted: bool = True,
                     count += 1
                     total += info.st_size
             else:
-                raise AdapterInputError(f"{path} is not a regular file (a named pipe, socket or device); refused: "
-                                        "an adapter directory holds only files and folders")
+                raise AdapterInputError(
+                    f"{path} is not a regular file (a named pipe, socket or device); refused: "
+                    "an adapter directory holds only files and folders"
+                )
         if count > MAX_OTHER_FILES or total > MAX_OTHER_BYTES:
             raise AdapterInputError(
                 f"{source_dir}: the files beside the adapter's weights and config number {count} and total "
                 f"{total} bytes, over the limit of {MAX_OTHER_FILES} files and {MAX_OTHER_BYTES >> 20} MiB that "
-                "s3lora copies with an adapter; move what is not part of the adapter out of its directory")
+                "s3lora copies with an adapter; move what is not part of the adapter out of its directory"
+            )
 
     check_confined(source_dir, source_dir)
     visit(source_dir, "", 0)

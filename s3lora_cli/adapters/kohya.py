@@ -55,8 +55,9 @@ class KohyaAdapter(FactorFile):
         if path.is_dir():
             files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
             if len(files) != 1:
-                raise AdapterInputError(f"{path}: expected one kohya .safetensors file here, found {len(files)}; "
-                                        "point s3lora at the file")
+                raise AdapterInputError(
+                    f"{path}: expected one kohya .safetensors file here, found {len(files)}; point s3lora at the file"
+                )
             path = files[0]
         if not path.is_file():
             raise AdapterInputError(f"{path}: no such file")
@@ -65,8 +66,7 @@ class KohyaAdapter(FactorFile):
         self.weights_path = path
         self._source = SafetensorsSource(path)
         self.layers, self.skipped = self._index()
-        self.config = summary_config(self.layers, self._source.metadata,
-                                     self._source.metadata.get("ss_sd_model_name"))
+        self.config = summary_config(self.layers, self._source.metadata, self._source.metadata.get("ss_sd_model_name"))
 
     def _index(self) -> tuple[tuple[LoraLayer, ...], tuple[SkippedTensor, ...]]:
         src = self._source
@@ -76,8 +76,10 @@ class KohyaAdapter(FactorFile):
             m = _KEY.match(key)
             if m is None:
                 owner, _, param = key.partition(".")
-                reason = next((text for prefix, text in _OTHER.items() if param.startswith(prefix)),
-                              "not a LoRA factor; not analysed")
+                reason = next(
+                    (text for prefix, text in _OTHER.items() if param.startswith(prefix)),
+                    "not a LoRA factor; not analysed",
+                )
                 skipped.append(SkippedTensor(key, owner, reason, src.shapes[key]))
                 continue
             parts.setdefault(m["module"], {})[_ROLES[m["role"]]] = key
@@ -86,14 +88,20 @@ class KohyaAdapter(FactorFile):
         for module, keys in parts.items():
             if module in lycoris or not {"A", "B"} & set(keys):
                 # an alpha (or dora_scale) of a LoHa / LoKr module: it belongs with its skipped factors
-                skipped.extend(SkippedTensor(k, module, "belongs to a module that is not a LoRA up @ down; not "
-                                             "analysed", src.shapes[k]) for k in keys.values())
+                skipped.extend(
+                    SkippedTensor(
+                        k, module, "belongs to a module that is not a LoRA up @ down; not analysed", src.shapes[k]
+                    )
+                    for k in keys.values()
+                )
                 continue
             layers.append(self._layer(module, keys))
         if not layers:
             kinds = sorted({s.reason.split(":")[0] for s in skipped})
-            raise AdapterInputError(f"{self.weights_path}: no LoRA (lora_down / lora_up) module that s3lora can "
-                                    f"analyse among {len(src.keys)} tensors ({'; '.join(kinds) or 'none'})")
+            raise AdapterInputError(
+                f"{self.weights_path}: no LoRA (lora_down / lora_up) module that s3lora can "
+                f"analyse among {len(src.keys)} tensors ({'; '.join(kinds) or 'none'})"
+            )
         return sorted_index(layers, skipped)
 
     def _layer(self, module: str, keys: dict[str, str]) -> LoraLayer:
@@ -110,5 +118,6 @@ class KohyaAdapter(FactorFile):
         if "magnitude" in keys:
             notes.append("DoRA (dora_scale): scored the low-rank update up @ down; the magnitude is not analysed")
         scaling = lora_scaling(alpha, rank, False) if rank else 0.0
-        return lowrank_layer(module, keys, down, up, alpha, scaling, self._source.dtypes[keys["B"]], where,
-                             tuple(notes))
+        return lowrank_layer(
+            module, keys, down, up, alpha, scaling, self._source.dtypes[keys["B"]], where, tuple(notes)
+        )

@@ -42,8 +42,9 @@ def read_mlx_config(path: Path) -> tuple[dict, int, float]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise AdapterInputError(f"{path} not found: an MLX-LM adapter holds adapter_config.json beside "
-                                f"{MLX_WEIGHTS}") from None
+        raise AdapterInputError(
+            f"{path} not found: an MLX-LM adapter holds adapter_config.json beside {MLX_WEIGHTS}"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterInputError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(raw, dict):
@@ -53,8 +54,9 @@ def read_mlx_config(path: Path) -> tuple[dict, int, float]:
         raise AdapterInputError(f"{path}: fine_tune_type is {kind!r}; s3lora analyses LoRA / DoRA adapters")
     params = raw.get("lora_parameters")
     if not isinstance(params, dict):
-        raise AdapterInputError(f"{path}: 'lora_parameters' (rank, scale, ...) is missing; mlx-lm needs it to load "
-                                "the adapter")
+        raise AdapterInputError(
+            f"{path}: 'lora_parameters' (rank, scale, ...) is missing; mlx-lm needs it to load the adapter"
+        )
     rank, scale = params.get("rank"), params.get("scale")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise AdapterInputError(f"{path}: lora_parameters.rank must be a positive integer, got {rank!r}")
@@ -91,25 +93,40 @@ class MlxAdapter(FactorFile):
         for key in src.keys:
             m = _KEY.match(key)
             if m is None:
-                skipped.append(SkippedTensor(key, key.rpartition(".")[0], "not a LoRA factor (full weights in the "
-                                             "adapter file); not analysed", src.shapes[key]))
+                skipped.append(
+                    SkippedTensor(
+                        key,
+                        key.rpartition(".")[0],
+                        "not a LoRA factor (full weights in the adapter file); not analysed",
+                        src.shapes[key],
+                    )
+                )
                 continue
             parts.setdefault(m["module"], {})[_ROLE[m["role"]]] = key
         layers = []
         for module, keys in parts.items():
             if "A" not in keys and "B" not in keys:
-                skipped.extend(SkippedTensor(k, module, "not a LoRA factor; not analysed", src.shapes[k])
-                               for k in keys.values())
+                skipped.extend(
+                    SkippedTensor(k, module, "not a LoRA factor; not analysed", src.shapes[k]) for k in keys.values()
+                )
                 continue
             shapes = [src.shapes[k] for k in (keys.get("A"), keys.get("B")) if k]
             if any(len(s) == 3 for s in shapes):  # LoRASwitchLinear: one update per expert
-                skipped.extend(SkippedTensor(k, module, "mixture-of-experts LoRA (one lora_a / lora_b pair per "
-                                             "expert), not one dW; not analysed", src.shapes[k]) for k in keys.values())
+                skipped.extend(
+                    SkippedTensor(
+                        k,
+                        module,
+                        "mixture-of-experts LoRA (one lora_a / lora_b pair per expert), not one dW; not analysed",
+                        src.shapes[k],
+                    )
+                    for k in keys.values()
+                )
                 continue
             layers.append(self._layer(module, keys))
         if not layers:
-            raise AdapterInputError(f"{self.weights_path}: no MLX-LM LoRA factors (.lora_a / .lora_b) among "
-                                    f"{len(src.keys)} tensors")
+            raise AdapterInputError(
+                f"{self.weights_path}: no MLX-LM LoRA factors (.lora_a / .lora_b) among {len(src.keys)} tensors"
+            )
         return sorted_index(layers, skipped)
 
     def _layer(self, module: str, keys: dict[str, str]) -> LoraLayer:
@@ -117,22 +134,36 @@ class MlxAdapter(FactorFile):
         require_pair(where, keys, "lora_a", "lora_b")
         a, b = self._source.shapes[keys["A"]], self._source.shapes[keys["B"]]
         if len(a) != 2 or len(b) != 2 or a[1] != b[0] or 0 in a or 0 in b:
-            raise AdapterInputError(f"{where}: lora_a {list(a)} and lora_b {list(b)} are not LoRA factor shapes "
-                                    "(lora_a [in, r], lora_b [r, out])")
+            raise AdapterInputError(
+                f"{where}: lora_a {list(a)} and lora_b {list(b)} are not LoRA factor shapes "
+                "(lora_a [in, r], lora_b [r, out])"
+            )
         if a[1] != self.rank:
-            raise AdapterInputError(f"{where}: the tensors have rank {a[1]} but adapter_config.json gives "
-                                    f"lora_parameters.rank={self.rank}; the config does not belong to these weights")
+            raise AdapterInputError(
+                f"{where}: the tensors have rank {a[1]} but adapter_config.json gives "
+                f"lora_parameters.rank={self.rank}; the config does not belong to these weights"
+            )
         embedding = bool(_EMBEDDING.search(module))
         kind = LayerKind.EMBEDDING if embedding else LayerKind.LINEAR
         notes = ["MLX-LM: dW = scale * (lora_a @ lora_b)^T, scale is the multiplier (no alpha / r)"]
         if "magnitude" in keys:
             notes.append("DoRA (.m): scored the low-rank update; the magnitude vector is not analysed")
         # lora_alpha reported as the alpha that gives PEFT's alpha / r the same scaling
-        return LoraLayer(module, kind, (a[0], b[1]) if embedding else (b[1], a[0]), a[1], self.scale * a[1],
-                         self.scale, self._source.dtypes[keys["B"]], keys, tuple(notes))
+        return LoraLayer(
+            module,
+            kind,
+            (a[0], b[1]) if embedding else (b[1], a[0]),
+            a[1],
+            self.scale * a[1],
+            self.scale,
+            self._source.dtypes[keys["B"]],
+            keys,
+            tuple(notes),
+        )
 
-    def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(
+        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d, r], right [r, k]): scale * lora_b^T, lora_a^T for a linear layer; scale * lora_a, lora_b for
         an embedding."""
         a = self._source.get(layer.keys["A"]).to(device=device, dtype=dtype)

@@ -30,7 +30,7 @@ _KEY = re.compile(
 
 def module_name(key_module: str) -> str:
     """PEFT's module path without the ``base_model.model.`` prefix."""
-    return key_module[len(PEFT_PREFIX):] if key_module.startswith(PEFT_PREFIX) else key_module
+    return key_module[len(PEFT_PREFIX) :] if key_module.startswith(PEFT_PREFIX) else key_module
 
 
 def locate(path: Path, adapter_name: str | None = None) -> tuple[Path, Path]:
@@ -44,8 +44,9 @@ def locate(path: Path, adapter_name: str | None = None) -> tuple[Path, Path]:
     path = resolve_snapshot(path)
     if not path.is_dir():
         if adapter_name is not None:
-            raise UsageError(f"--adapter {adapter_name}: give the directory that holds the adapters, not a "
-                             "weights file")
+            raise UsageError(
+                f"--adapter {adapter_name}: give the directory that holds the adapters, not a weights file"
+            )
         if path.suffix not in (".safetensors", ".bin"):
             raise AdapterInputError(f"{path}: expected an adapter directory or a .safetensors / .bin weights file")
         config = path.parent / CONFIG_NAME
@@ -53,9 +54,14 @@ def locate(path: Path, adapter_name: str | None = None) -> tuple[Path, Path]:
         if config.exists():
             check_confined(config, path.parent)
         return path, config
-    nested = sorted(sub.name for sub in path.iterdir() if sub.is_dir() and not sub.name.startswith(".")
-                    and (sub / CONFIG_NAME).is_file()
-                    and any((sub / name).is_file() for name in (SAFETENSORS_NAME, BIN_NAME)))
+    nested = sorted(
+        sub.name
+        for sub in path.iterdir()
+        if sub.is_dir()
+        and not sub.name.startswith(".")
+        and (sub / CONFIG_NAME).is_file()
+        and any((sub / name).is_file() for name in (SAFETENSORS_NAME, BIN_NAME))
+    )
     here = [name for name in (SAFETENSORS_NAME, BIN_NAME) if (path / name).is_file()]
     if adapter_name not in (None, "default") or (adapter_name == "default" and not here):
         if adapter_name not in nested:
@@ -114,8 +120,13 @@ class PeftAdapter(FactorFile):
                 owner = _owner(key)
                 skipped.append(SkippedTensor(key, owner, _skip_reason(key, owner, self.config), src.shapes[key]))
                 continue
-            role = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
-                    "lora_magnitude_vector": "magnitude"}[m["role"]]
+            role = {
+                "lora_A": "A",
+                "lora_B": "B",
+                "lora_embedding_A": "A",
+                "lora_embedding_B": "B",
+                "lora_magnitude_vector": "magnitude",
+            }[m["role"]]
             if m["param"] == "bias":
                 role += ".bias"
             entry = parts.setdefault(m["module"], _Parts({}, set()))
@@ -160,8 +171,10 @@ class PeftAdapter(FactorFile):
         r, _ = self.config.rank_and_alpha(module)
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] <= r or a_shape[0] % r:
             return []
-        reason = (f"target_parameters ({', '.join(map(str, targets))}): {a_shape[0] // r} experts' rank-{r} "
-                  "updates packed in one lora_A / lora_B pair, not one dW; not analysed")
+        reason = (
+            f"target_parameters ({', '.join(map(str, targets))}): {a_shape[0] // r} experts' rank-{r} "
+            "updates packed in one lora_A / lora_B pair, not one dW; not analysed"
+        )
         return [SkippedTensor(key, module, reason, self._source.shapes[key]) for key in entry.keys.values()]
 
     def _layer(self, module: str, entry: _Parts) -> LoraLayer:
@@ -207,16 +220,19 @@ class PeftAdapter(FactorFile):
         if "A.bias" in keys:
             notes.append("lora_A.bias present: not part of dW, not analysed")
         if groups > 1:
-            notes.append(f"grouped convolution (groups={groups}): lora_B is block diagonal over the groups; "
-                         "dW maps all input channels, so it does not merge into the base weight")
+            notes.append(
+                f"grouped convolution (groups={groups}): lora_B is block diagonal over the groups; "
+                "dW maps all input channels, so it does not merge into the base weight"
+            )
         if entry.adapter_names:
             notes.append(f"adapter name in keys: {', '.join(sorted(entry.adapter_names))}")
         dtype = self._source.dtypes[keys["B"]]
         scaling = self.config.scaling(module)
         return LoraLayer(module, kind, shape, rank, alpha, scaling, dtype, keys, tuple(notes), groups)
 
-    def load_factors(self, layer: LoraLayer, dtype: torch.dtype,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(
+        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(left [d, r], right [r, k]) with dW = left @ right = scaling * B @ A in the spec's orientation."""
         a = self._source.get(layer.keys["A"]).to(device=device, dtype=dtype)
         b = self._source.get(layer.keys["B"]).to(device=device, dtype=dtype)
@@ -238,7 +254,7 @@ def _owner(key: str) -> str:
     """The module a non-LoRA tensor belongs to, by PEFT's module path: the key without its parameter name,
     PEFT's wrappers and ``base_model.model.``."""
     wrapped = _WRAPPER.search(key)
-    return module_name(key[:wrapped.start()] if wrapped else key.rpartition(".")[0])
+    return module_name(key[: wrapped.start()] if wrapped else key.rpartition(".")[0])
 
 
 def _skip_reason(key: str, owner: str, config: AdapterConfig) -> str:

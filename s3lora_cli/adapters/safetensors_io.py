@@ -22,20 +22,52 @@ MAX_HEADER_BYTES = 100_000_000
 
 # Bytes per element of each safetensors dtype that s3lora can read.
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
 }
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
-_TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2": "float8_e5m2", "F8_E5M2FNUZ": "float8_e5m2fnuz", "I16": "int16", "U16": "uint16",
-    "F16": "float16", "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64",
-    "U64": "uint64", "F64": "float64", "C64": "complex64",
-}.items() if hasattr(torch, attr)}
+_TORCH_DTYPES = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E4M3FNUZ": "float8_e4m3fnuz",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz",
+        "I16": "int16",
+        "U16": "uint16",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I32": "int32",
+        "U32": "uint32",
+        "F32": "float32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F64": "float64",
+        "C64": "complex64",
+    }.items()
+    if hasattr(torch, attr)
+}
 
 
 @dataclass(frozen=True)
@@ -76,11 +108,15 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
                 raise AdapterInputError(f"{path}: not a safetensors file ({size} bytes; too short for a header)")
             length = int.from_bytes(fh.read(8), "little")
             if length > MAX_HEADER_BYTES:
-                raise AdapterInputError(f"{path}: not a safetensors file (header length {length} bytes is over "
-                                        f"the {MAX_HEADER_BYTES}-byte limit)")
+                raise AdapterInputError(
+                    f"{path}: not a safetensors file (header length {length} bytes is over "
+                    f"the {MAX_HEADER_BYTES}-byte limit)"
+                )
             if 8 + length > size:
-                raise AdapterInputError(f"{path}: not a safetensors file (header length {length} bytes, but the "
-                                        f"file has only {size - 8} bytes after the length field)")
+                raise AdapterInputError(
+                    f"{path}: not a safetensors file (header length {length} bytes, but the "
+                    f"file has only {size - 8} bytes after the length field)"
+                )
             text = fh.read(length)
     except OSError as exc:
         raise AdapterInputError(f"{path}: cannot be read ({one_line(exc)})") from None
@@ -114,6 +150,7 @@ def open_regular(path: Path):
 def unique_keys(where: str):
     """A ``json.loads`` object_pairs_hook that refuses a key appearing twice in one object (json keeps the
     last one silently; a reader of the first would be misled); ``where`` starts the message."""
+
     def pairs(items: list) -> dict:
         seen: dict = {}
         for key, value in items:
@@ -153,18 +190,24 @@ def _entry(name: str, value, path: Path) -> TensorEntry:
         raise AdapterInputError(f"{where} has no {', '.join(missing)}")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise AdapterInputError(f"{where} has unknown dtype {short_repr(dtype)} "
-                                f"(known: {', '.join(DTYPE_BYTES)})")
+        raise AdapterInputError(f"{where} has unknown dtype {short_repr(dtype)} (known: {', '.join(DTYPE_BYTES)})")
     if not isinstance(shape, list) or not all(_natural(s) for s in shape):
         raise AdapterInputError(f"{where}: shape must be a list of non-negative integers, got {short_repr(shape)}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets)
-            or offsets[0] > offsets[1]):
-        raise AdapterInputError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
-                                f"got {short_repr(offsets)}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_natural(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise AdapterInputError(
+            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {short_repr(offsets)}"
+        )
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
     if offsets[1] - offsets[0] != nbytes:
-        raise AdapterInputError(f"{where}: {dtype} {list(shape)} takes {nbytes} bytes but data_offsets "
-                                f"{list(offsets)} span {offsets[1] - offsets[0]}")
+        raise AdapterInputError(
+            f"{where}: {dtype} {list(shape)} takes {nbytes} bytes but data_offsets "
+            f"{list(offsets)} span {offsets[1] - offsets[0]}"
+        )
     return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
 
 
@@ -174,20 +217,28 @@ def _check_layout(tensors: dict[str, TensorEntry], data_size: int, path: Path) -
     ordered = sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end))
     end_max = max((entry.end for _, entry in ordered), default=0)
     if end_max > data_size:
-        raise AdapterInputError(f"{path}: truncated: the tensors need {end_max} bytes of data but the file holds "
-                                f"{data_size} after the header")
+        raise AdapterInputError(
+            f"{path}: truncated: the tensors need {end_max} bytes of data but the file holds "
+            f"{data_size} after the header"
+        )
     position, previous = 0, None
     for name, entry in ordered:
         if entry.begin < position:
-            raise AdapterInputError(f"{where}: tensor {short_repr(name)} overlaps tensor {short_repr(previous)} "
-                                    f"(bytes {entry.begin}-{position})")
+            raise AdapterInputError(
+                f"{where}: tensor {short_repr(name)} overlaps tensor {short_repr(previous)} "
+                f"(bytes {entry.begin}-{position})"
+            )
         if entry.begin > position:
-            raise AdapterInputError(f"{where}: bytes {position}-{entry.begin} of the data section belong to no "
-                                    f"tensor (before {short_repr(name)}); the offsets do not cover the data")
+            raise AdapterInputError(
+                f"{where}: bytes {position}-{entry.begin} of the data section belong to no "
+                f"tensor (before {short_repr(name)}); the offsets do not cover the data"
+            )
         position, previous = entry.end, name
     if position != data_size:
-        raise AdapterInputError(f"{where}: {data_size - position} bytes after the last tensor belong to no tensor; "
-                                "the offsets do not cover the data section")
+        raise AdapterInputError(
+            f"{where}: {data_size - position} bytes after the last tensor belong to no tensor; "
+            "the offsets do not cover the data section"
+        )
 
 
 def _natural(value) -> bool:
@@ -197,7 +248,7 @@ def _natural(value) -> bool:
 def short_repr(value, limit: int = 80) -> str:
     """repr of an untrusted value, cut to ``limit`` characters, for one-line messages."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class TensorSource(Protocol):
@@ -241,8 +292,10 @@ class SafetensorsSource:
             raise AdapterInputError(f"{self.path}: no tensor {short_repr(key)} open for reading")
         dtype = _TORCH_DTYPES.get(entry.dtype)
         if dtype is None:
-            raise AdapterInputError(f"{self.path}: tensor {short_repr(key)} has dtype {entry.dtype}, which this "
-                                    f"version of PyTorch cannot read")
+            raise AdapterInputError(
+                f"{self.path}: tensor {short_repr(key)} has dtype {entry.dtype}, which this "
+                f"version of PyTorch cannot read"
+            )
         buffer = bytearray(entry.end - entry.begin)
         try:
             with open_regular(self.path) as fh:
@@ -298,8 +351,10 @@ class PickleSource:
             raise AdapterInputError(f"{path}: expected a mapping of names (strings) to tensors")
         for key, value in state.items():
             if value.layout is not torch.strided or value.is_meta or value.is_quantized or value.is_complex():
-                raise AdapterInputError(f"{path}: tensor {short_repr(key)} is not a plain dense real-valued tensor "
-                                        f"({value.layout}, {value.dtype})")
+                raise AdapterInputError(
+                    f"{path}: tensor {short_repr(key)} is not a plain dense real-valued tensor "
+                    f"({value.layout}, {value.dtype})"
+                )
         self._state = state
         self.path = path
         self.metadata: dict[str, str] = {}
@@ -319,4 +374,3 @@ class PickleSource:
 def dtype_name(safetensors_dtype: str) -> str:
     """torch's name of a safetensors dtype ("BF16" -> "bfloat16"), the spelling the .bin reader gives too."""
     return _SAFETENSORS_DTYPES.get(safetensors_dtype, safetensors_dtype.lower())
-

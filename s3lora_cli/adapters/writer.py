@@ -83,9 +83,11 @@ class Layout:
     drop: str | None = None
 
 
-MLX_NO_DROP = ("MLX-LM wraps every module that lora_parameters.keys names in the last num_layers blocks and cannot "
-               "leave one layer out, so an MLX adapter cannot drop layers; use --mode zero (MLX DoRA layers cannot "
-               "be pruned: with lora_b zeroed their magnitude .m would still rescale the weight)")
+MLX_NO_DROP = (
+    "MLX-LM wraps every module that lora_parameters.keys names in the last num_layers blocks and cannot "
+    "leave one layer out, so an MLX adapter cannot drop layers; use --mode zero (MLX DoRA layers cannot "
+    "be pruned: with lora_b zeroed their magnitude .m would still rescale the weight)"
+)
 
 
 def layout_for(adapter_format: str, weights_path: Path, given: Path) -> Layout:
@@ -112,16 +114,19 @@ def check_file_destination(weights_path: Path, destination: Path, force: bool) -
     an existing file without ``force``."""
     target = destination.resolve()
     if target == weights_path.resolve():
-        raise UsageError(f"{destination} is the input adapter {weights_path}; the input is never written to: give -o "
-                         "another file name")
+        raise UsageError(
+            f"{destination} is the input adapter {weights_path}; the input is never written to: give -o "
+            "another file name"
+        )
     parent = destination.absolute().parent
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"{parent} is not a directory, so {destination} cannot be created there")
     if not os.path.lexists(destination):
         return
     if destination.is_dir():
-        raise UsageError(f"{destination} is a directory; for a single-file adapter -o names the .safetensors file "
-                         "to write")
+        raise UsageError(
+            f"{destination} is a directory; for a single-file adapter -o names the .safetensors file to write"
+        )
     if not force:
         raise UsageError(f"{destination} exists; pass --force to replace it")
 
@@ -138,8 +143,10 @@ def default_destination(source_dir: Path) -> Path:
     ``adapter-pruned/``). ``..`` is resolved lexically, symlinks are not: the sibling is of the path as given."""
     source = Path(os.path.abspath(source_dir))
     if hf_cache_blobs(source) is not None:
-        raise UsageError(f"{source_dir} is a Hugging Face cache snapshot; s3lora does not write into the cache: "
-                         "give -o a path for the pruned adapter")
+        raise UsageError(
+            f"{source_dir} is a Hugging Face cache snapshot; s3lora does not write into the cache: "
+            "give -o a path for the pruned adapter"
+        )
     return source.parent / f"{source.name}-pruned"
 
 
@@ -150,11 +157,15 @@ def check_destination(source_dir: Path, destination: Path, force: bool) -> None:
     source, target = source_dir.resolve(), destination.resolve()
     via = f" (it resolves to {target})" if target != Path(os.path.abspath(destination)) else ""
     if target == source or source in target.parents:
-        raise UsageError(f"{destination} is the input adapter {source_dir} or inside it{via}; the input is never "
-                         "written to: give -o a path outside it")
+        raise UsageError(
+            f"{destination} is the input adapter {source_dir} or inside it{via}; the input is never "
+            "written to: give -o a path outside it"
+        )
     if target in source.parents:
-        raise UsageError(f"{destination} contains the input adapter {source_dir}{via}; replacing it would delete the "
-                         "input: give -o another path")
+        raise UsageError(
+            f"{destination} contains the input adapter {source_dir}{via}; replacing it would delete the "
+            "input: give -o another path"
+        )
     parent = destination.absolute().parent
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"{parent} is not a directory, so {destination} cannot be created there")
@@ -163,11 +174,14 @@ def check_destination(source_dir: Path, destination: Path, force: bool) -> None:
     if not force:
         raise UsageError(f"{destination} exists; pass --force to replace it")
     if not destination.is_dir():
-        raise UsageError(f"{destination} exists and is not a directory; -o names the directory to write the pruned "
-                         "adapter to")
+        raise UsageError(
+            f"{destination} exists and is not a directory; -o names the directory to write the pruned adapter to"
+        )
     if any(destination.iterdir()) and not (destination / CONFIG_NAME).is_file():
-        raise UsageError(f"{destination} is not empty and holds no {CONFIG_NAME}; even with --force s3lora replaces "
-                         "only an adapter directory: give -o a new path")
+        raise UsageError(
+            f"{destination} is not empty and holds no {CONFIG_NAME}; even with --force s3lora replaces "
+            "only an adapter directory: give -o a new path"
+        )
 
 
 def merged_exclude_modules(existing: object, modules: Sequence[str]) -> list[str] | str:
@@ -183,9 +197,17 @@ def merged_exclude_modules(existing: object, modules: Sequence[str]) -> list[str
     raise AdapterInputError(f"{CONFIG_NAME}: 'exclude_modules' is {existing!r}; expected a list of names or a string")
 
 
-def write_pruned_adapter(weights_path: Path, destination: Path, edits: Sequence[LayerEdit], *,
-                         metadata: Mapping[str, str], report_text: str, force: bool = False,
-                         expected_sha256: str | None = None, layout: Layout | None = None) -> Path:
+def write_pruned_adapter(
+    weights_path: Path,
+    destination: Path,
+    edits: Sequence[LayerEdit],
+    *,
+    metadata: Mapping[str, str],
+    report_text: str,
+    force: bool = False,
+    expected_sha256: str | None = None,
+    layout: Layout | None = None,
+) -> Path:
     """Write the adapter at ``weights_path`` with ``edits`` applied to ``destination`` in the input's format
     (``layout``; default: a PEFT adapter directory), and return ``destination``.
 
@@ -234,8 +256,16 @@ def _write_file(destination: Path, write: Callable[[BinaryIO], object], mode: in
         raise _not_written(destination, exc) from None
 
 
-def _write_directory(weights_path: Path, destination: Path, layout: Layout, dropped: list[str],
-                     write: Callable[[BinaryIO], object], mode: int, report_text: str, force: bool) -> None:
+def _write_directory(
+    weights_path: Path,
+    destination: Path,
+    layout: Layout,
+    dropped: list[str],
+    write: Callable[[BinaryIO], object],
+    mode: int,
+    report_text: str,
+    force: bool,
+) -> None:
     """A directory output: the weights, the config (with ``dropped`` excluded, for PEFT), the input directory's
     other files and the report, made in a temporary directory beside ``destination`` and renamed into place."""
     source_dir = weights_path.parent
@@ -279,8 +309,10 @@ def _write_directory(weights_path: Path, destination: Path, layout: Layout, drop
 
 
 def _not_written(destination: Path, exc: OSError) -> RuntimeProblem:
-    return RuntimeProblem(f"cannot write the pruned adapter to {destination}: {describe_os_error(exc)}; nothing "
-                          "was written, the input is unchanged")
+    return RuntimeProblem(
+        f"cannot write the pruned adapter to {destination}: {describe_os_error(exc)}; nothing "
+        "was written, the input is unchanged"
+    )
 
 
 def _excluded_in_header(text: str, dropped: Sequence[str]) -> str:
@@ -350,8 +382,9 @@ class WeightsSource:
                     while left:
                         block = src.read(min(left, BLOCK_BYTES))
                         if not block:
-                            raise AdapterInputError(f"{self.path} changed while s3lora was reading it; nothing was "
-                                                    "written, run again")
+                            raise AdapterInputError(
+                                f"{self.path} changed while s3lora was reading it; nothing was written, run again"
+                            )
                         left -= len(block)
                         digest.update(block)
                         if name in self.drop:
@@ -360,8 +393,11 @@ class WeightsSource:
                 tail = src.read(1)
         except OSError as exc:
             raise AdapterInputError(f"{self.path}: cannot be read for pruning ({describe_os_error(exc)})") from None
-        if tail or len(head) != self.data_start or (
-                expected_sha256 is not None and digest.hexdigest() != expected_sha256):
+        if (
+            tail
+            or len(head) != self.data_start
+            or (expected_sha256 is not None and digest.hexdigest() != expected_sha256)
+        ):
             raise AdapterInputError(f"{self.path} changed while s3lora was reading it; nothing was written, run again")
 
     def _write_from_pickle(self, fh: BinaryIO, metadata: Mapping[str, str], expected_sha256: str | None) -> None:
@@ -383,10 +419,19 @@ class WeightsSource:
         tensors = {str(k): v for k, v in state.items()}
         for name in names:
             if tensors[name].dtype not in _SAFETENSORS_NAMES:
-                raise AdapterInputError(f"{self.path}: tensor {name!r} has dtype {tensors[name].dtype}, which s3lora "
-                                        "cannot write to safetensors")
-        plan = [(n, _SAFETENSORS_NAMES[tensors[n].dtype], tuple(tensors[n].shape),
-                 tensors[n].numel() * tensors[n].element_size()) for n in names]
+                raise AdapterInputError(
+                    f"{self.path}: tensor {name!r} has dtype {tensors[name].dtype}, which s3lora "
+                    "cannot write to safetensors"
+                )
+        plan = [
+            (
+                n,
+                _SAFETENSORS_NAMES[tensors[n].dtype],
+                tuple(tensors[n].shape),
+                tensors[n].numel() * tensors[n].element_size(),
+            )
+            for n in names
+        ]
         _write_header(fh, plan, metadata)
         for name in names:
             tensor = tensors[name]
@@ -398,13 +443,23 @@ class WeightsSource:
             raise AdapterInputError(f"{self.path} changed while s3lora was reading it; nothing was written, run again")
 
 
-_SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
-def _write_header(fh: BinaryIO, tensors: Sequence[tuple[str, str, tuple[int, ...], int]],
-                  metadata: Mapping[str, str]) -> None:
+def _write_header(
+    fh: BinaryIO, tensors: Sequence[tuple[str, str, tuple[int, ...], int]], metadata: Mapping[str, str]
+) -> None:
     """The safetensors header of ``tensors`` (name, dtype, shape, bytes), laid out in that order, with
     ``metadata``: the 8-byte little-endian length, then the JSON padded with spaces to a multiple of 8."""
     doc: dict = {"__metadata__": dict(metadata)} if metadata else {}

@@ -22,14 +22,23 @@ from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
 
 ADAPT_EXTRA_HINT = "install the adapt extra: pip install 's3lora[adapt]'"
 
-adapt_app = typer.Typer(name="adapt", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                        help="Self-adaptation (SAGE): find the samples a model fails, cluster them, train an "
-                        "adapter per cluster, gate it into a LoRA store, and route prompts to it.")
+adapt_app = typer.Typer(
+    name="adapt",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Self-adaptation (SAGE): find the samples a model fails, cluster them, train an "
+    "adapter per cluster, gate it into a LoRA store, and route prompts to it.",
+)
 app.add_typer(adapt_app, name="adapt")
 
 MODEL = typer.Option(None, "--model", help="The causal LM: a Hugging Face model directory or a .gguf file.")
-EMBEDDER = typer.Option(None, "--embedder", help="An encoder directory (e.g. a sentence-transformers model) to "
-                        "embed with, instead of the model's own mean-pooled hidden states.")
+EMBEDDER = typer.Option(
+    None,
+    "--embedder",
+    help="An encoder directory (e.g. a sentence-transformers model) to "
+    "embed with, instead of the model's own mean-pooled hidden states.",
+)
 ADAPT_DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 STRICT = typer.Option(False, "--strict", help="Stop at the first bad input line (exit 3) instead of skipping it.")
 
@@ -91,8 +100,14 @@ def _progress(quiet: bool, label: str):
 
     if quiet:
         return None, None
-    bar = Progress(SpinnerColumn(), TextColumn(label), TextColumn("{task.completed} lines"), TimeElapsedColumn(),
-                   console=stderr_console(), transient=True)
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn(label),
+        TextColumn("{task.completed} lines"),
+        TimeElapsedColumn(),
+        console=stderr_console(),
+        transient=True,
+    )
     return bar, bar.add_task("", total=None)
 
 
@@ -100,18 +115,19 @@ def _progress(quiet: bool, label: str):
 @error_boundary
 def trigger(
     model: Optional[Path] = MODEL,
-    tasks: Path = typer.Option(..., "--tasks", help="JSONL task stream ({\"prompt\", \"answer\", \"tag\"}); "
-                               "'-' reads stdin."),
+    tasks: Path = typer.Option(
+        ..., "--tasks", help='JSONL task stream ({"prompt", "answer", "tag"}); \'-\' reads stdin.'
+    ),
     output: Output = None,
     force: Force = False,
     policy: PolicyFile = None,
     embedder: Optional[Path] = EMBEDDER,
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples generated together."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="First samples taken as in-distribution, to fix "
-                                         "the similarity band (default 20)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Failure score that triggers "
-                                              "(default 0.5)."),
+    warmup: Optional[int] = typer.Option(
+        None, "--warmup", help="First samples taken as in-distribution, to fix the similarity band (default 20)."
+    ),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Failure score that triggers (default 0.5)."),
     strict: bool = STRICT,
     device: str = ADAPT_DEVICE,
     quiet: Quiet = False,
@@ -134,6 +150,7 @@ def trigger(
     summary = TriggerSummary()
     bar, task_id = _progress(quiet, "trigger")
     with _input_lines(tasks) as lines, _jsonl_sink(output, force) as sink:
+
         def good_tasks():
             nonlocal bad
             for item in read_tasks(lines, strict=strict):
@@ -145,9 +162,17 @@ def trigger(
 
         update = (lambda done: bar.update(task_id, completed=done)) if bar is not None else None
         with bar if bar is not None else nullcontext():
-            for record in run_trigger(lm.model, lm.tokenizer, good_tasks(), trigger_policy, embed,
-                                      batch_size=batch_size, max_new_tokens=max_new_tokens, summary=summary,
-                                      progress=update):
+            for record in run_trigger(
+                lm.model,
+                lm.tokenizer,
+                good_tasks(),
+                trigger_policy,
+                embed,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                summary=summary,
+                progress=update,
+            ):
                 sink.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
     if not quiet:
         _print_trigger_summary(summary, bad)
@@ -167,8 +192,11 @@ def _print_trigger_summary(summary, bad: int) -> None:
     console = stderr_console()
     console.print(table)
     if summary.band is not None:
-        console.print(f"similarity band {summary.band.low:.3f}..{summary.band.high:.3f} "
-                      f"from {summary.band.count} warm-up samples", highlight=False)
+        console.print(
+            f"similarity band {summary.band.low:.3f}..{summary.band.high:.3f} "
+            f"from {summary.band.count} warm-up samples",
+            highlight=False,
+        )
     if bad:
         console.print(f"{bad} bad line(s) skipped", highlight=False)
 
@@ -183,10 +211,12 @@ def cluster(
     model: Optional[Path] = MODEL,
     embedder: Optional[Path] = EMBEDDER,
     policy: PolicyFile = None,
-    min_buffer: Optional[int] = typer.Option(None, "--min-buffer", help="Samples before the first re-clustering "
-                                             "(default 25)."),
-    min_cluster: Optional[int] = typer.Option(None, "--min-cluster", help="Members before a cluster is handed "
-                                              "off (default 10)."),
+    min_buffer: Optional[int] = typer.Option(
+        None, "--min-buffer", help="Samples before the first re-clustering (default 25)."
+    ),
+    min_cluster: Optional[int] = typer.Option(
+        None, "--min-cluster", help="Members before a cluster is handed off (default 10)."
+    ),
     bucket_by: BucketBy = typer.Option(BucketBy.none, "--bucket-by", help="none (one bucket) or tag."),
     strict: bool = STRICT,
     device: str = ADAPT_DEVICE,
@@ -207,24 +237,41 @@ def cluster(
     console = stderr_console()
     bar, task_id = _progress(quiet, "cluster")
     try:
-        with _input_lines(triggered) as lines, (bar if bar is not None else nullcontext()):
+        with _input_lines(triggered) as lines, bar if bar is not None else nullcontext():
             summary = run_buffer(
-                lines, state, buffer_policy, embed, resume=resume, bucket_by_tag=bucket_by is BucketBy.tag,
-                strict=strict, progress=(lambda n: bar.update(task_id, completed=n)) if bar is not None else None,
-                on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}", highlight=False))
+                lines,
+                state,
+                buffer_policy,
+                embed,
+                resume=resume,
+                bucket_by_tag=bucket_by is BucketBy.tag,
+                strict=strict,
+                progress=(lambda n: bar.update(task_id, completed=n)) if bar is not None else None,
+                on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}", highlight=False),
+            )
     except KeyboardInterrupt:
-        console.print(f"interrupted; the state in {escape(str(state))} is saved: --resume continues it",
-                      highlight=False)
+        console.print(
+            f"interrupted; the state in {escape(str(state))} is saved: --resume continues it", highlight=False
+        )
         raise typer.Exit(130) from None
-    doc = {"lines": summary.lines, "triggered": summary.triggered, "bad_lines": summary.bad,
-           "reclusterings": summary.reclusterings, "stabilisations": summary.stabilisations,
-           "clusters": summary.clusters, "handed_off": list(summary.handed_off), "buffered": summary.buffered,
-           "handoff": str(state / HANDOFF_DIR)}
+    doc = {
+        "lines": summary.lines,
+        "triggered": summary.triggered,
+        "bad_lines": summary.bad,
+        "reclusterings": summary.reclusterings,
+        "stabilisations": summary.stabilisations,
+        "clusters": summary.clusters,
+        "handed_off": list(summary.handed_off),
+        "buffered": summary.buffered,
+        "handoff": str(state / HANDOFF_DIR),
+    }
     write_output(json.dumps(doc, allow_nan=False) + "\n", None, False)
     if not quiet:
-        console.print(f"{summary.clusters} cluster(s), {len(summary.handed_off)} handed off to "
-                      f"{escape(str(state / HANDOFF_DIR))}, {summary.buffered} sample(s) still buffered",
-                      highlight=False)
+        console.print(
+            f"{summary.clusters} cluster(s), {len(summary.handed_off)} handed off to "
+            f"{escape(str(state / HANDOFF_DIR))}, {summary.buffered} sample(s) still buffered",
+            highlight=False,
+        )
 
 
 @adapt_app.command("demo-tasks")

@@ -46,10 +46,15 @@ from s3lora_cli.errors import AdapterInputError, UsageError
 MODEL = typer.Option(..., "--model", help="The causal LM: a Hugging Face model directory or a .gguf file.")
 STORE = typer.Option(..., "--store", help="The LoRA store directory (created if missing).")
 QUARANTINE = typer.Option(None, "--quarantine", help="Where refused adapters go (default <store>.quarantine).")
-AUDIT_LOG = typer.Option(None, "--audit-log", help="JSON-lines log of every decision (default "
-                         "<store>/.s3lora-audit.jsonl).")
-SEARCH = typer.Option("default", "--search", help="The training search: default (one candidate that learns on a "
-                      "CPU in minutes) or paper (SAGE's r 4/8 x alpha 8/16 x lr 1e-4/1e-5).")
+AUDIT_LOG = typer.Option(
+    None, "--audit-log", help="JSON-lines log of every decision (default <store>/.s3lora-audit.jsonl)."
+)
+SEARCH = typer.Option(
+    "default",
+    "--search",
+    help="The training search: default (one candidate that learns on a "
+    "CPU in minutes) or paper (SAGE's r 4/8 x alpha 8/16 x lr 1e-4/1e-5).",
+)
 RANK = typer.Option(None, "--rank", "-r", min=1, help="Train this LoRA rank instead of the search's.")
 ALPHA = typer.Option(None, "--alpha", min=1, help="lora_alpha, with --rank (default 2 x rank).")
 LR = typer.Option(None, "--lr", help="Learning rate, with --rank (default 3e-3).")
@@ -67,11 +72,16 @@ STRICT_LAYERS = as_default(StrictLayers, None)
 POLICY = as_default(PolicyFile, None)
 QUIET = as_default(Quiet, False)
 OUTPUT = as_default(Output, None)
-FLOOR = typer.Option(0.5, "--floor", help="Least validation exact match of the pruned adapter; below it the "
-                     "adapter is quarantined.")
-ROUTE_THRESHOLD = typer.Option(0.4, "--route-threshold", help="Least cosine between a prompt and a cluster's "
-                               "prompt centre for the cluster's adapter to answer it (it must also be nearer to it "
-                               "than to the prompts the base model answered).")
+FLOOR = typer.Option(
+    0.5, "--floor", help="Least validation exact match of the pruned adapter; below it the adapter is quarantined."
+)
+ROUTE_THRESHOLD = typer.Option(
+    0.4,
+    "--route-threshold",
+    help="Least cosine between a prompt and a cluster's "
+    "prompt centre for the cluster's adapter to answer it (it must also be nearer to it "
+    "than to the prompts the base model answered).",
+)
 MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Longest generated answer, in tokens.")
 
 
@@ -128,16 +138,19 @@ def _step_printer(quiet: bool):
 def _outcome_line(trained, gated) -> str:
     verdict = "admitted" if gated.admitted else "quarantined"
     reason = f" ({gated.admit.record['reasons'][0]})" if not gated.admitted and gated.admit.record["reasons"] else ""
-    return (f"{verdict} {gated.admit.destination}: best {trained.best.candidate.describe()}, validation exact match "
-            f"{gated.before.exact_match:.3f} -> {gated.after.exact_match:.3f} after pruning "
-            f"{len(gated.pruned_layers)} of {gated.scored_layers} layers{reason}")
+    return (
+        f"{verdict} {gated.admit.destination}: best {trained.best.candidate.describe()}, validation exact match "
+        f"{gated.before.exact_match:.3f} -> {gated.after.exact_match:.3f} after pruning "
+        f"{len(gated.pruned_layers)} of {gated.scored_layers} layers{reason}"
+    )
 
 
 @adapt_app.command("train")
 @error_boundary
 def train(
-    cluster: Path = typer.Argument(..., help="A cluster's JSONL file (the buffer's hand-off, or any "
-                                   "{\"prompt\", \"answer\"} lines)."),
+    cluster: Path = typer.Argument(
+        ..., help='A cluster\'s JSONL file (the buffer\'s hand-off, or any {"prompt", "answer"} lines).'
+    ),
     model: Path = MODEL,
     store: Path = STORE,
     quarantine: Optional[Path] = QUARANTINE,
@@ -174,26 +187,49 @@ def train(
     from s3lora_cli.adapt.loop import LoopSettings, adapt_cluster
 
     train_settings = _train_settings(search, rank, alpha, lr, epochs, target_modules, seed, max_new_tokens)
-    gate = _gate_settings(tau, prune_threshold, fraction, floor, gate_flags(
-        max_ssi, max_violations, baseline, max_increase, strict_layers, None, None, None), policy, device)
+    gate = _gate_settings(
+        tau,
+        prune_threshold,
+        fraction,
+        floor,
+        gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers, None, None, None),
+        policy,
+        device,
+    )
     records, info = _read_cluster(cluster)
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
     run = hashlib.sha256(str(cluster.resolve().parent).encode()).hexdigest()[:12]  # one per hand-off directory
     work = _work_dir(store)
     try:
         trained, gated = adapt_cluster(
-            lm, embed, records, run=run, cluster=info.get("id", 0), bucket=info.get("bucket", "all"),
+            lm,
+            embed,
+            records,
+            run=run,
+            cluster=info.get("id", 0),
+            bucket=info.get("bucket", "all"),
             keywords=info.get("keywords", []),
             centre=None if info.get("centre") is None else np.asarray(info["centre"]),
             origin=None if info.get("origin") is None else np.asarray(info["origin"], dtype=np.float64),
-            store=store, work=work, settings=LoopSettings(train=train_settings, gate=gate),
-            quarantine=quarantine, audit_log=audit_log, progress=_step_printer(quiet))
+            store=store,
+            work=work,
+            settings=LoopSettings(train=train_settings, gate=gate),
+            quarantine=quarantine,
+            audit_log=audit_log,
+            progress=_step_printer(quiet),
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {"cluster": str(cluster), "train": trained.to_json(), "pruned_layers": list(gated.pruned_layers),
-           "validation_before": gated.before.__dict__, "validation_after": gated.after.__dict__,
-           "verdict": gated.admit.record["verdict"], "reasons": gated.admit.record["reasons"],
-           "destination": str(gated.admit.destination)}
+    doc = {
+        "cluster": str(cluster),
+        "train": trained.to_json(),
+        "pruned_layers": list(gated.pruned_layers),
+        "validation_before": gated.before.__dict__,
+        "validation_after": gated.after.__dict__,
+        "verdict": gated.admit.record["verdict"],
+        "reasons": gated.admit.record["reasons"],
+        "destination": str(gated.admit.destination),
+    }
     if fmt is ReportFormat.json:
         write_output(json.dumps(doc, allow_nan=False) + "\n", None, False)
     else:
@@ -259,13 +295,28 @@ def answer(
     console = stderr_console()
     lines = []
     for prompt, (route, generation) in zip(prompts, router.answer(prompts, max_new_tokens), strict=True):
-        lines.append(json.dumps({"prompt": prompt, "used": route.used, "score": round(route.score, 6)
-                                 if route.nearest is not None else None, "answer": generation.text},
-                                allow_nan=False) + "\n")
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": prompt,
+                    "used": route.used,
+                    "score": round(route.score, 6) if route.nearest is not None else None,
+                    "answer": generation.text,
+                },
+                allow_nan=False,
+            )
+            + "\n"
+        )
         if not quiet:
-            console.print(f"answered by {escape(route.used)}"
-                          + (f" (score {route.score:.3f}, nearest {escape(route.nearest.name)})"
-                             if route.nearest is not None else " (no stored cluster)"), highlight=False)
+            console.print(
+                f"answered by {escape(route.used)}"
+                + (
+                    f" (score {route.score:.3f}, nearest {escape(route.nearest.name)})"
+                    if route.nearest is not None
+                    else " (no stored cluster)"
+                ),
+                highlight=False,
+            )
     write_output("".join(lines), None, False)
 
 
@@ -274,13 +325,15 @@ def answer(
 def refresh(
     model: Path = MODEL,
     store: Path = STORE,
-    state: Path = typer.Option(..., "--state", help="The state directory of the 'adapt run' whose samples to "
-                               "train on."),
+    state: Path = typer.Option(
+        ..., "--state", help="The state directory of the 'adapt run' whose samples to train on."
+    ),
     quarantine: Optional[Path] = QUARANTINE,
     audit_log: Optional[Path] = AUDIT_LOG,
     embedder: Optional[Path] = EMBEDDER,
-    min_new: int = typer.Option(1, "--min-new", min=1, help="Refresh an adapter only with at least this many new "
-                                "samples."),
+    min_new: int = typer.Option(
+        1, "--min-new", min=1, help="Refresh an adapter only with at least this many new samples."
+    ),
     search: str = SEARCH,
     epochs: Optional[int] = EPOCHS,
     target_modules: str = TARGETS,
@@ -303,9 +356,17 @@ def refresh(
     train_settings = _train_settings(search, None, None, None, epochs, target_modules, seed, max_new_tokens)
     gate = _gate_settings(tau, prune_threshold, fraction, floor, {}, policy, device)
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
-    results = refresh_adapters(lm, embed, store, state, LoopSettings(train=train_settings, gate=gate),
-                               min_new=min_new, quarantine=quarantine, audit_log=audit_log,
-                               progress=_step_printer(quiet))
+    results = refresh_adapters(
+        lm,
+        embed,
+        store,
+        state,
+        LoopSettings(train=train_settings, gate=gate),
+        min_new=min_new,
+        quarantine=quarantine,
+        audit_log=audit_log,
+        progress=_step_printer(quiet),
+    )
     write_output("".join(json.dumps(r, allow_nan=False) + "\n" for r in results), None, False)
     if not quiet:
         stderr_console().print(f"{len(results)} adapter(s) refreshed", highlight=False)
@@ -315,23 +376,24 @@ def refresh(
 @error_boundary
 def run(
     model: Path = MODEL,
-    tasks: Path = typer.Option(..., "--tasks", help="JSONL task stream ({\"prompt\", \"answer\", \"tag\"})."),
+    tasks: Path = typer.Option(..., "--tasks", help='JSONL task stream ({"prompt", "answer", "tag"}).'),
     store: Path = STORE,
     state: Path = typer.Option(..., "--state", help="Directory of the loop's state (resumable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run whose state is in --state."),
-    force: bool = typer.Option(False, "--force", help="Start over, replacing the state in --state (never the "
-                               "store) and the --output file."),
+    force: bool = typer.Option(
+        False, "--force", help="Start over, replacing the state in --state (never the store) and the --output file."
+    ),
     quarantine: Optional[Path] = QUARANTINE,
     audit_log: Optional[Path] = AUDIT_LOG,
     embedder: Optional[Path] = EMBEDDER,
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Failure score that triggers (default "
-                                              "0.5)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="First samples taken as in-distribution (default "
-                                         "20)."),
-    min_buffer: Optional[int] = typer.Option(None, "--min-buffer", help="Samples before the first re-clustering "
-                                             "(default 25)."),
-    min_cluster: Optional[int] = typer.Option(None, "--min-cluster", help="Members before a cluster is trained "
-                                              "(default 10)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Failure score that triggers (default 0.5)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="First samples taken as in-distribution (default 20)."),
+    min_buffer: Optional[int] = typer.Option(
+        None, "--min-buffer", help="Samples before the first re-clustering (default 25)."
+    ),
+    min_cluster: Optional[int] = typer.Option(
+        None, "--min-cluster", help="Members before a cluster is trained (default 10)."
+    ),
     bucket_by: BucketBy = typer.Option(BucketBy.none, "--bucket-by", help="none (one bucket) or tag."),
     search: str = SEARCH,
     rank: Optional[int] = RANK,
@@ -365,13 +427,28 @@ def run(
     from s3lora_cli.adapt.policy import resolve_adapt_policy
 
     trigger_policy, buffer_policy = resolve_adapt_policy(
-        {"warmup": warmup, "threshold": threshold, "min_buffer": min_buffer, "min_cluster": min_cluster}, policy)
+        {"warmup": warmup, "threshold": threshold, "min_buffer": min_buffer, "min_cluster": min_cluster}, policy
+    )
     train_settings = _train_settings(search, rank, alpha, lr, epochs, target_modules, seed, max_new_tokens)
-    gate = _gate_settings(tau, prune_threshold, fraction, floor, gate_flags(
-        max_ssi, max_violations, None, None, None, None, None, None), policy, device)
-    settings = LoopSettings(trigger=trigger_policy, buffer=buffer_policy, train=train_settings, gate=gate,
-                            route_threshold=route_threshold, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            bucket_by_tag=bucket_by is BucketBy.tag)
+    gate = _gate_settings(
+        tau,
+        prune_threshold,
+        fraction,
+        floor,
+        gate_flags(max_ssi, max_violations, None, None, None, None, None, None),
+        policy,
+        device,
+    )
+    settings = LoopSettings(
+        trigger=trigger_policy,
+        buffer=buffer_policy,
+        train=train_settings,
+        gate=gate,
+        route_threshold=route_threshold,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        bucket_by_tag=bucket_by is BucketBy.tag,
+    )
     check_output(output, force)
     if state.resolve() in (tasks.resolve(), *tasks.resolve().parents) or store.resolve() == state.resolve():
         raise UsageError(f"--state {state} overlaps --tasks or --store; give the state its own directory")
@@ -381,13 +458,26 @@ def run(
     status = _LiveStatus(console, quiet)
     try:
         with _input_lines(tasks) as lines, status:
-            result = run_loop(lm, embed, lines, store, state, settings, resume=resume, strict=strict,
-                              quarantine=quarantine, audit_log=audit_log, on_event=status.update,
-                              on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}",
-                                                                  highlight=False))
+            result = run_loop(
+                lm,
+                embed,
+                lines,
+                store,
+                state,
+                settings,
+                resume=resume,
+                strict=strict,
+                quarantine=quarantine,
+                audit_log=audit_log,
+                on_event=status.update,
+                on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}", highlight=False),
+            )
     except KeyboardInterrupt:
-        console.print(f"interrupted; the state in {escape(str(state))} is saved and the store holds only whole "
-                      "adapters: --resume continues", highlight=False)
+        console.print(
+            f"interrupted; the state in {escape(str(state))} is saved and the store holds only whole "
+            "adapters: --resume continues",
+            highlight=False,
+        )
         raise typer.Exit(130) from None
     from s3lora_cli.adapt.render import loop_table
 
@@ -424,13 +514,16 @@ class _LiveStatus:
     def update(self, message: str, progress) -> None:
         if self.quiet:
             return
-        line = (f"{progress.samples} samples, {progress.triggered} triggered, {progress.routed} routed, "
-                f"{progress.admitted} admitted, {progress.quarantined} quarantined | {message}")
+        line = (
+            f"{progress.samples} samples, {progress.triggered} triggered, {progress.routed} routed, "
+            f"{progress.admitted} admitted, {progress.quarantined} quarantined | {message}"
+        )
         if self._status is not None:
             self._status.update(escape(line))
             return
         step = message.startswith(("line ", "cluster ")) and not message.split(": ", 1)[-1].startswith(
-            ("admitted", "refused"))
+            ("admitted", "refused")
+        )
         if not step or (message.startswith("line ") and progress.samples - self._shown >= self.EVERY):
             self._shown = progress.samples
             self.console.print(escape(line), highlight=False, soft_wrap=True)

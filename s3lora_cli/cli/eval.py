@@ -43,29 +43,46 @@ def eval_command(
     adapter: Path = typer.Argument(..., help="PEFT adapter directory (or its weights file)."),
     base: Path = typer.Option(..., "--base", help="Base model: a Hugging Face model directory or a .gguf file."),
     tasks: Path = typer.Option(..., "--tasks", help='JSONL, one {"prompt": ..., "answer": ...} per line.'),
-    pruned: Optional[Path] = typer.Option(None, "--pruned", help="A pruned adapter to compare (e.g. the output of "
-                                          "s3lora prune) instead of pruning on the fly."),
-    tau: Optional[int] = typer.Option(None, "--tau", help=f"Prune the tau highest-SSI layers on the fly (default: "
-                                      f"{DEFAULT_TAU}, unless --threshold, --fraction, --pruned or --sweep-tau)."),
+    pruned: Optional[Path] = typer.Option(
+        None,
+        "--pruned",
+        help="A pruned adapter to compare (e.g. the output of s3lora prune) instead of pruning on the fly.",
+    ),
+    tau: Optional[int] = typer.Option(
+        None,
+        "--tau",
+        help=f"Prune the tau highest-SSI layers on the fly (default: "
+        f"{DEFAULT_TAU}, unless --threshold, --fraction, --pruned or --sweep-tau).",
+    ),
     threshold: Threshold = None,
     fraction: Fraction = None,
-    sweep_tau: Optional[str] = typer.Option(None, "--sweep-tau", help="Also evaluate the adapter pruned at each of "
-                                            "these tau values, e.g. 0,2,4,10 (the utility curve)."),
-    refusals: Optional[Path] = typer.Option(None, "--refusals", help='JSONL of {"prompt": ...}: report the share '
-                                            "of answers that refuse."),
-    refusal_markers: Optional[Path] = typer.Option(None, "--refusal-markers", help="File of refusal markers, one "
-                                                   "per line (default: the built-in list)."),
+    sweep_tau: Optional[str] = typer.Option(
+        None,
+        "--sweep-tau",
+        help="Also evaluate the adapter pruned at each of these tau values, e.g. 0,2,4,10 (the utility curve).",
+    ),
+    refusals: Optional[Path] = typer.Option(
+        None, "--refusals", help='JSONL of {"prompt": ...}: report the share of answers that refuse.'
+    ),
+    refusal_markers: Optional[Path] = typer.Option(
+        None, "--refusal-markers", help="File of refusal markers, one per line (default: the built-in list)."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N tasks (and refusal prompts)."),
-    strict: bool = typer.Option(False, "--strict", help="A bad line in a tasks file is an error (default: skipped "
-                                "with a warning)."),
+    strict: bool = typer.Option(
+        False, "--strict", help="A bad line in a tasks file is an error (default: skipped with a warning)."
+    ),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", help="Greedy answer length."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="Prompts per forward pass."),
-    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="Wrap each prompt as a "
-                                       "user turn with the tokenizer's chat template (when it has one)."),
+    chat_template: bool = typer.Option(
+        True,
+        "--chat-template/--no-chat-template",
+        help="Wrap each prompt as a user turn with the tokenizer's chat template (when it has one).",
+    ),
     fmt: Annotated[Format, FORMAT] = Format.table,
     output: Output = None,
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the --sweep-tau utility curve to this PNG file "
-                                        "(needs matplotlib)."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Write the --sweep-tau utility curve to this PNG file (needs matplotlib)."
+    ),
     force: Force = False,
     method: MethodOption = None,
     components: Components = None,
@@ -85,13 +102,25 @@ def eval_command(
     _check_outputs([output, plot], force, [adapter, base, tasks, pruned, refusals, refusal_markers])
     if plot is not None:
         evaluation.require_libraries("matplotlib")
-    markers = (evaluation.read_markers(refusal_markers) if refusal_markers is not None
-               else evaluation.DEFAULT_REFUSAL_MARKERS)
+    markers = (
+        evaluation.read_markers(refusal_markers) if refusal_markers is not None else evaluation.DEFAULT_REFUSAL_MARKERS
+    )
     options = evaluation.EvalOptions(
-        tasks=tasks, refusals=refusals, refusal_markers=markers, selection=selection, pruned=pruned, sweep_tau=sweep,
-        limit=limit, strict=strict, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        chat_template=chat_template, device=device, adapter_name=adapter_name,
-        score=score_options(method, components, top_h))
+        tasks=tasks,
+        refusals=refusals,
+        refusal_markers=markers,
+        selection=selection,
+        pruned=pruned,
+        sweep_tau=sweep,
+        limit=limit,
+        strict=strict,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        device=device,
+        adapter_name=adapter_name,
+        score=score_options(method, components, top_h),
+    )
     _quiet_transformers()
     with _progress(quiet) as progress:
         result = evaluation.evaluate(adapter, base, options, progress)
@@ -102,8 +131,13 @@ def eval_command(
         _summary(result, plot)
 
 
-def _selection(tau: Optional[int], threshold: Optional[float], fraction: Optional[float], pruned: Optional[Path],
-               sweep: tuple[int, ...]) -> Any:
+def _selection(
+    tau: Optional[int],
+    threshold: Optional[float],
+    fraction: Optional[float],
+    pruned: Optional[Path],
+    sweep: tuple[int, ...],
+) -> Any:
     """The layers to prune on the fly (None: --pruned, or only the sweep)."""
     from s3lora_cli.selection import Selection
 
@@ -124,12 +158,15 @@ def _render(result: Any, fmt: Format, target: Target) -> None:
     if fmt is Format.table and target.path is None:
         Console(width=None if sys.stdout.isatty() else 200).print(render.render_table(result))
         return
-    target.render(fmt, {
-        Format.json: lambda: render.render_json(result),
-        Format.markdown: lambda: render.render_markdown(result),
-        Format.csv: lambda: render.render_csv(result),
-        Format.table: lambda: _table_text(result),
-    })
+    target.render(
+        fmt,
+        {
+            Format.json: lambda: render.render_json(result),
+            Format.markdown: lambda: render.render_markdown(result),
+            Format.csv: lambda: render.render_csv(result),
+            Format.table: lambda: _table_text(result),
+        },
+    )
 
 
 def _table_text(result: Any) -> str:
@@ -151,12 +188,12 @@ def _summary(result, plot: Optional[Path]) -> None:
         for bad in task_file.skipped[:5]:
             err.print(f"warning: {task_file.path}:{bad.line}: {bad.reason}; skipped", soft_wrap=True)
         if len(task_file.skipped) > 5:
-            err.print(f"warning: {task_file.path}: {len(task_file.skipped) - 5} more bad line(s) skipped",
-                      soft_wrap=True)
+            err.print(
+                f"warning: {task_file.path}: {len(task_file.skipped) - 5} more bad line(s) skipped", soft_wrap=True
+            )
     for r in result.variants:
         if r.variant.pruned and r.variant.kind.value == "pruned":
-            err.print(f"{r.variant.name}: {len(r.variant.pruned)} layer(s) off ({r.variant.selection})",
-                      soft_wrap=True)
+            err.print(f"{r.variant.name}: {len(r.variant.pruned)} layer(s) off ({r.variant.selection})", soft_wrap=True)
     if plot is not None:
         err.print(f"wrote {plot}", soft_wrap=True)
 
@@ -193,9 +230,19 @@ class _progress:
     def __init__(self, quiet: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = None if quiet else Progress(
-            TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), console=stderr_console(), transient=True)
+        self.bar = (
+            None
+            if quiet
+            else Progress(
+                TextColumn("evaluating"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=stderr_console(),
+                transient=True,
+            )
+        )
 
     def __enter__(self):
         if self.bar is None:
@@ -212,4 +259,3 @@ class _progress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
-

@@ -64,7 +64,6 @@ class DualBounds:
         return cls(best.cpu(), sums)
 
 
-
 @dataclass(frozen=True)
 class DualSumTotals:
     """The sums of one pass that the dual bounds need, contracted with the candidates u, in float64."""
@@ -149,8 +148,16 @@ class DualSums:
                 absolute.append(terms.u_pow.T @ a_parts[k])
             else:  # alpha = 0 and no v_j is zero: sum_ij |R_ij| [u_i != 0] from the row sums
                 absolute.append((terms.u_pow.T @ l1[:, None]).expand(-1, m_v))
-        return DualSumTotals(self.powers, float(l1.sum()), self.run, self.l1_run, signed, absolute, state.w_all,
-                             torch.finfo(self.vs.dtype).eps)
+        return DualSumTotals(
+            self.powers,
+            float(l1.sum()),
+            self.run,
+            self.l1_run,
+            signed,
+            absolute,
+            state.w_all,
+            torch.finfo(self.vs.dtype).eps,
+        )
 
     @staticmethod
     def _products(chunk: torch.Tensor, v_signed: torch.Tensor, v_abs: torch.Tensor) -> tuple:
@@ -160,12 +167,12 @@ class DualSums:
         l1 = torch.empty(chunk.shape[0], dtype=chunk.dtype, device=chunk.device)
         step = max(1, BOUND_BLOCK_ENTRIES // max(chunk.shape[1], 1))
         for start in range(0, chunk.shape[0], step):
-            block = chunk[start:start + step]
+            block = chunk[start : start + step]
             sign, magnitude = block.sign(), block.abs()
-            torch.matmul(sign, v_signed, out=s_proj[start:start + step])
+            torch.matmul(sign, v_signed, out=s_proj[start : start + step])
             if a_proj.shape[1]:
-                torch.matmul(magnitude, v_abs, out=a_proj[start:start + step])
-            torch.sum(magnitude, 1, out=l1[start:start + step])
+                torch.matmul(magnitude, v_abs, out=a_proj[start : start + step])
+            torch.sum(magnitude, 1, out=l1[start : start + step])
         return s_proj, a_proj, l1
 
 
@@ -196,6 +203,6 @@ class BoundTerms:
         u_pow, v_pow = power(us64, alpha), power(vs64, alpha)
         norm = u_pow.amax(0)[:, None] * v_pow.amax(0)[None, :]
         c3 = ((us64.abs() * u_pow).sum(0)[:, None] * (vs64.abs() * v_pow).sum(0)[None, :]) / norm
-        return cls(u_pow, (us64 * u_pow).T.contiguous(), (us64.sign() * u_pow).T.contiguous(), vs64.sign() * v_pow,
-                   norm, c3)
-
+        return cls(
+            u_pow, (us64 * u_pow).T.contiguous(), (us64.sign() * u_pow).T.contiguous(), vs64.sign() * v_pow, norm, c3
+        )

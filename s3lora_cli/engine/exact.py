@@ -29,8 +29,9 @@ KEEP_ALL_SAMPLES = 4
 drawing and sorting the sample would cost about as much as the pass it saves."""
 
 
-def exact_pairs(res: Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]], state,
-                riders: tuple = ()) -> dict[tuple[int, int], tuple[float, float]]:
+def exact_pairs(
+    res: Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]], state, riders: tuple = ()
+) -> dict[tuple[int, int], tuple[float, float]]:
     """(delta, objective) of each pair over every entry of R, exactly; ``riders``, other consumers of a pass
     (the dual sums, tangents: see ``residual.read_pass``), are fed by the first pass, and finished by the caller.
 
@@ -58,8 +59,9 @@ def exact_pairs(res: Residual, us: torch.Tensor, vs: torch.Tensor, pairs: list[t
     return result
 
 
-def exact_pairs_batched(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor,
-                         pairs: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, float]]:
+def exact_pairs_batched(
+    p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]]
+) -> dict[tuple[int, int], tuple[float, float]]:
     """The same as ``exact_pairs`` for a small R, all pairs at once: every ratio of every pair is formed,
     and each pair's weighted median selected (compiled, on the CPU) or found by sorting."""
     r = (p @ q.T).reshape(-1)  # [n], entry t at row t // k, column t % k
@@ -68,16 +70,19 @@ def exact_pairs_batched(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: 
     return {pair: (float(deltas[pair]), float(objectives[pair])) for pair in pairs}
 
 
-def pair_medians(r: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, iu: torch.Tensor, iv: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_medians(
+    r: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, iu: torch.Tensor, iv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every pair's exact fit over the entries r [n] at rows iu and columns iv: ([Mu, Mv] deltas, [Mu, Mv]
     float64 objectives), delta the lower weighted median of r / (u v) with weights |u v| (0 where every
     weight is 0), the products and ratios in r's dtype; one compiled parallel call on the CPU."""
     f64 = torch.float64
     shape = (us.shape[1], vs.shape[1])
     if kernels.available and r.device.type == "cpu":
-        deltas, objectives = map(torch.from_numpy, kernels.pair_medians(
-            r.numpy(), us.contiguous().numpy(), vs.contiguous().numpy(), iu.numpy(), iv.numpy()))
+        deltas, objectives = map(
+            torch.from_numpy,
+            kernels.pair_medians(r.numpy(), us.contiguous().numpy(), vs.contiguous().numpy(), iu.numpy(), iv.numpy()),
+        )
         missed = [tuple(pair) for pair in torch.isnan(deltas).nonzero().tolist()]  # row-major, as np.ndindex
         if not missed:
             return deltas, objectives
@@ -112,7 +117,6 @@ def weighted_medians(ratio: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     cum = w.gather(1, order).to(torch.float64).cumsum(1)
     idx = (cum < cum[:, -1:] / 2).sum(1, keepdim=True).clamp(max=ratio.shape[1] - 1)
     return torch.where(cum[:, -1:] > 0, ratio.gather(1, idx), torch.zeros_like(idx, dtype=ratio.dtype))
-
 
 
 @dataclass
@@ -184,8 +188,13 @@ class Medians:
             zero = 0.0
             if self.has_zero_u[a] or self.has_zero_v[b]:  # entries with u_i v_j = 0 count |R_ij|
                 zero = (chunk.abs() * (w == 0)).sum(dtype=f64)
-            sums = ((w * below).sum(dtype=f64), (t * below).sum(dtype=f64), (w * above).sum(dtype=f64),
-                    (t * above).sum(dtype=f64), zero)
+            sums = (
+                (w * below).sum(dtype=f64),
+                (t * below).sum(dtype=f64),
+                (w * above).sum(dtype=f64),
+                (t * above).sum(dtype=f64),
+                zero,
+            )
             acc.add(sums, ratio[inside], w[inside])
 
 
@@ -219,8 +228,9 @@ def sorted_select(ratios: torch.Tensor, weights: torch.Tensor, half: float) -> t
     return delta, float((weights * (ratios.to(torch.float64) - delta).abs()).sum())
 
 
-def brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, widths: dict,
-              state) -> dict[tuple[int, int], tuple[float, float]]:
+def brackets(
+    p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, widths: dict, state
+) -> dict[tuple[int, int], tuple[float, float]]:
     """For each pair (a, b) in ``widths``, a range likely to hold the weighted median of R/(u v^T): quantiles
     of a sample drawn with probability proportional to |u_i v_j| (rows and columns drawn independently; one
     draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
@@ -238,8 +248,15 @@ def brackets(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tenso
     if kernels.available and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
         rows, cols = state.all_weighted("u", us).numpy(), state.all_weighted("v", vs).numpy()
         table = np.array([(a, b, *ranks[a, b]) for a, b in sampled], dtype=np.int64)
-        ends = kernels.sample_brackets(p.contiguous().numpy(), q.contiguous().numpy(), us.contiguous().numpy(),
-                                       vs.contiguous().numpy(), rows, cols, table)
+        ends = kernels.sample_brackets(
+            p.contiguous().numpy(),
+            q.contiguous().numpy(),
+            us.contiguous().numpy(),
+            vs.contiguous().numpy(),
+            rows,
+            cols,
+            table,
+        )
         found.update((pair, (float(lo), float(hi))) for pair, (lo, hi) in zip(sampled, ends.tolist(), strict=True))
         return found
     for a, b in sampled:

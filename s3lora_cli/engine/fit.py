@@ -37,8 +37,15 @@ class Pick:
     """sum over all i, j of |R[i,j] - delta u_i v_j| at the time of the pick."""
 
 
-def l1_fit(left: torch.Tensor, right: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, steps: int,
-           exhaustive: bool = False, seed: int = 0) -> tuple[list[Pick], int, int]:
+def l1_fit(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    us: torch.Tensor,
+    vs: torch.Tensor,
+    steps: int,
+    exhaustive: bool = False,
+    seed: int = 0,
+) -> tuple[list[Pick], int, int]:
     """Step 4: greedy L1 rank-1 fitting of dW = left @ right with pairs (us[:, a], vs[:, b]).
 
     At each of ``steps`` steps every pair's delta (lower weighted median) and objective are those over all
@@ -114,8 +121,13 @@ def objectives64(p, q, us, vs, pairs: list, deltas: list) -> dict[tuple[int, int
     q_np = q.contiguous().numpy() if compiled else None
     for rows in row_chunks(p.shape[0], q.shape[0]):
         if compiled:
-            found = kernels.objectives64(p[rows].contiguous().numpy(), q_np, u[:, rows].contiguous().numpy(),
-                                         v.numpy(), np.asarray(deltas, np.float64))
+            found = kernels.objectives64(
+                p[rows].contiguous().numpy(),
+                q_np,
+                u[:, rows].contiguous().numpy(),
+                v.numpy(),
+                np.asarray(deltas, np.float64),
+            )
         else:
             found = _row_objectives64(p[rows], q, u[:, rows], v, deltas)
         for sums, row_values in zip(rows_sums, found.tolist(), strict=True):
@@ -135,12 +147,11 @@ def _row_objectives64(p, q, u, v, deltas: list) -> torch.Tensor:
     out = torch.empty(u.shape[0], p.shape[0], dtype=f64, device=p.device)
     for index, delta in enumerate(deltas):
         terms = torch.zeros(p.shape[0], width, dtype=f64, device=p.device)  # zero padding adds +0.0: no change
-        terms[:, :q.shape[0]] = (r64 - delta * (u[index].to(f64)[:, None] * v[index].to(f64)[None, :])).abs()
+        terms[:, : q.shape[0]] = (r64 - delta * (u[index].to(f64)[:, None] * v[index].to(f64)[None, :])).abs()
         lanes = torch.zeros(p.shape[0], 8, dtype=f64, device=p.device)
         for start in range(0, width, 8):
-            lanes += terms[:, start:start + 8]
+            lanes += terms[:, start : start + 8]
         out[index] = ((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])) + (
-            (lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7]))
+            (lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7])
+        )
     return out
-
-

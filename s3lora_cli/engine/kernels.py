@@ -109,8 +109,7 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
         delta = f64(np.min(ratios))
         m = 0
     while m > SELECT_SMALL and np.isnan(delta):
-        lo_pivot, hi_pivot, seed = _pivots(cur_x[:m], cur_w[:m], (half - below_w) / left_w if left_w > 0 else 0.5,
-                                           seed)
+        lo_pivot, hi_pivot, seed = _pivots(cur_x[:m], cur_w[:m], (half - below_w) / left_w if left_w > 0 else 0.5, seed)
         lo_t = ratios.dtype.type(lo_pivot)  # exact: the pivots are entries (or infinite)
         hi_t = ratios.dtype.type(hi_pivot)
         w_less = 0.0
@@ -519,29 +518,36 @@ def _compact(ratios, weights, counts, out_ratios, out_weights):  # pragma: no co
 if available:
     # fastmath 'reassoc' only: the float64 sums may be reordered; the ratios stay exact IEEE quotients.
     # error_model="numpy": IEEE division (no zero-division check), which lets the first loop vectorise
-    _bracket_pass = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
-                               fastmath={"reassoc"})(_bracket_pass)
+    _bracket_pass = numba.njit(
+        parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"}
+    )(_bracket_pass)
     _compact = numba.njit(cache=True, nogil=True)(_compact)
     _inverse_cdf = numba.njit(cache=True, nogil=True, error_model="numpy")(_inverse_cdf)
-    _objectives64 = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
-                               error_model="numpy")(_objectives64)
-    _sample_brackets = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False,
-                                  error_model="numpy")(_sample_brackets)
+    _objectives64 = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")(
+        _objectives64
+    )
+    _sample_brackets = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")(
+        _sample_brackets
+    )
     _sort_pairs = numba.njit(cache=True, nogil=True)(_sort_pairs)
     _pivots = numba.njit(cache=True, nogil=True)(_pivots)
     # fastmath 'reassoc': the float64 weight sums may be reordered (their order is arbitrary anyway)
     _weighted_select = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(_weighted_select)
     _weighted_select_rows = numba.njit(parallel=True, cache=True, nogil=True)(_weighted_select_rows)
-    _pair_medians = numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy",
-                               fastmath={"reassoc"})(_pair_medians)
-    _tangent_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
-                               fastmath={"reassoc"})(_tangent_sums)
-    _dual_sums = numba.njit(parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy",
-                            fastmath={"reassoc"})(_dual_sums)
+    _pair_medians = numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(
+        _pair_medians
+    )
+    _tangent_sums = numba.njit(
+        parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"}
+    )(_tangent_sums)
+    _dual_sums = numba.njit(
+        parallel=True, cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"}
+    )(_dual_sums)
 
 
-def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: float,
-                 scratch: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bracket_pass(
+    r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: float, scratch: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the kernel on one chunk; returns (sums [5] float64, inside ratios [n], their weights [n]) with the
     ratios and weights in the dtype of ``r``.
 
@@ -549,11 +555,25 @@ def bracket_pass(r: np.ndarray, u: np.ndarray, v: np.ndarray, lo: float, hi: flo
     """
     key = r.shape
     if scratch.get("shape") != key:
-        scratch.update(shape=key, ratios=np.empty(key, r.dtype), weights=np.empty(key, r.dtype),
-                       sums=np.empty((key[0], 5), np.float64), counts=np.empty(key[0], np.int64))
+        scratch.update(
+            shape=key,
+            ratios=np.empty(key, r.dtype),
+            weights=np.empty(key, r.dtype),
+            sums=np.empty((key[0], 5), np.float64),
+            counts=np.empty(key[0], np.int64),
+        )
     sums, counts = scratch["sums"], scratch["counts"]
-    _bracket_pass(r, u, v, np.abs(v).min(initial=np.inf), *_in_dtype(lo, hi, r.dtype), sums, counts, scratch["ratios"],
-                  scratch["weights"])
+    _bracket_pass(
+        r,
+        u,
+        v,
+        np.abs(v).min(initial=np.inf),
+        *_in_dtype(lo, hi, r.dtype),
+        sums,
+        counts,
+        scratch["ratios"],
+        scratch["weights"],
+    )
     n = int(counts.sum())
     out_ratios, out_weights = np.empty(n, r.dtype), np.empty(n, r.dtype)
     _compact(scratch["ratios"], scratch["weights"], counts, out_ratios, out_weights)
@@ -575,16 +595,18 @@ def _in_dtype(lo: float, hi: float, dtype) -> tuple:
     return lo_t, hi_t
 
 
-def sample_brackets(p: np.ndarray, q: np.ndarray, us: np.ndarray, vs: np.ndarray, rows: np.ndarray,
-                    cols: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def sample_brackets(
+    p: np.ndarray, q: np.ndarray, us: np.ndarray, vs: np.ndarray, rows: np.ndarray, cols: np.ndarray, pairs: np.ndarray
+) -> np.ndarray:
     """Run ``_sample_brackets``; ``pairs`` [P, 4] holds (a, b, k_lo, k_hi); returns [P, 2] (low, high)."""
     out = np.empty((pairs.shape[0], 2), p.dtype)
     _sample_brackets(p, q, us, vs, rows, cols, *(np.ascontiguousarray(column) for column in pairs.T), out)
     return out
 
 
-def pair_medians(r: np.ndarray, u: np.ndarray, v: np.ndarray, iu: np.ndarray, iv: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def pair_medians(
+    r: np.ndarray, u: np.ndarray, v: np.ndarray, iu: np.ndarray, iv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Run ``_pair_medians``; returns (deltas, objectives), each [Mu, Mv] float64."""
     deltas, objectives = np.empty((u.shape[1], v.shape[1])), np.empty((u.shape[1], v.shape[1]))
     _pair_medians(r, u, v, iu, iv, deltas, objectives)
@@ -606,8 +628,15 @@ def inverse_cdf(cdf: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return out
 
 
-def tangent_sums(r: np.ndarray, u: np.ndarray, v: np.ndarray, slots: np.ndarray, thetas: np.ndarray, row0: int = 0,
-                 vsum: np.ndarray | None = None) -> np.ndarray:
+def tangent_sums(
+    r: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    slots: np.ndarray,
+    thetas: np.ndarray,
+    row0: int = 0,
+    vsum: np.ndarray | None = None,
+) -> np.ndarray:
     """Run ``_tangent_sums`` on one chunk (rows row0, row0 + 1, ... of u's); returns [S, 4] float64 (the per-row
     sums added up). ``vsum``, if given, is v.sum(axis=1) in float64, the same for every chunk."""
     out = np.empty((slots.shape[0], r.shape[0], 4), np.float64)
@@ -623,8 +652,9 @@ def weighted_select_rows(ratios: np.ndarray, weights: np.ndarray, halves: np.nda
     return out
 
 
-def dual_sums(r: np.ndarray, v_signed: np.ndarray, v_abs: np.ndarray, deflation: tuple | None = None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def dual_sums(
+    r: np.ndarray, v_signed: np.ndarray, v_abs: np.ndarray, deflation: tuple | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``_dual_sums`` on one chunk, first subtracting outer(*deflation) from it in place if given;
     returns (signed [c, n1], absolute [c, n2], l1 [c]), all float64."""
     c = r.shape[0]

@@ -104,7 +104,7 @@ class Residual:
         if self._complete:
             yield from self._kept_chunks()
             scratch = None
-            for rows in all_rows[len(self._cache):]:
+            for rows in all_rows[len(self._cache) :]:
                 scratch = self._form(rows, scratch)
                 yield rows, scratch, None
             return
@@ -134,7 +134,7 @@ class Residual:
         memory, so that a pass does not allocate per chunk): it is valid until the next one is asked for."""
         if scratch is None:
             return self.p[rows] @ self.q.T
-        out = scratch.view(-1)[:(rows.stop - rows.start) * self.q.shape[0]].view(-1, self.q.shape[0])
+        out = scratch.view(-1)[: (rows.stop - rows.start) * self.q.shape[0]].view(-1, self.q.shape[0])
         return torch.matmul(self.p[rows], self.q.T, out=out)
 
     def deflate(self, delta: float, u: torch.Tensor, v: torch.Tensor) -> Residual:

@@ -79,14 +79,22 @@ def screened_step(res: Residual, us, vs, pairs: list[Pair], state, favoured: Pai
     """Exact objectives of the pairs that the certified lower bounds cannot rule out (the module docstring)."""
     first = FirstPass.run(res, us, vs, pairs, state, favoured)
     rounds = TangentRounds(res, us, vs, state, first)
-    rest = rounds.run([pair for pair in pairs if pair not in first.evaluated
-                       and first.bound_of[pair[0]][pair[1]] <= _ceiling(rounds.best())])
+    rest = rounds.run(
+        [
+            pair
+            for pair in pairs
+            if pair not in first.evaluated and first.bound_of[pair[0]][pair[1]] <= _ceiling(rounds.best())
+        ]
+    )
     if rest:
         rounds.evaluated.update(exact.exact_pairs(res, us, vs, rest, state))
     evaluated = rounds.evaluated
     picked = min(evaluated, key=lambda pair: (evaluated[pair][1], pair))
-    following = min((pair for pair in pairs if pair != picked), default=None,
-                    key=lambda pair: (first.bound_of[pair[0]][pair[1]], pair))
+    following = min(
+        (pair for pair in pairs if pair != picked),
+        default=None,
+        key=lambda pair: (first.bound_of[pair[0]][pair[1]], pair),
+    )
     return Screened(evaluated, following)
 
 
@@ -120,8 +128,9 @@ class FirstPass:
         brackets = exact.brackets(res.p, res.q, us, vs, dict.fromkeys(early, BRACKET_Z), state)
         probes = TangentPass(us, vs, early, {pair: far_end(brackets[pair]) for pair in early}) if early else None
         sums = DualSums(vs, BOUND_POWERS[:1])
-        evaluated = exact.exact_pairs(res, us, vs, [best_estimated], state,
-                                      riders=(sums, probes) if probes is not None else (sums,))
+        evaluated = exact.exact_pairs(
+            res, us, vs, [best_estimated], state, riders=(sums, probes) if probes is not None else (sums,)
+        )
         bounds = DualBounds.of(sums.finish(state), res.p, res.q, state)
         return cls(evaluated, bounds, brackets, probes.finish() if probes is not None else {})
 
@@ -175,15 +184,19 @@ class TangentRounds:
 
     def _round(self, round_: int, rest: list[Pair]) -> tuple[list[Pair], dict]:
         # the early pairs' first tangents came with the dual sums
-        where = {pair: () if round_ == 0 and self.tangents[pair]
-                 else points(self.brackets[pair], self.with_zero(pair)[-1]) for pair in rest}
+        where = {
+            pair: () if round_ == 0 and self.tangents[pair] else points(self.brackets[pair], self.with_zero(pair)[-1])
+            for pair in rest
+        }
         probed = [pair for pair in rest if where[pair]]
         for pair, found in (tangents.tangents(self.res, self.us, self.vs, probed, where) if probed else {}).items():
             self.tangents[pair] += found
         envelopes = {pair: envelope_bounds(self.with_zero(pair)) for pair in rest}
         ceiling = min(self.best(), *(envelope.upper for envelope in envelopes.values()))
-        rest = sorted((pair for pair in rest if envelopes[pair].lower <= _ceiling(ceiling)),
-                      key=lambda pair: envelopes[pair].upper)
+        rest = sorted(
+            (pair for pair in rest if envelopes[pair].lower <= _ceiling(ceiling)),
+            key=lambda pair: envelopes[pair].upper,
+        )
         if round_ == 0 and rest and envelopes[rest[0]].upper < self.best():
             self.evaluated.update(exact.exact_pairs(self.res, self.us, self.vs, rest[:1], self.state))
             rest = rest[1:]
@@ -198,8 +211,12 @@ def early_pairs(estimates: torch.Tensor, sample_l1: float, first: Pair) -> list[
     saves a pass.)"""
     gains = (sample_l1 - estimates).tolist()
     floor = EARLY_GAIN * gains[first[0]][first[1]]
-    found = sorted((-gain, (a, b)) for a, row in enumerate(gains) for b, gain in enumerate(row)
-                   if (a, b) != first and gain >= floor)
+    found = sorted(
+        (-gain, (a, b))
+        for a, row in enumerate(gains)
+        for b, gain in enumerate(row)
+        if (a, b) != first and gain >= floor
+    )
     return [pair for _, pair in found[:EARLY_PAIRS]]
 
 
@@ -214,8 +231,9 @@ def sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor,
     return objectives.cpu(), float(r.abs().sum(dtype=torch.float64))
 
 
-def lower_bounds(p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor,
-                 powers: tuple = BOUND_POWERS) -> tuple[torch.Tensor, float]:
+def lower_bounds(
+    p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, powers: tuple = BOUND_POWERS
+) -> tuple[torch.Tensor, float]:
     """Certified lower bounds on every pair's objective over R = p @ q^T, from a pass of their own; returns
     ([Mu, Mv], ||R||_1)."""
     sums, state = DualSums(vs, powers), FitState(us, vs, 0)

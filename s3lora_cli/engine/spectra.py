@@ -59,8 +59,14 @@ class Spectrum:
     pairs_total: int
 
 
-def mas_svd(left: torch.Tensor, right: torch.Tensor, components: int | None = None, top_h: int | None = None,
-            method: Method = Method.MAS_SVD, exhaustive: bool = False) -> Spectrum:
+def mas_svd(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    components: int | None = None,
+    top_h: int | None = None,
+    method: Method = Method.MAS_SVD,
+    exhaustive: bool = False,
+) -> Spectrum:
     """The spectrum and SSI of one LoRA update dW = left @ right (left: [d, q], right: [q, k]).
 
     ``components`` is M (default min(8, q)), ``top_h`` is h (default M). The L1 fit, the only work on

@@ -38,6 +38,7 @@ class FitState:
     def all_weighted(self, side: str, candidates: torch.Tensor) -> torch.Tensor:
         """[M, SAMPLE_SIZE]: the draws of every candidate on one side."""
         if (side, "all") not in self._weighted:
-            self._weighted[side, "all"] = torch.stack([self.weighted(side, candidates, index)
-                                                       for index in range(candidates.shape[1])])
+            self._weighted[side, "all"] = torch.stack(
+                [self.weighted(side, candidates, index) for index in range(candidates.shape[1])]
+            )
         return self._weighted[side, "all"]

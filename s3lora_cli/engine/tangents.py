@@ -64,8 +64,9 @@ class Tangent:
     err: float
 
 
-def tangents(res: Residual, us, vs, pairs: list[tuple[int, int]],
-              points: dict[tuple[int, int], tuple[float, ...]]) -> dict[tuple[int, int], list[Tangent]]:
+def tangents(
+    res: Residual, us, vs, pairs: list[tuple[int, int]], points: dict[tuple[int, int], tuple[float, ...]]
+) -> dict[tuple[int, int], list[Tangent]]:
     """f and a subgradient at each of a pair's points (one or two: the ends of a bracket, or one end), from
     one pass that forms no ratio (see ``TangentPass``)."""
     probes = TangentPass(us, vs, pairs, points)
@@ -96,8 +97,9 @@ class TangentPass:
             self.doubles.append((len(self.probes) - 1, len(self.probes) - 1))
         self.slots = torch.tensor([[self.probes[m][0], self.probes[n][0]] for m, n in self.doubles], dtype=torch.int64)
         # the points are taken in the compute dtype, where the pass multiplies by them
-        self.thetas = torch.tensor([[self.probes[m][1], self.probes[n][1]] for m, n in self.doubles],
-                                   dtype=f64).to(us.dtype)
+        self.thetas = torch.tensor([[self.probes[m][1], self.probes[n][1]] for m, n in self.doubles], dtype=f64).to(
+            us.dtype
+        )
         self.sums = torch.zeros(len(self.doubles), 4, dtype=f64, device=us.device)
         self._kernel_args: tuple | None = None  # (u, v, slots, thetas, sum_j v) as the kernel takes them
 
@@ -107,8 +109,13 @@ class TangentPass:
         u, v, slots, thetas, sums, f64 = self.u, self.v, self.slots, self.thetas, self.sums, torch.float64
         if use_kernel(r_chunk):
             if self._kernel_args is None:
-                self._kernel_args = (u.numpy(), v.numpy(), slots.numpy(), thetas.numpy(),
-                                     v.numpy().sum(axis=1, dtype=np.float64))
+                self._kernel_args = (
+                    u.numpy(),
+                    v.numpy(),
+                    slots.numpy(),
+                    thetas.numpy(),
+                    v.numpy().sum(axis=1, dtype=np.float64),
+                )
             u_np, v_np, slots_np, thetas_np, vsum = self._kernel_args
             sums.numpy()[:] += kernels.tangent_sums(r_chunk.numpy(), u_np, v_np, slots_np, thetas_np, rows.start, vsum)
             return
@@ -168,8 +175,6 @@ def envelope_bounds(tangents: list[Tangent]) -> Envelope:
     return Envelope(lower - ENVELOPE_ERRORS * err, upper, (left.theta, right.theta))
 
 
-
-
 def far_end(bracket: tuple[float, float]) -> tuple[float, ...]:
     """Where an early pair's first tangent is taken: the end of its sampled bracket away from 0. With the tangent
     at 0 (from the dual sums of the same pass) it brackets the minimum from both sides, as the two ends would
@@ -218,5 +223,3 @@ def narrowed(tangents: list[Tangent], known: tuple[float, float] | None) -> tupl
     centre = a if right.g <= left.g else (right.f - left.f + left.g * a - right.g * b) / (left.g - right.g)
     half = (b - a) / (2 * TANGENT_SHRINK)
     return max(a, centre - half), min(b, centre + half)
-
-

@@ -7,6 +7,25 @@ from s3lora_cli.evaluation.runner import EvalOptions, EvalResult, VariantResult,
 from s3lora_cli.evaluation.tasks import DEFAULT_REFUSAL_MARKERS, Task, TaskFile, read_markers, read_tasks
 from s3lora_cli.evaluation.variants import Variant, VariantKind, parse_sweep, plan_variants, require_libraries
 
-__all__ = ["DEFAULT_REFUSAL_MARKERS", "EvalOptions", "EvalResult", "Scores", "Task", "TaskFile", "TokenSums",
-           "Variant", "VariantKind", "VariantResult", "contains_match", "evaluate", "exact_match", "is_refusal",
-           "parse_sweep", "plan_variants", "read_markers", "read_tasks", "require_libraries", "token_sums"]
+__all__ = [
+    "DEFAULT_REFUSAL_MARKERS",
+    "EvalOptions",
+    "EvalResult",
+    "Scores",
+    "Task",
+    "TaskFile",
+    "TokenSums",
+    "Variant",
+    "VariantKind",
+    "VariantResult",
+    "contains_match",
+    "evaluate",
+    "exact_match",
+    "is_refusal",
+    "parse_sweep",
+    "plan_variants",
+    "read_markers",
+    "read_tasks",
+    "require_libraries",
+    "token_sums",
+]

@@ -56,12 +56,10 @@ class TokenSums:
     agree: int = 0
 
     def __add__(self, other: TokenSums) -> TokenSums:
-        return TokenSums(self.tokens + other.tokens, self.nll + other.nll, self.kl + other.kl,
-                         self.agree + other.agree)
+        return TokenSums(self.tokens + other.tokens, self.nll + other.nll, self.kl + other.kl, self.agree + other.agree)
 
 
-def token_sums(logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor,
-               mask: torch.Tensor) -> TokenSums:
+def token_sums(logits: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> TokenSums:
     """The statistics of one batch of teacher-forced answers.
 
     logits, reference: [batch, T, vocab], the variant's and the full adapter's next-token logits at the positions
@@ -91,15 +89,24 @@ class Scores:
     refusal_rate: float | None
 
 
-def scores(answers: Sequence[str], golds: Sequence[str], sums: TokenSums, refusal_answers: Sequence[str] | None,
-           markers: Sequence[str]) -> Scores:
+def scores(
+    answers: Sequence[str],
+    golds: Sequence[str],
+    sums: TokenSums,
+    refusal_answers: Sequence[str] | None,
+    markers: Sequence[str],
+) -> Scores:
     """Aggregate a variant's greedy answers (against ``golds``), its token sums and its refusal answers."""
     n = len(golds)
     tokens = max(sums.tokens, 1)
     refusal_rate = None
     if refusal_answers is not None:
         refusal_rate = sum(is_refusal(a, markers) for a in refusal_answers) / max(len(refusal_answers), 1)
-    return Scores(exact_match=sum(map(exact_match, answers, golds)) / n,
-                  contains=sum(map(contains_match, answers, golds)) / n,
-                  nll=sums.nll / tokens, kl=sums.kl / tokens, agreement=sums.agree / tokens,
-                  refusal_rate=refusal_rate)
+    return Scores(
+        exact_match=sum(map(exact_match, answers, golds)) / n,
+        contains=sum(map(contains_match, answers, golds)) / n,
+        nll=sums.nll / tokens,
+        kl=sums.kl / tokens,
+        agreement=sums.agree / tokens,
+        refusal_rate=refusal_rate,
+    )

@@ -47,8 +47,11 @@ def variant_dict(result: VariantResult) -> dict[str, Any]:
 def _task_file_dict(task_file) -> dict[str, Any] | None:
     if task_file is None:
         return None
-    return {"path": str(task_file.path), "count": len(task_file.tasks),
-            "skipped": [{"line": b.line, "reason": b.reason} for b in task_file.skipped]}
+    return {
+        "path": str(task_file.path),
+        "count": len(task_file.tasks),
+        "skipped": [{"line": b.line, "reason": b.reason} for b in task_file.skipped],
+    }
 
 
 def eval_dict(result: EvalResult) -> dict[str, Any]:
@@ -62,8 +65,12 @@ def eval_dict(result: EvalResult) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": TOOL_NAME, "version": result.tool_version},
         "base": result.base,
-        "adapter": {"path": result.adapter, "format": result.adapter_format, "sha256": result.adapter_sha256,
-                    "layers": result.adapter_layers},
+        "adapter": {
+            "path": result.adapter,
+            "format": result.adapter_format,
+            "sha256": result.adapter_sha256,
+            "layers": result.adapter_layers,
+        },
         "tasks": _task_file_dict(result.tasks),
         "refusals": refusals,
         "parameters": {
@@ -95,8 +102,18 @@ def _rows(result: EvalResult) -> list[list[str]]:
     for r in result.variants:
         v, s = r.variant, r.scores
         pruned = "-" if v.kind is VariantKind.PRUNED_FILE else str(len(v.pruned))
-        rows.append([v.name, pruned, _pct(s.exact_match), _pct(s.contains), f"{s.nll:.4f}", f"{s.kl:.4f}",
-                     _pct(s.agreement), _pct(s.refusal_rate)])
+        rows.append(
+            [
+                v.name,
+                pruned,
+                _pct(s.exact_match),
+                _pct(s.contains),
+                f"{s.nll:.4f}",
+                f"{s.kl:.4f}",
+                _pct(s.agreement),
+                _pct(s.refusal_rate),
+            ]
+        )
     return rows
 
 
@@ -107,23 +124,44 @@ def render_csv(result: EvalResult) -> str:
     writer.writerow(COLUMNS)
     for r in result.variants:
         d = variant_dict(r)
-        writer.writerow([d["name"], "" if d["pruned_layers"] is None else d["pruned_layers"],
-                         *("" if d[c] is None else d[c] for c in COLUMNS[2:])])
+        writer.writerow(
+            [
+                d["name"],
+                "" if d["pruned_layers"] is None else d["pruned_layers"],
+                *("" if d[c] is None else d[c] for c in COLUMNS[2:]),
+            ]
+        )
     return out.getvalue()
 
 
 def summary_line(result: EvalResult) -> str:
     skipped = len(result.tasks.skipped) + (len(result.refusals.skipped) if result.refusals else 0)
     refusals = f" and {len(result.refusals.tasks)} refusal prompts" if result.refusals else ""
-    return (f"{len(result.tasks.tasks)} tasks{refusals} x {len(result.variants)} variants on {result.device} in "
-            f"{result.seconds:.1f} s" + (f"; {skipped} bad line(s) skipped" if skipped else ""))
+    return (
+        f"{len(result.tasks.tasks)} tasks{refusals} x {len(result.variants)} variants on {result.device} in "
+        f"{result.seconds:.1f} s" + (f"; {skipped} bad line(s) skipped" if skipped else "")
+    )
 
 
 def render_markdown(result: EvalResult) -> str:
-    headers = ["variant", "pruned layers", "exact match", "contains", "NLL/token", "KL vs adapter",
-               "top-1 agreement", "refusals"]
-    lines = [f"### s3lora eval: {result.adapter} on {result.base}", "", summary_line(result), "",
-             "| " + " | ".join(headers) + " |", "|---|" + "---:|" * (len(headers) - 1)]
+    headers = [
+        "variant",
+        "pruned layers",
+        "exact match",
+        "contains",
+        "NLL/token",
+        "KL vs adapter",
+        "top-1 agreement",
+        "refusals",
+    ]
+    lines = [
+        f"### s3lora eval: {result.adapter} on {result.base}",
+        "",
+        summary_line(result),
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * (len(headers) - 1),
+    ]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in _rows(result)]
     return "\n".join(lines) + "\n"
 
@@ -157,8 +195,11 @@ def render_plot(result: EvalResult) -> bytes:
     base = next(r for r in result.variants if r.variant.kind is VariantKind.BASE)
     x = [len(r.variant.pruned) for r in points]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for attr, label, colour in (("exact_match", "exact match", "C0"), ("contains", "contains", "C1"),
-                                ("agreement", "top-1 agreement with the adapter", "C2")):
+    for attr, label, colour in (
+        ("exact_match", "exact match", "C0"),
+        ("contains", "contains", "C1"),
+        ("agreement", "top-1 agreement with the adapter", "C2"),
+    ):
         ax.plot(x, [100 * getattr(r.scores, attr) for r in points], marker="o", color=colour, label=label)
     ax.axhline(100 * base.scores.exact_match, color="C0", linestyle="--", linewidth=1, label="base: exact match")
     ax.axhline(100 * base.scores.contains, color="C1", linestyle=":", linewidth=1, label="base: contains")

@@ -66,8 +66,11 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.selection is not None and self.pruned is not None:
             raise UsageError("give --pruned or a selection (--tau, --threshold, --fraction), not both")
-        for name, value in (("--limit", self.limit), ("--max-new-tokens", self.max_new_tokens),
-                            ("--batch-size", self.batch_size)):
+        for name, value in (
+            ("--limit", self.limit),
+            ("--max-new-tokens", self.max_new_tokens),
+            ("--batch-size", self.batch_size),
+        ):
             if value is not None and value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}")
         if any(t < 0 for t in self.sweep_tau):
@@ -111,8 +114,9 @@ class EvalResult:
 Progress = Callable[[int, int, str], None]
 
 
-def evaluate(adapter: str | Path, base: str | Path, options: EvalOptions,
-             progress: Progress | None = None) -> EvalResult:
+def evaluate(
+    adapter: str | Path, base: str | Path, options: EvalOptions, progress: Progress | None = None
+) -> EvalResult:
     """Evaluate the adapter at ``adapter`` on the base model at ``base`` (a Hugging Face directory or a .gguf
     file): base, adapter, pruned and sweep variants on the tasks of ``options``.
 
@@ -125,8 +129,11 @@ def evaluate(adapter: str | Path, base: str | Path, options: EvalOptions,
     require_libraries("transformers", "peft")
     adapter, base = Path(adapter), Path(base)
     tasks = read_tasks(options.tasks, limit=options.limit, strict=options.strict)
-    refusals = (read_tasks(options.refusals, need_answer=False, limit=options.limit, strict=options.strict)
-                if options.refusals is not None else None)
+    refusals = (
+        read_tasks(options.refusals, need_answer=False, limit=options.limit, strict=options.strict)
+        if options.refusals is not None
+        else None
+    )
     adapter_dir, opened = peft_directory(adapter, options.adapter_name)
     with closing(opened):
         layers, adapter_format, sha256 = opened.layers, opened.format, opened.sha256()
@@ -142,15 +149,28 @@ def evaluate(adapter: str | Path, base: str | Path, options: EvalOptions,
         check_base_matches(lm.model, pruned_layers, base, cast(Path, options.pruned))
     report = None
     if options.selection is not None or options.sweep_tau:
-        score_options = ScoreOptions(**{**options.score.__dict__, "device": str(device),
-                                        "adapter_name": options.adapter_name})
+        score_options = ScoreOptions(
+            **{**options.score.__dict__, "device": str(device), "adapter_name": options.adapter_name}
+        )
         report = score_adapter(adapter, score_options)
     variants = plan_variants(report, options.selection, options.sweep_tau, options.pruned)
     model = load_peft_model(lm.model, adapter_dir, base, pruned_dir)
     runner = _Runner(model, lm.tokenizer, device, options)
     results = runner.run(variants, tasks.tasks, refusals.tasks if refusals else None, progress)
-    return EvalResult(str(base), str(adapter), adapter_format, sha256, len(layers), tasks, refusals, options,
-                      str(device), results, report, time.perf_counter() - started)
+    return EvalResult(
+        str(base),
+        str(adapter),
+        adapter_format,
+        sha256,
+        len(layers),
+        tasks,
+        refusals,
+        options,
+        str(device),
+        results,
+        report,
+        time.perf_counter() - started,
+    )
 
 
 class _Runner:
@@ -171,22 +191,30 @@ class _Runner:
         as it is (with the tokenizer's special tokens) without a template."""
         tok = self.tokenizer
         if self.options.chat_template and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           tokenize=False)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
             return tok(text, add_special_tokens=False)["input_ids"]
         return tok(prompt)["input_ids"]
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"]
 
-    def run(self, variants: Sequence[Variant], tasks: Sequence[Task], refusals: Sequence[Task] | None,
-            progress: Progress | None) -> tuple[VariantResult, ...]:
+    def run(
+        self,
+        variants: Sequence[Variant],
+        tasks: Sequence[Task],
+        refusals: Sequence[Task] | None,
+        progress: Progress | None,
+    ) -> tuple[VariantResult, ...]:
         contexts = [self.context_ids(t.prompt) for t in tasks]
         golds = [self.answer_ids(cast(str, t.answer)) for t in tasks]  # tasks have answers (refusals do not)
         for task, ids in zip(tasks, golds, strict=True):
             if not ids:
-                raise AdapterInputError(f"{self.options.tasks}:{task.line}: the answer {task.answer!r} is no token "
-                                        "at all for this model's tokenizer")
+                raise AdapterInputError(
+                    f"{self.options.tasks}:{task.line}: the answer {task.answer!r} is no token "
+                    "at all for this model's tokenizer"
+                )
         refusal_contexts = [self.context_ids(t.prompt) for t in refusals] if refusals is not None else []
         jobs = [(batch, True) for batch in _batches(contexts, self.options.batch_size)]
         jobs += [(batch, False) for batch in _batches(refusal_contexts, self.options.batch_size)]
@@ -224,13 +252,20 @@ class _Runner:
         for v in variants:
             key = v.same_model_as
             refused = tuple(refusal_answers[key]) if refusals is not None else None
-            results.append(VariantResult(v, scores(answers[key], gold_texts, sums[key], refused,
-                                                   self.options.refusal_markers),
-                                         tuple(answers[key]), refused, seconds[key] if unique[key] is v else 0.0))
+            results.append(
+                VariantResult(
+                    v,
+                    scores(answers[key], gold_texts, sums[key], refused, self.options.refusal_markers),
+                    tuple(answers[key]),
+                    refused,
+                    seconds[key] if unique[key] is v else 0.0,
+                )
+            )
         return tuple(results)
 
-    def run_batch(self, contexts: Sequence[list[int]], answers: Sequence[list[int]] | None
-                  ) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    def run_batch(
+        self, contexts: Sequence[list[int]], answers: Sequence[list[int]] | None
+    ) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         """One batch through the model in effect: the greedy answers, and with ``answers`` the teacher-forced
         next-token logits at the answer positions ([batch, T, vocab], T the longest answer), the answer ids
         [batch, T] and the mask [batch, T] of real answer tokens (rows left-aligned: position t predicts token t).
@@ -242,8 +277,13 @@ class _Runner:
         ids = torch.tensor([[self.pad] * (width - len(c)) + c for c in contexts], device=self.device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=self.device)
         lengths = mask.sum(-1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache, first = getattr(out, self.cache), out.logits[:, -1]  # first: the logits of the first answer token
         forced = None
         if answers is not None:  # on a copy of the cache: decoding continues from the prompts alone
@@ -259,8 +299,9 @@ class _Runner:
             step = targets[:, :-1]
             full = torch.cat([mask, keep[:, :-1].long()], dim=1)
             positions = lengths[:, None] + torch.arange(longest - 1, device=self.device)
-            rest = self.model(input_ids=step, attention_mask=full, position_ids=positions, use_cache=True,
-                              **{self.cache: cache}).logits
+            rest = self.model(
+                input_ids=step, attention_mask=full, position_ids=positions, use_cache=True, **{self.cache: cache}
+            ).logits
             logits = torch.cat([logits, rest], dim=1)
         return logits, targets, keep
 
@@ -279,16 +320,23 @@ class _Runner:
             if bool((stop < limit).all()) or step + 1 == limit:
                 break
             mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=self.device)], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=(lengths + step)[:, None],
-                             use_cache=True, **{self.cache: cache})
+            out = self.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=(lengths + step)[:, None],
+                use_cache=True,
+                **{self.cache: cache},
+            )
             logits = out.logits[:, -1]
         generated = torch.stack(tokens, dim=1).tolist()
-        texts = [self.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
-                 for row, end in zip(generated, stop.tolist(), strict=True)]
+        texts = [
+            self.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            for row, end in zip(generated, stop.tolist(), strict=True)
+        ]
         return texts
 
 
 def _batches(contexts: Sequence[list[int]], size: int) -> list[list[int]]:
     """Indices of ``contexts`` in batches of ``size``, by length (then index), so that a batch pads little."""
     order = sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), i))
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]

@@ -51,8 +51,9 @@ class Variant:
         return (self.kind, frozenset(self.pruned))
 
 
-def plan_variants(report: ScoreReport | None, selection: Selection | None, sweep: Sequence[int] = (),
-                  pruned_file: Path | None = None) -> tuple[Variant, ...]:
+def plan_variants(
+    report: ScoreReport | None, selection: Selection | None, sweep: Sequence[int] = (), pruned_file: Path | None = None
+) -> tuple[Variant, ...]:
     """base, adapter, then the pruned adapter (``selection`` applied to ``report`` with ``selection.select_layers``,
     exactly as ``s3lora prune`` selects; or ``pruned_file``), then one variant per sweep point (the top-tau
     layers by SSI)."""
@@ -75,7 +76,7 @@ def plan_variants(report: ScoreReport | None, selection: Selection | None, sweep
 
 
 def parse_sweep(text: str) -> tuple[int, ...]:
-    """"0,2,4,10" -> (0, 2, 4, 10): distinct non-negative integers in the order given."""
+    """ "0,2,4,10" -> (0, 2, 4, 10): distinct non-negative integers in the order given."""
     values: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -94,10 +95,12 @@ def peft_directory(path: Path, adapter_name: str | None) -> tuple[Path, Adapter]
         if not adapter.format.startswith("peft"):
             raise AdapterInputError(
                 f"{path}: a {adapter.format} adapter; eval loads adapters with PEFT, which reads PEFT's own layout "
-                "only (kohya-ss and diffusers files are for diffusion models; convert an MLX-LM adapter to PEFT)")
+                "only (kohya-ss and diffusers files are for diffusion models; convert an MLX-LM adapter to PEFT)"
+            )
         if adapter.weights_path.name not in PEFT_WEIGHTS:
-            raise AdapterInputError(f"{adapter.weights_path}: PEFT loads only {' or '.join(PEFT_WEIGHTS)}; rename it "
-                                    "or give the directory")
+            raise AdapterInputError(
+                f"{adapter.weights_path}: PEFT loads only {' or '.join(PEFT_WEIGHTS)}; rename it or give the directory"
+            )
     except BaseException:
         adapter.close()
         raise
@@ -135,12 +138,16 @@ def check_base_matches(model: Any, layers: Sequence[LoraLayer], base: Path, adap
         if shape is None:
             problems.append(f"{layer.module} is a {type(module).__name__} in the base model, which LoRA cannot wrap")
         elif shape != tuple(layer.shape):
-            problems.append(f"{layer.module} is {shape[0]} x {shape[1]} in the base model but "
-                            f"{layer.shape[0]} x {layer.shape[1]} in the adapter")
+            problems.append(
+                f"{layer.module} is {shape[0]} x {shape[1]} in the base model but "
+                f"{layer.shape[0]} x {layer.shape[1]} in the adapter"
+            )
     if problems:
         more = f" (and {len(problems) - 1} more of the adapter's {len(layers)} layers)" if len(problems) > 1 else ""
-        raise AdapterInputError(f"the adapter {adapter} does not fit the base model {base}: {problems[0]}{more}; "
-                                "give the base model the adapter was trained on")
+        raise AdapterInputError(
+            f"the adapter {adapter} does not fit the base model {base}: {problems[0]}{more}; "
+            "give the base model the adapter was trained on"
+        )
 
 
 EVAL_EXTRA_HINT = "install the eval extra: pip install 's3lora[eval]'"
@@ -211,4 +218,3 @@ def applied(peft_model: Any, variant: Variant) -> Iterator[None]:
     finally:
         for layer in off:
             layer.enable_adapters(True)
-

@@ -36,7 +36,9 @@ def run_in_processes(
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
     with ProcessPoolExecutor(
-        max_workers=min(workers, len(items)), mp_context=context, initializer=cores.init_worker,
+        max_workers=min(workers, len(items)),
+        mp_context=context,
+        initializer=cores.init_worker,
         initargs=(cores.share(workers),),
     ) as pool:
         futures = {pool.submit(task, item, *args): item for item in items}
