@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from s3lora_cli.adapt.train import Example, TrainSettings, Validation, validate
 from s3lora_cli.gate import GatePolicy
 from s3lora_cli.selection import Selection
@@ -69,6 +71,10 @@ class GateOutcome:
         return bool(self.admit.admitted)
 
 
+Vector = Sequence[float] | np.ndarray
+"""A vector of the embedding space: a list read from JSON or an array of the buffer."""
+
+
 def cluster_record(
     *,
     run: str,
@@ -77,13 +83,13 @@ def cluster_record(
     bucket: str,
     keywords: Sequence[str],
     members: int,
-    centre: Sequence[float] | None,
-    prompt_centre: Sequence[float] | None,
-    origin: Sequence[float] | None,
+    centre: Vector | None,
+    prompt_centre: Vector | None,
+    origin: Vector | None,
     embedder: str,
     base_model: str,
     train: Mapping[str, Any] | None = None,
-    base_centre: Sequence[float] | None = None,
+    base_centre: Vector | None = None,
 ) -> dict[str, Any]:
     """The cluster an adapter serves. run: the id of the state directory that found it; cluster: its id there;
     generation: 1, then one more per refresh; centre: the buffer's centre (of prompt + answer vectors, centred on

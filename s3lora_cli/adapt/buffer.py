@@ -116,8 +116,8 @@ def cluster_labels(vectors: np.ndarray, policy: BufferPolicy) -> list[int]:
 
 def label_centres(vectors: np.ndarray, labels: Sequence[int]) -> dict[int, np.ndarray]:
     """Unit mean vector of each label other than noise."""
-    labels = np.asarray(labels)
-    return {int(k): unit(vectors[labels == k].mean(axis=0)) for k in sorted(set(labels.tolist()) - {NOISE})}
+    array = np.asarray(labels)
+    return {int(k): unit(vectors[array == k].mean(axis=0)) for k in sorted(set(array.tolist()) - {NOISE})}
 
 
 def compare_labelings(
@@ -157,6 +157,7 @@ class TriggerBuffer:
         event: dict[str, Any] = {"assigned": None, "reclustered": False, "stability": None, "formed": []}
         target = self._best_cluster(sample, bucket_key, bucket)
         if target is not None:
+            assert bucket.origin is not None  # a bucket has clusters only once its origin is fixed
             target.members.append(sample)
             self._refresh(target, bucket.origin)
             event["assigned"] = target.id

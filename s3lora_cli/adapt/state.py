@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -127,7 +127,7 @@ def parse_state(doc: dict[str, Any]) -> tuple[BufferState, int, str]:
                 id=int(c["id"]),
                 bucket=str(c["bucket"]),
                 members=[_sample(s) for s in c["members"]],
-                centre=_vector(c["centre"]),
+                centre=cast(np.ndarray, _vector(c["centre"])),
                 keywords=[str(w) for w in c["keywords"]],
                 handed_off=bool(c["handed_off"]),
             )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from s3lora_cli.engine import kernels
@@ -99,7 +100,7 @@ class DualSums:
     _rows: list = field(default_factory=list, init=False, repr=False)
     """(sign(R) and |R| projections, row sums of |R|) of the rows added, in order, until ``finish``."""
     _v_side: tuple | None = field(default=None, init=False, repr=False)
-    _v_rows: tuple | None = field(default=None, init=False, repr=False)
+    _v_rows: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def _prepare(self) -> tuple:
         """The right-hand sides of the products, the same for every chunk: sign(R) goes on
@@ -124,7 +125,9 @@ class DualSums:
             if self._v_rows is None:  # the kernel's layout: one contiguous row per right-hand side
                 self._v_rows = (v_signed.T.contiguous().numpy(), v_abs.T.contiguous().numpy())
             deflation = (owed[0].contiguous().numpy(), owed[1].contiguous().numpy()) if owed is not None else None
-            s_proj, a_proj, l1 = map(torch.from_numpy, kernels.dual_sums(chunk.numpy(), *self._v_rows, deflation))
+            s_proj, a_proj, l1 = map(
+                torch.from_numpy, kernels.dual_sums(chunk.numpy(), self._v_rows[0], self._v_rows[1], deflation)
+            )
             self.run, self.l1_run = max(self.run, kernels.DUAL_RUN), max(self.l1_run, kernels.SUM_BLOCK)
         else:  # a product or sum over a row, in any order
             self.run, self.l1_run = max(self.run, chunk.shape[1]), max(self.l1_run, chunk.shape[1])

@@ -185,7 +185,7 @@ class Medians:
             below = ratio < acc.lo
             above = ratio > acc.hi
             inside = ~(below | above) & (w > 0)
-            zero = 0.0
+            zero: float | torch.Tensor = 0.0
             if self.has_zero_u[a] or self.has_zero_v[b]:  # entries with u_i v_j = 0 count |R_ij|
                 zero = (chunk.abs() * (w == 0)).sum(dtype=f64)
             sums = (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,8 +120,10 @@ def objectives64(p, q, us, vs, pairs: list, deltas: list) -> dict[tuple[int, int
     u = us.T[[a for a, _ in pairs]].contiguous()
     v = vs.T[[b for _, b in pairs]].contiguous()
     q_np = q.contiguous().numpy() if compiled else None
+    found: Any
     for rows in row_chunks(p.shape[0], q.shape[0]):
         if compiled:
+            assert q_np is not None
             found = kernels.objectives64(
                 p[rows].contiguous().numpy(),
                 q_np,

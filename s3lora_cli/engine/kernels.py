@@ -8,6 +8,8 @@ their stated rounding).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 try:  # pragma: no cover - exercised where numba is installed (it is a dependency), and by a test without it
@@ -15,7 +17,7 @@ try:  # pragma: no cover - exercised where numba is installed (it is a dependenc
 
     available = True
 except Exception:  # an unsupported platform or Python: fall back to the tensor implementation
-    numba = None
+    numba = None  # type: ignore[assignment]
     available = False
 
 
@@ -580,7 +582,7 @@ def bracket_pass(
     return sums.sum(axis=0), out_ratios, out_weights
 
 
-def _in_dtype(lo: float, hi: float, dtype) -> tuple:
+def _in_dtype(lo: float, hi: float, dtype) -> tuple[Any, Any]:
     """The bracket [lo, hi] in ``dtype``, rounded inward: for a ratio x of that dtype, x < lo exactly when x is
     below the result's low end, and x > hi exactly when x is above its high end (no value of the dtype lies
     between). The kernel then compares ratios in their own dtype (a float64 bound would convert every float32
@@ -600,7 +602,8 @@ def sample_brackets(
 ) -> np.ndarray:
     """Run ``_sample_brackets``; ``pairs`` [P, 4] holds (a, b, k_lo, k_hi); returns [P, 2] (low, high)."""
     out = np.empty((pairs.shape[0], 2), p.dtype)
-    _sample_brackets(p, q, us, vs, rows, cols, *(np.ascontiguousarray(column) for column in pairs.T), out)
+    pair_a, pair_b, k_lo, k_hi = (np.ascontiguousarray(column) for column in pairs.T)
+    _sample_brackets(p, q, us, vs, rows, cols, pair_a, pair_b, k_lo, k_hi, out)
     return out
 
 
@@ -673,4 +676,4 @@ def weighted_select(ratios: np.ndarray, weights: np.ndarray, half: float) -> tup
 
 def set_threads(n: int) -> None:
     if available:
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]

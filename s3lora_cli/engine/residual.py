@@ -144,6 +144,7 @@ class Residual:
         if self._complete:
             for index in self._owed:
                 rows, chunk = self._cache[index]
+                assert self._pick is not None  # a chunk owes only a pick that was made
                 subtract(chunk, self._pick[0][rows], self._pick[1])
             following._cache, following._complete = self._cache, True
             following._owed, following._pick = set(range(len(self._cache))), (delta * u, v)

@@ -130,7 +130,7 @@ class TangentPass:
         """Every pair's tangents, once all chunks are in."""
         f64, u, v = torch.float64, self.u, self.v
         sums, thetas = self.sums.cpu().reshape(-1, 2), self.thetas.to(f64).reshape(-1)  # (f, g), theta per probe
-        found = {}  # probe -> (theta, f, g)
+        found: dict[int, tuple[float, float, float]] = {}  # probe -> (theta, f, g)
         for n, m in enumerate(m for double in self.doubles for m in double):
             found.setdefault(m, (float(thetas[n]), float(sums[n, 0]), float(sums[n, 1])))
         # err: the module docstring and SPAN_ERRORS; each sum is added in runs of SUM_BLOCK (the kernel's)
