@@ -20,7 +20,7 @@ from s3lora_cli.adapt.admission import CLUSTER_RECORD_NAME, GateSettings, cluste
 from s3lora_cli.adapt.buffer import BufferState, Cluster, Sample, TriggerBuffer, unit
 from s3lora_cli.adapt.embedding import Embedder
 from s3lora_cli.adapt.policy import BufferPolicy, TriggerPolicy
-from s3lora_cli.adapt.routing import DEFAULT_ROUTE_THRESHOLD, Router, stored_clusters
+from s3lora_cli.adapt.routing import DEFAULT_ROUTE_THRESHOLD, Router
 from s3lora_cli.adapt.state import HANDOFF_DIR, parse_state, state_json, write_handoff
 from s3lora_cli.adapt.tasks import Task, parse_task
 from s3lora_cli.adapt.train import TrainSettings, train_cluster
@@ -402,186 +402,13 @@ def run_loop(
     adapter a killed run had already admitted is not trained again."""
     began = time.perf_counter()
     state, store = Path(state), Path(store)
-    if resume:
-        saved = _load(state)
-        if saved.buffer.embedder != embed.name:
-            raise UsageError(
-                f"{state / LOOP_FILE} was built with {saved.buffer.embedder}, not {embed.name}; resume "
-                "with the same model or --embedder"
-            )
-    else:
-        saved = _Saved(
-            run=uuid.uuid4().hex[:12],
-            consumed=0,
-            digest=hashlib.sha256().hexdigest(),
-            band=None,
-            progress=LoopProgress(),
-            buffer=BufferState(embedder=embed.name),
-            done=set(),
-        )
+    saved = _resumed(state, embed) if resume else _fresh(embed)
     shutil.rmtree(state / WORK_DIR, ignore_errors=True)
-    refused = Path(quarantine) if quarantine is not None else quarantine_dir(store)
-    progress = saved.progress
-    buffer = TriggerBuffer(saved.buffer, settings.buffer)
-    router = Router(lm.model, lm.tokenizer, embed, stored_clusters(store), threshold=settings.route_threshold)
-    router.clusters = [c for c in router.clusters if c.run == saved.run]
-    hasher = hashlib.sha256()
-    pending: list[Task] = []
-    held: list[tuple[Task, Any, np.ndarray, Any]] = []  # warm-up samples: task, route, prompt vector, signals
-    warm: list[float] = []
-    number = 0
-
-    def event(message: str) -> None:
-        if on_event is not None:
-            on_event(message, progress)
-
-    def timed(stage: str, start: float) -> None:
-        progress.seconds[stage] = progress.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def judge(items: list[tuple[Task, Any, np.ndarray, Any]]) -> None:
-        for task, route, vector, signals in items:
-            score, _ = failure_score(signals, settings.trigger, saved.band)
-            if score < settings.trigger.threshold:
-                if route.cluster is None and len(saved.base_vectors) < BASE_SAMPLES:
-                    saved.base_vectors.append([float(x) for x in vector])
-                continue
-            progress.triggered += 1
-            if route.cluster is not None:
-                progress.routed_triggered += 1
-                refresh = state / REFRESH_DIR
-                refresh.mkdir(exist_ok=True)
-                with open(refresh / f"{route.cluster.name}.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(task.record, allow_nan=False) + "\n")
-                continue
-            start = time.perf_counter()
-            sample_text = f"{task.prompt}\n{task.answer}"
-            vector = np.asarray(embed([sample_text])[0], dtype=np.float32)
-            buffer.add(
-                Sample(line=task.line, text=sample_text, record=task.record, embedding=vector),
-                (task.tag or "") if settings.bucket_by_tag else "all",
-            )
-            timed("buffer", start)
-
-    def process(batch: list[Task]) -> None:
-        start = time.perf_counter()
-        prompts = [t.prompt for t in batch]
-        vectors = embed(prompts)
-        routes = router.route(prompts, vectors)
-        progress.routed += sum(r.cluster is not None for r in routes)
-        timed("route", start)
-        start = time.perf_counter()
-        answered = router.answer(prompts, settings.max_new_tokens, routes, batch_size=settings.batch_size)
-        signals = measure_signals(batch, [g for _, g in answered], embed)
-        timed("trigger", start)
-        progress.samples += len(batch)
-        items = [(t, r, v, s) for t, (r, _), v, s in zip(batch, answered, vectors, signals, strict=True)]
-        if saved.band is None and settings.trigger.warmup > 0:
-            held.extend(items)
-            warm.extend(s.similarity for s in signals[: max(settings.trigger.warmup - len(warm), 0)])
-            if len(warm) < settings.trigger.warmup:
-                return
-            saved.band = similarity_band(warm, settings.trigger)
-            items, held[:] = list(held), []
-        judge(items)
-
-    def handle_ready() -> None:
-        for cluster in buffer.ready():
-            if cluster.id in saved.done:
-                continue
-            origin = saved.buffer.buckets[cluster.bucket].origin
-            write_handoff(state, saved.buffer, buffer.ready())
-            earlier = _entries_of(saved.run, cluster.id, store, refused)
-            if earlier:
-                outcome = _outcome_of_entry(cluster, earlier[0])
-            else:
-                event(f"training cluster {cluster.id} ({len(cluster.members)} samples: {' '.join(cluster.keywords)})")
-
-                def step(what: str, done: int, total: int, cid: int = cluster.id) -> None:
-                    event(f"cluster {cid}: {what} {done}/{total}")
-
-                trained, gated = adapt_cluster(
-                    lm,
-                    embed,
-                    [s.record for s in cluster.members],
-                    run=saved.run,
-                    cluster=cluster.id,
-                    bucket=cluster.bucket,
-                    keywords=cluster.keywords,
-                    centre=cluster.centre,
-                    origin=origin,
-                    store=store,
-                    work=state / WORK_DIR,
-                    settings=settings,
-                    quarantine=quarantine,
-                    audit_log=audit_log,
-                    progress=step,
-                    seconds=progress.seconds,
-                    keep=state / TRAINED_DIR,
-                    base_vectors=np.asarray(saved.base_vectors, dtype=np.float64),
-                )
-                outcome = _outcome(cluster, trained, gated)
-                progress.candidates_trained += len(trained.candidates)
-            progress.adapters_trained += 1
-            progress.pruned_layers += outcome.pruned_layers
-            if outcome.verdict == "admitted":
-                progress.admitted += 1
-            else:
-                progress.quarantined += 1
-            progress.clusters.append(outcome)
-            saved.done.add(cluster.id)
-            router.reload(store)
-            router.clusters = [c for c in router.clusters if c.run == saved.run]
-            _save(state, saved)
-            event(f"cluster {cluster.id}: {outcome.verdict} as {outcome.entry}")
-
-    def checkpoint() -> None:
-        if held:  # still in the warm-up: a resume starts it again
-            return
-        saved.consumed, saved.digest = number, hasher.hexdigest()
-        _save(state, saved)
-
-    for number, text in enumerate(lines, start=1):
-        hasher.update(text.encode("utf-8"))
-        if number <= saved.consumed:
-            if number == saved.consumed and hasher.hexdigest() != saved.digest:
-                raise AdapterInputError(
-                    f"the first {saved.consumed} lines of the input are not those the state in "
-                    f"{state} has consumed; resume with the same input"
-                )
-            continue
-        if not text.strip():
-            continue
-        try:
-            pending.append(parse_task(text, number))
-        except AdapterInputError as exc:
-            if strict:
-                raise
-            progress.bad_lines += 1
-            if on_bad_line is not None:
-                on_bad_line(str(exc))
-        if len(pending) >= settings.batch_size:
-            process(pending)
-            pending = []
-            checkpoint()
-            handle_ready()
-            event(f"line {number}")
-    if number < saved.consumed:
-        raise AdapterInputError(
-            f"the input has {number} lines but the state in {state} has consumed "
-            f"{saved.consumed}; resume with the same input"
-        )
-    if pending:
-        process(pending)
-    if held:  # a stream shorter than the warm-up: the band of what there was
-        saved.band = similarity_band(warm, settings.trigger)
-        items, held[:] = list(held), []
-        judge(items)
-    handle_ready()
-    saved.consumed, saved.digest = max(number, saved.consumed), hasher.hexdigest()
-    _save(state, saved)
-    write_handoff(state, saved.buffer, buffer.ready())
+    loop = _Loop(lm, embed, store, state, settings, saved, quarantine, audit_log, on_event)
+    loop.consume(lines, strict, on_bad_line)
+    loop.finish()
     return LoopReport(
-        progress=progress,
+        progress=saved.progress,
         clusters=len(saved.buffer.clusters),
         buffered=sum(len(b.samples) for b in saved.buffer.buckets.values()),
         lines=saved.consumed,
@@ -590,6 +417,229 @@ def run_loop(
         store=store,
         state=state,
     )
+
+
+def _resumed(state: Path, embed: Embedder) -> _Saved:
+    saved = _load(state)
+    if saved.buffer.embedder != embed.name:
+        raise UsageError(
+            f"{state / LOOP_FILE} was built with {saved.buffer.embedder}, not {embed.name}; resume "
+            "with the same model or --embedder"
+        )
+    return saved
+
+
+def _fresh(embed: Embedder) -> _Saved:
+    return _Saved(
+        run=uuid.uuid4().hex[:12],
+        consumed=0,
+        digest=hashlib.sha256().hexdigest(),
+        band=None,
+        progress=LoopProgress(),
+        buffer=BufferState(embedder=embed.name),
+        done=set(),
+    )
+
+
+Judged = tuple[Task, Any, np.ndarray, Any]
+"""A sample answered and measured: its task, its route, its prompt vector and its signals."""
+
+
+class _Loop:
+    """One run of the loop: the stream read batch by batch (``consume``), then what is left (``finish``)."""
+
+    def __init__(
+        self,
+        lm: Any,
+        embed: Embedder,
+        store: Path,
+        state: Path,
+        settings: LoopSettings,
+        saved: _Saved,
+        quarantine: Path | None,
+        audit_log: Path | None,
+        on_event: Event | None,
+    ) -> None:
+        self.lm, self.embed, self.store, self.state, self.settings = lm, embed, store, state, settings
+        self.saved, self.quarantine, self.audit_log, self.on_event = saved, quarantine, audit_log, on_event
+        self.refused = Path(quarantine) if quarantine is not None else quarantine_dir(store)
+        self.progress = saved.progress
+        self.buffer = TriggerBuffer(saved.buffer, settings.buffer)
+        self.router = Router(lm.model, lm.tokenizer, embed, [], threshold=settings.route_threshold)
+        self._reload_router()
+        self.hasher = hashlib.sha256()
+        self.held: list[Judged] = []  # warm-up samples, judged once the band is known
+        self.warm: list[float] = []
+        self.number = 0  # the last line read
+
+    def event(self, message: str) -> None:
+        if self.on_event is not None:
+            self.on_event(message, self.progress)
+
+    def timed(self, stage: str, start: float) -> None:
+        self.progress.seconds[stage] = self.progress.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def _reload_router(self) -> None:
+        """The router over this run's admitted clusters."""
+        self.router.reload(self.store)
+        self.router.clusters = [c for c in self.router.clusters if c.run == self.saved.run]
+
+    def consume(self, lines: Iterable[str], strict: bool, on_bad_line: Callable[[str], None] | None) -> None:
+        """Read the stream: skip (and check) what a resumed run consumed, process each full batch."""
+        saved = self.saved
+        pending: list[Task] = []
+        for self.number, text in enumerate(lines, start=1):
+            self.hasher.update(text.encode("utf-8"))
+            if self.number <= saved.consumed:
+                if self.number == saved.consumed and self.hasher.hexdigest() != saved.digest:
+                    raise AdapterInputError(
+                        f"the first {saved.consumed} lines of the input are not those the state in "
+                        f"{self.state} has consumed; resume with the same input"
+                    )
+                continue
+            if not text.strip():
+                continue
+            try:
+                pending.append(parse_task(text, self.number))
+            except AdapterInputError as exc:
+                if strict:
+                    raise
+                self.progress.bad_lines += 1
+                if on_bad_line is not None:
+                    on_bad_line(str(exc))
+            if len(pending) >= self.settings.batch_size:
+                self.process(pending)
+                pending = []
+                self.checkpoint()
+                self.handle_ready()
+                self.event(f"line {self.number}")
+        if self.number < saved.consumed:
+            raise AdapterInputError(
+                f"the input has {self.number} lines but the state in {self.state} has consumed "
+                f"{saved.consumed}; resume with the same input"
+            )
+        if pending:
+            self.process(pending)
+
+    def finish(self) -> None:
+        """Judge a warm-up the stream was too short to end, hand off and save."""
+        saved = self.saved
+        if self.held:  # a stream shorter than the warm-up: the band of what there was
+            saved.band = similarity_band(self.warm, self.settings.trigger)
+            items, self.held[:] = list(self.held), []
+            self.judge(items)
+        self.handle_ready()
+        saved.consumed, saved.digest = max(self.number, saved.consumed), self.hasher.hexdigest()
+        _save(self.state, saved)
+        write_handoff(self.state, saved.buffer, self.buffer.ready())
+
+    def process(self, batch: list[Task]) -> None:
+        """Route, answer and measure one batch; judge it (or hold it while the warm-up lasts)."""
+        settings, progress = self.settings, self.progress
+        start = time.perf_counter()
+        prompts = [t.prompt for t in batch]
+        vectors = self.embed(prompts)
+        routes = self.router.route(prompts, vectors)
+        progress.routed += sum(r.cluster is not None for r in routes)
+        self.timed("route", start)
+        start = time.perf_counter()
+        answered = self.router.answer(prompts, settings.max_new_tokens, routes, batch_size=settings.batch_size)
+        signals = measure_signals(batch, [g for _, g in answered], self.embed)
+        self.timed("trigger", start)
+        progress.samples += len(batch)
+        items = [(t, r, v, s) for t, (r, _), v, s in zip(batch, answered, vectors, signals, strict=True)]
+        if self.saved.band is None and settings.trigger.warmup > 0:
+            self.held.extend(items)
+            self.warm.extend(s.similarity for s in signals[: max(settings.trigger.warmup - len(self.warm), 0)])
+            if len(self.warm) < settings.trigger.warmup:
+                return
+            self.saved.band = similarity_band(self.warm, settings.trigger)
+            items, self.held[:] = list(self.held), []
+        self.judge(items)
+
+    def judge(self, items: list[Judged]) -> None:
+        """The Trigger's decision on each sample: a failure goes to the buffer, or to its adapter's refresh file."""
+        saved, settings = self.saved, self.settings
+        for task, route, vector, signals in items:
+            score, _ = failure_score(signals, settings.trigger, saved.band)
+            if score < settings.trigger.threshold:
+                if route.cluster is None and len(saved.base_vectors) < BASE_SAMPLES:
+                    saved.base_vectors.append([float(x) for x in vector])
+                continue
+            self.progress.triggered += 1
+            if route.cluster is not None:
+                self.progress.routed_triggered += 1
+                refresh = self.state / REFRESH_DIR
+                refresh.mkdir(exist_ok=True)
+                with open(refresh / f"{route.cluster.name}.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(task.record, allow_nan=False) + "\n")
+                continue
+            start = time.perf_counter()
+            sample_text = f"{task.prompt}\n{task.answer}"
+            embedding = np.asarray(self.embed([sample_text])[0], dtype=np.float32)
+            self.buffer.add(
+                Sample(line=task.line, text=sample_text, record=task.record, embedding=embedding),
+                (task.tag or "") if settings.bucket_by_tag else "all",
+            )
+            self.timed("buffer", start)
+
+    def checkpoint(self) -> None:
+        if self.held:  # still in the warm-up: a resume starts it again
+            return
+        self.saved.consumed, self.saved.digest = self.number, self.hasher.hexdigest()
+        _save(self.state, self.saved)
+
+    def handle_ready(self) -> None:
+        """Train, gate and admit every cluster handed off and not done yet; count and save each outcome."""
+        saved, progress = self.saved, self.progress
+        for cluster in self.buffer.ready():
+            if cluster.id in saved.done:
+                continue
+            write_handoff(self.state, saved.buffer, self.buffer.ready())
+            earlier = _entries_of(saved.run, cluster.id, self.store, self.refused)
+            outcome = _outcome_of_entry(cluster, earlier[0]) if earlier else self.adapt(cluster)
+            progress.adapters_trained += 1
+            progress.pruned_layers += outcome.pruned_layers
+            if outcome.verdict == "admitted":
+                progress.admitted += 1
+            else:
+                progress.quarantined += 1
+            progress.clusters.append(outcome)
+            saved.done.add(cluster.id)
+            self._reload_router()
+            _save(self.state, saved)
+            self.event(f"cluster {cluster.id}: {outcome.verdict} as {outcome.entry}")
+
+    def adapt(self, cluster: Cluster) -> ClusterOutcome:
+        """Train, gate and admit the adapter of one cluster."""
+        saved = self.saved
+        self.event(f"training cluster {cluster.id} ({len(cluster.members)} samples: {' '.join(cluster.keywords)})")
+
+        def step(what: str, done: int, total: int, cid: int = cluster.id) -> None:
+            self.event(f"cluster {cid}: {what} {done}/{total}")
+
+        trained, gated = adapt_cluster(
+            self.lm,
+            self.embed,
+            [s.record for s in cluster.members],
+            run=saved.run,
+            cluster=cluster.id,
+            bucket=cluster.bucket,
+            keywords=cluster.keywords,
+            centre=cluster.centre,
+            origin=saved.buffer.buckets[cluster.bucket].origin,
+            store=self.store,
+            work=self.state / WORK_DIR,
+            settings=self.settings,
+            quarantine=self.quarantine,
+            audit_log=self.audit_log,
+            progress=step,
+            seconds=self.progress.seconds,
+            keep=self.state / TRAINED_DIR,
+            base_vectors=np.asarray(saved.base_vectors, dtype=np.float64),
+        )
+        self.progress.candidates_trained += len(trained.candidates)
+        return _outcome(cluster, trained, gated)
 
 
 # --- refresh --------------------------------------------------------------------------------------------------
