@@ -341,6 +341,24 @@ def evaluate(report: ScoreReport, policy: GatePolicy, baseline: ScoreReport | No
     if policy.max_increase is not None and baseline is None:
         raise UsageError("max-increase needs a scored baseline")
     found: dict[Rule, list[Violation]] = {rule: [] for rule in Rule}
+    _layer_violations(report, policy, found)
+    changes: tuple[LayerChange, ...] = ()
+    if baseline is not None and policy.max_increase is not None:
+        changes = compare(report, baseline)
+        _baseline_violations(changes, policy.max_increase, found)
+    outcomes = _outcomes(policy, found)
+    failed = {o.rule for o in outcomes if not o.passed}
+    violations = [
+        Violation(v.module, v.rule, v.value, v.limit, v.ssi, v.baseline_ssi, v.rule in failed, v.message)
+        for rule in Rule
+        for v in found[rule]
+    ]
+    violations.sort(key=lambda v: (RULE_ORDER[v.rule], v.value is None, -(v.value or 0.0), v.module))
+    return GateResult(report, policy, tuple(outcomes), tuple(violations), baseline, changes)
+
+
+def _layer_violations(report: ScoreReport, policy: GatePolicy, found: dict[Rule, list[Violation]]) -> None:
+    """The layers that are not scored (NaN or Inf) and those above max-ssi, added to ``found``."""
     for s in report.layers:
         if s.ssi is None:
             found[Rule.NON_FINITE].append(
@@ -358,39 +376,46 @@ def evaluate(report: ScoreReport, policy: GatePolicy, baseline: ScoreReport | No
                     f"SSI {s.ssi:.4f} exceeds max-ssi {policy.max_ssi:g}",
                 )
             )
-    changes: tuple[LayerChange, ...] = ()
-    if baseline is not None and policy.max_increase is not None:
-        changes = compare(report, baseline)
-        for c in changes:
-            if c.increase is not None and c.increase > policy.max_increase:
-                found[Rule.MAX_INCREASE].append(
-                    _violation(
-                        c.module,
-                        Rule.MAX_INCREASE,
-                        c.increase,
-                        policy.max_increase,
-                        c.ssi,
-                        c.baseline_ssi,
-                        f"SSI rose by {c.increase:.4f} (from {c.baseline_ssi:.4f} to {c.ssi:.4f}), more than "
-                        f"max-increase {policy.max_increase:g}",
-                    )
+
+
+def _baseline_violations(
+    changes: tuple[LayerChange, ...], max_increase: float, found: dict[Rule, list[Violation]]
+) -> None:
+    """The layers whose SSI rose by more than max-increase, and those new in or missing from the candidate."""
+    for c in changes:
+        if c.increase is not None and c.increase > max_increase:
+            found[Rule.MAX_INCREASE].append(
+                _violation(
+                    c.module,
+                    Rule.MAX_INCREASE,
+                    c.increase,
+                    max_increase,
+                    c.ssi,
+                    c.baseline_ssi,
+                    f"SSI rose by {c.increase:.4f} (from {c.baseline_ssi:.4f} to {c.ssi:.4f}), more than "
+                    f"max-increase {max_increase:g}",
                 )
-            elif not c.in_baseline:
-                found[Rule.NEW_LAYER].append(
-                    _violation(c.module, Rule.NEW_LAYER, c.ssi, None, c.ssi, None, "not in the baseline adapter")
+            )
+        elif not c.in_baseline:
+            found[Rule.NEW_LAYER].append(
+                _violation(c.module, Rule.NEW_LAYER, c.ssi, None, c.ssi, None, "not in the baseline adapter")
+            )
+        elif not c.in_candidate:
+            found[Rule.MISSING_LAYER].append(
+                _violation(
+                    c.module,
+                    Rule.MISSING_LAYER,
+                    c.baseline_ssi,
+                    None,
+                    None,
+                    c.baseline_ssi,
+                    "in the baseline adapter only",
                 )
-            elif not c.in_candidate:
-                found[Rule.MISSING_LAYER].append(
-                    _violation(
-                        c.module,
-                        Rule.MISSING_LAYER,
-                        c.baseline_ssi,
-                        None,
-                        None,
-                        c.baseline_ssi,
-                        "in the baseline adapter only",
-                    )
-                )
+            )
+
+
+def _outcomes(policy: GatePolicy, found: dict[Rule, list[Violation]]) -> list[RuleOutcome]:
+    """Each rule of the policy with its count of violations (whether it passed follows from them)."""
     outcomes = [RuleOutcome(Rule.NON_FINITE, None, 0, len(found[Rule.NON_FINITE]), BUILT_IN)]
     if policy.max_ssi is not None:
         outcomes.append(
@@ -407,14 +432,7 @@ def evaluate(report: ScoreReport, policy: GatePolicy, baseline: ScoreReport | No
         allowed = 0 if policy.strict_layers else None
         for rule in (Rule.NEW_LAYER, Rule.MISSING_LAYER):
             outcomes.append(RuleOutcome(rule, None, allowed, len(found[rule]), policy.source("strict-layers")))
-    failed = {o.rule for o in outcomes if not o.passed}
-    violations = [
-        Violation(v.module, v.rule, v.value, v.limit, v.ssi, v.baseline_ssi, v.rule in failed, v.message)
-        for rule in Rule
-        for v in found[rule]
-    ]
-    violations.sort(key=lambda v: (RULE_ORDER[v.rule], v.value is None, -(v.value or 0.0), v.module))
-    return GateResult(report, policy, tuple(outcomes), tuple(violations), baseline, changes)
+    return outcomes
 
 
 def check_adapters(
