@@ -87,13 +87,11 @@ def set_threads(n: int) -> None:
     it starts (numba's count is per calling thread)."""
     import torch
 
+    from s3lora_cli.engine import kernels
+
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    try:
-        import numba
-    except Exception:  # no numba: the kernels are not used
-        return
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    kernels.set_threads(n)  # nothing without numba, where the kernels are not used
 
 
 def init_worker(threads: int) -> None:

@@ -2,42 +2,7 @@
 or frozen dataclasses). The computation lives in the ``engine`` package, whose docstring describes it; this
 module names what the rest of the package and users import."""
 
-from s3lora_cli.engine import (
-    DEFAULT_COMPONENTS,
-    EPS_NORM,
-    EPS_SSI,
-    RANK_RTOL,
-    Method,
-    Pick,
-    Spectrum,
-    col_norms,
-    fit_spectrum,
-    l1_fit,
-    lowrank_svd,
-    magnitude,
-    mas_svd,
-    mas_svd_candidates,
-    row_norms,
-    ssi,
-    svd_spectrum,
-)
+from s3lora_cli import engine
+from s3lora_cli.engine import *  # noqa: F403  (the engine's public names, listed once in its __all__)
 
-__all__ = [
-    "DEFAULT_COMPONENTS",
-    "EPS_NORM",
-    "EPS_SSI",
-    "RANK_RTOL",
-    "Method",
-    "Pick",
-    "Spectrum",
-    "col_norms",
-    "fit_spectrum",
-    "l1_fit",
-    "lowrank_svd",
-    "magnitude",
-    "mas_svd",
-    "mas_svd_candidates",
-    "row_norms",
-    "ssi",
-    "svd_spectrum",
-]
+__all__ = engine.__all__
