@@ -155,7 +155,8 @@ def test_exit_codes_are_one_enum():
 def test_each_shared_option_is_defined_once():
     """The options of cli/options.py are defined there only: no command module spells one of their flags again,
     except where the flag means something else there (prune's -o is the pruned adapter; adapt has its own
-    --device default, a --force that starts a state over and a --threshold of the failure score)."""
+    --device default, a --force that starts a state over and a --threshold of the failure score; the --store of
+    `adapt answer` must exist)."""
     import ast
     from pathlib import Path
     from typing import get_args
@@ -170,7 +171,7 @@ def test_each_shared_option_is_defined_once():
     allowed = {
         "prune.py": {"--output"},
         "adapt.py": {"--force", "--device", "--threshold"},
-        "adapt_loop.py": {"--force", "--threshold"},
+        "adapt_loop.py": {"--force", "--threshold", "--store"},
     }
     folder = Path(options.__file__).parent
     for path in folder.glob("*.py"):

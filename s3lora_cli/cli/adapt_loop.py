@@ -28,6 +28,7 @@ from s3lora_cli.cli.adapt import (
 from s3lora_cli.cli.boundary import ExitCode, error_boundary
 from s3lora_cli.cli.options import (
     FORMAT,
+    AuditLog,
     Baseline,
     Fraction,
     MaxIncrease,
@@ -35,7 +36,9 @@ from s3lora_cli.cli.options import (
     MaxViolations,
     Output,
     PolicyFile,
+    Quarantine,
     Quiet,
+    StoreOption,
     StrictLayers,
     as_default,
     gate_flags,
@@ -44,11 +47,9 @@ from s3lora_cli.cli.output import check_output, stderr_console, write_output
 from s3lora_cli.errors import AdapterInputError, UsageError
 
 MODEL = typer.Option(..., "--model", help="The causal LM: a Hugging Face model directory or a .gguf file.")
-STORE = typer.Option(..., "--store", help="The LoRA store directory (created if missing).")
-QUARANTINE = typer.Option(None, "--quarantine", help="Where refused adapters go (default <store>.quarantine).")
-AUDIT_LOG = typer.Option(
-    None, "--audit-log", help="JSON-lines log of every decision (default <store>/.s3lora-audit.jsonl)."
-)
+STORE = as_default(StoreOption, ...)
+QUARANTINE = as_default(Quarantine, None)
+AUDIT_LOG = as_default(AuditLog, None)
 SEARCH = typer.Option(
     "default",
     "--search",

@@ -14,6 +14,7 @@ from s3lora_cli.cli.options import (
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_NEIGHBOURS,
     FORMAT,
+    AuditLog,
     Baseline,
     Components,
     Device,
@@ -26,7 +27,9 @@ from s3lora_cli.cli.options import (
     Neighbours,
     Output,
     PolicyFile,
+    Quarantine,
     Quiet,
+    StoreOption,
     StrictLayers,
     TopH,
     Verbose,
@@ -43,7 +46,6 @@ class AdmitFormat(str, enum.Enum):
 AdapterPath = Annotated[
     Path, typer.Argument(metavar="ADAPTER", help="The adapter directory (or weights file) to admit.")
 ]
-StoreOption = Annotated[Path, typer.Option("--store", help="The store directory (created if missing).")]
 Name = Annotated[
     Optional[str],
     typer.Option(
@@ -51,14 +53,6 @@ Name = Annotated[
         help="Name in the store (default: the adapter's directory name); the entry is <name>-<first 12 hex digits "
         "of its content key (weights and config)>.",
     ),
-]
-Quarantine = Annotated[
-    Optional[Path],
-    typer.Option("--quarantine", help="Where refused adapters go (default <store>.quarantine beside the store)."),
-]
-AuditLog = Annotated[
-    Optional[Path],
-    typer.Option("--audit-log", help="JSON-lines log of every decision (default <store>/.s3lora-audit.jsonl)."),
 ]
 
 

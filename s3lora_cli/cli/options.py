@@ -177,6 +177,15 @@ PolicyFile = Annotated[
 
 # --- stores (scan, admit) -----------------------------------------------------------------------------------
 
+StoreOption = Annotated[Path, typer.Option("--store", help="The store directory (created if missing).")]
+Quarantine = Annotated[
+    Optional[Path],
+    typer.Option("--quarantine", help="Where refused adapters go (default <store>.quarantine beside the store)."),
+]
+AuditLog = Annotated[
+    Optional[Path],
+    typer.Option("--audit-log", help="JSON-lines log of every decision (default <store>/.s3lora-audit.jsonl)."),
+]
 Neighbours = Annotated[int, typer.Option("--neighbours", help="How many nearest adapters to list.")]
 DuplicateThreshold = Annotated[
     float, typer.Option("--duplicate-threshold", help="Flag a neighbour whose update cosine is at least this.")
