@@ -164,6 +164,58 @@ def test_the_gate_ignores_the_adapt_table_of_pyproject(tmp_path):
     assert resolve_policy({}, cwd=tmp_path).max_ssi == 0.3
 
 
+def test_the_store_policy_sets_the_search_the_gate_and_routing_and_flags_win(tmp_path):
+    from s3lora_cli.adapt.policy import resolve_adapt_policy
+    from s3lora_cli.adapt.train import Candidate, TrainSettings
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        "[tool.s3lora.adapt]\nr = [4, 8]\nlora-alpha = 16\nlearning-rate = [1e-3, 3e-3]\nepochs = 6\n"
+        'target-modules = ["q_proj", "o_proj"]\nfraction = 0.2\nfloor = 0.7\nroute-threshold = 0.5\nmin-new = 3\n'
+    )
+    store = resolve_adapt_policy({}, policy).store
+    train = TrainSettings.of(store)
+    assert train.candidates == tuple(Candidate(r, 16, lr, 6) for r in (4, 8) for lr in (1e-3, 3e-3))
+    assert train.target_modules == ("q_proj", "o_proj")
+    assert (store.fraction, store.tau, store.floor, store.route_threshold, store.min_new) == (0.2, None, 0.7, 0.5, 3)
+    # each flag replaces its own dimension; a pruning flag replaces the file's choice of what to prune
+    flags = {"r": 16, "learning_rate": 1e-2, "tau": 3, "target_modules": "v_proj"}
+    store = resolve_adapt_policy(flags, policy).store
+    assert TrainSettings.of(store).candidates == (Candidate(16, 16, 1e-2, 6),)
+    assert (store.tau, store.fraction, store.target_modules) == (3, None, ("v_proj",))
+    # a named search replaces the file's four lists; flags still win over it
+    paper = resolve_adapt_policy({"epochs": 2}, policy, search="paper").store
+    assert len(TrainSettings.of(paper).candidates) == 8 and paper.epochs == (2,) and paper.r == (4, 8)
+    # pyproject's table when no file is given, and the defaults without one
+    (tmp_path / "pyproject.toml").write_text("[tool.s3lora]\n[tool.s3lora.adapt]\nfloor = 0.25\n")
+    assert resolve_adapt_policy({}, cwd=tmp_path).store.floor == 0.25
+    assert TrainSettings.of(resolve_adapt_policy({}, cwd=tmp_path / "x").store) == TrainSettings()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("r = []", "give at least one value"),
+        ("r = [4, 0]", "out of range"),
+        ("learning-rate = 2.0", "out of range"),
+        ('epochs = "many"', "expected an integer"),
+        ("target-modules = []", "at least one module"),
+        ("tau = 3\nfraction = 0.1", "one of tau, prune-threshold and fraction"),
+        ("floor = 1.5", "out of range"),
+    ],
+)
+def test_a_bad_store_policy_is_a_usage_error(tmp_path, table, message):
+    from s3lora_cli.adapt.policy import resolve_adapt_policy
+    from s3lora_cli.errors import UsageError
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"[tool.s3lora.adapt]\n{table}\n")
+    with pytest.raises(UsageError, match=message):
+        resolve_adapt_policy({}, policy)
+    with pytest.raises(UsageError, match="--search 'huge'"):
+        resolve_adapt_policy({}, None, cwd=tmp_path, search="huge")
+
+
 def test_demo_tasks_cli_writes_the_stream_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "tasks.jsonl"
     assert runner.invoke(cli.app, ["adapt", "demo-tasks", "-o", str(out), "--seed", "3"]).exit_code == 0

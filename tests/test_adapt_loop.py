@@ -542,6 +542,26 @@ def test_two_trainings_admit_into_one_store_at_once(tmp_path, model_dir):
     assert {json.loads(o)["verdict"] for o, _ in outs} == {"admitted"} and leftovers(tmp_path) == []
 
 
+def test_train_takes_its_search_pruning_and_floor_from_the_policy_file(tmp_path, model_dir):
+    (tmp_path / "people.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records("people")))
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        "[tool.s3lora]\nmax-ssi = 1.0\n[tool.s3lora.adapt]\nr = [2, 4]\nlora-alpha = 8\nlearning-rate = 0.05\n"
+        'epochs = 1\ntarget-modules = ["q_proj", "v_proj"]\ntau = 1\nfloor = 0.0\n'
+    )
+    args = ["adapt", "train", str(tmp_path / "people.jsonl"), "--model", str(model_dir), "--store"]
+    args += [str(tmp_path / "store"), "--policy", str(policy), "--max-new-tokens", "3", "-q", "-f", "json"]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    searched = [(c["r"], c["lora_alpha"], c["learning_rate"], c["epochs"]) for c in doc["train"]["candidates"]]
+    assert searched == [(2, 8, 0.05, 1), (4, 8, 0.05, 1)] and doc["train"]["target_modules"] == ["q_proj", "v_proj"]
+    assert len(doc["pruned_layers"]) == 1 and doc["verdict"] == "admitted"
+    record = json.loads((Path(doc["destination"]) / CLUSTER_RECORD_NAME).read_text())
+    assert record["validation"]["floor"] == 0.0
+    check_log(tmp_path / "store")
+
+
 def test_bad_input_gets_one_line_and_its_exit_code(tmp_path, model_dir):
     base = ["--model", str(model_dir), "--store", str(tmp_path / "store")]
     missing = runner.invoke(cli.app, ["adapt", "train", str(tmp_path / "none.jsonl"), *base])
@@ -552,7 +572,8 @@ def test_bad_input_gets_one_line_and_its_exit_code(tmp_path, model_dir):
     for flags, message in (
         (["--search", "huge"], "--search"),
         (["--floor", "2"], "--floor"),
-        (["--alpha", "4"], "--rank"),
+        (["--rank", "0"], "--rank"),
+        (["--tau", "3", "--fraction", "0.1"], "one of tau"),
     ):
         bad = runner.invoke(cli.app, ["adapt", "train", str(tmp_path / "one.jsonl"), *base, *flags])
         assert bad.exit_code == 2 and message in bad.stderr, bad.stderr

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from s3lora_cli.adapt.policy import StorePolicy
 from s3lora_cli.adapt.train import Example, TrainSettings, Validation, validate
 from s3lora_cli.gate import GatePolicy
 from s3lora_cli.selection import Selection
@@ -28,10 +29,7 @@ PRUNE_REPORT_NAME = "s3lora-prune.json"
 """Where the pruned adapter's report (``s3lora prune``'s, written as s3lora-report.json) is kept in the entry."""
 
 RECORD_VERSION = 1
-DEFAULT_FLOOR = 0.5
-"""Least validation exact match of the pruned adapter for it to enter the store."""
-
-DEFAULT_SELECTION = Selection(tau=10)
+DEFAULT_SELECTION = Selection.of()
 """The paper's top-10 by SSI."""
 
 DEFAULT_MAX_SSI = 0.9
@@ -47,7 +45,7 @@ class GateSettings:
     device: where SSI is computed."""
 
     selection: Selection = DEFAULT_SELECTION
-    floor: float = DEFAULT_FLOOR
+    floor: float = StorePolicy.floor
     policy: GatePolicy = field(default_factory=lambda: GatePolicy(max_ssi=DEFAULT_MAX_SSI))
     device: str = "cpu"
 

@@ -1,11 +1,12 @@
-"""The settings of the Trigger and the Trigger Buffer: their defaults, and their values from flags over a TOML
-policy file over pyproject.toml's ``[tool.s3lora.adapt]`` table."""
+"""The settings of self-adaptation (the Trigger, the Trigger Buffer, the LoRA store's training, gate and routing):
+their defaults, and their values from flags over a TOML policy file over pyproject.toml's ``[tool.s3lora.adapt]``
+table."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,44 @@ class BufferPolicy:
     keywords: int = 5
 
 
+@dataclass(frozen=True)
+class StorePolicy:
+    """How the LoRA store trains, gates and serves adapters.
+
+    The training search is every combination of ``r``, ``lora_alpha``, ``learning_rate`` and ``epochs`` (each a
+    list), with ``target_modules`` and ``lora_dropout`` (PEFT's LoRA settings); the defaults are one candidate
+    that learns on a CPU in minutes (``adapt.train.DEFAULT_CANDIDATES``), ``PAPER_SEARCH`` is SAGE's grid. The
+    gate prunes as ``s3lora prune`` selects (at most one of ``tau``, ``prune_threshold``, ``fraction``; none:
+    the paper's top-10) and quarantines an adapter whose pruned validation exact match is below ``floor``. A
+    prompt goes to a cluster's adapter when its cosine with the cluster's prompt centre reaches
+    ``route_threshold``; ``refresh`` retrains an adapter with at least ``min_new`` new samples."""
+
+    r: tuple[int, ...] = (8,)
+    lora_alpha: tuple[int, ...] = (16,)
+    learning_rate: tuple[float, ...] = (3e-3,)
+    epochs: tuple[int, ...] = (12,)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    lora_dropout: float = 0.05
+    tau: int | None = None
+    prune_threshold: float | None = None
+    fraction: float | None = None
+    floor: float = 0.5
+    route_threshold: float = 0.4
+    min_new: int = 1
+
+
+PAPER_SEARCH = {"r": (4, 8), "lora_alpha": (8, 16), "learning_rate": (1e-4, 1e-5), "epochs": (12,)}
+"""SAGE's code searches r in {4, 8}, lora_alpha in {8, 16}, learning rate in {1e-4, 1e-5}."""
+
+SEARCHES = {"default": {k: getattr(StorePolicy, k) for k in PAPER_SEARCH}, "paper": PAPER_SEARCH}
+"""``--search NAME``: a named search space; it replaces the four lists of the policy file."""
+
+_FLAGS = {"r": "--rank", "lora_alpha": "--alpha", "learning_rate": "--lr"}
+"""The command-line flags whose names are not their keys'."""
+
+SELECTION_KEYS = ("tau", "prune_threshold", "fraction")
+"""One choice of what the gate prunes: a flag giving one of them replaces the file's choice."""
+
 # (low, high) of every setting; an int default makes the setting an integer.
 _RANGES: dict[str, tuple[float, float]] = {
     "weight_margin": (0, 1),
@@ -83,20 +122,51 @@ _RANGES: dict[str, tuple[float, float]] = {
     "merge_cosine": (-1, 1),
     "min_cluster": (1, math.inf),
     "keywords": (1, math.inf),
+    "r": (1, math.inf),
+    "lora_alpha": (1, math.inf),
+    "learning_rate": (1e-12, 1 - 1e-12),
+    "epochs": (1, math.inf),
+    "target_modules": (0, 0),
+    "lora_dropout": (0, 1 - 1e-12),
+    "tau": (1, math.inf),
+    "prune_threshold": (0, 1),
+    "fraction": (1e-12, 1),
+    "floor": (0, 1),
+    "route_threshold": (-1, 1),
+    "min_new": (1, math.inf),
 }
-_DEFAULTS = {f.name: f.default for cls in (TriggerPolicy, BufferPolicy) for f in fields(cls)}
+_INTEGERS = {"warmup", "min_buffer", "min_cluster_size", "min_cluster", "keywords", "r", "lora_alpha", "epochs"}
+_INTEGERS |= {"tau", "min_new"}
+_LISTS = {"r", "lora_alpha", "learning_rate", "epochs"}
 
 
 CLUSTER_SELECTIONS = ("eom", "leaf")
 
 
-def _validated(key: str, value: Any, where: str) -> float | int | str:
+def _validated(key: str, value: Any, where: str) -> Any:
     if key == "cluster_selection":
         if value not in CLUSTER_SELECTIONS:
             raise UsageError(f"{where}: expected one of {', '.join(CLUSTER_SELECTIONS)}, got {value!r}")
         return str(value)
+    if key == "target_modules":
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"{where}: expected module names, got {value!r}")
+        modules = tuple(n.strip() for n in names if n.strip())
+        if not modules:
+            raise UsageError(f"{where}: give at least one module name")
+        return modules
+    if key in _LISTS:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items:
+            raise UsageError(f"{where}: give at least one value")
+        return tuple(_number(key, item, where) for item in items)
+    return _number(key, value, where)
+
+
+def _number(key: str, value: Any, where: str) -> float | int:
     low, high = _RANGES[key]
-    integer = isinstance(_DEFAULTS[key], int)
+    integer = key in _INTEGERS
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise UsageError(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
     if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
@@ -126,23 +196,44 @@ def _file_settings(path: Path, from_pyproject: bool) -> dict[str, Any]:
     return settings
 
 
+@dataclass(frozen=True)
+class AdaptPolicy:
+    """The three parts' settings, resolved together (one file, one precedence)."""
+
+    trigger: TriggerPolicy = field(default_factory=TriggerPolicy)
+    buffer: BufferPolicy = field(default_factory=BufferPolicy)
+    store: StorePolicy = field(default_factory=StorePolicy)
+
+
 def resolve_adapt_policy(
-    flags: Mapping[str, Any], policy_file: Path | None = None, cwd: Path | None = None
-) -> tuple[TriggerPolicy, BufferPolicy]:
-    """The settings by precedence: ``flags`` (snake_case keys; None: not given), then ``policy_file``, otherwise
-    the [tool.s3lora.adapt] table of the nearest pyproject.toml with a [tool.s3lora] table, then the defaults."""
+    flags: Mapping[str, Any], policy_file: Path | None = None, cwd: Path | None = None, search: str | None = None
+) -> AdaptPolicy:
+    """The settings by precedence: ``flags`` (snake_case keys; None: not given), then ``search`` (a named search
+    space, which replaces the file's r, lora-alpha, learning-rate and epochs), then ``policy_file``, otherwise the
+    [tool.s3lora.adapt] table of the nearest pyproject.toml with a [tool.s3lora] table, then the defaults."""
     if policy_file is not None:
         merged = _file_settings(policy_file, from_pyproject=False)
     else:
         found = find_pyproject(cwd or Path.cwd())
         merged = _file_settings(found, from_pyproject=True) if found is not None else {}
-    for key, value in flags.items():
-        if value is not None:
-            merged[key] = _validated(key, value, f"--{key.replace('_', '-')}")
+    if search is not None:
+        if search not in SEARCHES:
+            raise UsageError(f"--search {search!r}: expected one of {', '.join(SEARCHES)}")
+        merged.update(SEARCHES[search])
+    given = {key: value for key, value in flags.items() if value is not None}
+    if any(key in given for key in SELECTION_KEYS):
+        for key in SELECTION_KEYS:
+            merged.pop(key, None)
+    for key, value in given.items():
+        merged[key] = _validated(key, value, _FLAGS.get(key, f"--{key.replace('_', '-')}"))
     if merged.get("band_low", 5.0) > merged.get("band_high", 95.0):
         raise UsageError("band-low must not exceed band-high")
-    trigger_keys = {f.name for f in fields(TriggerPolicy)}
-    return (
-        TriggerPolicy(**{k: v for k, v in merged.items() if k in trigger_keys}),
-        BufferPolicy(**{k: v for k, v in merged.items() if k not in trigger_keys}),
-    )
+    chosen = [key.replace("_", "-") for key in SELECTION_KEYS if merged.get(key) is not None]
+    if len(chosen) > 1:
+        raise UsageError(f"the gate prunes by one of tau, prune-threshold and fraction; got {', '.join(chosen)}")
+
+    def of(cls: Any) -> Any:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in merged.items() if k in names})
+
+    return AdaptPolicy(of(TriggerPolicy), of(BufferPolicy), of(StorePolicy))

@@ -16,9 +16,10 @@ import numpy as np
 from s3lora_cli.adapt.admission import CLUSTER_RECORD_NAME
 from s3lora_cli.adapt.buffer import unit
 from s3lora_cli.adapt.embedding import Embedder
+from s3lora_cli.adapt.policy import StorePolicy
 from s3lora_cli.errors import AdapterInputError
 
-DEFAULT_ROUTE_THRESHOLD = 0.4
+DEFAULT_ROUTE_THRESHOLD = StorePolicy.route_threshold
 """Least cosine between a prompt and a cluster's prompt centre for the cluster's adapter to answer it."""
 
 

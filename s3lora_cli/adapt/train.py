@@ -5,6 +5,7 @@ one kept."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import time
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from s3lora_cli import durable
+from s3lora_cli.adapt.policy import StorePolicy
 from s3lora_cli.errors import AdapterInputError, UsageError
 
 IGNORE_INDEX = -100
 """The label of tokens the loss skips (PyTorch's cross-entropy default): the prompt and the padding."""
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj")
+DEFAULT_TARGET_MODULES = StorePolicy().target_modules
 """The paper's code adapts q, k and v."""
 
 
@@ -37,17 +39,21 @@ class Candidate:
         return f"r={self.r} alpha={self.lora_alpha} lr={self.learning_rate:g} epochs={self.epochs}"
 
 
-DEFAULT_CANDIDATES = (Candidate(8, 16, 3e-3, 12),)
-"""What learns on a CPU in minutes (measured on SmolLM2-135M, made-up people: 6 distinct training samples, two or
-three optimizer steps an epoch). After 12 epochs at 1e-3 the adapter had the answer template but not the facts
-(training loss 0.47, validation exact match 0, 1 of 12 new phrasings); at 3e-3 it had both (loss 0.014,
-validation 1.0, 11 of 12 new phrasings). The paper's rates (1e-4, 1e-5) move less still in so few steps. One
-candidate keeps the demo stream's clusters within its time budget; ``PAPER_CANDIDATES`` is the paper's grid."""
+def candidates_of(policy: StorePolicy) -> tuple[Candidate, ...]:
+    """The search: every combination of the policy's r, lora_alpha, learning rate and epochs."""
+    return tuple(
+        Candidate(r, alpha, lr, epochs)
+        for r, alpha, lr, epochs in itertools.product(policy.r, policy.lora_alpha, policy.learning_rate, policy.epochs)
+    )
 
-PAPER_CANDIDATES = tuple(Candidate(r, alpha, lr, 12) for r in (4, 8) for alpha in (8, 16) for lr in (1e-4, 1e-5))
-"""The search space of SAGE's code: r in {4, 8}, lora_alpha in {8, 16}, learning rate in {1e-4, 1e-5}."""
 
-SEARCHES = {"default": DEFAULT_CANDIDATES, "paper": PAPER_CANDIDATES}
+DEFAULT_CANDIDATES = candidates_of(StorePolicy())
+"""What learns on a CPU in minutes: r 8, lora_alpha 16, learning rate 3e-3, 12 epochs (measured on SmolLM2-135M,
+made-up people: 6 distinct training samples, two or three optimizer steps an epoch). After 12 epochs at 1e-3 the
+adapter had the answer template but not the facts (training loss 0.47, validation exact match 0, 1 of 12 new
+phrasings); at 3e-3 it had both (loss 0.014, validation 1.0, 11 of 12 new phrasings). The paper's rates (1e-4,
+1e-5) move less still in so few steps. One candidate keeps the demo stream's clusters within its time budget;
+``policy.PAPER_SEARCH`` is the paper's grid."""
 
 
 @dataclass(frozen=True)
@@ -59,12 +65,23 @@ class TrainSettings:
 
     candidates: tuple[Candidate, ...] = DEFAULT_CANDIDATES
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    lora_dropout: float = 0.05
+    lora_dropout: float = StorePolicy.lora_dropout
     batch_size: int = 8
     max_length: int = 128
     validation_fraction: float = 0.2
     seed: int = 0
     max_new_tokens: int = 32
+
+    @classmethod
+    def of(cls, policy: StorePolicy, seed: int = 0, max_new_tokens: int = 32) -> TrainSettings:
+        """The training the policy asks for."""
+        return cls(
+            candidates=candidates_of(policy),
+            target_modules=policy.target_modules,
+            lora_dropout=policy.lora_dropout,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+        )
 
     def __post_init__(self) -> None:
         if not self.candidates:

@@ -140,7 +140,7 @@ def trigger(
     from s3lora_cli.adapt.tasks import BadLine, read_tasks
     from s3lora_cli.adapt.trigger import TriggerSummary, run_trigger
 
-    trigger_policy, _ = resolve_adapt_policy({"warmup": warmup, "threshold": threshold}, policy)
+    trigger_policy = resolve_adapt_policy({"warmup": warmup, "threshold": threshold}, policy).trigger
     if _same_file(tasks, output) or (model is not None and _same_file(model, output)):
         raise UsageError(f"{output} is an input; choose another --output")
     check_output(output, force)
@@ -229,7 +229,7 @@ def cluster(
     from s3lora_cli.adapt.policy import resolve_adapt_policy
     from s3lora_cli.adapt.state import HANDOFF_DIR, prepare_state_directory, run_buffer
 
-    _, buffer_policy = resolve_adapt_policy({"min_buffer": min_buffer, "min_cluster": min_cluster}, policy)
+    buffer_policy = resolve_adapt_policy({"min_buffer": min_buffer, "min_cluster": min_cluster}, policy).buffer
     if str(triggered) != "-" and state.resolve() in (Path(triggered).resolve(), *Path(triggered).resolve().parents):
         raise UsageError(f"{triggered} is inside --state {state}; choose another state directory")
     prepare_state_directory(state, resume=resume, force=force)

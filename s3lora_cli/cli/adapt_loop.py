@@ -51,16 +51,16 @@ STORE = as_default(StoreOption, ...)
 QUARANTINE = as_default(Quarantine, None)
 AUDIT_LOG = as_default(AuditLog, None)
 SEARCH = typer.Option(
-    "default",
+    None,
     "--search",
-    help="The training search: default (one candidate that learns on a "
+    help="A named training search replacing the policy's: default (r 8, alpha 16, lr 3e-3, 12 epochs; learns on a "
     "CPU in minutes) or paper (SAGE's r 4/8 x alpha 8/16 x lr 1e-4/1e-5).",
 )
-RANK = typer.Option(None, "--rank", "-r", min=1, help="Train this LoRA rank instead of the search's.")
-ALPHA = typer.Option(None, "--alpha", min=1, help="lora_alpha, with --rank (default 2 x rank).")
-LR = typer.Option(None, "--lr", help="Learning rate, with --rank (default 3e-3).")
-EPOCHS = typer.Option(None, "--epochs", min=1, help="Passes over the training split (default 12).")
-TARGETS = typer.Option("q_proj,k_proj,v_proj", "--target-modules", help="Comma-separated module names to adapt.")
+RANK = typer.Option(None, "--rank", "-r", help="Train this LoRA rank (replaces the search's ranks).")
+ALPHA = typer.Option(None, "--alpha", help="lora_alpha (replaces the search's).")
+LR = typer.Option(None, "--lr", help="Learning rate (replaces the search's).")
+EPOCHS = typer.Option(None, "--epochs", help="Passes over the training split (replaces the search's; default 12).")
+TARGETS = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt (default q, k, v).")
 SEED = typer.Option(0, "--seed", help="Fixes the 80/20 split, the initialisation and the batch order.")
 TAU = typer.Option(None, "--tau", help="Prune the tau highest-SSI layers (default 10).")
 THRESHOLD = typer.Option(None, "--prune-threshold", help="Prune every layer with SSI >= this (0-1).")
@@ -74,14 +74,15 @@ POLICY = as_default(PolicyFile, None)
 QUIET = as_default(Quiet, False)
 OUTPUT = as_default(Output, None)
 FLOOR = typer.Option(
-    0.5, "--floor", help="Least validation exact match of the pruned adapter; below it the adapter is quarantined."
+    None,
+    "--floor",
+    help="Least validation exact match of the pruned adapter (default 0.5); below it the adapter is quarantined.",
 )
 ROUTE_THRESHOLD = typer.Option(
-    0.4,
+    None,
     "--route-threshold",
-    help="Least cosine between a prompt and a cluster's "
-    "prompt centre for the cluster's adapter to answer it (it must also be nearer to it "
-    "than to the prompts the base model answered).",
+    help="Least cosine between a prompt and a cluster's prompt centre for the cluster's adapter to answer it "
+    "(default 0.4; it must also be nearer to it than to the prompts the base model answered).",
 )
 MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Longest generated answer, in tokens.")
 
@@ -91,37 +92,36 @@ class ReportFormat(str, enum.Enum):
     json = "json"
 
 
-def _train_settings(search: str, rank, alpha, lr, epochs, targets: str, seed: int, max_new_tokens: int):
-    from s3lora_cli.adapt.train import SEARCHES, Candidate, TrainSettings
+def _store_flags(rank, alpha, lr, epochs, targets, tau, threshold, fraction, floor) -> dict:
+    """The LoRA store's flags, by their policy keys (None: not given)."""
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "learning_rate": lr,
+        "epochs": epochs,
+        "target_modules": targets,
+        "tau": tau,
+        "prune_threshold": threshold,
+        "fraction": fraction,
+        "floor": floor,
+    }
 
-    if search not in SEARCHES:
-        raise UsageError(f"--search {search!r}: expected one of {', '.join(SEARCHES)}")
-    candidates = SEARCHES[search]
-    if rank is not None:
-        candidates = (Candidate(rank, alpha or 2 * rank, lr or 3e-3, epochs or 12),)
-    elif alpha is not None or lr is not None:
-        raise UsageError("--alpha and --lr go with --rank")
-    elif epochs is not None:
-        candidates = tuple(Candidate(c.r, c.lora_alpha, c.learning_rate, epochs) for c in candidates)
-    modules = tuple(m.strip() for m in targets.split(",") if m.strip())
-    return TrainSettings(candidates=candidates, target_modules=modules, seed=seed, max_new_tokens=max_new_tokens)
 
-
-def _gate_settings(tau, threshold, fraction, floor: float, flags: dict, policy: Optional[Path], device: str):
+def _gate_settings(store_policy, flags: dict, policy: Optional[Path], device: str):
+    """The gate: what the store policy prunes and its floor, and the gate's rules (``admit``'s, from ``flags``
+    over ``policy`` over pyproject; ``--max-ssi`` DEFAULT_MAX_SSI when none gives a rule)."""
     from s3lora_cli.adapt.admission import DEFAULT_MAX_SSI, GateSettings
     from s3lora_cli.gate import resolve_policy
     from s3lora_cli.selection import Selection
 
-    if not 0 <= floor <= 1:
-        raise UsageError(f"--floor must be in [0, 1], got {floor}")
-    selection = Selection.of(tau, threshold, fraction)
+    selection = Selection.of(store_policy.tau, store_policy.prune_threshold, store_policy.fraction)
     try:
         gate_policy = resolve_policy(flags, policy)
     except UsageError as exc:
         if not str(exc).startswith("no gate rule given"):
             raise
         gate_policy = resolve_policy({**flags, "max-ssi": DEFAULT_MAX_SSI}, policy)
-    return GateSettings(selection=selection, floor=floor, policy=gate_policy, device=device)
+    return GateSettings(selection=selection, floor=store_policy.floor, policy=gate_policy, device=device)
 
 
 def _step_printer(quiet: bool):
@@ -157,17 +157,17 @@ def train(
     quarantine: Optional[Path] = QUARANTINE,
     audit_log: Optional[Path] = AUDIT_LOG,
     embedder: Optional[Path] = EMBEDDER,
-    search: str = SEARCH,
+    search: Optional[str] = SEARCH,
     rank: Optional[int] = RANK,
     alpha: Optional[int] = ALPHA,
     lr: Optional[float] = LR,
     epochs: Optional[int] = EPOCHS,
-    target_modules: str = TARGETS,
+    target_modules: Optional[str] = TARGETS,
     seed: int = SEED,
     tau: Optional[int] = TAU,
     prune_threshold: Optional[float] = THRESHOLD,
     fraction: Optional[float] = FRACTION,
-    floor: float = FLOOR,
+    floor: Optional[float] = FLOOR,
     max_ssi: Optional[float] = MAX_SSI,
     max_violations: Optional[int] = MAX_VIOLATIONS,
     baseline: Optional[Path] = BASELINE,
@@ -186,13 +186,14 @@ def train(
     import numpy as np
 
     from s3lora_cli.adapt.loop import LoopSettings, adapt_cluster
+    from s3lora_cli.adapt.policy import resolve_adapt_policy
+    from s3lora_cli.adapt.train import TrainSettings
 
-    train_settings = _train_settings(search, rank, alpha, lr, epochs, target_modules, seed, max_new_tokens)
+    flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
+    store_policy = resolve_adapt_policy(flags, policy, search=search).store
+    train_settings = TrainSettings.of(store_policy, seed, max_new_tokens)
     gate = _gate_settings(
-        tau,
-        prune_threshold,
-        fraction,
-        floor,
+        store_policy,
         gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers, None, None, None),
         policy,
         device,
@@ -278,7 +279,8 @@ def answer(
     model: Path = MODEL,
     store: Path = typer.Option(..., "--store", help="The LoRA store directory."),
     embedder: Optional[Path] = EMBEDDER,
-    route_threshold: float = ROUTE_THRESHOLD,
+    route_threshold: Optional[float] = ROUTE_THRESHOLD,
+    policy: Optional[Path] = POLICY,
     max_new_tokens: int = MAX_NEW,
     device: str = ADAPT_DEVICE,
     quiet: bool = QUIET,
@@ -287,12 +289,14 @@ def answer(
     threshold), else with the base model; one JSON line per prompt on stdout ({"prompt", "used", "score",
     "answer"}), which model answered on stderr."""
     _require_extra()
+    from s3lora_cli.adapt.policy import resolve_adapt_policy
     from s3lora_cli.adapt.routing import Router, stored_clusters
 
+    threshold = resolve_adapt_policy({"route_threshold": route_threshold}, policy).store.route_threshold
     if not store.is_dir():
         raise AdapterInputError(f"--store {store}: no such directory")
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
-    router = Router(lm.model, lm.tokenizer, embed, stored_clusters(store), threshold=route_threshold)
+    router = Router(lm.model, lm.tokenizer, embed, stored_clusters(store), threshold=threshold)
     console = stderr_console()
     lines = []
     for prompt, (route, generation) in zip(prompts, router.answer(prompts, max_new_tokens), strict=True):
@@ -332,17 +336,20 @@ def refresh(
     quarantine: Optional[Path] = QUARANTINE,
     audit_log: Optional[Path] = AUDIT_LOG,
     embedder: Optional[Path] = EMBEDDER,
-    min_new: int = typer.Option(
-        1, "--min-new", min=1, help="Refresh an adapter only with at least this many new samples."
+    min_new: Optional[int] = typer.Option(
+        None, "--min-new", help="Refresh an adapter only with at least this many new samples (default 1)."
     ),
-    search: str = SEARCH,
+    search: Optional[str] = SEARCH,
+    rank: Optional[int] = RANK,
+    alpha: Optional[int] = ALPHA,
+    lr: Optional[float] = LR,
     epochs: Optional[int] = EPOCHS,
-    target_modules: str = TARGETS,
+    target_modules: Optional[str] = TARGETS,
     seed: int = SEED,
     tau: Optional[int] = TAU,
     prune_threshold: Optional[float] = THRESHOLD,
     fraction: Optional[float] = FRACTION,
-    floor: float = FLOOR,
+    floor: Optional[float] = FLOOR,
     policy: Optional[Path] = POLICY,
     max_new_tokens: int = MAX_NEW,
     device: str = ADAPT_DEVICE,
@@ -353,9 +360,13 @@ def refresh(
     generation of the cluster (routing uses the latest). Prints one JSON line per adapter refreshed."""
     _require_extra()
     from s3lora_cli.adapt.loop import LoopSettings, refresh_adapters
+    from s3lora_cli.adapt.policy import resolve_adapt_policy
+    from s3lora_cli.adapt.train import TrainSettings
 
-    train_settings = _train_settings(search, None, None, None, epochs, target_modules, seed, max_new_tokens)
-    gate = _gate_settings(tau, prune_threshold, fraction, floor, {}, policy, device)
+    flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
+    store_policy = resolve_adapt_policy({**flags, "min_new": min_new}, policy, search=search).store
+    train_settings = TrainSettings.of(store_policy, seed, max_new_tokens)
+    gate = _gate_settings(store_policy, {}, policy, device)
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
     results = refresh_adapters(
         lm,
@@ -363,7 +374,7 @@ def refresh(
         store,
         state,
         LoopSettings(train=train_settings, gate=gate),
-        min_new=min_new,
+        min_new=store_policy.min_new,
         quarantine=quarantine,
         audit_log=audit_log,
         progress=_step_printer(quiet),
@@ -396,21 +407,21 @@ def run(
         None, "--min-cluster", help="Members before a cluster is trained (default 10)."
     ),
     bucket_by: BucketBy = typer.Option(BucketBy.none, "--bucket-by", help="none (one bucket) or tag."),
-    search: str = SEARCH,
+    search: Optional[str] = SEARCH,
     rank: Optional[int] = RANK,
     alpha: Optional[int] = ALPHA,
     lr: Optional[float] = LR,
     epochs: Optional[int] = EPOCHS,
-    target_modules: str = TARGETS,
+    target_modules: Optional[str] = TARGETS,
     seed: int = SEED,
     tau: Optional[int] = TAU,
     prune_threshold: Optional[float] = THRESHOLD,
     fraction: Optional[float] = FRACTION,
-    floor: float = FLOOR,
+    floor: Optional[float] = FLOOR,
     max_ssi: Optional[float] = MAX_SSI,
     max_violations: Optional[int] = MAX_VIOLATIONS,
     policy: Optional[Path] = POLICY,
-    route_threshold: float = ROUTE_THRESHOLD,
+    route_threshold: Optional[float] = ROUTE_THRESHOLD,
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples answered together."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
     fmt: ReportFormat = as_default(Annotated[ReportFormat, FORMAT], ReportFormat.table),
@@ -426,26 +437,34 @@ def run(
     _require_extra()
     from s3lora_cli.adapt.loop import LoopSettings, prepare_loop_state, run_loop
     from s3lora_cli.adapt.policy import resolve_adapt_policy
+    from s3lora_cli.adapt.train import TrainSettings
 
-    trigger_policy, buffer_policy = resolve_adapt_policy(
-        {"warmup": warmup, "threshold": threshold, "min_buffer": min_buffer, "min_cluster": min_cluster}, policy
+    flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
+    resolved = resolve_adapt_policy(
+        {
+            **flags,
+            "warmup": warmup,
+            "threshold": threshold,
+            "min_buffer": min_buffer,
+            "min_cluster": min_cluster,
+            "route_threshold": route_threshold,
+        },
+        policy,
+        search=search,
     )
-    train_settings = _train_settings(search, rank, alpha, lr, epochs, target_modules, seed, max_new_tokens)
+    train_settings = TrainSettings.of(resolved.store, seed, max_new_tokens)
     gate = _gate_settings(
-        tau,
-        prune_threshold,
-        fraction,
-        floor,
+        resolved.store,
         gate_flags(max_ssi, max_violations, None, None, None, None, None, None),
         policy,
         device,
     )
     settings = LoopSettings(
-        trigger=trigger_policy,
-        buffer=buffer_policy,
+        trigger=resolved.trigger,
+        buffer=resolved.buffer,
         train=train_settings,
         gate=gate,
-        route_threshold=route_threshold,
+        route_threshold=resolved.store.route_threshold,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         bucket_by_tag=bucket_by is BucketBy.tag,
