@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,6 +226,31 @@ def balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.ldexp(left, torch.tensor(k)), torch.ldexp(right, torch.tensor(-k))
 
 
+_MEMO: ContextVar[dict[tuple, LayerScore] | None] = ContextVar("s3lora_layer_memo", default=None)
+
+
+@contextmanager
+def layer_memo() -> Iterator[None]:
+    """Within this block, a layer scored before with the same description, factors and options is not scored
+    again: ``score_layer`` is a function of those alone. The gate of ``adapt`` scores an adapter to prune it, then
+    its pruned copy to admit it, whose unpruned layers are the same tensors."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _memo_key(layer: LoraLayer, left: torch.Tensor, right: torch.Tensor, options: ScoreOptions) -> tuple:
+    """What ``score_layer``'s result depends on: the layer's description, the options, and the factors' dtype,
+    shape and bytes (their digest)."""
+    digest = hashlib.blake2b(digest_size=32)
+    for tensor in (left, right):
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return repr(layer), repr(options), digest.hexdigest()
+
+
 def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device, jobs: int = 1) -> Iterator[LayerScore]:
     """Score the adapter's layers in file order, ``jobs`` at a time (only that many layers' tensors in memory), each
     with its share of the cores (``cores``). Factors whose scaling takes them past float32's range are read again
@@ -243,7 +270,17 @@ def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device, j
     threads = min(cores.share(jobs), before)
     budget = cores.Budget(threads) if jobs <= 1 else None  # one job: fewer threads while the machine is busy
 
+    memo = _MEMO.get()
+
     def score(item: tuple[LoraLayer, torch.Tensor, torch.Tensor]) -> LayerScore:
+        if memo is None:
+            return computed(item)
+        key = _memo_key(item[0], item[1], item[2], options)
+        if key not in memo:
+            memo[key] = computed(item)
+        return memo[key]
+
+    def computed(item: tuple[LoraLayer, torch.Tensor, torch.Tensor]) -> LayerScore:
         if budget is not None:
             budget.adjust()
         return score_layer(item[1], item[2], item[0], options)

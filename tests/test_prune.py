@@ -526,3 +526,24 @@ def test_peft_loads_the_pruned_adapter(saved, tmp_path, case, mode):
     with torch.no_grad():
         expected, got = original(input_ids=INPUT_IDS).logits, model(input_ids=INPUT_IDS).logits
     assert torch.equal(got, expected)
+
+
+def test_the_layer_memo_scores_a_pruned_copy_as_a_fresh_run_does_and_skips_its_unchanged_layers(tmp_path, monkeypatch):
+    from s3lora_cli import scoring
+
+    adapter = write_adapter(tmp_path / "adapter")
+    fresh = score_adapter(prune_adapter(adapter, tmp_path / "first", Selection(tau=2)).output)
+    calls = []
+    real = scoring.score_layer
+    monkeypatch.setattr(scoring, "score_layer", lambda *a: calls.append(a[2].module) or real(*a))
+    with scoring.layer_memo():
+        result = prune_adapter(adapter, tmp_path / "pruned", Selection(tau=2))
+        scored = len(calls)
+        remembered = score_adapter(result.output)
+    assert scored == len(result.report.layers)
+    # only the two zeroed layers are new; every other layer of the copy is the same tensors
+    assert sorted(calls[scored:]) == sorted(result.modules) and len(result.modules) == 2
+    assert remembered.layers == fresh.layers
+    with scoring.layer_memo():
+        score_adapter(result.output, ScoreOptions(method=Method.SVD))  # other options: scored again
+    assert len(calls) == scored + 2 + len(result.report.layers)

@@ -145,7 +145,7 @@ def gate_adapter(
     exact match is below ``settings.floor`` (the first reason in its record)."""
     from s3lora_cli import report
     from s3lora_cli.pruning import PruneMode, prune_adapter
-    from s3lora_cli.scoring import ScoreOptions
+    from s3lora_cli.scoring import ScoreOptions, layer_memo
     from s3lora_cli.store import admit_adapter
 
     seconds: dict[str, float] = {}
@@ -153,49 +153,57 @@ def gate_adapter(
     pruned_dir = Path(work) / "pruned"
     if pruned_dir.exists():
         shutil.rmtree(pruned_dir)
-    result = prune_adapter(
-        adapter_dir, pruned_dir, settings.selection, PruneMode.ZERO, ScoreOptions(device=settings.device), force=True
-    )
-    seconds["prune"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model = load_adapter_model(base_model, pruned_dir)
-    after = validate(model, tokenizer, validation, train_settings, progress)
-    del model
-    seconds["evaluate"] = time.perf_counter() - start
-    refusal = None
-    if after.exact_match < settings.floor:
-        refusal = (
-            f"pruned validation exact match {after.exact_match:.3f} is below the floor {settings.floor:g} "
-            f"(before pruning {before.exact_match:.3f})"
+    with layer_memo():  # admit scores the pruned copy: its unpruned layers are the same tensors
+        result = prune_adapter(
+            adapter_dir,
+            pruned_dir,
+            settings.selection,
+            PruneMode.ZERO,
+            ScoreOptions(device=settings.device),
+            force=True,
         )
-    doc = dict(record)
-    doc.update(
-        validation={
-            "samples": len(validation),
-            "before_pruning": _validation_json(before),
-            "after_pruning": _validation_json(after),
-            "floor": settings.floor,
-        },
-        pruning={
-            "selection": settings.selection.as_dict(),
-            "layers": list(result.modules),
-            "scored_layers": sum(s.ssi is not None for s in result.report.layers),
-        },
-    )
-    # prune's report keeps its own name: the quarantine writes the gate's report as s3lora-report.json
-    (pruned_dir / PRUNE_REPORT_SOURCE).rename(pruned_dir / PRUNE_REPORT_NAME)
-    (pruned_dir / CLUSTER_RECORD_NAME).write_text(json.dumps(doc, allow_nan=False, indent=1) + "\n", encoding="utf-8")
-    start = time.perf_counter()
-    admitted = admit_adapter(
-        pruned_dir,
-        store,
-        settings.policy,
-        device=settings.device,
-        name=name,
-        quarantine=quarantine,
-        audit_log=audit_log,
-        refusal=refusal,
-        report_json=lambda gate: report.render_json(report.check_dict((gate,))),
-    )
-    seconds["admit"] = time.perf_counter() - start
+        seconds["prune"] = time.perf_counter() - start
+        start = time.perf_counter()
+        model = load_adapter_model(base_model, pruned_dir)
+        after = validate(model, tokenizer, validation, train_settings, progress)
+        del model
+        seconds["evaluate"] = time.perf_counter() - start
+        refusal = None
+        if after.exact_match < settings.floor:
+            refusal = (
+                f"pruned validation exact match {after.exact_match:.3f} is below the floor {settings.floor:g} "
+                f"(before pruning {before.exact_match:.3f})"
+            )
+        doc = dict(record)
+        doc.update(
+            validation={
+                "samples": len(validation),
+                "before_pruning": _validation_json(before),
+                "after_pruning": _validation_json(after),
+                "floor": settings.floor,
+            },
+            pruning={
+                "selection": settings.selection.as_dict(),
+                "layers": list(result.modules),
+                "scored_layers": sum(s.ssi is not None for s in result.report.layers),
+            },
+        )
+        # prune's report keeps its own name: the quarantine writes the gate's report as s3lora-report.json
+        (pruned_dir / PRUNE_REPORT_SOURCE).rename(pruned_dir / PRUNE_REPORT_NAME)
+        (pruned_dir / CLUSTER_RECORD_NAME).write_text(
+            json.dumps(doc, allow_nan=False, indent=1) + "\n", encoding="utf-8"
+        )
+        start = time.perf_counter()
+        admitted = admit_adapter(
+            pruned_dir,
+            store,
+            settings.policy,
+            device=settings.device,
+            name=name,
+            quarantine=quarantine,
+            audit_log=audit_log,
+            refusal=refusal,
+            report_json=lambda gate: report.render_json(report.check_dict((gate,))),
+        )
+        seconds["admit"] = time.perf_counter() - start
     return GateOutcome(result.modules, doc["pruning"]["scored_layers"], before, after, refusal, admitted, seconds)
