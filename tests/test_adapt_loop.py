@@ -384,6 +384,36 @@ def test_run_trains_gates_and_admits_each_cluster_and_reports(finished_run):
     assert leftovers(root) == []
 
 
+def test_a_refused_cluster_is_trained_again_once_new_distinct_samples_came_to_it(tmp_path, model_dir):
+    people = FAMILIES["people"]
+    (prompt, answer), words = people[0], ["now", "today", "here", "again", "then", "there", "still", "mostly"]
+    rows = [people[i] for i in (0, 1, 0, 1, 2, 0, 1, 2)] + [(f"{prompt} {w}", answer) for w in words]
+    rows += [(f"{prompt} {w}?", answer) for w in words]  # new distinct samples of the first cluster, after its training
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+
+    def trainings(min_new: int) -> list[tuple[int, int, int, str]]:
+        args = run_args(model_dir, tmp_path, "--floor", "1", "--min-new", str(min_new), "-f", "json", "--force")
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == 0, result.stderr
+        return [
+            (a["cluster"], a["generation"], a["distinct"], a["verdict"]) for a in json.loads(result.stdout)["adapters"]
+        ]
+
+    found = trainings(2)
+    assert max(g for _, g, _, _ in found) >= 2 and {v for *_, v in found} == {"refused"}, found
+    for cluster in {c for c, *_ in found}:
+        mine = [(g, d) for c, g, d, _ in found if c == cluster]
+        assert [g for g, _ in mine] == list(range(1, len(mine) + 1))
+        # each generation came after at least --min-new new distinct samples, and trained on all of them
+        assert all(later - earlier >= 2 for (_, earlier), (_, later) in zip(mine, mine[1:], strict=False))
+    refused = sorted(quarantine_dir(tmp_path / "store").iterdir())
+    assert sorted(json.loads((e / CLUSTER_RECORD_NAME).read_text())["generation"] for e in refused) == sorted(
+        g for _, g, _, _ in found
+    )
+    assert len(check_log(tmp_path / "store")) == len(found) and leftovers(tmp_path) == []
+    assert max(g for _, g, _, _ in trainings(len(rows))) == 1  # the same stream, never enough new samples
+
+
 def test_run_refuses_an_existing_state_and_resuming_a_finished_run_changes_nothing(finished_run, model_dir):
     root, doc, _ = finished_run
     again = runner.invoke(cli.app, run_args(model_dir, root))
@@ -402,8 +432,9 @@ def test_refresh_trains_the_next_generation_on_the_new_samples(finished_run, mod
     refresh = root / "state" / "refresh"
     refresh.mkdir(exist_ok=True)
     cluster = json.loads((store / entry / CLUSTER_RECORD_NAME).read_text())["cluster"]
-    with open(refresh / f"{entry}.jsonl", "a") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in records("people", 3, seed=9)))
+    (prompt, answer), fresh = FAMILIES["people"][0], ("now", "today", "here")
+    with open(refresh / f"{entry}.jsonl", "a") as fh:  # three distinct samples no cluster has
+        fh.write("".join(json.dumps({"prompt": f"{prompt} {w}", "answer": answer}) + "\n" for w in fresh))
     result = runner.invoke(
         cli.app,
         [
@@ -421,6 +452,8 @@ def test_refresh_trains_the_next_generation_on_the_new_samples(finished_run, mod
             "0",
             "--epochs",
             "1",
+            "--min-new",
+            "3",
             "--max-new-tokens",
             "3",
             "-q",
@@ -429,7 +462,7 @@ def test_refresh_trains_the_next_generation_on_the_new_samples(finished_run, mod
     assert result.exit_code == 0, result.stderr
     lines = [json.loads(x) for x in result.stdout.splitlines()]  # and any the run itself routed there
     line = next(x for x in lines if x["adapter"] == entry)
-    assert line["generation"] == 2 and line["new_samples"] >= 3 and list(refresh.iterdir()) == []
+    assert line["generation"] == 2 and line["new_samples"] >= 3 and not (refresh / f"{entry}.jsonl").exists()
     latest = {c.cluster: c for c in stored_clusters(store)}
     assert latest[cluster].generation == 2 and latest[cluster].name == line["entry"]
     assert len(check_log(store)) == 2 + len(lines)

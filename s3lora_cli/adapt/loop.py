@@ -19,11 +19,11 @@ import numpy as np
 from s3lora_cli.adapt.admission import CLUSTER_RECORD_NAME, GateSettings, cluster_record, gate_adapter
 from s3lora_cli.adapt.buffer import BufferState, Cluster, Sample, TriggerBuffer, unit
 from s3lora_cli.adapt.embedding import Embedder
-from s3lora_cli.adapt.policy import BufferPolicy, TriggerPolicy
+from s3lora_cli.adapt.policy import BufferPolicy, StorePolicy, TriggerPolicy
 from s3lora_cli.adapt.routing import DEFAULT_ROUTE_THRESHOLD, Router
 from s3lora_cli.adapt.state import HANDOFF_DIR, parse_state, state_json, write_handoff
 from s3lora_cli.adapt.tasks import Task, parse_task
-from s3lora_cli.adapt.train import TrainSettings, train_cluster
+from s3lora_cli.adapt.train import TrainSettings, examples_of, train_cluster
 from s3lora_cli.adapt.trigger import Band, failure_score, measure_signals, similarity_band
 from s3lora_cli.adapters.writer import write_text_atomic
 from s3lora_cli.errors import AdapterInputError, UsageError
@@ -49,6 +49,7 @@ class LoopSettings:
     train: TrainSettings = field(default_factory=TrainSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     route_threshold: float = DEFAULT_ROUTE_THRESHOLD
+    min_new: int = StorePolicy.min_new
     batch_size: int = 8
     max_new_tokens: int = 24
     bucket_by_tag: bool = False
@@ -56,7 +57,8 @@ class LoopSettings:
 
 @dataclass
 class ClusterOutcome:
-    """A handed-off cluster and what became of it: the store entry (or quarantine entry) of its adapter."""
+    """One training of a handed-off cluster (its ``generation``) and what became of it: the samples trained on
+    (``members``), the store entry (or quarantine entry) of its adapter."""
 
     cluster: int
     members: int
@@ -70,6 +72,9 @@ class ClusterOutcome:
     scored_layers: int
     reasons: list[str]
     candidates: int
+    generation: int = 1
+    distinct: int | None = None
+    """The distinct (prompt, answer) pairs among the ``members`` samples trained on."""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -228,8 +233,9 @@ def _save(directory: Path, saved: _Saved) -> None:
 # --- one cluster ----------------------------------------------------------------------------------------------
 
 
-def _entries_of(run: str, cluster: int, *roots: Path) -> list[Path]:
-    """Store or quarantine entries already made for ``cluster`` of ``run`` (by a run killed after admitting)."""
+def _entries_of(run: str, cluster: int, generation: int, *roots: Path) -> list[Path]:
+    """Store or quarantine entries already made for ``generation`` of ``cluster`` of ``run`` (by a run killed
+    after admitting)."""
     found = []
     for root in roots:
         if not root.is_dir():
@@ -241,7 +247,7 @@ def _entries_of(run: str, cluster: int, *roots: Path) -> list[Path]:
                     doc = json.loads(record.read_text(encoding="utf-8"))
                 except (OSError, ValueError):
                     continue
-                if doc.get("run") == run and doc.get("cluster") == cluster:
+                if (doc.get("run"), doc.get("cluster"), doc.get("generation", 1)) == (run, cluster, generation):
                     found.append(entry)
     return found
 
@@ -334,11 +340,11 @@ def adapt_cluster(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _outcome(cluster: Cluster, trained: Any, gated: Any) -> ClusterOutcome:
+def _outcome(cluster: Cluster, records: Sequence[dict], generation: int, trained: Any, gated: Any) -> ClusterOutcome:
     record = gated.admit.record
     return ClusterOutcome(
         cluster=cluster.id,
-        members=len(cluster.members),
+        members=len(records),
         keywords=list(cluster.keywords),
         verdict=record["verdict"],
         entry=record["name"],
@@ -349,6 +355,8 @@ def _outcome(cluster: Cluster, trained: Any, gated: Any) -> ClusterOutcome:
         scored_layers=gated.scored_layers,
         reasons=list(record["reasons"]),
         candidates=len(trained.candidates),
+        generation=generation,
+        distinct=len(examples_of(records)),
     )
 
 
@@ -359,7 +367,7 @@ def _outcome_of_entry(cluster: Cluster, entry: Path) -> ClusterOutcome:
     v = doc.get("validation", {})
     return ClusterOutcome(
         cluster=cluster.id,
-        members=len(cluster.members),
+        members=int(doc.get("members", len(cluster.members))),
         keywords=list(cluster.keywords),
         verdict="refused" if admit_record.is_file() else "admitted",
         entry=entry.name,
@@ -370,6 +378,9 @@ def _outcome_of_entry(cluster: Cluster, entry: Path) -> ClusterOutcome:
         scored_layers=int(doc.get("pruning", {}).get("scored_layers", 0)),
         reasons=reasons,
         candidates=len(doc.get("train", {}).get("candidates", [])),
+        generation=int(doc.get("generation", 1)),
+        distinct=int(doc.get("train", {}).get("train_samples", 0))
+        + int(doc.get("train", {}).get("validation_samples", 0)),
     )
 
 
@@ -590,14 +601,15 @@ class _Loop:
         _save(self.state, self.saved)
 
     def handle_ready(self) -> None:
-        """Train, gate and admit every cluster handed off and not done yet; count and save each outcome."""
+        """Train, gate and admit every cluster handed off that is due (``due``); count and save each outcome."""
         saved, progress = self.saved, self.progress
         for cluster in self.buffer.ready():
-            if cluster.id in saved.done:
+            generation, records = self.due(cluster)
+            if generation is None:
                 continue
             write_handoff(self.state, saved.buffer, self.buffer.ready())
-            earlier = _entries_of(saved.run, cluster.id, self.store, self.refused)
-            outcome = _outcome_of_entry(cluster, earlier[0]) if earlier else self.adapt(cluster)
+            earlier = _entries_of(saved.run, cluster.id, generation, self.store, self.refused)
+            outcome = _outcome_of_entry(cluster, earlier[0]) if earlier else self.adapt(cluster, generation, records)
             progress.adapters_trained += 1
             progress.pruned_layers += outcome.pruned_layers
             if outcome.verdict == "admitted":
@@ -610,10 +622,34 @@ class _Loop:
             _save(self.state, saved)
             self.event(f"cluster {cluster.id}: {outcome.verdict} as {outcome.entry}")
 
-    def adapt(self, cluster: Cluster) -> ClusterOutcome:
-        """Train, gate and admit the adapter of one cluster."""
+    def due(self, cluster: Cluster) -> tuple[int | None, list[dict[str, Any]]]:
+        """The generation of ``cluster`` to train now (None: none) and the samples to train it on.
+
+        A cluster is trained when it is handed off, and again, as its next generation, once ``min_new`` distinct
+        samples have come to it since its last training: failing samples the buffer assigned to it (a cluster
+        whose adapter was refused keeps growing) and failures of prompts routed to its adapters (their refresh
+        files, kept). Each generation trains on all of them."""
+        trainings = [o for o in self.progress.clusters if o.cluster == cluster.id]
+        records = [s.record for s in cluster.members]
+        refresh = self.state / REFRESH_DIR
+        entries = {o.entry for o in trainings}
+        for path in sorted(refresh.glob("*.jsonl")) if refresh.is_dir() else []:
+            if path.stem in entries:
+                records.extend(_records_in(path))
+        if not trainings:
+            return 1, records
+        last = trainings[-1]
+        new = len(examples_of(records)) - (last.distinct if last.distinct is not None else last.members)
+        return (last.generation + 1, records) if new >= self.settings.min_new else (None, records)
+
+    def adapt(self, cluster: Cluster, generation: int, records: list[dict[str, Any]]) -> ClusterOutcome:
+        """Train, gate and admit one generation of a cluster's adapter on ``records``."""
         saved = self.saved
-        self.event(f"training cluster {cluster.id} ({len(cluster.members)} samples: {' '.join(cluster.keywords)})")
+        self.event(
+            f"training cluster {cluster.id}"
+            + (f" (generation {generation})" if generation > 1 else "")
+            + f" ({len(records)} samples: {' '.join(cluster.keywords)})"
+        )
 
         def step(what: str, done: int, total: int, cid: int = cluster.id) -> None:
             self.event(f"cluster {cid}: {what} {done}/{total}")
@@ -621,7 +657,7 @@ class _Loop:
         trained, gated = adapt_cluster(
             self.lm,
             self.embed,
-            [s.record for s in cluster.members],
+            records,
             run=saved.run,
             cluster=cluster.id,
             bucket=cluster.bucket,
@@ -631,6 +667,7 @@ class _Loop:
             store=self.store,
             work=self.state / WORK_DIR,
             settings=self.settings,
+            generation=generation,
             quarantine=self.quarantine,
             audit_log=self.audit_log,
             progress=step,
@@ -639,7 +676,12 @@ class _Loop:
             base_vectors=np.asarray(saved.base_vectors, dtype=np.float64),
         )
         self.progress.candidates_trained += len(trained.candidates)
-        return _outcome(cluster, trained, gated)
+        return _outcome(cluster, records, generation, trained, gated)
+
+
+def _records_in(path: Path) -> list[dict[str, Any]]:
+    """The task objects of a refresh file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # --- refresh --------------------------------------------------------------------------------------------------
@@ -652,14 +694,15 @@ def refresh_adapters(
     state: Path,
     settings: LoopSettings,
     *,
-    min_new: int = 1,
+    min_new: int = StorePolicy.min_new,
     quarantine: Path | None = None,
     audit_log: Path | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Retrain each adapter of ``store`` whose refresh file in ``state`` holds at least ``min_new`` samples, on
-    its cluster's hand-off samples and the new ones, through the same gate, as the next generation of its
-    cluster. A refresh file is removed once its adapter's decision is logged. Returns one summary per adapter."""
+    """Retrain each adapter of ``store`` whose refresh file in ``state`` holds at least ``min_new`` distinct samples
+    its cluster does not have, on its cluster's hand-off samples and the new ones, through the same gate, as the
+    next generation of its cluster. A refresh file is removed once its adapter's decision is logged. Returns one
+    summary per adapter."""
     store, state = Path(store), Path(state)
     saved = _load(state)
     results = []
@@ -672,11 +715,11 @@ def refresh_adapters(
         )
         if doc is None or doc.get("run") != saved.run:
             continue
-        new = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(new) < min_new:
-            continue
+        new = _records_in(path)
         cluster = next((c for c in saved.buffer.clusters if c.id == doc["cluster"]), None)
         old = [s.record for s in cluster.members] if cluster is not None else []
+        if len(examples_of(old + new)) - len(examples_of(old)) < min_new:
+            continue
         origin = None if doc.get("origin") is None else np.asarray(doc["origin"], dtype=np.float64)
         trained, gated = adapt_cluster(
             lm,

@@ -72,7 +72,8 @@ class StorePolicy:
     gate prunes as ``s3lora prune`` selects (at most one of ``tau``, ``prune_threshold``, ``fraction``; none:
     the paper's top-10) and quarantines an adapter whose pruned validation exact match is below ``floor``. A
     prompt goes to a cluster's adapter when its cosine with the cluster's prompt centre reaches
-    ``route_threshold``; ``refresh`` retrains an adapter with at least ``min_new`` new samples."""
+    ``route_threshold``; a cluster is trained again (by ``run`` as samples come, by ``refresh`` on demand) once
+    ``min_new`` distinct samples have come to it since its last training."""
 
     r: tuple[int, ...] = (8,)
     lora_alpha: tuple[int, ...] = (16,)
@@ -85,7 +86,7 @@ class StorePolicy:
     fraction: float | None = None
     floor: float = 0.5
     route_threshold: float = 0.4
-    min_new: int = 1
+    min_new: int = 5
 
 
 PAPER_SEARCH = {"r": (4, 8), "lora_alpha": (8, 16), "learning_rate": (1e-4, 1e-5), "epochs": (12,)}

@@ -28,14 +28,16 @@ def loop_table(doc: dict[str, Any]) -> str:
     lines = _rows(rows)
     if doc["adapters"]:
         lines.append("")
-        header = f"{'cluster':>7}  {'members':>7}  {'verdict':<8}  {'val EM':>6}  {'pruned':>6}  {'pruned':>8}  entry"
-        lines.append(header)
-        lines.append(f"{'':>7}  {'':>7}  {'':<8}  {'':>6}  {'val EM':>6}  {'layers':>8}")
+        lines.append(
+            f"{'cluster':>7}  {'gen':>3}  {'samples':>7}  {'verdict':<8}  {'val EM':>6}  "
+            f"{'pruned':>6}  {'pruned':>8}  entry"
+        )
+        lines.append(f"{'':>7}  {'':>3}  {'':>7}  {'':<8}  {'':>6}  {'val EM':>6}  {'layers':>8}")
         for a in doc["adapters"]:
             layers = f"{a['pruned_layers']}/{a['scored_layers']}"
             lines.append(
-                f"{a['cluster']:>7}  {a['members']:>7}  {a['verdict']:<8}  {a['validation_before']:>6.3f}  "
-                f"{a['validation_after']:>6.3f}  {layers:>8}  {a['entry']}"
+                f"{a['cluster']:>7}  {a.get('generation', 1):>3}  {a['members']:>7}  {a['verdict']:<8}  "
+                f"{a['validation_before']:>6.3f}  {a['validation_after']:>6.3f}  {layers:>8}  {a['entry']}"
             )
             for reason in a["reasons"][:1]:
                 lines.append(f"{'':>7}  reason: {reason}")

@@ -84,6 +84,11 @@ ROUTE_THRESHOLD = typer.Option(
     help="Least cosine between a prompt and a cluster's prompt centre for the cluster's adapter to answer it "
     "(default 0.4; it must also be nearer to it than to the prompts the base model answered).",
 )
+MIN_NEW = typer.Option(
+    None,
+    "--min-new",
+    help="Train a cluster again once this many new distinct samples came to it since its last training (default 5).",
+)
 MAX_NEW = typer.Option(32, "--max-new-tokens", min=1, help="Longest generated answer, in tokens.")
 
 
@@ -336,9 +341,7 @@ def refresh(
     quarantine: Optional[Path] = QUARANTINE,
     audit_log: Optional[Path] = AUDIT_LOG,
     embedder: Optional[Path] = EMBEDDER,
-    min_new: Optional[int] = typer.Option(
-        None, "--min-new", help="Refresh an adapter only with at least this many new samples (default 1)."
-    ),
+    min_new: Optional[int] = MIN_NEW,
     search: Optional[str] = SEARCH,
     rank: Optional[int] = RANK,
     alpha: Optional[int] = ALPHA,
@@ -422,6 +425,7 @@ def run(
     max_violations: Optional[int] = MAX_VIOLATIONS,
     policy: Optional[Path] = POLICY,
     route_threshold: Optional[float] = ROUTE_THRESHOLD,
+    min_new: Optional[int] = MIN_NEW,
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Samples answered together."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Longest generated answer, in tokens."),
     fmt: ReportFormat = as_default(Annotated[ReportFormat, FORMAT], ReportFormat.table),
@@ -448,6 +452,7 @@ def run(
             "min_buffer": min_buffer,
             "min_cluster": min_cluster,
             "route_threshold": route_threshold,
+            "min_new": min_new,
         },
         policy,
         search=search,
@@ -465,6 +470,7 @@ def run(
         train=train_settings,
         gate=gate,
         route_threshold=resolved.store.route_threshold,
+        min_new=resolved.store.min_new,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         bucket_by_tag=bucket_by is BucketBy.tag,
