@@ -384,12 +384,18 @@ def test_run_trains_gates_and_admits_each_cluster_and_reports(finished_run):
     assert leftovers(root) == []
 
 
-def test_a_refused_cluster_is_trained_again_once_new_distinct_samples_came_to_it(tmp_path, model_dir):
+def write_growing_stream(path: Path) -> int:
+    """A stream whose first cluster gets new distinct samples after it is trained: variants of one prompt."""
     people = FAMILIES["people"]
     (prompt, answer), words = people[0], ["now", "today", "here", "again", "then", "there", "still", "mostly"]
     rows = [people[i] for i in (0, 1, 0, 1, 2, 0, 1, 2)] + [(f"{prompt} {w}", answer) for w in words]
     rows += [(f"{prompt} {w}?", answer) for w in words]  # new distinct samples of the first cluster, after its training
-    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
+    return len(rows)
+
+
+def test_a_refused_cluster_is_trained_again_once_new_distinct_samples_came_to_it(tmp_path, model_dir):
+    rows = write_growing_stream(tmp_path / "tasks.jsonl")
 
     def trainings(min_new: int) -> list[tuple[int, int, int, str]]:
         args = run_args(model_dir, tmp_path, "--floor", "1", "--min-new", str(min_new), "-f", "json", "--force")
@@ -411,7 +417,7 @@ def test_a_refused_cluster_is_trained_again_once_new_distinct_samples_came_to_it
         g for _, g, _, _ in found
     )
     assert len(check_log(tmp_path / "store")) == len(found) and leftovers(tmp_path) == []
-    assert max(g for _, g, _, _ in trainings(len(rows))) == 1  # the same stream, never enough new samples
+    assert max(g for _, g, _, _ in trainings(rows)) == 1  # the same stream, never enough new samples
 
 
 def test_run_refuses_an_existing_state_and_resuming_a_finished_run_changes_nothing(finished_run, model_dir):
@@ -425,47 +431,26 @@ def test_run_refuses_an_existing_state_and_resuming_a_finished_run_changes_nothi
     assert "adapters trained" in table.stdout and "pruned layers" in table.stdout
 
 
-def test_refresh_trains_the_next_generation_on_the_new_samples(finished_run, model_dir):
-    root, doc, _ = finished_run
-    store = root / "store"
-    entry = next(e for e in entries(store))
-    refresh = root / "state" / "refresh"
-    refresh.mkdir(exist_ok=True)
-    cluster = json.loads((store / entry / CLUSTER_RECORD_NAME).read_text())["cluster"]
-    (prompt, answer), fresh = FAMILIES["people"][0], ("now", "today", "here")
-    with open(refresh / f"{entry}.jsonl", "a") as fh:  # three distinct samples no cluster has
-        fh.write("".join(json.dumps({"prompt": f"{prompt} {w}", "answer": answer}) + "\n" for w in fresh))
-    result = runner.invoke(
-        cli.app,
-        [
-            "adapt",
-            "refresh",
-            "--model",
-            str(model_dir),
-            "--store",
-            str(store),
-            "--state",
-            str(root / "state"),
-            "--tau",
-            "1",
-            "--floor",
-            "0",
-            "--epochs",
-            "1",
-            "--min-new",
-            "3",
-            "--max-new-tokens",
-            "3",
-            "-q",
-        ],
-    )
+def test_refresh_trains_the_next_generation_of_a_cluster_that_grew(tmp_path, model_dir):
+    write_growing_stream(tmp_path / "tasks.jsonl")
+    run = runner.invoke(cli.app, run_args(model_dir, tmp_path, "--min-new", "100", "-f", "json", "-q"))
+    assert run.exit_code == 0, run.stderr
+    before = json.loads(run.stdout)["adapters"]
+    assert {a["generation"] for a in before} == {1}
+    args = ["adapt", "refresh", "--model", str(model_dir), "--store", str(tmp_path / "store")]
+    args += ["--state", str(tmp_path / "state"), "--tau", "1", "--floor", "0", "--epochs", "1", "--max-new-tokens", "3"]
+    result = runner.invoke(cli.app, [*args, "--min-new", "2", "-q"])
     assert result.exit_code == 0, result.stderr
-    lines = [json.loads(x) for x in result.stdout.splitlines()]  # and any the run itself routed there
-    line = next(x for x in lines if x["adapter"] == entry)
-    assert line["generation"] == 2 and line["new_samples"] >= 3 and not (refresh / f"{entry}.jsonl").exists()
-    latest = {c.cluster: c for c in stored_clusters(store)}
-    assert latest[cluster].generation == 2 and latest[cluster].name == line["entry"]
-    assert len(check_log(store)) == 2 + len(lines)
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    grown = {a["cluster"]: a for a in before}
+    assert lines and all(x["generation"] == 2 and x["distinct"] >= grown[x["cluster"]]["distinct"] + 2 for x in lines)
+    latest = {c.cluster: c for c in stored_clusters(tmp_path / "store")}
+    assert all(latest[x["cluster"]].generation == 2 and latest[x["cluster"]].name == x["entry"] for x in lines)
+    assert len(check_log(tmp_path / "store")) == len(before) + len(lines)
+    again = runner.invoke(cli.app, [*args, "--min-new", "2", "-q"])  # nothing new since: nothing trained
+    assert again.exit_code == 0 and again.stdout == ""
+    state = json.loads((tmp_path / "state" / LOOP_FILE).read_text())
+    assert len(state["progress"]["clusters"]) == len(before) + len(lines)
 
 
 KILLER = textwrap.dedent("""

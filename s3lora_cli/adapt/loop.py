@@ -31,7 +31,6 @@ from s3lora_cli.store import ADMIT_RECORD_NAME, quarantine_dir
 
 LOOP_FILE = "loop.json"
 WORK_DIR = "work"
-REFRESH_DIR = "refresh"
 TRAINED_DIR = "trained"
 LOOP_VERSION = 1
 STAGES = ("route", "trigger", "buffer", "train", "gate")
@@ -170,7 +169,7 @@ def prepare_loop_state(directory: Path, resume: bool, force: bool) -> None:
     if has_state and not force:
         raise UsageError(f"{directory} is not empty; pass --resume to continue its run or --force to start over")
     if has_state:
-        for name in (LOOP_FILE, HANDOFF_DIR, WORK_DIR, REFRESH_DIR, TRAINED_DIR):
+        for name in (LOOP_FILE, HANDOFF_DIR, WORK_DIR, TRAINED_DIR):
             path = directory / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
@@ -406,10 +405,10 @@ def run_loop(
 
     Each batch of ``settings.batch_size`` samples is routed and answered (by the adapter whose cluster a prompt
     falls in, else by the base model), judged by the Trigger (the first ``trigger.warmup`` samples fix the
-    similarity band; they are held until then), and the triggered samples go to the buffer, or, when they were
-    routed to an adapter, to that adapter's refresh file (``STATE/refresh/<entry>.jsonl``). After each batch
-    every cluster the buffer hands off is trained, gated and admitted to ``store``, then the state is saved (one
-    file, atomically). With ``resume`` the consumed lines are checked (sha256) and skipped, and a cluster whose
+    similarity band; they are held until then), and the triggered samples go to the buffer. After each batch
+    every cluster that is due (``_Loop.due``: handed off, or grown by ``settings.min_new`` distinct samples since
+    its last training) is trained, gated and admitted to ``store``, then the state is saved (one file,
+    atomically). With ``resume`` the consumed lines are checked (sha256) and skipped, and a generation whose
     adapter a killed run had already admitted is not trained again."""
     began = time.perf_counter()
     state, store = Path(state), Path(store)
@@ -569,7 +568,9 @@ class _Loop:
         self.judge(items)
 
     def judge(self, items: list[Judged]) -> None:
-        """The Trigger's decision on each sample: a failure goes to the buffer, or to its adapter's refresh file."""
+        """The Trigger's decision on each sample: a failure goes to the buffer, which assigns it to the cluster it
+        falls in (by prompt and gold answer: a prompt routed to the wrong adapter still finds its own cluster) or
+        keeps it for a later clustering."""
         saved, settings = self.saved, self.settings
         for task, route, vector, signals in items:
             score, _ = failure_score(signals, settings.trigger, saved.band)
@@ -578,13 +579,7 @@ class _Loop:
                     saved.base_vectors.append([float(x) for x in vector])
                 continue
             self.progress.triggered += 1
-            if route.cluster is not None:
-                self.progress.routed_triggered += 1
-                refresh = self.state / REFRESH_DIR
-                refresh.mkdir(exist_ok=True)
-                with open(refresh / f"{route.cluster.name}.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(task.record, allow_nan=False) + "\n")
-                continue
+            self.progress.routed_triggered += route.cluster is not None
             start = time.perf_counter()
             sample_text = f"{task.prompt}\n{task.answer}"
             embedding = np.asarray(self.embed([sample_text])[0], dtype=np.float32)
@@ -600,16 +595,18 @@ class _Loop:
         self.saved.consumed, self.saved.digest = self.number, self.hasher.hexdigest()
         _save(self.state, self.saved)
 
-    def handle_ready(self) -> None:
-        """Train, gate and admit every cluster handed off that is due (``due``); count and save each outcome."""
+    def handle_ready(self) -> list[ClusterOutcome]:
+        """Train, gate and admit every cluster handed off that is due (``due``); count, save and return each
+        outcome."""
         saved, progress = self.saved, self.progress
+        trained = []
         for cluster in self.buffer.ready():
-            generation, records = self.due(cluster)
+            generation = self.due(cluster)
             if generation is None:
                 continue
             write_handoff(self.state, saved.buffer, self.buffer.ready())
             earlier = _entries_of(saved.run, cluster.id, generation, self.store, self.refused)
-            outcome = _outcome_of_entry(cluster, earlier[0]) if earlier else self.adapt(cluster, generation, records)
+            outcome = _outcome_of_entry(cluster, earlier[0]) if earlier else self.adapt(cluster, generation)
             progress.adapters_trained += 1
             progress.pruned_layers += outcome.pruned_layers
             if outcome.verdict == "admitted":
@@ -621,30 +618,27 @@ class _Loop:
             self._reload_router()
             _save(self.state, saved)
             self.event(f"cluster {cluster.id}: {outcome.verdict} as {outcome.entry}")
+            trained.append(outcome)
+        return trained
 
-    def due(self, cluster: Cluster) -> tuple[int | None, list[dict[str, Any]]]:
-        """The generation of ``cluster`` to train now (None: none) and the samples to train it on.
+    def due(self, cluster: Cluster) -> int | None:
+        """The generation of ``cluster`` to train now, or None.
 
         A cluster is trained when it is handed off, and again, as its next generation, once ``min_new`` distinct
-        samples have come to it since its last training: failing samples the buffer assigned to it (a cluster
-        whose adapter was refused keeps growing) and failures of prompts routed to its adapters (their refresh
-        files, kept). Each generation trains on all of them."""
+        (prompt, answer) pairs have joined it since its last training: failures the buffer assigned to it, those of
+        prompts its adapter answered included (a cluster whose adapter was refused keeps growing, too). Each
+        generation trains on all its members."""
         trainings = [o for o in self.progress.clusters if o.cluster == cluster.id]
-        records = [s.record for s in cluster.members]
-        refresh = self.state / REFRESH_DIR
-        entries = {o.entry for o in trainings}
-        for path in sorted(refresh.glob("*.jsonl")) if refresh.is_dir() else []:
-            if path.stem in entries:
-                records.extend(_records_in(path))
         if not trainings:
-            return 1, records
+            return 1
         last = trainings[-1]
-        new = len(examples_of(records)) - (last.distinct if last.distinct is not None else last.members)
-        return (last.generation + 1, records) if new >= self.settings.min_new else (None, records)
+        trained = last.distinct if last.distinct is not None else last.members
+        new = len(examples_of([s.record for s in cluster.members])) - trained
+        return last.generation + 1 if new >= self.settings.min_new else None
 
-    def adapt(self, cluster: Cluster, generation: int, records: list[dict[str, Any]]) -> ClusterOutcome:
-        """Train, gate and admit one generation of a cluster's adapter on ``records``."""
-        saved = self.saved
+    def adapt(self, cluster: Cluster, generation: int) -> ClusterOutcome:
+        """Train, gate and admit one generation of a cluster's adapter on its members."""
+        saved, records = self.saved, [s.record for s in cluster.members]
         self.event(
             f"training cluster {cluster.id}"
             + (f" (generation {generation})" if generation > 1 else "")
@@ -679,11 +673,6 @@ class _Loop:
         return _outcome(cluster, records, generation, trained, gated)
 
 
-def _records_in(path: Path) -> list[dict[str, Any]]:
-    """The task objects of a refresh file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 # --- refresh --------------------------------------------------------------------------------------------------
 
 
@@ -694,65 +683,14 @@ def refresh_adapters(
     state: Path,
     settings: LoopSettings,
     *,
-    min_new: int = StorePolicy.min_new,
     quarantine: Path | None = None,
     audit_log: Path | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Retrain each adapter of ``store`` whose refresh file in ``state`` holds at least ``min_new`` distinct samples
-    its cluster does not have, on its cluster's hand-off samples and the new ones, through the same gate, as the
-    next generation of its cluster. A refresh file is removed once its adapter's decision is logged. Returns one
-    summary per adapter."""
-    store, state = Path(store), Path(state)
-    saved = _load(state)
-    results = []
-    for path in sorted((state / REFRESH_DIR).glob("*.jsonl")):
-        entry = store / path.stem
-        doc = (
-            json.loads((entry / CLUSTER_RECORD_NAME).read_text(encoding="utf-8"))
-            if (entry / CLUSTER_RECORD_NAME).is_file()
-            else None
-        )
-        if doc is None or doc.get("run") != saved.run:
-            continue
-        new = _records_in(path)
-        cluster = next((c for c in saved.buffer.clusters if c.id == doc["cluster"]), None)
-        old = [s.record for s in cluster.members] if cluster is not None else []
-        if len(examples_of(old + new)) - len(examples_of(old)) < min_new:
-            continue
-        origin = None if doc.get("origin") is None else np.asarray(doc["origin"], dtype=np.float64)
-        trained, gated = adapt_cluster(
-            lm,
-            embed,
-            old + new,
-            run=saved.run,
-            cluster=int(doc["cluster"]),
-            bucket=str(doc.get("bucket", "all")),
-            keywords=doc.get("keywords", []),
-            centre=None if doc.get("centre") is None else np.asarray(doc["centre"]),
-            origin=origin,
-            store=store,
-            work=state / WORK_DIR,
-            settings=settings,
-            generation=int(doc["generation"]) + 1,
-            quarantine=quarantine,
-            audit_log=audit_log,
-            progress=progress,
-            keep=state / TRAINED_DIR,
-            base_vectors=np.asarray(saved.base_vectors, dtype=np.float64),
-        )
-        path.unlink()
-        results.append(
-            {
-                "adapter": entry.name,
-                "new_samples": len(new),
-                "samples": len(old) + len(new),
-                "generation": int(doc["generation"]) + 1,
-                "verdict": gated.admit.record["verdict"],
-                "entry": gated.admit.record["name"],
-                "reasons": gated.admit.record["reasons"],
-                "validation_before": gated.before.exact_match,
-                "validation_after": gated.after.exact_match,
-            }
-        )
-    return results
+    on_event: Event | None = None,
+) -> list[ClusterOutcome]:
+    """Train now every cluster of the run in ``state`` that is due (``_Loop.due``, with ``settings.min_new``):
+    handed off and never trained (a run stopped meanwhile), or with ``min_new`` distinct samples more than its last
+    training, as its next generation, through the same gate. The state is saved after each. Returns the
+    outcomes."""
+    saved = _resumed(Path(state), embed)
+    loop = _Loop(lm, embed, Path(store), Path(state), settings, saved, quarantine, audit_log, on_event)
+    return loop.handle_ready()

@@ -358,33 +358,42 @@ def refresh(
     device: str = ADAPT_DEVICE,
     quiet: bool = QUIET,
 ) -> None:
-    """Retrain the adapters whose clusters received new failing samples during 'adapt run' (STATE/refresh/),
-    on the cluster's samples and the new ones, through the same gate; an admitted refresh is the next
-    generation of the cluster (routing uses the latest). Prints one JSON line per adapter refreshed."""
+    """Train now what the run in --state has due: every cluster with --min-new distinct samples more than its last
+    training (failures the buffer assigned to it during 'adapt run'), as its next generation, through the same gate
+    (routing uses the latest admitted generation), and any cluster handed off but not trained yet. Prints one JSON
+    line per adapter trained."""
     _require_extra()
-    from s3lora_cli.adapt.loop import LoopSettings, refresh_adapters
+    from s3lora_cli.adapt.loop import LOOP_FILE, LoopSettings, refresh_adapters
     from s3lora_cli.adapt.policy import resolve_adapt_policy
     from s3lora_cli.adapt.train import TrainSettings
 
     flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
-    store_policy = resolve_adapt_policy({**flags, "min_new": min_new}, policy, search=search).store
-    train_settings = TrainSettings.of(store_policy, seed, max_new_tokens)
-    gate = _gate_settings(store_policy, {}, policy, device)
+    resolved = resolve_adapt_policy({**flags, "min_new": min_new}, policy, search=search)
+    settings = LoopSettings(
+        trigger=resolved.trigger,
+        buffer=resolved.buffer,
+        train=TrainSettings.of(resolved.store, seed, max_new_tokens),
+        gate=_gate_settings(resolved.store, {}, policy, device),
+        route_threshold=resolved.store.route_threshold,
+        min_new=resolved.store.min_new,
+    )
+    if not (state / LOOP_FILE).is_file():
+        raise AdapterInputError(f"--state {state}: no 'adapt run' state there ({LOOP_FILE})")
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
+    console = stderr_console()
     results = refresh_adapters(
         lm,
         embed,
         store,
         state,
-        LoopSettings(train=train_settings, gate=gate),
-        min_new=store_policy.min_new,
+        settings,
         quarantine=quarantine,
         audit_log=audit_log,
-        progress=_step_printer(quiet),
+        on_event=None if quiet else lambda message, _: console.print(escape(message), highlight=False),
     )
-    write_output("".join(json.dumps(r, allow_nan=False) + "\n" for r in results), None, False)
+    write_output("".join(json.dumps(r.to_json(), allow_nan=False) + "\n" for r in results), None, False)
     if not quiet:
-        stderr_console().print(f"{len(results)} adapter(s) refreshed", highlight=False)
+        console.print(f"{len(results)} adapter(s) trained", highlight=False)
 
 
 @adapt_app.command("run")
@@ -511,7 +520,7 @@ def run(
     text = json.dumps(doc, allow_nan=False) + "\n" if fmt is ReportFormat.json else loop_table(doc)
     write_output(text, output, force)
     if not quiet and (fmt is ReportFormat.json or output is not None):
-        console.print(loop_table(doc), highlight=False, markup=False)
+        console.print(loop_table(doc), highlight=False, markup=False, soft_wrap=True)
 
 
 class _LiveStatus:
