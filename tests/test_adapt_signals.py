@@ -4,6 +4,7 @@ recomputed from their definitions, and the failure score by hand."""
 from __future__ import annotations
 
 import math
+import types
 from collections import Counter
 
 import numpy as np
@@ -118,6 +119,30 @@ def test_failure_score_is_the_weighted_sum_halved_inside_the_band():
     assert failure_score(s, policy, Band(0.85, 0.9, 20))[1] is False
     worst = Signals(margin=0.0, bleu=0.0, rouge_l=0.0, similarity=-0.5)  # a negative cosine counts as 0
     assert failure_score(worst, policy, None)[0] == pytest.approx(0.33 + 0.12 + 0.23 + 0.33, abs=1e-15)
+
+
+def test_a_wrong_exact_match_adds_its_weight_outside_the_band():
+    policy = TriggerPolicy(weight_exact=0.4)
+    right = Signals(margin=7.0, bleu=0.8, rouge_l=0.9, similarity=0.95, exact_match=1.0)
+    wrong = Signals(margin=7.0, bleu=0.8, rouge_l=0.9, similarity=0.95, exact_match=0.0)
+    sage = 0.12 * 0.2 + 0.23 * 0.1 + 0.33 * 0.05
+    band = Band(0.9, 1.0, 20)
+    assert failure_score(right, policy, band)[0] == pytest.approx(sage / 2, abs=1e-15)
+    assert failure_score(wrong, policy, band)[0] == pytest.approx(sage / 2 + 0.4, abs=1e-15)
+    assert failure_score(wrong, TriggerPolicy(), band)[0] == failure_score(right, TriggerPolicy(), band)[0]
+
+
+def test_measured_signals_hold_the_normalised_exact_match():
+    from s3lora_cli.adapt.tasks import Task
+    from s3lora_cli.adapt.trigger import measure_signals
+
+    tasks = [Task(1, "q", "The plural of cat is cats.", None, {}), Task(2, "q", "Paris", None, {})]
+    generated = [
+        types.SimpleNamespace(text="the plural of cat is cats", margin=1.0),
+        types.SimpleNamespace(text="Lyon", margin=1.0),
+    ]
+    found = measure_signals(tasks, generated, lambda texts: np.ones((len(texts), 3)))
+    assert [s.exact_match for s in found] == [1.0, 0.0]
 
 
 def test_similarity_band_is_the_5th_to_95th_percentile():

@@ -98,7 +98,13 @@ def test_run_trigger_holds_the_warm_up_then_scores_every_sample_in_order(lm):
         assert r.in_band == (band.low <= r.signals.similarity <= band.high)
         assert r.triggered == (r.score >= policy.threshold)
         doc = r.to_json()
-        assert doc["task"] == r.task.record and set(doc["signals"]) == {"margin", "bleu", "rouge_l", "similarity"}
+        assert doc["task"] == r.task.record and set(doc["signals"]) == {
+            "margin",
+            "bleu",
+            "rouge_l",
+            "similarity",
+            "exact_match",
+        }
 
 
 def test_a_stream_shorter_than_the_warm_up_uses_the_band_of_what_there_was(lm):

@@ -23,13 +23,16 @@ class TriggerPolicy:
     score = weight_margin (1 - min(margin, margin_cap) / margin_cap) + weight_bleu (1 - bleu)
             + weight_rouge (1 - rouge_l) + weight_similarity (1 - max(similarity, 0)),
     multiplied by band_factor when the similarity lies inside the band [band_low, band_high] percentiles of the
-    similarities of the first ``warmup`` samples (taken as in-distribution); a sample triggers when
-    score >= threshold."""
+    similarities of the first ``warmup`` samples (taken as in-distribution), plus weight_exact (1 - exact match),
+    outside the band's factor; a sample triggers when score >= threshold. weight_exact is 0 in SAGE's combination;
+    where a gold answer is to be matched exactly, it catches a wrong fact in the right frame ("X works as a
+    clockmaker" for "X works as a cartographer"), which the other signals score as nearly right."""
 
     weight_margin: float = 0.33
     weight_bleu: float = 0.12
     weight_rouge: float = 0.23
     weight_similarity: float = 0.33
+    weight_exact: float = 0.0
     margin_cap: float = 5.0
     warmup: int = 20
     band_low: float = 5.0
@@ -78,7 +81,7 @@ class StorePolicy:
     r: tuple[int, ...] = (8,)
     lora_alpha: tuple[int, ...] = (16,)
     learning_rate: tuple[float, ...] = (3e-3,)
-    epochs: tuple[int, ...] = (12,)
+    epochs: tuple[int, ...] = (24,)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     lora_dropout: float = 0.05
     tau: int | None = None
@@ -107,6 +110,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "weight_bleu": (0, 1),
     "weight_rouge": (0, 1),
     "weight_similarity": (0, 1),
+    "weight_exact": (0, 1),
     "margin_cap": (1e-9, math.inf),
     "warmup": (0, math.inf),
     "band_low": (0, 100),

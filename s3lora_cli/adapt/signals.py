@@ -1,5 +1,5 @@
-"""The Trigger's four signals for one generated answer against its gold answer: behavioural (logit margin),
-lexical (sentence BLEU, ROUGE-L F) and semantic (cosine of embeddings)."""
+"""The Trigger's signals for one generated answer against its gold answer: behavioural (logit margin), lexical
+(sentence BLEU, ROUGE-L F, exact match) and semantic (cosine of embeddings)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ import numpy as np
 class Signals:
     """margin: mean over the answer's tokens of top-1 minus top-2 logit (>= 0); bleu: sacrebleu's sentence BLEU
     / 100; rouge_l: rouge-score's ROUGE-L F-measure; similarity: cosine of the two answers' embeddings. Each of
-    bleu, rouge_l is in [0, 1], similarity in [-1, 1]."""
+    bleu, rouge_l is in [0, 1], similarity in [-1, 1]; exact_match: 1.0 when the answer equals the gold one after
+    ``s3lora eval``'s normalisation, else 0.0."""
 
     margin: float
     bleu: float
     rouge_l: float
     similarity: float
+    exact_match: float = 0.0
 
 
 def logit_margins(logits, answer_mask):

@@ -51,7 +51,13 @@ class TriggerRecord:
             "line": self.task.line,
             "task": self.task.record,
             "generated": self.generated,
-            "signals": {"margin": s.margin, "bleu": s.bleu, "rouge_l": s.rouge_l, "similarity": s.similarity},
+            "signals": {
+                "margin": s.margin,
+                "bleu": s.bleu,
+                "rouge_l": s.rouge_l,
+                "similarity": s.similarity,
+                "exact_match": s.exact_match,
+            },
             "score": self.score,
             "in_band": self.in_band,
             "triggered": self.triggered,
@@ -137,7 +143,8 @@ def failure_score(signals: Signals, policy: TriggerPolicy, band: Band | None) ->
         + p.weight_similarity * (1.0 - max(signals.similarity, 0.0))
     )
     in_band = band is not None and band.low <= signals.similarity <= band.high
-    return (score * p.band_factor if in_band else score), in_band
+    exact = p.weight_exact * (1.0 - signals.exact_match)  # outside the band's factor: a wrong answer is wrong
+    return (score * p.band_factor if in_band else score) + exact, in_band
 
 
 def similarity_band(similarities: Sequence[float], policy: TriggerPolicy) -> Band | None:
@@ -150,7 +157,9 @@ def similarity_band(similarities: Sequence[float], policy: TriggerPolicy) -> Ban
 
 
 def measure_signals(tasks: Sequence[Task], generations: Sequence[Generation], embed: Embedder) -> list[Signals]:
-    """The four signals of each generated answer against its task's gold answer."""
+    """The signals of each generated answer against its task's gold answer."""
+    from s3lora_cli.evaluation.metrics import exact_match
+
     vectors = embed([g.text for g in generations] + [t.answer for t in tasks])
     n = len(tasks)
     return [
@@ -159,6 +168,7 @@ def measure_signals(tasks: Sequence[Task], generations: Sequence[Generation], em
             bleu=sentence_bleu(g.text, t.answer),
             rouge_l=rouge_l(g.text, t.answer),
             similarity=cosine(vectors[i], vectors[n + i]),
+            exact_match=float(exact_match(g.text, t.answer)),
         )
         for i, (t, g) in enumerate(zip(tasks, generations, strict=True))
     ]

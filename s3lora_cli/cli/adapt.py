@@ -41,6 +41,12 @@ EMBEDDER = typer.Option(
 )
 ADAPT_DEVICE = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
 STRICT = typer.Option(False, "--strict", help="Stop at the first bad input line (exit 3) instead of skipping it.")
+WEIGHT_EXACT = typer.Option(
+    None,
+    "--weight-exact",
+    help="Weight of a wrong exact match in the failure score (default 0, SAGE's signals alone): catches a wrong fact "
+    "in the gold answer's own words.",
+)
 
 
 class BucketBy(str, enum.Enum):
@@ -128,6 +134,7 @@ def trigger(
         None, "--warmup", help="First samples taken as in-distribution, to fix the similarity band (default 20)."
     ),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Failure score that triggers (default 0.5)."),
+    weight_exact: Optional[float] = WEIGHT_EXACT,
     strict: bool = STRICT,
     device: str = ADAPT_DEVICE,
     quiet: Quiet = False,
@@ -140,7 +147,8 @@ def trigger(
     from s3lora_cli.adapt.tasks import BadLine, read_tasks
     from s3lora_cli.adapt.trigger import TriggerSummary, run_trigger
 
-    trigger_policy = resolve_adapt_policy({"warmup": warmup, "threshold": threshold}, policy).trigger
+    flags = {"warmup": warmup, "threshold": threshold, "weight_exact": weight_exact}
+    trigger_policy = resolve_adapt_policy(flags, policy).trigger
     if _same_file(tasks, output) or (model is not None and _same_file(model, output)):
         raise UsageError(f"{output} is an input; choose another --output")
     check_output(output, force)

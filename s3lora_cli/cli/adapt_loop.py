@@ -18,6 +18,7 @@ from s3lora_cli.cli.adapt import (
     ADAPT_DEVICE,
     EMBEDDER,
     STRICT,
+    WEIGHT_EXACT,
     BucketBy,
     _input_lines,
     _load_embedding,
@@ -411,6 +412,7 @@ def run(
     audit_log: Optional[Path] = AUDIT_LOG,
     embedder: Optional[Path] = EMBEDDER,
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Failure score that triggers (default 0.5)."),
+    weight_exact: Optional[float] = WEIGHT_EXACT,
     warmup: Optional[int] = typer.Option(None, "--warmup", help="First samples taken as in-distribution (default 20)."),
     min_buffer: Optional[int] = typer.Option(
         None, "--min-buffer", help="Samples before the first re-clustering (default 25)."
@@ -458,6 +460,7 @@ def run(
             **flags,
             "warmup": warmup,
             "threshold": threshold,
+            "weight_exact": weight_exact,
             "min_buffer": min_buffer,
             "min_cluster": min_cluster,
             "route_threshold": route_threshold,
