@@ -54,13 +54,13 @@ AUDIT_LOG = as_default(AuditLog, None)
 SEARCH = typer.Option(
     None,
     "--search",
-    help="A named training search replacing the policy's: default (r 8, alpha 16, lr 3e-3, 12 epochs; learns on a "
+    help="A named training search replacing the policy's: default (r 8, alpha 16, lr 3e-3, 24 epochs; learns on a "
     "CPU in minutes) or paper (SAGE's r 4/8 x alpha 8/16 x lr 1e-4/1e-5).",
 )
 RANK = typer.Option(None, "--rank", "-r", help="Train this LoRA rank (replaces the search's ranks).")
 ALPHA = typer.Option(None, "--alpha", help="lora_alpha (replaces the search's).")
 LR = typer.Option(None, "--lr", help="Learning rate (replaces the search's).")
-EPOCHS = typer.Option(None, "--epochs", help="Passes over the training split (replaces the search's; default 12).")
+EPOCHS = typer.Option(None, "--epochs", help="Passes over the training split (replaces the search's; default 24).")
 TARGETS = typer.Option(None, "--target-modules", help="Comma-separated module names to adapt (default q, k, v).")
 SEED = typer.Option(0, "--seed", help="Fixes the 80/20 split, the initialisation and the batch order.")
 TAU = typer.Option(None, "--tau", help="Prune the tau highest-SSI layers (default 10).")
