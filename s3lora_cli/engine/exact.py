@@ -4,7 +4,8 @@ weights |u_i v_j|) and exact objective sum_ij |R_ij - delta u_i v_j| over every 
 One pass over R serves all pairs: a sample weighted by |u_i v_j| brackets each pair's median; the pass sums the
 entries below and above the bracket and keeps those inside, and a linear-time weighted selection finds the
 median among them. A bracket that misses is widened and the pass repeated, so the sample only affects speed.
-A small R (BATCHED_MAX_ENTRIES in ``fit``) skips the brackets: every ratio of every pair is formed at once.
+``pair_medians`` fits every pair at once over a list of entries (the screening's estimates, and small layers
+without the compiled kernels).
 """
 
 from __future__ import annotations
@@ -57,17 +58,6 @@ def exact_pairs(
                 result[pair] = selected
                 del todo[pair]
     return result
-
-
-def exact_pairs_batched(
-    p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]]
-) -> dict[tuple[int, int], tuple[float, float]]:
-    """The same as ``exact_pairs`` for a small R, all pairs at once: every ratio of every pair is formed,
-    and each pair's weighted median selected (compiled, on the CPU) or found by sorting."""
-    r = (p @ q.T).reshape(-1)  # [n], entry t at row t // k, column t % k
-    t = torch.arange(r.numel(), device=p.device)
-    deltas, objectives = pair_medians(r, us, vs, t // q.shape[0], t % q.shape[0])
-    return {pair: (float(deltas[pair]), float(objectives[pair])) for pair in pairs}
 
 
 def pair_medians(

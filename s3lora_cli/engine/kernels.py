@@ -86,8 +86,20 @@ SELECT_Z = 3.0
 
 
 def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
-    """The smallest ratio whose cumulative weight (in ascending ratio order) reaches ``half``, and the sum
-    of weight * |ratio - it| over all entries; (nan, 0) if the total weight is below ``half``.
+    """The smallest ratio whose cumulative weight (in ascending ratio order) reaches ``half`` (``_weighted_median``),
+    and the sum of weight * |ratio - it| over all entries; (nan, 0) if the total weight is below ``half``."""
+    delta = _weighted_median(ratios, weights, half)
+    if np.isnan(delta):
+        return np.nan, 0.0
+    total = 0.0
+    for j in range(ratios.shape[0]):
+        total += np.float64(weights[j]) * abs(np.float64(ratios[j]) - delta)
+    return delta, total
+
+
+def _weighted_median(ratios, weights, half):  # pragma: no cover - compiled
+    """The smallest ratio whose cumulative weight (in ascending ratio order) reaches ``half``; nan if the total
+    weight is below ``half``.
 
     Each round places two pivots around the answer from a sorted sample; one pass adds up the weight below,
     between and above them, and a second copies aside the part that holds the answer (the entries between
@@ -144,7 +156,7 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
             out_w[k] = cur_w[j]
             k += (x < lo_t) if part == 0 else (((x >= lo_t) & (x <= hi_t)) if part == 1 else (x > hi_t))
         if k == 0:  # NaN entries only, or a half above the weights' own sum: no answer here
-            return np.nan, 0.0
+            return np.nan
         if k == m:  # no progress (many equal entries): finish by sorting
             break
         cur_x = out_x[:k]
@@ -160,12 +172,36 @@ def _weighted_select(ratios, weights, half):  # pragma: no cover - compiled
             if run >= half:
                 delta = f64(last_x[t])
                 break
+    return delta
+
+
+def _entries_fit(r, ratios, weights, uvs, total):  # pragma: no cover - compiled
+    """One pair's exact fit over entries r [n] with products uvs = u_i v_j [n], their ratios r / uv (inf where uv = 0:
+    last in order, of no weight) and weights |uv| [n] of float64 sum ``total``: (delta, objective), delta the lower
+    weighted median of the ratios (0 if every weight is 0) and objective = sum |r - delta uv| in float64, as
+    ``_pair_medians`` computes them. Where rounding leaves ``total`` a hair above the selection's own sum, the
+    median is found by sorting, against the sorted weights' own sum."""
+    n = r.shape[0]
+    delta = 0.0
+    if total > 0:
+        delta = _weighted_median(ratios, weights, total / 2)
         if np.isnan(delta):
-            return np.nan, 0.0
-    total = 0.0
-    for j in range(n):
-        total += f64(weights[j]) * abs(f64(ratios[j]) - delta)
-    return delta, total
+            sorted_x = ratios.copy()
+            sorted_w = weights.copy()
+            _sort_pairs(sorted_x, sorted_w, n)
+            cum = np.empty(n)
+            run = 0.0
+            for t in range(n):
+                run += np.float64(sorted_w[t])
+                cum[t] = run
+            for t in range(n):
+                if cum[t] >= run / 2:
+                    delta = np.float64(sorted_x[t])
+                    break
+    objective = 0.0
+    for t in range(n):
+        objective += abs(np.float64(r[t]) - delta * np.float64(uvs[t]))
+    return delta, objective
 
 
 def _pivots(x, w, target, seed):  # pragma: no cover - compiled
@@ -458,6 +494,107 @@ def _pair_medians(r, u, v, iu, iv, deltas, objectives):  # pragma: no cover - co
         objectives[a, b] = objective
 
 
+def _whole_step(r, u, v, terms, exhaustive, slack, tiny, bounds, deltas, objectives, fitted):  # pragma: no cover
+    """One step of the fit of a small layer, whose whole residual r [d, k] is kept: every pair's dual lower bound
+    (``_whole_bounds``), then the exact fit (``_entries_fit``) of the pairs in ascending order of their bounds,
+    until a bound exceeds the best objective found by more than ``slack`` (relative) plus ``tiny``: the pairs left
+    cannot win (as in ``screening._ceiling``). With ``exhaustive``, every pair is fitted.
+
+    u: [Mu, d] and v: [Mv, k], the candidates in r's dtype; ``terms`` as ``_whole_bounds`` takes them. Writes every
+    pair's bound to bounds [Mu * Mv], the deltas and objectives [Mu, Mv] (float64) of the pairs fitted, and
+    fitted[a, b] = 1 for them; returns how many were fitted.
+    """
+    d, k = r.shape
+    m_v = v.shape[0]
+    _whole_bounds(r, *terms, bounds)
+    order = np.argsort(bounds, kind="mergesort")  # ties keep the order of the pairs
+    ratios = np.empty(d * k, r.dtype)
+    weights = np.empty(d * k, r.dtype)
+    uvs = np.empty(d * k, r.dtype)
+    best = np.inf
+    count = 0
+    for pair in order:
+        if not exhaustive and count > 0 and bounds[pair] > best + (slack * abs(best) + tiny):
+            break  # sorted: every pair left has a bound at least as high
+        a = pair // m_v
+        b = pair % m_v
+        total = 0.0
+        v_b = v[b]
+        for i in range(d):
+            u_i = u[a, i]
+            # slices indexed from 0, so that the loop vectorises (see ``_tangent_sums``)
+            row = r[i]
+            row_uv = uvs[i * k : (i + 1) * k]
+            row_w = weights[i * k : (i + 1) * k]
+            row_ratio = ratios[i * k : (i + 1) * k]
+            for j in range(k):
+                uv = u_i * v_b[j]
+                row_uv[j] = uv
+                row_w[j] = abs(uv)
+                row_ratio[j] = row[j] / uv if uv != 0 else np.inf
+                total += np.float64(abs(uv))
+        delta, objective = _entries_fit(r.reshape(d * k), ratios, weights, uvs, total)
+        deltas[a, b] = delta
+        objectives[a, b] = objective
+        fitted[a, b] = 1
+        best = min(best, objective)
+        count += 1
+    return count
+
+
+def _whole_bounds(r, left, right, norm, c3, bounds):  # pragma: no cover - compiled
+    """Every pair's dual lower bound over the whole residual r [d, k]: that of ``bounds.DualBounds.of``, its sums
+    taken over r in float64; bounds [Mu * Mv] (row-major), -inf where no certificate applies.
+
+    For each power alpha of ``bounds.BOUND_POWERS`` (alpha = 0 first), what ``bounds.BoundTerms`` holds, float64:
+    left [P, 3, Mu, d] and right [P, 3, Mv, k] the factors that sign(R) (kind 0: u |u|^alpha, v |v|^alpha), |R|
+    (kind 1: |u|^alpha, |v|^alpha) and R (kind 2: sign(u) |u|^alpha, sign(v) |v|^alpha, E's factors) are
+    projected on; norm and c3 [P, Mu, Mv].
+    """
+    d, k = r.shape
+    n_pow = left.shape[0]
+    m_u = left.shape[2]
+    m_v = right.shape[2]
+    proj = np.zeros((n_pow, 3, d, m_v))  # each row of sign(R), |R| and R against each right-hand side
+    rows = np.empty((3, k))
+    l1 = 0.0
+    for i in range(d):
+        for j in range(k):
+            x = np.float64(r[i, j])
+            rows[0, j] = 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
+            rows[1, j] = abs(x)
+            rows[2, j] = x
+            l1 += abs(x)
+        for power in range(n_pow):
+            for kind in range(3):
+                row = rows[kind]
+                for b in range(m_v):
+                    rhs = right[power, kind, b]
+                    total = 0.0
+                    for j in range(k):
+                        total += row[j] * rhs[j]
+                    proj[power, kind, i, b] = total
+    sums = np.empty((n_pow, 3))
+    for a in range(m_u):
+        for b in range(m_v):
+            for power in range(n_pow):
+                for kind in range(3):
+                    lhs = left[power, kind, a]
+                    total = 0.0
+                    for i in range(d):
+                        total += lhs[i] * proj[power, kind, i, b]
+                    sums[power, kind] = total
+            c1 = sums[0, 0]  # <sign(R), u v^T>
+            found = -np.inf
+            for power in range(n_pow):
+                scale = norm[power, a, b]
+                tau = c1 / (c3[power, a, b] + np.sign(c1) * (sums[power, 0] / scale))
+                bound = l1 - abs(tau) * (sums[power, 1] / scale) - tau * (sums[power, 2] / scale)
+                if abs(tau) <= 1 and scale > 0 and c3[power, a, b] > 0 and bound > found:
+                    found = bound
+            bounds[a * m_v + b] = found
+
+
 def _objectives64(p, q, u, v, deltas, out):  # pragma: no cover - compiled
     """out[pair, i] = sum_j |R_ij - deltas[pair] (u[pair, i] v[pair, j])| in float64, with R_ij = sum_l p_il q_jl
     formed in float64 (l ascending), for each pair over one chunk of rows: p [c, s], q [k, s], u [P, c],
@@ -534,7 +671,17 @@ if available:
     _sort_pairs = numba.njit(cache=True, nogil=True)(_sort_pairs)
     _pivots = numba.njit(cache=True, nogil=True)(_pivots)
     # fastmath 'reassoc': the float64 weight sums may be reordered (their order is arbitrary anyway)
+    _weighted_median = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(_weighted_median)
     _weighted_select = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(_weighted_select)
+    _entries_fit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(_entries_fit)
+    # fastmath 'reassoc': the float64 sums of the bounds and objectives may be reordered (they screen, or are
+    # decided again in float64 at near ties: ``fit.best``)
+    _whole_bounds = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})(
+        _whole_bounds
+    )
+    _whole_step = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})(
+        _whole_step
+    )
     _weighted_select_rows = numba.njit(parallel=True, cache=True, nogil=True)(_weighted_select_rows)
     _pair_medians = numba.njit(parallel=True, cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})(
         _pair_medians
@@ -677,3 +824,22 @@ def weighted_select(ratios: np.ndarray, weights: np.ndarray, half: float) -> tup
 def set_threads(n: int) -> None:
     if available:
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+
+
+def whole_step(
+    r: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    terms: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    exhaustive: bool,
+    slack: float,
+    tiny: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``_whole_step``; ``terms`` = (left, right, norm, c3) as ``_whole_bounds`` takes them. Returns (deltas,
+    objectives, fitted, bounds), each [Mu, Mv]: fitted True for the pairs fitted exactly (the others' deltas and
+    objectives are not set), bounds every pair's dual lower bound."""
+    shape = (u.shape[0], v.shape[0])
+    deltas, objectives, fitted = np.empty(shape), np.empty(shape), np.zeros(shape, np.uint8)
+    bounds = np.empty(shape[0] * shape[1])
+    _whole_step(r, u, v, terms, exhaustive, slack, tiny, bounds, deltas, objectives, fitted)
+    return deltas, objectives, fitted.astype(bool), bounds.reshape(shape)
