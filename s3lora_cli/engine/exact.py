@@ -20,14 +20,28 @@ from s3lora_cli.engine import kernels
 from s3lora_cli.engine.residual import Residual, read_pass, use_kernel
 
 SAMPLE_SIZE = 1 << 14
-"""Entries drawn (weighted by |u_i v_j|) to bracket each weighted median before the exact pass."""
+"""Entries drawn (weighted by |u_i v_j|) to bracket each weighted median before the exact pass, at most
+(``sample_size``)."""
+
+SAMPLE_MIN = 1 << 11
+"""Entries drawn for a bracket, at least."""
+
+SAMPLE_SPARSITY = 1 << 9
+"""Between SAMPLE_MIN and SAMPLE_SIZE, a layer draws one entry per SAMPLE_SPARSITY of its entries."""
 
 BRACKET_WIDTHS = (3.5, 8.0)
 """Half-widths of the sampled bracket, in standard deviations of the sample median's rank; then all entries."""
 
 KEEP_ALL_SAMPLES = 4
-"""A residual of at most this many times SAMPLE_SIZE entries keeps every entry in its first pass (no bracket):
+"""A residual of at most this many times its sample size entries keeps every entry in its first pass (no bracket):
 drawing and sorting the sample would cost about as much as the pass it saves."""
+
+
+def sample_size(entries: int) -> int:
+    """The entries a layer of ``entries`` entries draws for each bracket. The brackets only order the work (a bracket
+    that misses is widened): sized for a 4096 x 4096 layer, drawing and ranking them cost as much as the passes
+    of a 1024 x 1024 one (measured); a smaller sample only keeps more entries inside a bracket."""
+    return min(SAMPLE_SIZE, max(SAMPLE_MIN, entries // SAMPLE_SPARSITY))
 
 
 def exact_pairs(
@@ -43,7 +57,7 @@ def exact_pairs(
     """
     result: dict[tuple[int, int], tuple[float, float]] = {}
     widths = (*BRACKET_WIDTHS, math.inf)
-    small = res.p.shape[0] * res.q.shape[0] <= KEEP_ALL_SAMPLES * SAMPLE_SIZE
+    small = res.p.shape[0] * res.q.shape[0] <= KEEP_ALL_SAMPLES * state.sample_size
     todo = {pair: len(BRACKET_WIDTHS) if small else 0 for pair in pairs}  # pair -> index into widths
     while todo or riders:
         found = brackets(res.p, res.q, us, vs, {pair: widths[level] for pair, level in todo.items()}, state)
@@ -226,7 +240,7 @@ def brackets(
     draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
     sample median's rank either side of it. The rows and columns are the fit's draws (``state``), the same at
     every step."""
-    n = SAMPLE_SIZE
+    n = state.sample_size
     found = {pair: (-math.inf, math.inf) for pair, width in widths.items() if width == math.inf}
     sampled = [pair for pair, width in widths.items() if width != math.inf]
     if not sampled:
