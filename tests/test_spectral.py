@@ -1027,7 +1027,7 @@ def _whole_case(b, a, dtype, deflate: bool):
     and its candidates in ``dtype``; if ``deflate``, after one pick subtracted (in place, as the fit does)."""
     us, vs = mas_svd_candidates(b, a, 6)
     p, q, us, vs = b.to(dtype), a.T.contiguous().to(dtype), us.to(dtype), vs.to(dtype)
-    kept, res = whole.WholeResidual(p, q, us, vs, state.FitState(us, vs, 0)), Residual(p, q)
+    kept, res = whole.WholeResidual(p, q, us, vs), Residual(p, q)
     if deflate and us.shape[1] and vs.shape[1]:
         delta = 0.75 * float(kept.r.abs().max())
         kept.deflate(delta, us[:, 0], vs[:, 0])
@@ -1037,7 +1037,7 @@ def _whole_case(b, a, dtype, deflate: bool):
 
 def _step(kept, exhaustive: bool):
     return kernels.whole_step(
-        kept.r.numpy(), kept._u, kept._v, kept._terms, exhaustive, screening.BOUND_SLACK, screening.TINY
+        kept.r.numpy(), kept._u, kept._v, BOUND_POWERS, exhaustive, screening.BOUND_SLACK, screening.TINY
     )
 
 
@@ -1076,6 +1076,14 @@ def test_whole_step_fits_every_pair_that_can_win(case, dtype, deflate):
                 assert (deltas[a, b], objectives[a, b]) == (all_deltas[a, b], all_objectives[a, b])
             else:
                 assert lower[a, b] > best + screening.BOUND_SLACK * abs(best) + screening.TINY
+    if dtype == torch.float64:  # the formula of ``bounds``: its tensor implementation over the same residual
+        expected = lower_bounds(res.p, res.q, us, vs)[0].numpy()
+        # R from the factors there, the kept R here: each entry within (s + 2) 2^-53 of sum_l |p_il q_jl|
+        size = float((res.p.abs() @ res.q.abs().T).sum())
+        tol = 16 * (n + res.p.shape[1] + 2) * 2.0**-53 * size
+        assert np.array_equal(np.isfinite(lower), np.isfinite(expected))
+        finite = np.isfinite(lower)
+        assert np.all(np.abs(lower[finite] - expected[finite]) <= tol)
     screened = {pair: (float(deltas[pair]), float(objectives[pair])) for pair in zip(*fitted.nonzero(), strict=True)}
     every = {pair: (float(all_deltas[pair]), float(all_objectives[pair])) for pair in np.ndindex(*fitted.shape)}
     assert fit.best(res, us, vs, screened) == fit.best(res, us, vs, every)

@@ -67,7 +67,7 @@ def l1_fit(
     exact_count = 0
     all_pairs = [(a, b) for a in range(n_u) for b in range(n_v)]
     screen = not exhaustive and p.shape[0] * q.shape[0] >= SCREEN_MIN_ENTRIES
-    whole = WholeResidual(p, q, us, vs, state) if p.shape[0] * q.shape[0] <= WHOLE_MAX_ENTRIES else None
+    whole = WholeResidual(p, q, us, vs) if p.shape[0] * q.shape[0] <= WHOLE_MAX_ENTRIES else None
     res, favoured = Residual(p, q), None
     for _ in range(steps):
         if whole is not None:

@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from s3lora_cli.engine import exact, kernels, screening
-from s3lora_cli.engine.bounds import BOUND_POWERS, power
+from s3lora_cli.engine.bounds import BOUND_POWERS
 from s3lora_cli.engine.residual import subtract
-from s3lora_cli.engine.state import FitState
 
 Pair = tuple[int, int]
 
@@ -25,13 +24,12 @@ Pair = tuple[int, int]
 class WholeResidual:
     """R = p @ q^T (p: [d, s], q: [k, s]) formed whole, with the candidates us: [d, Mu] and vs: [k, Mv] of its fit."""
 
-    def __init__(self, p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, state: FitState) -> None:
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor) -> None:
         self.r = p @ q.T
         self.us, self.vs = us, vs
         self.compiled = kernels.available and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
         if self.compiled:
             self._u, self._v = us.T.contiguous().numpy(), vs.T.contiguous().numpy()
-            self._terms = bound_terms(vs, state)
 
     def step(self, exhaustive: bool) -> dict[Pair, tuple[float, float]]:
         """(delta, objective) of every pair that can win this step (of every pair, if ``exhaustive``): as
@@ -39,7 +37,7 @@ class WholeResidual:
         if not self.compiled:
             return self._every_pair()
         deltas, objectives, fitted, _ = kernels.whole_step(
-            self.r.numpy(), self._u, self._v, self._terms, exhaustive, screening.BOUND_SLACK, screening.TINY
+            self.r.numpy(), self._u, self._v, BOUND_POWERS, exhaustive, screening.BOUND_SLACK, screening.TINY
         )
         return {(a, b): (float(deltas[a, b]), float(objectives[a, b])) for a, b in np.argwhere(fitted).tolist()}
 
@@ -57,19 +55,3 @@ class WholeResidual:
     def deflate(self, delta: float, u: torch.Tensor, v: torch.Tensor) -> None:
         """R <- R - delta u v^T in place, rounded as ``residual.Residual`` deflates its kept chunks."""
         subtract(self.r, delta * u, v)
-
-
-def bound_terms(vs: torch.Tensor, state: FitState) -> tuple:
-    """What ``kernels.whole_step`` takes from the candidates alone for the dual bounds of every power alpha in
-    BOUND_POWERS (``bounds.BoundTerms``): left [P, 3, Mu, d] and right [P, 3, Mv, k], kind 0 the factors of the
-    projection of sign(R) (u |u|^alpha, v |v|^alpha), kind 1 those of |R| (|u|^alpha, |v|^alpha), kind 2 those of
-    E (sign(u) |u|^alpha, sign(v) |v|^alpha); norm and c3 [P, Mu, Mv]; all float64."""
-    vs64 = vs.to(torch.float64)
-    left, right, norm, c3 = [], [], [], []
-    for alpha in BOUND_POWERS:
-        terms, v_pow = state.bound_terms(alpha), power(vs64, alpha)
-        left.append(torch.stack([terms.u_signed, terms.u_pow.T, terms.u_dir]))
-        right.append(torch.stack([(vs64 * v_pow).T, v_pow.T, terms.v_dir.T]))
-        norm.append(terms.norm)
-        c3.append(terms.c3)
-    return tuple(torch.stack(part).contiguous().numpy() for part in (left, right, norm, c3))
