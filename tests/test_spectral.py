@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from profiles import examples
 from reference import reference, weighted_lower_median
 
-from s3lora_cli.engine import bounds, exact, fit, kernels, residual, screening, state, tangents, whole
+from s3lora_cli.engine import bounds, exact, fit, kernels, residual, screening, state, tangents
 from s3lora_cli.engine.bounds import BOUND_POWERS
 from s3lora_cli.engine.residual import Residual, read_pass
 from s3lora_cli.engine.screening import lower_bounds
@@ -1023,21 +1023,25 @@ def test_fast_fit_takes_the_lower_weighted_median(name, dtype):
 
 
 def _whole_case(b, a, dtype, deflate: bool):
-    """A small layer's kept residual (``whole.WholeResidual``), the same as a ``residual.Residual`` (for ``fit.best``),
-    and its candidates in ``dtype``; if ``deflate``, after one pick subtracted (in place, as the fit does)."""
+    """A small layer's residual (``residual.Residual``), formed whole, and its candidates in ``dtype``; if ``deflate``,
+    after one pick (as the fit deflates it)."""
     us, vs = mas_svd_candidates(b, a, 6)
-    p, q, us, vs = b.to(dtype), a.T.contiguous().to(dtype), us.to(dtype), vs.to(dtype)
-    kept, res = whole.WholeResidual(p, q, us, vs), Residual(p, q)
+    us, vs = us.to(dtype), vs.to(dtype)
+    res = Residual(b.to(dtype), a.T.contiguous().to(dtype))
     if deflate and us.shape[1] and vs.shape[1]:
-        delta = 0.75 * float(kept.r.abs().max())
-        kept.deflate(delta, us[:, 0], vs[:, 0])
-        res = res.deflate(delta, us[:, 0], vs[:, 0])
-    return kept, res, us, vs
+        res = res.deflate(0.75 * float((res.p @ res.q.T).abs().max()), us[:, 0], vs[:, 0])
+    return res, us, vs
 
 
-def _step(kept, exhaustive: bool):
+def _step(res, us, vs, exhaustive: bool):
     return kernels.whole_step(
-        kept.r.numpy(), kept._u, kept._v, BOUND_POWERS, exhaustive, screening.BOUND_SLACK, screening.TINY
+        (res.p @ res.q.T).numpy(),
+        us.T.contiguous().numpy(),
+        vs.T.contiguous().numpy(),
+        BOUND_POWERS,
+        exhaustive,
+        screening.BOUND_SLACK,
+        screening.TINY,
     )
 
 
@@ -1045,17 +1049,17 @@ def _step(kept, exhaustive: bool):
 @settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(lora_factors(max_dim=40, max_rank=6), st.sampled_from([torch.float32, torch.float64]), st.booleans())
 def test_whole_step_fits_every_pair_that_can_win(case, dtype, deflate):
-    """One compiled step of a small layer against the literal float64 computation over the same kept residual:
+    """One compiled step of a small layer against the literal float64 computation over the same residual:
     every pair's bound is a lower bound on its objective; every pair fitted has the literal lower weighted median
     (ratios and products u_i v_j rounded in the compute dtype, as the pass forms them) and objective; a pair is
     left unfitted only where its bound exceeds the best objective by more than BOUND_SLACK; exhaustive fits
     every pair, to the same values; and the winner (``fit.best``) is that of the exhaustive step."""
-    kept, res, us, vs = _whole_case(case[0], case[1], dtype, deflate)
+    res, us, vs = _whole_case(case[0], case[1], dtype, deflate)
     assume(us.shape[1] > 0 and vs.shape[1] > 0)
-    deltas, objectives, fitted, lower = _step(kept, exhaustive=False)
-    all_deltas, all_objectives, all_fitted, _ = _step(kept, exhaustive=True)
+    deltas, objectives, fitted, lower = _step(res, us, vs, exhaustive=False)
+    all_deltas, all_objectives, all_fitted, _ = _step(res, us, vs, exhaustive=True)
     assert all_fitted.all() and fitted.any()
-    r = kept.r.numpy()
+    r = (res.p @ res.q.T).numpy()
     n = r.size
     best = min(float(objectives[pair]) for pair in zip(*fitted.nonzero(), strict=True))
     for a in range(us.shape[1]):
@@ -1078,7 +1082,7 @@ def test_whole_step_fits_every_pair_that_can_win(case, dtype, deflate):
                 assert lower[a, b] > best + screening.BOUND_SLACK * abs(best) + screening.TINY
     if dtype == torch.float64:  # the formula of ``bounds``: its tensor implementation over the same residual
         expected = lower_bounds(res.p, res.q, us, vs)[0].numpy()
-        # R from the factors there, the kept R here: each entry within (s + 2) 2^-53 of sum_l |p_il q_jl|
+        # R formed in float64 chunks there, in one product here: each entry within (s + 2) 2^-53 of sum_l |p_il q_jl|
         size = float((res.p.abs() @ res.q.abs().T).sum())
         tol = 16 * (n + res.p.shape[1] + 2) * 2.0**-53 * size
         assert np.array_equal(np.isfinite(lower), np.isfinite(expected))
@@ -1095,8 +1099,8 @@ def test_whole_step_rules_out_pairs():
     gen = torch.Generator().manual_seed(3)
     b = torch.randn(64, 8, generator=gen) / torch.arange(1, 9)
     a = torch.randn(8, 64, generator=gen)
-    kept, _, _, _ = _whole_case(b.double(), a.double(), torch.float32, False)
-    _, _, fitted, _ = _step(kept, exhaustive=False)
+    res, us, vs = _whole_case(b.double(), a.double(), torch.float32, False)
+    _, _, fitted, _ = _step(res, us, vs, exhaustive=False)
     assert fitted.sum() < fitted.size / 4
 
 

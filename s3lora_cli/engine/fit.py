@@ -1,8 +1,8 @@
 """The greedy L1 rank-1 fit (spec step 4): M steps, each picking the candidate pair (a, b) and scalar delta whose
 rank-1 term delta u_a v_b^T fits the residual best in L1, then deflating the residual by it.
 
-How each step finds the pair: a small layer keeps its whole residual, and one compiled call per step fits exactly
-the pairs that its dual bounds cannot rule out (``whole.WholeResidual``); a layer below SCREEN_MIN_ENTRIES (or
+How each step finds the pair: a small layer forms its whole residual, and one compiled call per step fits exactly
+the pairs that its dual bounds cannot rule out (``whole.WholeFit``); a layer below SCREEN_MIN_ENTRIES (or
 ``exhaustive``) evaluates every pair exactly in one pass per step (``exact.exact_pairs``); the others evaluate only
 the pairs that certified bounds cannot rule out (``screening.screened_step``). All three give the same picks; near
 ties are decided in float64 (``best``).
@@ -20,14 +20,13 @@ import torch
 from s3lora_cli.engine import exact, kernels, screening
 from s3lora_cli.engine.residual import Residual, row_chunks
 from s3lora_cli.engine.state import FitState
-from s3lora_cli.engine.whole import WholeResidual
+from s3lora_cli.engine.whole import WholeFit
 
 SCREEN_MIN_ENTRIES = 1 << 14
 """Below this many entries every pair is evaluated in one pass: screening would cost more than it saves."""
 
 WHOLE_MAX_ENTRIES = 1 << 18
-"""Small layers: up to this many entries, the whole residual is kept and each step is one compiled call
-(``whole``)."""
+"""Small layers: up to this many entries, each step forms the whole residual and is one compiled call (``whole``)."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,11 @@ def l1_fit(
     exact_count = 0
     all_pairs = [(a, b) for a in range(n_u) for b in range(n_v)]
     screen = not exhaustive and p.shape[0] * q.shape[0] >= SCREEN_MIN_ENTRIES
-    whole = WholeResidual(p, q, us, vs) if p.shape[0] * q.shape[0] <= WHOLE_MAX_ENTRIES else None
+    whole = WholeFit(us, vs) if p.shape[0] * q.shape[0] <= WHOLE_MAX_ENTRIES else None
     res, favoured = Residual(p, q), None
     for _ in range(steps):
         if whole is not None:
-            evaluated = whole.step(exhaustive)
+            evaluated = whole.step(res, exhaustive)
         elif screen:
             screened = screening.screened_step(res, us, vs, all_pairs, state, favoured)
             evaluated, favoured = screened.evaluated, screened.favoured
@@ -80,8 +79,6 @@ def l1_fit(
         exact_count += len(evaluated)
         (a, b), (delta, objective) = best(res, us, vs, evaluated)
         picks.append(Pick(a + 1, b + 1, delta, objective))
-        if whole is not None:
-            whole.deflate(delta, us[:, a], vs[:, b])
         res = res.deflate(delta, us[:, a], vs[:, b])
     return picks, exact_count, steps * len(all_pairs)
 
