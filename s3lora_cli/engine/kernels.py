@@ -1,5 +1,5 @@
-"""The CPU kernels of the L1 fit, compiled with numba: the exact pass, the tangent and dual-bound sums, and
-the weighted selection; each one fused loop instead of a dozen tensor ops.
+"""The CPU kernels of the L1 fit, compiled with numba: the exact pass, the tangent and dual-bound sums, the
+weighted selection, and the whole step of a small layer; each one fused loop instead of a dozen tensor ops.
 
 ``available`` is False where numba cannot be imported; callers then use the tensor implementation in
 the engine's other modules, which computes the same values (the ratio of every entry bit for bit; the sums to within
