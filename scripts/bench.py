@@ -9,6 +9,7 @@
 
     python scripts/bench.py --cases 7B-qkvo 7B-qkvo-isotropic 7B-qkvo-mixed --floor   # against the floor
     python scripts/bench.py --cases 135M-all --concurrent 2   # two processes at once against one alone
+    python scripts/bench.py --layer-times 64x64 256x256 --threads 1   # mas_svd per layer, in-process
     python scripts/bench.py --cases 7B-qkvo --blocks 2 --jobs 1 2   # layers in parallel: --jobs 1 against 2
 
 Adapters are generated deterministically into a temporary directory (nothing large is committed), written
@@ -275,6 +276,30 @@ def floor_seconds(adapter: Path, repeats: int = 2) -> float:
     return sum(per_shape[shape] for shape in shapes)
 
 
+def layer_times(shapes: list[str], ranks: list[int], repeats: int) -> None:
+    """Print the in-process time of ``mas_svd`` on one generated layer of each shape and rank (decaying and isotropic
+    spectra, bf16 factors scored in float32 as ``score`` does): the median and the best of ``repeats`` calls, after
+    one untimed call (which loads the compiled kernels). No start-up, no reading: the fit and the small-factor work."""
+    from s3lora_cli.engine import mas_svd
+
+    for shape in shapes:
+        out, inp = (int(x) for x in shape.lower().split("x"))
+        for r in ranks:
+            line = []
+            for spectrum in ("decaying", "isotropic"):
+                a, b = layer_factors(out + inp + r, out, inp, r, spectrum)
+                left, right = b.float(), a.float()
+                mas_svd(left, right)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    mas_svd(left, right)
+                    times.append(time.perf_counter() - start)
+                times.sort()
+                line.append(f"{spectrum} {times[len(times) // 2] * 1e3:.1f} ms (best {times[0] * 1e3:.1f})")
+            print(f"[layer {out}x{inp} r={r}] " + ", ".join(line), flush=True)
+
+
 def concurrent_walls(adapter: Path, n: int, *extra: str) -> list[float]:
     """Wall seconds of each of n `s3lora score` processes started together."""
     cmd = [sys.executable, "-m", "s3lora_cli", "score", str(adapter), "--format", "json", "--quiet", *extra]
@@ -324,6 +349,14 @@ def main() -> None:
         type=int,
         help="threads for torch, BLAS and the compiled kernels (default: what they choose, one per core)",
     )
+    parser.add_argument(
+        "--layer-times",
+        nargs="+",
+        metavar="DxK",
+        help="instead of the cases: time mas_svd in-process on one layer of each shape (e.g. 64x64 1024x1024)",
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16], help="ranks for --layer-times")
+    parser.add_argument("--repeats", type=int, default=7, help="calls per layer for --layer-times")
     args = parser.parse_args()
     if args.threads:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -336,6 +369,9 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"device {args.device}"
     )
+    if args.layer_times:
+        layer_times(args.layer_times, args.ranks, args.repeats)
+        return
     with tempfile.TemporaryDirectory(prefix="s3lora-bench-") as tmp:
         for case in args.cases:
             if case == "store":  # s3lora scan on a generated store: see scripts/bench_store.py

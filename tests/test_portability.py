@@ -47,13 +47,13 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    """Layers large enough for the screened fit and its kernels (512 x 256, r = 8): a decaying spectrum, a
-    near-isotropic one (plain Gaussian factors: every step a near tie), one dominant direction; and a small
-    layer of the batched path."""
+    """Layers large enough for the screened fit and its kernels (768 x 352, r = 8: above ``fit.WHOLE_MAX_ENTRIES``): a
+    decaying spectrum, a near-isotropic one (plain Gaussian factors: every step a near tie), one dominant direction;
+    and a small layer, fitted whole (``whole``)."""
     gen = torch.Generator().manual_seed(7)
     tensors = {}
     for index, kind in enumerate(["decaying", "isotropic", "dominant", "small"]):
-        d, k = (96, 80) if kind == "small" else (512, 256)
+        d, k = (96, 80) if kind == "small" else (768, 352)
         a, b = torch.randn(8, k, generator=gen), torch.randn(d, 8, generator=gen)
         if kind == "decaying":
             b /= torch.arange(1, 9)

@@ -21,7 +21,7 @@ from s3lora_cli.engine.screening import lower_bounds
 from s3lora_cli.engine.tangents import envelope_bounds
 from s3lora_cli.engine.tangents import narrowed as narrowed_bracket
 from s3lora_cli.engine.tangents import tangents as tangents_of
-from s3lora_cli.spectral import Method, l1_fit, mas_svd, ssi
+from s3lora_cli.spectral import Method, l1_fit, mas_svd, mas_svd_candidates, ssi
 
 B_CHECK = [[2, 1], [1, -1], [0, 3], [-1, 2], [4, 0.5]]
 A_CHECK = [[1, 0, -2, 1], [0.5, 1, 1, -1]]
@@ -58,19 +58,19 @@ def test_reference_reproduces_worked_check():
 # ---------------------------------------------------------------------------------------------- engines
 
 ENGINES = {
-    # the defaults: small inputs select every pair's median over all its ratios in one batch
+    # the defaults: small inputs keep their whole residual, one compiled call per step fits the pairs left by the bounds
     "default": {},
-    # the same batch without numba: every pair's ratios sorted
-    "batched-torch": {"kernels.available": False},
+    # the same without numba: every pair fitted, its ratios sorted
+    "whole-torch": {"kernels.available": False},
     # one pass per step over all pairs, without screening
-    "unscreened": {"BATCHED_MAX_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
+    "unscreened": {"WHOLE_MAX_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
     # screening on every input, the tensor implementation of the pass
-    "torch": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
+    "torch": {"WHOLE_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 1 << 62},
     # screening on every input, the compiled kernel on every chunk
-    "kernel": {"BATCHED_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0},
+    "kernel": {"WHOLE_MAX_ENTRIES": 0, "SCREEN_MIN_ENTRIES": 0, "KERNEL_MIN_ENTRIES": 0},
     # tiny samples and chunks: sampled brackets, their misses and widening, many chunks per pass
     "tiny": {
-        "BATCHED_MAX_ENTRIES": 0,
+        "WHOLE_MAX_ENTRIES": 0,
         "SCREEN_MIN_ENTRIES": 0,
         "KERNEL_MIN_ENTRIES": 0,
         "SAMPLE_SIZE": 8,
@@ -79,7 +79,7 @@ ENGINES = {
     },
     # residuals too large to keep: every pass forms its chunks again from the factors
     "uncached": {
-        "BATCHED_MAX_ENTRIES": 0,
+        "WHOLE_MAX_ENTRIES": 0,
         "SCREEN_MIN_ENTRIES": 0,
         "KERNEL_MIN_ENTRIES": 0,
         "CACHE_ENTRIES": 0,
@@ -87,7 +87,7 @@ ENGINES = {
     },
     # residuals kept in part: the first chunks deflated in place, the others formed again in every pass
     "partial": {
-        "BATCHED_MAX_ENTRIES": 0,
+        "WHOLE_MAX_ENTRIES": 0,
         "SCREEN_MIN_ENTRIES": 0,
         "KERNEL_MIN_ENTRIES": 0,
         "CACHE_ENTRIES": 30,
@@ -247,6 +247,7 @@ def test_fast_path_matches_reference_float64(name, case):
     with engine(name):
         fast, ref = _check_against_reference(b, a, torch.float64, 1e-9, 1e-8)
     for p, q in zip(fast.picks, ref.picks, strict=True):
+        assert type(p.a) is int and type(p.b) is int and type(p.delta) is float  # as JSON takes them
         # delta is relative to u and v, whose signs are arbitrary: compare magnitudes
         assert abs(p.delta) == pytest.approx(abs(q[2]), rel=1e-8, abs=1e-12 * np.abs(ref.sigma).max(initial=1))
 
@@ -1016,3 +1017,111 @@ def test_fast_fit_takes_the_lower_weighted_median(name, dtype):
         picks, _, _ = l1_fit(left, right, us, vs, steps=1)
         assert picks[0].delta == 4.0
         assert picks[0].objective == pytest.approx(abs(1 - 2) + abs(2 - 2) + abs(3 - 2) + abs(4 - 2))
+
+
+# ---------------------------------------------------------------------------------------------- small layers, whole
+
+
+def _whole_case(b, a, dtype, deflate: bool):
+    """A small layer's residual (``residual.Residual``), formed whole, and its candidates in ``dtype``; if ``deflate``,
+    after one pick (as the fit deflates it)."""
+    us, vs = mas_svd_candidates(b, a, 6)
+    us, vs = us.to(dtype), vs.to(dtype)
+    res = Residual(b.to(dtype), a.T.contiguous().to(dtype))
+    if deflate and us.shape[1] and vs.shape[1]:
+        res = res.deflate(0.75 * float((res.p @ res.q.T).abs().max()), us[:, 0], vs[:, 0])
+    return res, us, vs
+
+
+def _step(res, us, vs, exhaustive: bool):
+    return kernels.whole_step(
+        (res.p @ res.q.T).numpy(),
+        us.T.contiguous().numpy(),
+        vs.T.contiguous().numpy(),
+        BOUND_POWERS,
+        exhaustive,
+        screening.BOUND_SLACK,
+        screening.TINY,
+    )
+
+
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(lora_factors(max_dim=40, max_rank=6), st.sampled_from([torch.float32, torch.float64]), st.booleans())
+def test_whole_step_fits_every_pair_that_can_win(case, dtype, deflate):
+    """One compiled step of a small layer against the literal float64 computation over the same residual:
+    every pair's bound is a lower bound on its objective; every pair fitted has the literal lower weighted median
+    (ratios and products u_i v_j rounded in the compute dtype, as the pass forms them) and objective; a pair is
+    left unfitted only where its bound exceeds the best objective by more than BOUND_SLACK; exhaustive fits
+    every pair, to the same values; and the winner (``fit.best``) is that of the exhaustive step."""
+    res, us, vs = _whole_case(case[0], case[1], dtype, deflate)
+    assume(us.shape[1] > 0 and vs.shape[1] > 0)
+    deltas, objectives, fitted, lower = _step(res, us, vs, exhaustive=False)
+    all_deltas, all_objectives, all_fitted, _ = _step(res, us, vs, exhaustive=True)
+    assert all_fitted.all() and fitted.any()
+    r = (res.p @ res.q.T).numpy()
+    n = r.size
+    best = min(float(objectives[pair]) for pair in zip(*fitted.nonzero(), strict=True))
+    for a in range(us.shape[1]):
+        for b in range(vs.shape[1]):
+            uv = np.outer(us[:, a].numpy(), vs[:, b].numpy())  # in the compute dtype, as the pass forms it
+            nonzero = uv != 0
+            weights = np.abs(uv[nonzero]).astype(np.float64)  # summed in float64, as the pass sums them
+            delta = weighted_lower_median(r[nonzero] / uv[nonzero], weights) if nonzero.any() else 0.0
+            terms = np.abs(r.astype(np.float64) - delta * uv.astype(np.float64))
+            # the float64 sums of n terms, in any order: (n + 2) units of 2^-53 of their magnitudes (each term
+            # rounds twice); the bound's sums, three of them, as much again each
+            magnitude = float(np.abs(r).sum(dtype=np.float64) + abs(delta) * np.abs(uv).sum(dtype=np.float64))
+            tol = (n + 2) * 2.0**-53 * magnitude
+            assert all_deltas[a, b] == delta
+            assert abs(all_objectives[a, b] - terms.sum()) <= tol
+            assert lower[a, b] <= terms.sum() + 4 * tol
+            if fitted[a, b]:
+                assert (deltas[a, b], objectives[a, b]) == (all_deltas[a, b], all_objectives[a, b])
+            else:
+                assert lower[a, b] > best + screening.BOUND_SLACK * abs(best) + screening.TINY
+    if dtype == torch.float64:  # the formula of ``bounds``: its tensor implementation over the same residual
+        expected = lower_bounds(res.p, res.q, us, vs)[0].numpy()
+        # R formed in float64 chunks there, in one product here: each entry within (s + 2) 2^-53 of sum_l |p_il q_jl|
+        size = float((res.p.abs() @ res.q.abs().T).sum())
+        tol = 16 * (n + res.p.shape[1] + 2) * 2.0**-53 * size
+        assert np.array_equal(np.isfinite(lower), np.isfinite(expected))
+        finite = np.isfinite(lower)
+        assert np.all(np.abs(lower[finite] - expected[finite]) <= tol)
+    screened = {pair: (float(deltas[pair]), float(objectives[pair])) for pair in zip(*fitted.nonzero(), strict=True)}
+    every = {pair: (float(all_deltas[pair]), float(all_objectives[pair])) for pair in np.ndindex(*fitted.shape)}
+    assert fit.best(res, us, vs, screened) == fit.best(res, us, vs, every)
+
+
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+def test_whole_step_rules_out_pairs():
+    """On a decaying update (as trained adapters have) the bounds leave most pairs unfitted at the first step."""
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(64, 8, generator=gen) / torch.arange(1, 9)
+    a = torch.randn(8, 64, generator=gen)
+    res, us, vs = _whole_case(b.double(), a.double(), torch.float32, False)
+    _, _, fitted, _ = _step(res, us, vs, exhaustive=False)
+    assert fitted.sum() < fitted.size / 4
+
+
+@pytest.mark.skipif(not kernels.available, reason="numba is not available")
+@settings(max_examples=examples(100), deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-5, 5), st.integers(0, 4)), min_size=1, max_size=120),
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_entries_fit_sorts_where_the_selection_finds_nothing(items, dtype):
+    """A pair's fit where rounding has left the total weight it is given a hair above the selection's own sum (here
+    far above, so that the selection surely finds nothing): the median is found by sorting, against the weights'
+    own sum; the lower weighted median all the same, and its literal objective (entries of zero weight, ratio
+    infinite, count |r|)."""
+    ratios = np.array([float(x) if w else np.inf for x, w in items], dtype=dtype)
+    weights = np.array([float(w) for _, w in items], dtype=dtype)
+    assume(weights.sum() > 0)
+    uvs = weights.copy()
+    r = np.array([float(x) * w for x, w in items], dtype=dtype)
+    own = float(weights.sum(dtype=np.float64))
+    for total in (own, 3 * own):
+        delta, objective = kernels._entries_fit(r, ratios, weights, uvs, total)
+        assert delta == weighted_lower_median(ratios[weights > 0], weights[weights > 0].astype(np.float64))
+        assert objective == pytest.approx(float(np.abs(r - delta * uvs).sum(dtype=np.float64)), abs=1e-9)

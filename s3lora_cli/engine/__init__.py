@@ -51,6 +51,8 @@ The modules, in the order of the spec:
 - ``spectra``: the public entry (``mas_svd``), SSI, the candidates (steps 1-3), the fit's spectrum and magnitude
   (steps 5-6);
 - ``fit``: the greedy fit (step 4): its steps, the pick, near ties decided in float64;
+- ``whole``: the steps of a small layer, each one compiled call over its whole residual that bounds every pair
+  and fits exactly those the bounds leave;
 - ``exact``: exhaustive evaluation: every pair's exact median and objective, in one pass or in one batch;
 - ``residual``: the residual, its chunks and deflation, and the one pass driver that feeds every consumer;
 - ``state``: what a fit keeps between its steps (draws, candidate terms);

@@ -4,7 +4,8 @@ weights |u_i v_j|) and exact objective sum_ij |R_ij - delta u_i v_j| over every 
 One pass over R serves all pairs: a sample weighted by |u_i v_j| brackets each pair's median; the pass sums the
 entries below and above the bracket and keeps those inside, and a linear-time weighted selection finds the
 median among them. A bracket that misses is widened and the pass repeated, so the sample only affects speed.
-A small R (BATCHED_MAX_ENTRIES in ``fit``) skips the brackets: every ratio of every pair is formed at once.
+``pair_medians`` fits every pair at once over a list of entries (the screening's estimates, and small layers
+without the compiled kernels).
 """
 
 from __future__ import annotations
@@ -19,14 +20,28 @@ from s3lora_cli.engine import kernels
 from s3lora_cli.engine.residual import Residual, read_pass, use_kernel
 
 SAMPLE_SIZE = 1 << 14
-"""Entries drawn (weighted by |u_i v_j|) to bracket each weighted median before the exact pass."""
+"""Entries drawn (weighted by |u_i v_j|) to bracket each weighted median before the exact pass, at most
+(``sample_size``)."""
+
+SAMPLE_MIN = 1 << 11
+"""Entries drawn for a bracket, at least."""
+
+SAMPLE_SPARSITY = 1 << 9
+"""Between SAMPLE_MIN and SAMPLE_SIZE, a layer draws one entry per SAMPLE_SPARSITY of its entries."""
 
 BRACKET_WIDTHS = (3.5, 8.0)
 """Half-widths of the sampled bracket, in standard deviations of the sample median's rank; then all entries."""
 
 KEEP_ALL_SAMPLES = 4
-"""A residual of at most this many times SAMPLE_SIZE entries keeps every entry in its first pass (no bracket):
+"""A residual of at most this many times its sample size entries keeps every entry in its first pass (no bracket):
 drawing and sorting the sample would cost about as much as the pass it saves."""
+
+
+def sample_size(entries: int) -> int:
+    """The entries a layer of ``entries`` entries draws for each bracket. The brackets only order the work (a bracket
+    that misses is widened): sized for a 4096 x 4096 layer, drawing and ranking them cost as much as the passes
+    of a 1024 x 1024 one (measured); a smaller sample only keeps more entries inside a bracket."""
+    return min(SAMPLE_SIZE, max(SAMPLE_MIN, entries // SAMPLE_SPARSITY))
 
 
 def exact_pairs(
@@ -42,7 +57,7 @@ def exact_pairs(
     """
     result: dict[tuple[int, int], tuple[float, float]] = {}
     widths = (*BRACKET_WIDTHS, math.inf)
-    small = res.p.shape[0] * res.q.shape[0] <= KEEP_ALL_SAMPLES * SAMPLE_SIZE
+    small = res.p.shape[0] * res.q.shape[0] <= KEEP_ALL_SAMPLES * state.sample_size
     todo = {pair: len(BRACKET_WIDTHS) if small else 0 for pair in pairs}  # pair -> index into widths
     while todo or riders:
         found = brackets(res.p, res.q, us, vs, {pair: widths[level] for pair, level in todo.items()}, state)
@@ -57,17 +72,6 @@ def exact_pairs(
                 result[pair] = selected
                 del todo[pair]
     return result
-
-
-def exact_pairs_batched(
-    p: torch.Tensor, q: torch.Tensor, us: torch.Tensor, vs: torch.Tensor, pairs: list[tuple[int, int]]
-) -> dict[tuple[int, int], tuple[float, float]]:
-    """The same as ``exact_pairs`` for a small R, all pairs at once: every ratio of every pair is formed,
-    and each pair's weighted median selected (compiled, on the CPU) or found by sorting."""
-    r = (p @ q.T).reshape(-1)  # [n], entry t at row t // k, column t % k
-    t = torch.arange(r.numel(), device=p.device)
-    deltas, objectives = pair_medians(r, us, vs, t // q.shape[0], t % q.shape[0])
-    return {pair: (float(deltas[pair]), float(objectives[pair])) for pair in pairs}
 
 
 def pair_medians(
@@ -236,7 +240,7 @@ def brackets(
     draw of rows per a and of columns per b serves all pairs), ``widths[pair]`` standard deviations of the
     sample median's rank either side of it. The rows and columns are the fit's draws (``state``), the same at
     every step."""
-    n = SAMPLE_SIZE
+    n = state.sample_size
     found = {pair: (-math.inf, math.inf) for pair, width in widths.items() if width == math.inf}
     sampled = [pair for pair, width in widths.items() if width != math.inf]
     if not sampled:

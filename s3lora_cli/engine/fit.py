@@ -1,10 +1,11 @@
 """The greedy L1 rank-1 fit (spec step 4): M steps, each picking the candidate pair (a, b) and scalar delta whose
 rank-1 term delta u_a v_b^T fits the residual best in L1, then deflating the residual by it.
 
-How each step finds the pair: a small layer forms every ratio of every pair at once (``exact.exact_pairs_batched``);
-a layer below SCREEN_MIN_ENTRIES (or ``exhaustive``) evaluates every pair exactly in one pass per step
-(``exact.exact_pairs``); the others evaluate only the pairs that certified bounds cannot rule out
-(``screening.screened_step``). All three give the same picks; near ties are decided in float64 (``best``).
+How each step finds the pair: a small layer forms its whole residual, and one compiled call per step fits exactly
+the pairs that its dual bounds cannot rule out (``whole.WholeFit``); a layer below SCREEN_MIN_ENTRIES (or
+``exhaustive``) evaluates every pair exactly in one pass per step (``exact.exact_pairs``); the others evaluate only
+the pairs that certified bounds cannot rule out (``screening.screened_step``). All three give the same picks; near
+ties are decided in float64 (``best``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import torch
 from s3lora_cli.engine import exact, kernels, screening
 from s3lora_cli.engine.residual import Residual, row_chunks
 from s3lora_cli.engine.state import FitState
+from s3lora_cli.engine.whole import WholeFit
 
 SCREEN_MIN_ENTRIES = 1 << 14
 """Below this many entries every pair is evaluated in one pass: screening would cost more than it saves."""
 
-BATCHED_MAX_ENTRIES = 1 << 21
-"""Small layers: when entries x pairs is at most this, each pair's median is selected over all its ratios at once."""
+WHOLE_MAX_ENTRIES = 1 << 18
+"""Small layers: up to this many entries, each step forms the whole residual and is one compiled call (``whole``)."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,11 @@ def l1_fit(
     exact_count = 0
     all_pairs = [(a, b) for a in range(n_u) for b in range(n_v)]
     screen = not exhaustive and p.shape[0] * q.shape[0] >= SCREEN_MIN_ENTRIES
-    batched = p.shape[0] * q.shape[0] * len(all_pairs) <= BATCHED_MAX_ENTRIES
+    whole = WholeFit(us, vs) if p.shape[0] * q.shape[0] <= WHOLE_MAX_ENTRIES else None
     res, favoured = Residual(p, q), None
     for _ in range(steps):
-        if batched:
-            evaluated = exact.exact_pairs_batched(res.p, res.q, us, vs, all_pairs)
+        if whole is not None:
+            evaluated = whole.step(res, exhaustive)
         elif screen:
             screened = screening.screened_step(res, us, vs, all_pairs, state, favoured)
             evaluated, favoured = screened.evaluated, screened.favoured

@@ -39,7 +39,15 @@ alpha = 0 leaves) before any exact pair; at the other steps alpha = 0 alone rule
 the generated adapters), in a third of the sums."""
 
 ESTIMATE_SAMPLE = 1 << 12
-"""Entries drawn uniformly to estimate every pair's objective, which orders the exact work."""
+"""Entries drawn uniformly to estimate every pair's objective, which orders the exact work, at most: a layer
+draws one per ESTIMATE_SPARSITY of its entries, at least ESTIMATE_MIN (sized by the layer as the brackets are,
+``exact.sample_size``)."""
+
+ESTIMATE_MIN = 1 << 9
+"""Entries drawn for the estimates, at least."""
+
+ESTIMATE_SPARSITY = 1 << 10
+"""Between ESTIMATE_MIN and ESTIMATE_SAMPLE, one entry drawn for the estimates per this many of a layer."""
 
 BRACKET_Z = 3.0
 """Half-width, in standard deviations of the sample median's rank, of the bracket where a pair's first
@@ -223,7 +231,7 @@ def early_pairs(estimates: torch.Tensor, sample_l1: float, first: Pair) -> list[
 def sample_objectives(p, q, us, vs, gen: torch.Generator) -> tuple[torch.Tensor, float]:
     """Every pair's objective estimated on a uniform sample of entries ([Mu, Mv]), and the sample's ||R||_1
     on the same scale. They only decide which pairs are evaluated first, never the result."""
-    n = ESTIMATE_SAMPLE
+    n = min(ESTIMATE_SAMPLE, max(ESTIMATE_MIN, p.shape[0] * q.shape[0] // ESTIMATE_SPARSITY))
     i = torch.randint(p.shape[0], (n,), generator=gen, device=p.device)
     j = torch.randint(q.shape[0], (n,), generator=gen, device=p.device)
     r = (p[i] * q[j]).sum(1)  # [n], in the compute dtype (estimates need no more)
