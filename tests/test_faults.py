@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -729,15 +728,19 @@ def test_an_interruption_during_the_commit_waits_and_is_told_truly(tmp_path, mon
     real_install = durable.install_dir
 
     def install_then_interrupt(tmp, destination, replace):
-        # to the main thread, as a terminal's Ctrl-C reaches a single-threaded process: a process-directed
-        # signal may land on a worker thread (numba's, PyTorch's) and reach Python later
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # held: delivered when the commit ends
+        os.kill(os.getpid(), signal.SIGINT)  # held: delivered when the commit ends
         return real_install(tmp, destination, replace=replace)
 
     monkeypatch.setattr(durable, "install_dir", install_then_interrupt)
     store = tmp_path / "store"
     args = ["admit", str(make_adapter(tmp_path / "a")), "--store", str(store), "--max-ssi", "0.99", "-q"]
-    result = runner.invoke(app, [*args, "--device", "cpu"])
+    # Python's own SIGINT handler: a process started in the background by a non-interactive shell (nohup ... &)
+    # inherits SIGINT ignored, and an ignored signal is rightly never delivered
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = runner.invoke(app, [*args, "--device", "cpu"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     message = one_line_error(result, EXIT_SIGINT, "interrupted after", "admitted", "logged")
     assert "nothing was written" not in message
     assert len(discover(store)) == 1 and len(read_audit_log(store / AUDIT_LOG_NAME)) == 1
