@@ -183,7 +183,6 @@ class _Saved:
     band: Band | None
     progress: LoopProgress
     buffer: BufferState
-    done: set[int]
     base_vectors: list[list[float]] = field(default_factory=list)
 
 
@@ -202,7 +201,6 @@ def _load(directory: Path) -> _Saved:
             band=band,
             progress=LoopProgress.from_json(doc["progress"]),
             buffer=buffer,
-            done={int(x) for x in doc["done"]},
             base_vectors=[[float(x) for x in v] for v in doc.get("base_vectors", [])],
         )
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -213,7 +211,7 @@ def _load(directory: Path) -> _Saved:
 
 
 def _save(directory: Path, saved: _Saved) -> None:
-    """One file, written atomically: the buffer, the band, the counters and the clusters done, as of the last
+    """One file, written atomically: the buffer, the band, the counters and every training's outcome, as of the last
     line consumed."""
     doc = {
         "schema_version": LOOP_VERSION,
@@ -222,7 +220,6 @@ def _save(directory: Path, saved: _Saved) -> None:
         "consumed_sha256": saved.digest,
         "band": None if saved.band is None else saved.band.__dict__,
         "progress": saved.progress.to_json(),
-        "done": sorted(saved.done),
         "base_vectors": saved.base_vectors,
         "buffer": json.loads(state_json(saved.buffer, saved.consumed, saved.digest)),
     }
@@ -447,7 +444,6 @@ def _fresh(embed: Embedder) -> _Saved:
         band=None,
         progress=LoopProgress(),
         buffer=BufferState(embedder=embed.name),
-        done=set(),
     )
 
 
@@ -614,7 +610,6 @@ class _Loop:
             else:
                 progress.quarantined += 1
             progress.clusters.append(outcome)
-            saved.done.add(cluster.id)
             self._reload_router()
             _save(self.state, saved)
             self.event(f"cluster {cluster.id}: {outcome.verdict} as {outcome.entry}")

@@ -130,6 +130,27 @@ def _gate_settings(store_policy, flags: dict, policy: Optional[Path], device: st
     return GateSettings(selection=selection, floor=store_policy.floor, policy=gate_policy, device=device)
 
 
+def _loop_settings(flags: dict, policy: Optional[Path], search: Optional[str], rules: dict, device: str, **run):
+    """The loop's settings: ``flags`` (policy keys; None: not given) over --policy over pyproject, training with
+    ``run``'s seed and max_new_tokens, the gate with ``rules`` (``admit``'s flags); ``run`` also sets LoopSettings'
+    own fields (batch size, bucketing)."""
+    from s3lora_cli.adapt.loop import LoopSettings
+    from s3lora_cli.adapt.policy import resolve_adapt_policy
+    from s3lora_cli.adapt.train import TrainSettings
+
+    resolved = resolve_adapt_policy(flags, policy, search=search)
+    seed = run.pop("seed")
+    return LoopSettings(
+        trigger=resolved.trigger,
+        buffer=resolved.buffer,
+        train=TrainSettings.of(resolved.store, seed, run["max_new_tokens"]),
+        gate=_gate_settings(resolved.store, rules, policy, device),
+        route_threshold=resolved.store.route_threshold,
+        min_new=resolved.store.min_new,
+        **run,
+    )
+
+
 def _step_printer(quiet: bool):
     if quiet:
         return None
@@ -191,18 +212,16 @@ def train(
     _require_extra()
     import numpy as np
 
-    from s3lora_cli.adapt.loop import LoopSettings, adapt_cluster
-    from s3lora_cli.adapt.policy import resolve_adapt_policy
-    from s3lora_cli.adapt.train import TrainSettings
+    from s3lora_cli.adapt.loop import adapt_cluster
 
-    flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
-    store_policy = resolve_adapt_policy(flags, policy, search=search).store
-    train_settings = TrainSettings.of(store_policy, seed, max_new_tokens)
-    gate = _gate_settings(
-        store_policy,
-        gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers, None, None, None),
+    settings = _loop_settings(
+        _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor),
         policy,
+        search,
+        gate_flags(max_ssi, max_violations, baseline, max_increase, strict_layers, None, None, None),
         device,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
     )
     records, info = _read_cluster(cluster)
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
@@ -221,7 +240,7 @@ def train(
             origin=None if info.get("origin") is None else np.asarray(info["origin"], dtype=np.float64),
             store=store,
             work=work,
-            settings=LoopSettings(train=train_settings, gate=gate),
+            settings=settings,
             quarantine=quarantine,
             audit_log=audit_log,
             progress=_step_printer(quiet),
@@ -364,20 +383,11 @@ def refresh(
     (routing uses the latest admitted generation), and any cluster handed off but not trained yet. Prints one JSON
     line per adapter trained."""
     _require_extra()
-    from s3lora_cli.adapt.loop import LOOP_FILE, LoopSettings, refresh_adapters
-    from s3lora_cli.adapt.policy import resolve_adapt_policy
-    from s3lora_cli.adapt.train import TrainSettings
+    from s3lora_cli.adapt.loop import LOOP_FILE, refresh_adapters
 
     flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
-    resolved = resolve_adapt_policy({**flags, "min_new": min_new}, policy, search=search)
-    settings = LoopSettings(
-        trigger=resolved.trigger,
-        buffer=resolved.buffer,
-        train=TrainSettings.of(resolved.store, seed, max_new_tokens),
-        gate=_gate_settings(resolved.store, {}, policy, device),
-        route_threshold=resolved.store.route_threshold,
-        min_new=resolved.store.min_new,
-    )
+    flags["min_new"] = min_new
+    settings = _loop_settings(flags, policy, search, {}, device, seed=seed, max_new_tokens=max_new_tokens)
     if not (state / LOOP_FILE).is_file():
         raise AdapterInputError(f"--state {state}: no 'adapt run' state there ({LOOP_FILE})")
     lm, embed = _load_embedding(model, embedder, device, need_lm=True)
@@ -450,41 +460,27 @@ def run(
     report (samples, triggered, clusters, adapters trained, pruned layers, admitted, quarantined, seconds per
     stage) to stdout. Stopped (Ctrl-C, exit 130), it continues with --resume."""
     _require_extra()
-    from s3lora_cli.adapt.loop import LoopSettings, prepare_loop_state, run_loop
-    from s3lora_cli.adapt.policy import resolve_adapt_policy
-    from s3lora_cli.adapt.train import TrainSettings
+    from s3lora_cli.adapt.loop import prepare_loop_state, run_loop
 
     flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
-    resolved = resolve_adapt_policy(
-        {
-            **flags,
-            "warmup": warmup,
-            "threshold": threshold,
-            "weight_exact": weight_exact,
-            "min_buffer": min_buffer,
-            "min_cluster": min_cluster,
-            "route_threshold": route_threshold,
-            "min_new": min_new,
-        },
-        policy,
-        search=search,
+    flags.update(
+        warmup=warmup,
+        threshold=threshold,
+        weight_exact=weight_exact,
+        min_buffer=min_buffer,
+        min_cluster=min_cluster,
+        route_threshold=route_threshold,
+        min_new=min_new,
     )
-    train_settings = TrainSettings.of(resolved.store, seed, max_new_tokens)
-    gate = _gate_settings(
-        resolved.store,
+    settings = _loop_settings(
+        flags,
+        policy,
+        search,
         gate_flags(max_ssi, max_violations, None, None, None, None, None, None),
-        policy,
         device,
-    )
-    settings = LoopSettings(
-        trigger=resolved.trigger,
-        buffer=resolved.buffer,
-        train=train_settings,
-        gate=gate,
-        route_threshold=resolved.store.route_threshold,
-        min_new=resolved.store.min_new,
-        batch_size=batch_size,
+        seed=seed,
         max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
         bucket_by_tag=bucket_by is BucketBy.tag,
     )
     check_output(output, force)
