@@ -336,11 +336,11 @@ def adapt_cluster(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _outcome(cluster: Cluster, records: Sequence[dict], generation: int, trained: Any, gated: Any) -> ClusterOutcome:
+def _outcome(cluster: Cluster, generation: int, trained: Any, gated: Any) -> ClusterOutcome:
     record = gated.admit.record
     return ClusterOutcome(
         cluster=cluster.id,
-        members=len(records),
+        members=len(cluster.members),
         keywords=list(cluster.keywords),
         verdict=record["verdict"],
         entry=record["name"],
@@ -352,7 +352,7 @@ def _outcome(cluster: Cluster, records: Sequence[dict], generation: int, trained
         reasons=list(record["reasons"]),
         candidates=len(trained.candidates),
         generation=generation,
-        distinct=len(examples_of(records)),
+        distinct=len(trained.train) + len(trained.validation),
     )
 
 
@@ -665,7 +665,7 @@ class _Loop:
             base_vectors=np.asarray(saved.base_vectors, dtype=np.float64),
         )
         self.progress.candidates_trained += len(trained.candidates)
-        return _outcome(cluster, records, generation, trained, gated)
+        return _outcome(cluster, generation, trained, gated)
 
 
 # --- refresh --------------------------------------------------------------------------------------------------
