@@ -362,6 +362,27 @@ def test_an_interrupted_cluster_command_says_how_to_resume_and_resumes_to_the_sa
     assert (tmp_path / "part" / STATE_FILE).read_text() == (tmp_path / "whole" / STATE_FILE).read_text()
 
 
+def test_assign_threshold_decides_which_later_samples_join_a_cluster(tmp_path, model_dir, monkeypatch):
+    import s3lora_cli.adapt.embedding as embedding
+
+    triggered = tmp_path / "triggered.jsonl"
+    triggered.write_text("".join(triggered_lines()))
+    monkeypatch.setattr(embedding, "model_embedder", lambda lm: TableEmbedder())
+    base = ["adapt", "cluster", str(triggered), "--model", str(model_dir), "--min-buffer", "20", "-q"]
+    docs = {}
+    for name, extra in (("default", []), ("strict", ["--assign-threshold", "1"])):
+        result = runner.invoke(cli.app, base + ["--state", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.stderr
+        docs[name] = json.loads(result.stdout)
+    # Each later sample lies near its blob's cluster (cosine near 1): the default threshold (0.6) takes every one in,
+    # so the buffer is empty and never clustered again; a threshold of 1 takes none, so they wait and are clustered
+    # again in the buffer.
+    assert docs["default"]["buffered"] == 0 and docs["default"]["reclusterings"] == 2
+    assert docs["strict"]["buffered"] > 0 and docs["strict"]["reclusterings"] > 2
+    bad = runner.invoke(cli.app, base + ["--state", str(tmp_path / "bad"), "--assign-threshold", "-2"])
+    assert bad.exit_code == 2 and "--assign-threshold" in bad.stderr
+
+
 def test_trigger_reads_stdin_and_a_state_directory_with_hand_off_files_is_not_overwritten(tmp_path, model_dir):
     tasks = write_tasks(tmp_path / "tasks.jsonl", count=3)
     piped = runner.invoke(

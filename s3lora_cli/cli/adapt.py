@@ -47,6 +47,12 @@ WEIGHT_EXACT = typer.Option(
     help="Weight of a wrong exact match in the failure score (default 0, SAGE's signals alone): catches a wrong fact "
     "in the gold answer's own words.",
 )
+ASSIGN_THRESHOLD = typer.Option(
+    None,
+    "--assign-threshold",
+    help="Least 0.7 cosine + 0.3 keyword overlap for a triggered sample to join a stored cluster (default 0.6); "
+    "below it, the sample waits in the buffer for the next clustering.",
+)
 
 
 class BucketBy(str, enum.Enum):
@@ -225,6 +231,7 @@ def cluster(
     min_cluster: Optional[int] = typer.Option(
         None, "--min-cluster", help="Members before a cluster is handed off (default 10)."
     ),
+    assign_threshold: Optional[float] = ASSIGN_THRESHOLD,
     bucket_by: BucketBy = typer.Option(BucketBy.none, "--bucket-by", help="none (one bucket) or tag."),
     strict: bool = STRICT,
     device: str = ADAPT_DEVICE,
@@ -237,7 +244,9 @@ def cluster(
     from s3lora_cli.adapt.policy import resolve_adapt_policy
     from s3lora_cli.adapt.state import HANDOFF_DIR, prepare_state_directory, run_buffer
 
-    buffer_policy = resolve_adapt_policy({"min_buffer": min_buffer, "min_cluster": min_cluster}, policy).buffer
+    buffer_policy = resolve_adapt_policy(
+        {"min_buffer": min_buffer, "min_cluster": min_cluster, "assign_threshold": assign_threshold}, policy
+    ).buffer
     if str(triggered) != "-" and state.resolve() in (Path(triggered).resolve(), *Path(triggered).resolve().parents):
         raise UsageError(f"{triggered} is inside --state {state}; choose another state directory")
     prepare_state_directory(state, resume=resume, force=force)

@@ -16,6 +16,7 @@ import typer
 
 from s3lora_cli.cli.adapt import (
     ADAPT_DEVICE,
+    ASSIGN_THRESHOLD,
     EMBEDDER,
     STRICT,
     WEIGHT_EXACT,
@@ -430,6 +431,7 @@ def run(
     min_cluster: Optional[int] = typer.Option(
         None, "--min-cluster", help="Members before a cluster is trained (default 10)."
     ),
+    assign_threshold: Optional[float] = ASSIGN_THRESHOLD,
     bucket_by: BucketBy = typer.Option(BucketBy.none, "--bucket-by", help="none (one bucket) or tag."),
     search: Optional[str] = SEARCH,
     rank: Optional[int] = RANK,
@@ -469,6 +471,7 @@ def run(
         weight_exact=weight_exact,
         min_buffer=min_buffer,
         min_cluster=min_cluster,
+        assign_threshold=assign_threshold,
         route_threshold=route_threshold,
         min_new=min_new,
     )
