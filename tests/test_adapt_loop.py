@@ -20,6 +20,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 pytest.importorskip("sacrebleu")
 pytest.importorskip("rouge_score")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_lm import save_tiny_causal_lm  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
@@ -165,6 +167,30 @@ def test_the_split_is_seeded_holds_out_a_fifth_of_the_distinct_samples():
         split_examples(examples[:1], 0.2, seed=0)
     with pytest.raises(AdapterInputError, match="sample 1"):
         examples_of([{"prompt": "", "answer": "x"}])
+
+
+@given(
+    answers=st.lists(st.integers(0, 6), min_size=2, max_size=30),
+    fraction=st.sampled_from([0.1, 0.2, 0.5, 0.9]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_split_holds_out_other_phrasings_of_answers_it_trains_on_first(answers, fraction, seed):
+    examples = [Example(f"prompt {i}", f"answer {a}") for i, a in enumerate(answers)]
+    train, held = split_examples(examples, fraction, seed)
+    n = len(examples)
+    assert len(held) == min(max(1, -(-n * fraction // 1)), n - 1)  # ceil, at least one on each side
+    assert sorted(map(str, train + held)) == sorted(map(str, examples)) and (train, held) == split_examples(
+        examples, fraction, seed
+    )
+    # Literal count: an answer asked k times can give k - 1 samples to validation and keep one in training; only
+    # past that capacity does a held-out sample take an answer's last training sample, one answer each.
+    capacity = sum(k - 1 for k in {a: answers.count(a) for a in answers}.values())
+    untrained = {e.answer for e in held} - {t.answer for t in train}
+    assert len(untrained) == max(0, len(held) - capacity)
+    if capacity == 0:  # no answer repeated: the last of the seeded shuffle, as a plain split
+        order = list(examples)
+        random.Random(seed).shuffle(order)
+        assert (train, held) == (order[: n - len(held)], order[n - len(held) :])
 
 
 def test_training_lowers_the_answer_loss_and_is_seeded(lm):

@@ -9,6 +9,7 @@ import itertools
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,8 +180,11 @@ def examples_of(records: Sequence[dict[str, Any]]) -> list[Example]:
 
 
 def split_examples(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, validation): a seeded shuffle, the last ceil(fraction * n) held out (at least one, and at least
-    one left to train on). Fewer than two samples is an input problem."""
+    """(train, validation) of a seeded shuffle, ceil(fraction * n) held out (at least one, and at least one left
+    to train on). Held out first, from the end of the shuffle: samples whose answer another sample keeps in the
+    training split (the same item asked in other words, which is what an adapter can be validated on); then, if
+    more are needed, the others from the end. With no answer repeated, the last ones are held out. Fewer than two
+    samples is an input problem."""
     if len(examples) < 2:
         raise AdapterInputError(
             f"a cluster needs at least 2 distinct samples to train and validate on, got {len(examples)}"
@@ -188,7 +192,14 @@ def split_examples(examples: Sequence[Example], fraction: float, seed: int) -> t
     order = list(examples)
     random.Random(seed).shuffle(order)
     held = min(max(1, math.ceil(fraction * len(order))), len(order) - 1)
-    return order[:-held], order[-held:]
+    in_train = Counter(e.answer for e in order)
+    chosen: list[int] = []
+    for i in reversed(range(len(order))):
+        if len(chosen) < held and in_train[order[i].answer] >= 2:
+            in_train[order[i].answer] -= 1
+            chosen.append(i)
+    chosen += [i for i in reversed(range(len(order))) if i not in chosen][: held - len(chosen)]
+    return [e for i, e in enumerate(order) if i not in chosen], [order[i] for i in sorted(chosen)]
 
 
 # --- tokens ---------------------------------------------------------------------------------------------------
