@@ -196,15 +196,34 @@ def test_the_split_holds_out_other_phrasings_of_answers_it_trains_on_first(answe
 def test_training_lowers_the_answer_loss_and_is_seeded(lm):
     train = [Example(p, a) for p, a in FAMILIES["colours"]]
     before, n = answer_loss(lm.model, lm.tokenizer, train, 64)
-    one, _ = train_candidate(lm.model, lm.tokenizer, train, Candidate(8, 16, 5e-2, 40), FAST)
-    two, _ = train_candidate(lm.model, lm.tokenizer, train, Candidate(8, 16, 5e-2, 40), FAST)
-    after, _ = answer_loss(one, lm.tokenizer, train, 64)
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    modules = [type(m) for m in lm.model.modules()]
+    with train_candidate(lm.model, lm.tokenizer, train, Candidate(8, 16, 5e-2, 40), FAST) as (one, _):
+        after, _ = answer_loss(one, lm.tokenizer, train, 64)
+        a = {k: v.clone() for k, v in one.state_dict().items() if "lora_" in k}
+    with train_candidate(lm.model, lm.tokenizer, train, Candidate(8, 16, 5e-2, 40), FAST) as (two, _):
+        b = {k: v.clone() for k, v in two.state_dict().items() if "lora_" in k}
     assert float(after) < 0.97 * float(before) and n > 0
-    a = {k: v for k, v in one.state_dict().items() if "lora_" in k}
-    b = {k: v for k, v in two.state_dict().items() if "lora_" in k}
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert a.keys() == b.keys() and a and all((a[k] == b[k]).all() for k in a)
+    # The adapter was attached to the base model itself and taken out again: the base model is as it was.
     before_again, _ = answer_loss(lm.model, lm.tokenizer, train, 64)
-    assert float(before_again) == float(before)  # the base model is left as it was
+    assert float(before_again) == float(before)
+    assert [type(m) for m in lm.model.modules()] == modules
+    assert [p.requires_grad for p in lm.model.parameters()] == flags
+    assert lm.model.state_dict().keys() == weights.keys()
+    assert all(v.equal(weights[k]) for k, v in lm.model.state_dict().items())
+
+    def stop(what, done, total):
+        if done == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the training
+
+    with pytest.raises(KeyboardInterrupt):
+        with train_candidate(lm.model, lm.tokenizer, train, Candidate(8, 16, 5e-2, 40), FAST, stop):
+            pass
+    assert [type(m) for m in lm.model.modules()] == modules
+    assert [p.requires_grad for p in lm.model.parameters()] == flags
+    assert all(v.equal(weights[k]) for k, v in lm.model.state_dict().items())
 
 
 # --- the gate ------------------------------------------------------------------------------------------------

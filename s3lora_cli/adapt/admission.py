@@ -5,11 +5,11 @@ serves; below the exact-match floor it is quarantined with that reason."""
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from s3lora_cli.adapt.policy import StorePolicy
-from s3lora_cli.adapt.train import Example, TrainSettings, Validation, validate
+from s3lora_cli.adapt.train import Example, TrainSettings, Validation, attached, validate
 from s3lora_cli.gate import GatePolicy
 from s3lora_cli.selection import Selection
 
@@ -116,11 +116,12 @@ def _validation_json(v: Validation) -> dict[str, float]:
     return {"exact_match": v.exact_match, "loss": v.loss}
 
 
-def load_adapter_model(base_model: Any, adapter_dir: Path) -> Any:
-    """A PEFT model of ``adapter_dir`` on a copy of ``base_model`` (left as it is)."""
+def load_adapter_model(base_model: Any, adapter_dir: Path) -> AbstractContextManager[Any]:
+    """For a ``with`` block: a PEFT model of ``adapter_dir`` attached to ``base_model``, which is as it was
+    afterwards."""
     from s3lora_cli.evaluation.variants import load_peft_model
 
-    return load_peft_model(copy.deepcopy(base_model), Path(adapter_dir), Path(str(adapter_dir)))
+    return attached(base_model, lambda model: load_peft_model(model, Path(adapter_dir), Path(str(adapter_dir))))
 
 
 def gate_adapter(
@@ -164,9 +165,8 @@ def gate_adapter(
         )
         seconds["prune"] = time.perf_counter() - start
         start = time.perf_counter()
-        model = load_adapter_model(base_model, pruned_dir)
-        after = validate(model, tokenizer, validation, train_settings, progress)
-        del model
+        with load_adapter_model(base_model, pruned_dir) as model:
+            after = validate(model, tokenizer, validation, train_settings, progress)
         seconds["evaluate"] = time.perf_counter() - start
         refusal = None
         if after.exact_match < settings.floor:

@@ -4,13 +4,13 @@ one kept."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,23 @@ def lora_config(candidate: Candidate, settings: TrainSettings):
     )
 
 
+@contextmanager
+def attached(base_model: Any, build: Callable[[Any], Any]) -> Iterator[Any]:
+    """The PEFT model ``build(base_model)`` makes on ``base_model`` itself, for the block; on leaving, its LoRA
+    layers are taken out again (PEFT's ``unload``, nothing merged) and every parameter's ``requires_grad`` is put
+    back, so ``base_model`` is as it was. No copy of the base model: a copy of SmolLM2-135M is 0.5 GB, and the loop
+    already holds the base model and the router's."""
+    flags = [p.requires_grad for p in base_model.parameters()]
+    model = build(base_model)
+    try:
+        yield model
+    finally:
+        model.unload()
+        for p, flag in zip(base_model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+@contextmanager
 def train_candidate(
     base_model: Any,
     tokenizer: Any,
@@ -294,45 +311,51 @@ def train_candidate(
     candidate: Candidate,
     settings: TrainSettings,
     progress: Progress | None = None,
-) -> tuple[Any, float]:
-    """A PEFT LoRA model (on a copy of ``base_model``, which is left as it is) trained on ``train`` with AdamW,
-    and its last epoch's mean answer-token loss. Seeded: the same inputs give the same adapter."""
+) -> Iterator[tuple[Any, float]]:
+    """For the block: a PEFT LoRA model trained on ``train`` with AdamW (attached to ``base_model``, which is as
+    it was afterwards) and its last epoch's mean answer-token loss. Seeded: the same inputs give the same
+    adapter."""
     import torch
     from peft import get_peft_model
 
+    def build(model: Any) -> Any:
+        try:
+            return get_peft_model(model, lora_config(candidate, settings))
+        except ValueError as exc:
+            raise UsageError(
+                f"--target-modules {','.join(settings.target_modules)}: {str(exc).splitlines()[0]}"
+            ) from None
+
     torch.manual_seed(settings.seed)
-    try:
-        model = get_peft_model(copy.deepcopy(base_model), lora_config(candidate, settings))
-    except ValueError as exc:
-        raise UsageError(f"--target-modules {','.join(settings.target_modules)}: {str(exc).splitlines()[0]}") from None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=candidate.learning_rate)
-    order = random.Random(settings.seed)
-    steps = candidate.epochs * math.ceil(len(train) / settings.batch_size)
-    done, last = 0, math.nan
-    model.train()
-    for _ in range(candidate.epochs):
-        shuffled = list(train)
-        order.shuffle(shuffled)
-        total, count = 0.0, 0
-        for start in range(0, len(shuffled), settings.batch_size):
-            loss_sum, n = answer_loss(
-                model,
-                tokenizer,
-                shuffled[start : start + settings.batch_size],
-                settings.max_length,
-                settings.batch_size,
-                train=True,
-            )
-            (loss_sum / max(n, 1)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total, count = total + float(loss_sum.detach()), count + n
-            done += 1
-            if progress is not None:
-                progress(f"train {candidate.describe()}", done, steps)
-        last = total / max(count, 1)
-    model.eval()
-    return model, last
+    with attached(base_model, build) as model:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=candidate.learning_rate)
+        order = random.Random(settings.seed)
+        steps = candidate.epochs * math.ceil(len(train) / settings.batch_size)
+        done, last = 0, math.nan
+        model.train()
+        for _ in range(candidate.epochs):
+            shuffled = list(train)
+            order.shuffle(shuffled)
+            total, count = 0.0, 0
+            for start in range(0, len(shuffled), settings.batch_size):
+                loss_sum, n = answer_loss(
+                    model,
+                    tokenizer,
+                    shuffled[start : start + settings.batch_size],
+                    settings.max_length,
+                    settings.batch_size,
+                    train=True,
+                )
+                (loss_sum / max(n, 1)).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total, count = total + float(loss_sum.detach()), count + n
+                done += 1
+                if progress is not None:
+                    progress(f"train {candidate.describe()}", done, steps)
+            last = total / max(count, 1)
+        model.eval()
+        yield model, last
 
 
 def rank_key(result: CandidateResult) -> tuple[float, float]:
@@ -354,24 +377,24 @@ def train_cluster(
     settings = settings or TrainSettings()
     began = time.perf_counter()
     train, held = split_examples(examples_of(records), settings.validation_fraction, settings.seed)
-    results: list[tuple[CandidateResult, Any]] = []
-    best: tuple[CandidateResult, Any] | None = None
+    results: list[CandidateResult] = []
+    best: CandidateResult | None = None
+    adapter_dir = Path(work) / "adapter"
     for candidate in settings.candidates:
         start = time.perf_counter()
-        model, train_loss = train_candidate(base_model, tokenizer, train, candidate, settings, progress)
-        scores = validate(model, tokenizer, held, settings, progress)
-        result = CandidateResult(candidate, train_loss, scores, time.perf_counter() - start)
-        results.append((result, None))
-        if best is None or rank_key(result) < rank_key(best[0]):
-            best = (result, model)  # only the best model is kept in memory
-        del model
+        with train_candidate(base_model, tokenizer, train, candidate, settings, progress) as (model, train_loss):
+            scores = validate(model, tokenizer, held, settings, progress)
+            result = CandidateResult(candidate, train_loss, scores, time.perf_counter() - start)
+            if best is None or rank_key(result) < rank_key(best):
+                best = result
+                save_adapter(model, Path(work), adapter_dir.name)  # only the best so far is kept, on disk
+        results.append(result)
     assert best is not None
-    adapter_dir = save_adapter(best[1], Path(work), "adapter")
     return TrainResult(
         tuple(train),
         tuple(held),
-        tuple(r for r, _ in results),
-        best[0],
+        tuple(results),
+        best,
         adapter_dir,
         time.perf_counter() - began,
         settings,
