@@ -476,6 +476,23 @@ def test_run_refuses_an_existing_state_and_resuming_a_finished_run_changes_nothi
     assert "adapters trained" in table.stdout and "pruned layers" in table.stdout
 
 
+def test_a_state_in_use_by_a_run_is_refused_to_another_run_or_a_refresh(finished_run, model_dir):
+    from filelock import FileLock
+
+    from s3lora_cli.adapt.loop import LOCK_NAME
+
+    root, _, _ = finished_run
+    state = (root / "state" / LOOP_FILE).read_bytes()
+    refresh = ["adapt", "refresh", "--model", str(model_dir), "--store", str(root / "store"), "--state"]
+    with FileLock(str(root / "state" / LOCK_NAME)):  # what a run holds while it goes on
+        for args in (run_args(model_dir, root, "--resume", "-q"), [*refresh, str(root / "state"), "-q"]):
+            busy = runner.invoke(cli.app, args)
+            assert busy.exit_code == 4 and "in use by another 'adapt run' or 'adapt refresh'" in busy.stderr
+            assert len(busy.stderr.strip().splitlines()) == 1
+    assert (root / "state" / LOOP_FILE).read_bytes() == state
+    assert runner.invoke(cli.app, run_args(model_dir, root, "--resume", "-q")).exit_code == 0  # released
+
+
 def test_refresh_trains_the_next_generation_of_a_cluster_that_grew(tmp_path, model_dir):
     write_growing_stream(tmp_path / "tasks.jsonl")
     run = runner.invoke(cli.app, run_args(model_dir, tmp_path, "--min-new", "100", "-f", "json", "-q"))

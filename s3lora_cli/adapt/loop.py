@@ -9,7 +9,8 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ from s3lora_cli.adapt.tasks import Task, parse_task
 from s3lora_cli.adapt.train import TrainSettings, examples_of, train_cluster
 from s3lora_cli.adapt.trigger import Band, failure_score, measure_signals, similarity_band
 from s3lora_cli.adapters.writer import write_text_atomic
-from s3lora_cli.errors import AdapterInputError, UsageError
+from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
 from s3lora_cli.store import ADMIT_RECORD_NAME, quarantine_dir
 
 LOOP_FILE = "loop.json"
+LOCK_NAME = ".s3lora-loop.lock"
+"""Held by a run or a refresh for as long as it uses the state directory."""
 WORK_DIR = "work"
 TRAINED_DIR = "trained"
 LOOP_VERSION = 1
@@ -155,13 +158,37 @@ Event = Callable[[str, LoopProgress], None]
 # --- the state directory --------------------------------------------------------------------------------------
 
 
+@contextmanager
+def state_locked(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock (``filelock``) for the block: a second run or refresh of the same state is refused
+    at once (RuntimeProblem, exit 4) rather than interleaving its writes with this one's. The directory is created
+    if missing."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} is not a directory; --state takes a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(directory / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeProblem(
+            f"{directory} is in use by another 'adapt run' or 'adapt refresh'; wait for it to end"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def prepare_loop_state(directory: Path, resume: bool, force: bool) -> None:
     """Refuse to start over an existing loop state without --force, or to resume where there is none; with
     --force the old state goes (the store is never touched)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} is not a directory; --state takes a directory")
-    has_state = directory.is_dir() and any(directory.iterdir())
+    has_state = directory.is_dir() and any(p.name != LOCK_NAME for p in directory.iterdir())
     if resume:
         if not (directory / LOOP_FILE).is_file():
             raise AdapterInputError(f"{directory / LOOP_FILE}: no loop state to resume (run without --resume)")

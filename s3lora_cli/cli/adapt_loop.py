@@ -384,25 +384,26 @@ def refresh(
     (routing uses the latest admitted generation), and any cluster handed off but not trained yet. Prints one JSON
     line per adapter trained."""
     _require_extra()
-    from s3lora_cli.adapt.loop import LOOP_FILE, refresh_adapters
+    from s3lora_cli.adapt.loop import LOOP_FILE, refresh_adapters, state_locked
 
     flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
     flags["min_new"] = min_new
     settings = _loop_settings(flags, policy, search, {}, device, seed=seed, max_new_tokens=max_new_tokens)
     if not (state / LOOP_FILE).is_file():
         raise AdapterInputError(f"--state {state}: no 'adapt run' state there ({LOOP_FILE})")
-    lm, embed = _load_embedding(model, embedder, device, need_lm=True)
     console = stderr_console()
-    results = refresh_adapters(
-        lm,
-        embed,
-        store,
-        state,
-        settings,
-        quarantine=quarantine,
-        audit_log=audit_log,
-        on_event=None if quiet else lambda message, _: console.print(escape(message), highlight=False),
-    )
+    with state_locked(state):
+        lm, embed = _load_embedding(model, embedder, device, need_lm=True)
+        results = refresh_adapters(
+            lm,
+            embed,
+            store,
+            state,
+            settings,
+            quarantine=quarantine,
+            audit_log=audit_log,
+            on_event=None if quiet else lambda message, _: console.print(escape(message), highlight=False),
+        )
     write_output("".join(json.dumps(r.to_json(), allow_nan=False) + "\n" for r in results), None, False)
     if not quiet:
         console.print(f"{len(results)} adapter(s) trained", highlight=False)
@@ -462,7 +463,7 @@ def run(
     report (samples, triggered, clusters, adapters trained, pruned layers, admitted, quarantined, seconds per
     stage) to stdout. Stopped (Ctrl-C, exit 130), it continues with --resume."""
     _require_extra()
-    from s3lora_cli.adapt.loop import prepare_loop_state, run_loop
+    from s3lora_cli.adapt.loop import prepare_loop_state, run_loop, state_locked
 
     flags = _store_flags(rank, alpha, lr, epochs, target_modules, tau, prune_threshold, fraction, floor)
     flags.update(
@@ -489,33 +490,34 @@ def run(
     check_output(output, force)
     if state.resolve() in (tasks.resolve(), *tasks.resolve().parents) or store.resolve() == state.resolve():
         raise UsageError(f"--state {state} overlaps --tasks or --store; give the state its own directory")
-    prepare_loop_state(state, resume=resume, force=force)
-    lm, embed = _load_embedding(model, embedder, device, need_lm=True)
-    console = stderr_console()
-    status = _LiveStatus(console, quiet)
-    try:
-        with _input_lines(tasks) as lines, status:
-            result = run_loop(
-                lm,
-                embed,
-                lines,
-                store,
-                state,
-                settings,
-                resume=resume,
-                strict=strict,
-                quarantine=quarantine,
-                audit_log=audit_log,
-                on_event=status.update,
-                on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}", highlight=False),
+    with state_locked(state):
+        prepare_loop_state(state, resume=resume, force=force)
+        lm, embed = _load_embedding(model, embedder, device, need_lm=True)
+        console = stderr_console()
+        status = _LiveStatus(console, quiet)
+        try:
+            with _input_lines(tasks) as lines, status:
+                result = run_loop(
+                    lm,
+                    embed,
+                    lines,
+                    store,
+                    state,
+                    settings,
+                    resume=resume,
+                    strict=strict,
+                    quarantine=quarantine,
+                    audit_log=audit_log,
+                    on_event=status.update,
+                    on_bad_line=lambda m: console.print(f"[yellow]skipped[/] {escape(m)}", highlight=False),
+                )
+        except KeyboardInterrupt:
+            console.print(
+                f"interrupted; the state in {escape(str(state))} is saved and the store holds only whole "
+                "adapters: --resume continues",
+                highlight=False,
             )
-    except KeyboardInterrupt:
-        console.print(
-            f"interrupted; the state in {escape(str(state))} is saved and the store holds only whole "
-            "adapters: --resume continues",
-            highlight=False,
-        )
-        raise typer.Exit(130) from None
+            raise typer.Exit(130) from None
     from s3lora_cli.adapt.render import loop_table
 
     doc = result.to_json()
