@@ -27,10 +27,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-RUN_FLAGS = ["--threshold", "0.35", "--min-buffer", "40", "--weight-exact", "0.4"]
-"""Part 1's demo settings (docs/adapt.md says why): the trigger's threshold and the buffer's first clustering; and
-the exact-match term, without which an adapter's wrong fact in the right words (a person it never learned, given
-another's job) never triggers, so its cluster never learns more."""
+ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+RUN_FLAGS = [
+    *("--threshold", "0.35", "--min-buffer", "40", "--weight-exact", "0.4"),
+    *("--assign-threshold", "0.5", "--target-modules", ALL_LINEAR),
+]
+"""Part 1's demo settings (docs/adapt.md says why): the trigger's threshold and the buffer's first clustering; the
+exact-match term, without which an adapter's wrong fact in the right words (a person it never learned, given
+another's job) never triggers, so its cluster never learns more; an assignment threshold that lets a family's other
+items join its cluster (their keywords are the first items' names); and adapters on every linear layer, which
+keep what they learned through pruning where q, k and v alone do not (docs/adapt.md has the measurements)."""
 
 
 HELD_OUT = {
