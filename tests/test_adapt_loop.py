@@ -226,6 +226,26 @@ def test_training_lowers_the_answer_loss_and_is_seeded(lm):
     assert all(v.equal(weights[k]) for k, v in lm.model.state_dict().items())
 
 
+def test_an_adapter_peft_cannot_load_leaves_the_base_model_as_it_was(tmp_path, lm):
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from s3lora_cli.adapt.admission import load_adapter_model
+
+    get_peft_model(copy.deepcopy(lm.model), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({k: torch.zeros(v.shape[0] + 1, v.shape[1]) for k, v in load_file(weights).items()}, weights)
+    modules, flags = [type(m) for m in lm.model.modules()], [p.requires_grad for p in lm.model.parameters()]
+    with pytest.raises(AdapterInputError, match="PEFT cannot load"):
+        with load_adapter_model(lm.model, tmp_path):
+            pass
+    assert [type(m) for m in lm.model.modules()] == modules  # PEFT had wrapped layers before failing
+    assert [p.requires_grad for p in lm.model.parameters()] == flags and not hasattr(lm.model, "peft_config")
+
+
 # --- the gate ------------------------------------------------------------------------------------------------
 
 

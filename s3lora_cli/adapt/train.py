@@ -289,18 +289,32 @@ def lora_config(candidate: Candidate, settings: TrainSettings):
 
 @contextmanager
 def attached(base_model: Any, build: Callable[[Any], Any]) -> Iterator[Any]:
-    """The PEFT model ``build(base_model)`` makes on ``base_model`` itself, for the block; on leaving, its LoRA
-    layers are taken out again (PEFT's ``unload``, nothing merged) and every parameter's ``requires_grad`` is put
-    back, so ``base_model`` is as it was. No copy of the base model: a copy of SmolLM2-135M is 0.5 GB, and the loop
-    already holds the base model and the router's."""
+    """The PEFT model ``build(base_model)`` makes on ``base_model`` itself, for the block. On leaving, and when
+    ``build`` fails half-way, every LoRA layer is taken out again (replaced by the layer it wraps, nothing
+    merged), the attributes PEFT added are removed, and each parameter's ``requires_grad`` and the training mode
+    are put back, so ``base_model`` is as it was. No copy of the base model: a copy of SmolLM2-135M is 0.5 GB,
+    and the loop already holds the base model and the router's."""
     flags = [p.requires_grad for p in base_model.parameters()]
-    model = build(base_model)
+    training, attributes = base_model.training, set(vars(base_model))
     try:
-        yield model
+        yield build(base_model)
     finally:
-        model.unload()
+        _take_out_lora(base_model)
+        for name in set(vars(base_model)) - attributes:  # PEFT's note on the model (peft_config)
+            delattr(base_model, name)
         for p, flag in zip(base_model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
+        base_model.train(training)
+
+
+def _take_out_lora(model: Any) -> None:
+    """Replace every PEFT tuner layer inside ``model`` by the layer it wraps."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, name, child.get_base_layer())
 
 
 @contextmanager
