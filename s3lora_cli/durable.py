@@ -371,3 +371,22 @@ def deferred_signals() -> Iterator[None]:
             signal.signal(signum, handler)
         for received in dict.fromkeys(pending):  # each once, in the order received
             signal.raise_signal(received)
+
+
+@contextmanager
+def lock_file(path: Path, timeout: float, busy: str) -> Iterator[None]:
+    """Hold the lock file ``path`` (``filelock``: fcntl on POSIX, msvcrt on Windows) for the block. When another
+    process holds it for ``timeout`` seconds (0: at once), RuntimeProblem with the one-line ``busy``."""
+    from filelock import FileLock, Timeout
+
+    from s3lora_cli.errors import RuntimeProblem
+
+    lock = FileLock(str(path), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeProblem(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -9,14 +9,15 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from s3lora_cli import durable
 from s3lora_cli.adapt.admission import CLUSTER_RECORD_NAME, GateSettings, cluster_record, gate_adapter
 from s3lora_cli.adapt.buffer import BufferState, Cluster, Sample, TriggerBuffer, unit
 from s3lora_cli.adapt.embedding import Embedder
@@ -27,7 +28,7 @@ from s3lora_cli.adapt.tasks import Task, parse_task
 from s3lora_cli.adapt.train import TrainSettings, examples_of, train_cluster
 from s3lora_cli.adapt.trigger import Band, failure_score, measure_signals, similarity_band
 from s3lora_cli.adapters.writer import write_text_atomic
-from s3lora_cli.errors import AdapterInputError, RuntimeProblem, UsageError
+from s3lora_cli.errors import AdapterInputError, UsageError
 from s3lora_cli.store import ADMIT_RECORD_NAME, quarantine_dir
 
 LOOP_FILE = "loop.json"
@@ -158,28 +159,16 @@ Event = Callable[[str, LoopProgress], None]
 # --- the state directory --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def state_locked(directory: Path) -> Iterator[None]:
-    """Hold ``directory``'s lock (``filelock``) for the block: a second run or refresh of the same state is refused
-    at once (RuntimeProblem, exit 4) rather than interleaving its writes with this one's. The directory is created
-    if missing."""
-    from filelock import FileLock, Timeout
-
+def state_locked(directory: Path) -> AbstractContextManager[None]:
+    """Hold ``directory``'s lock for a ``with`` block: a second run or refresh of the same state is refused at once
+    (RuntimeProblem, exit 4) rather than interleaving its writes with this one's. The directory is created if
+    missing."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} is not a directory; --state takes a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(directory / LOCK_NAME), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RuntimeProblem(
-            f"{directory} is in use by another 'adapt run' or 'adapt refresh'; wait for it to end"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
+    busy = f"{directory} is in use by another 'adapt run' or 'adapt refresh'; wait for it to end"
+    return durable.lock_file(directory / LOCK_NAME, 0, busy)
 
 
 def prepare_loop_state(directory: Path, resume: bool, force: bool) -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -388,20 +388,11 @@ def _copy_adapter(gated: _Candidate, into: Path, entry: str, extra_files: Mappin
         raise
 
 
-@contextmanager
-def _locked(store: Path, timeout: float) -> Iterator[None]:
-    """Hold the store's lock file (``filelock``: fcntl on POSIX, msvcrt on Windows)."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(store / LOCK_NAME), timeout=timeout)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RuntimeProblem(f"the store {store} stayed locked by another admit for {timeout:g} s; try again") from None
-    try:
-        yield
-    finally:
-        lock.release()
+def _locked(store: Path, timeout: float) -> AbstractContextManager[None]:
+    """Hold the store's lock file."""
+    return durable.lock_file(
+        store / LOCK_NAME, timeout, f"the store {store} stayed locked by another admit for {timeout:g} s; try again"
+    )
 
 
 def _readable_members(store: Path) -> tuple[list[Path], list[str]]:
