@@ -193,12 +193,14 @@ def split_examples(examples: Sequence[Example], fraction: float, seed: int) -> t
     random.Random(seed).shuffle(order)
     held = min(max(1, math.ceil(fraction * len(order))), len(order) - 1)
     in_train = Counter(e.answer for e in order)
-    chosen: list[int] = []
+    chosen: set[int] = set()
     for i in reversed(range(len(order))):
         if len(chosen) < held and in_train[order[i].answer] >= 2:
             in_train[order[i].answer] -= 1
-            chosen.append(i)
-    chosen += [i for i in reversed(range(len(order))) if i not in chosen][: held - len(chosen)]
+            chosen.add(i)
+    for i in reversed(range(len(order))):  # not enough: the others, from the end
+        if len(chosen) < held:
+            chosen.add(i)
     return [e for i, e in enumerate(order) if i not in chosen], [order[i] for i in sorted(chosen)]
 
 
