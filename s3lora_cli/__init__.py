@@ -30,7 +30,7 @@ _PUBLIC = {
     "score_adapter": "s3lora_cli.scoring",
     "Method": "s3lora_cli.spectral",
     "Spectrum": "s3lora_cli.spectral",
-    "mas_svd": "s3lora_cli.spectral",
+    "mas_svd": "s3lora_cli.engine",
     "ssi": "s3lora_cli.spectral",
     "admit_adapter": "s3lora_cli.store",
     "scan_store": "s3lora_cli.store",

@@ -1,4 +1,8 @@
-"""Scoring an adapter: resolves the device, walks the layers one at a time, and returns per-layer results."""
+"""Scoring an adapter: resolves the device, walks the layers one at a time, and returns per-layer results.
+
+The factors are read as NumPy arrays and checked here; the ``svd`` ablation is computed from them in NumPy
+(``spectral``), so that it never loads PyTorch; MAS-SVD and ``spsvd`` hand them to the engine as PyTorch tensors
+on the device."""
 
 from __future__ import annotations
 
@@ -9,17 +13,22 @@ from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from s3lora_cli import cores
 from s3lora_cli._version import __version__
 from s3lora_cli.adapters import Adapter, LoraLayer, SkippedTensor, open_adapter
 from s3lora_cli.adapters.detect import check_adapter_name, check_format_name
 from s3lora_cli.errors import RuntimeProblem, UsageError
-from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, EPS_SSI, RANK_RTOL, Method, Pick, mas_svd
+from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, EPS_SSI, RANK_RTOL, Method, Pick, Spectrum, svd_ablation
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "float64")
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 # The range each compute dtype scores exactly, as a bound on ||left||_F * ||right||_F (>= every entry and every row
 # and column norm of dW). Measured on this engine: float32 goes wrong (silently, then with an error) once dW's
@@ -30,23 +39,40 @@ FLOAT64_LIMIT = 1e80
 FLOAT64_NOTE = "scored in float64: the update's values are beyond what float32 scores exactly"
 
 
+def check_device(spec: str) -> str:
+    """The device spec, normalised, if it is spelled as one (``auto``, ``cpu``, ``cuda`` or ``cuda:N``); whether
+    the device exists is ``resolve_device``'s to say."""
+    spec = spec.strip().lower()
+    index = spec.partition(":")[2]
+    if spec in ("auto", "cpu", "cuda") or (spec.startswith("cuda:") and index.isdigit()):
+        return spec
+    raise UsageError(f"--device {spec!r}: expected {DEVICES}")
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
     """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    spec = spec.strip().lower()
+    import torch
+
+    spec = check_device(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        index = spec.partition(":")[2]
-        if index and not index.isdigit():
-            raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if spec != "cpu":
         if not torch.cuda.is_available():
             raise RuntimeProblem(f"--device {spec}: CUDA is not available here; use --device cpu (or auto)")
+        index = spec.partition(":")[2]
         if index and int(index) >= torch.cuda.device_count():
             raise RuntimeProblem(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return torch.device(spec)
-    raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return torch.device(spec)
+
+
+def scoring_device(options: ScoreOptions) -> str:
+    """Where the layers are scored: the device ``options.device`` resolves to; always the CPU for the ``svd``
+    ablation, whose work (a QR of each factor and a q x q SVD) is too small for a GPU, and which needs no
+    PyTorch."""
+    if options.method is Method.SVD:
+        check_device(options.device)
+        return "cpu"
+    return str(resolve_device(options.device))
 
 
 @dataclass(frozen=True)
@@ -155,8 +181,11 @@ def rank_key(score: LayerScore) -> tuple:
     return (score.ssi is None, -(score.ssi or 0.0), score.module)
 
 
-def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, options: ScoreOptions) -> LayerScore:
-    """Score one layer from its factors (dW = left @ right: [d, r] @ [r, k]).
+def score_layer(
+    left: np.ndarray, right: np.ndarray, layer: LoraLayer, options: ScoreOptions, device: str = "cpu"
+) -> LayerScore:
+    """Score one layer from its factors (dW = left @ right: [d, r] @ [r, k], float32 or float64 NumPy arrays);
+    the L1 fit runs on ``device``.
 
     A layer with NaN or Inf values, or whose values are out of the range float64 scores exactly, is returned
     unscored with the reason in ``error``, as is one the engine cannot score; the run goes on. A layer beyond
@@ -170,8 +199,8 @@ def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, optio
     def unscored(error: str) -> LayerScore:
         return LayerScore(layer, None, (), m, h, notes=tuple(notes), error=error)
 
-    for name, tensor in (("lora_B", left), ("lora_A", right)):
-        if not bool(torch.isfinite(tensor).all()):
+    for name, factor in (("lora_B", left), ("lora_A", right)):
+        if not bool(np.isfinite(factor).all()):
             return unscored(f"non-finite values (NaN or Inf) in {name}; not scored")
     bound = update_bound(left, right)
     if not bound <= FLOAT64_LIMIT:
@@ -179,12 +208,16 @@ def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, optio
             f"values out of range (||lora_B|| * ||lora_A|| = {bound:.3g}, above {FLOAT64_LIMIT:g}, "
             "where float64 cannot score it exactly); not scored"
         )
-    if bound > FLOAT32_LIMIT and left.dtype != torch.float64:
-        left, right = balanced(left.to(torch.float64), right.to(torch.float64))
+    if bound > FLOAT32_LIMIT and left.dtype != np.float64:
+        left, right = balanced(left.astype(np.float64), right.astype(np.float64))
         notes.append(FLOAT64_NOTE)
     try:
-        spectrum = mas_svd(left, right, components=m, top_h=h, method=options.method, exhaustive=options.exhaustive)
-    except (ArithmeticError, ValueError, RuntimeError) as exc:  # torch's LinAlgError is a RuntimeError
+        spectrum = (
+            svd_ablation(left, right, h)
+            if options.method is Method.SVD
+            else _fitted(left, right, m, h, options, device)
+        )
+    except (ArithmeticError, ValueError, RuntimeError) as exc:  # LinAlgError: a ValueError (NumPy), RuntimeError
         return unscored(f"could not be scored ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})")
     if not math.isfinite(spectrum.ssi) or not all(math.isfinite(x) for x in spectrum.sigma):
         return unscored("the spectrum is not finite (values out of range); not scored")
@@ -207,23 +240,34 @@ def score_layer(left: torch.Tensor, right: torch.Tensor, layer: LoraLayer, optio
     )
 
 
-def update_bound(left: torch.Tensor, right: torch.Tensor) -> float:
+def _fitted(left: np.ndarray, right: np.ndarray, m: int, h: int, options: ScoreOptions, device: str) -> Spectrum:
+    """MAS-SVD or ``spsvd`` by the engine, on ``device``."""
+    import torch
+
+    from s3lora_cli.engine import mas_svd
+
+    left_t, right_t = (torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in (left, right))
+    return mas_svd(left_t, right_t, components=m, top_h=h, method=options.method, exhaustive=options.exhaustive)
+
+
+def update_bound(left: np.ndarray, right: np.ndarray) -> float:
     """||left||_F * ||right||_F in float64 (inf when even that overflows): an upper bound on every entry, row
     norm and column norm of dW = left @ right, and on ||dW||_F."""
-    return float(torch.linalg.vector_norm(left.to(torch.float64))) * float(
-        torch.linalg.vector_norm(right.to(torch.float64))
-    )
+    with np.errstate(over="ignore"):
+        return float(np.linalg.norm(left.astype(np.float64).ravel())) * float(
+            np.linalg.norm(right.astype(np.float64).ravel())
+        )
 
 
-def balanced(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(left * 2^k, right * 2^-k) with k making the two norms about equal: dW = left @ right is unchanged
     exactly (a power of two only moves the exponent, and float64 has room for it), while neither factor alone
     is far from sqrt of dW's size, so the norms and Gram matrices of the factors stay in range."""
-    nl, nr = float(torch.linalg.vector_norm(left)), float(torch.linalg.vector_norm(right))
+    nl, nr = float(np.linalg.norm(left.ravel())), float(np.linalg.norm(right.ravel()))
     if not (nl > 0 and nr > 0 and math.isfinite(nl) and math.isfinite(nr)):
         return left, right
     k = round(0.5 * (math.log2(nr) - math.log2(nl)))
-    return torch.ldexp(left, torch.tensor(k)), torch.ldexp(right, torch.tensor(-k))
+    return np.ldexp(left, k), np.ldexp(right, -k)
 
 
 _MEMO: ContextVar[dict[tuple, LayerScore] | None] = ContextVar("s3lora_layer_memo", default=None)
@@ -241,38 +285,33 @@ def layer_memo() -> Iterator[None]:
         _MEMO.reset(token)
 
 
-def _memo_key(layer: LoraLayer, left: torch.Tensor, right: torch.Tensor, options: ScoreOptions) -> tuple:
+def _memo_key(layer: LoraLayer, left: np.ndarray, right: np.ndarray, options: ScoreOptions) -> tuple:
     """What ``score_layer``'s result depends on: the layer's description, the options, and the factors' dtype,
     shape and bytes (their digest)."""
     digest = hashlib.blake2b(digest_size=32)
-    for tensor in (left, right):
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    for factor in (left, right):
+        digest.update(f"{factor.dtype}{tuple(factor.shape)}".encode())
+        digest.update(np.ascontiguousarray(factor).tobytes())
     return repr(layer), repr(options), digest.hexdigest()
 
 
-def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device, jobs: int = 1) -> Iterator[LayerScore]:
+def iter_scores(adapter: Adapter, options: ScoreOptions, device: str = "cpu", jobs: int = 1) -> Iterator[LayerScore]:
     """Score the adapter's layers in file order, ``jobs`` at a time (only that many layers' tensors in memory), each
     with its share of the cores (``cores``). Factors whose scaling takes them past float32's range are read again
-    in float64 (their stored values may be finite)."""
-    dtype = DTYPES[options.dtype]
+    in float64 (their stored values may be finite). The ``svd`` ablation runs in this thread, without PyTorch."""
 
-    def loaded() -> Iterator[tuple[LoraLayer, torch.Tensor, torch.Tensor]]:
+    def loaded() -> Iterator[tuple[LoraLayer, np.ndarray, np.ndarray]]:
         for layer in adapter.layers:
-            left, right = adapter.load_factors(layer, dtype, device)
-            if dtype != torch.float64 and not (bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all())):
-                wide = adapter.load_factors(layer, torch.float64, device)
-                if all(bool(torch.isfinite(t).all()) for t in wide):
+            left, right = adapter.load_factors(layer, options.dtype)
+            if options.dtype != "float64" and not (np.isfinite(left).all() and np.isfinite(right).all()):
+                wide = adapter.load_factors(layer, "float64")
+                if all(np.isfinite(x).all() for x in wide):
                     left, right = wide
             yield layer, left, right
 
-    before = torch.get_num_threads()  # a caller's own choice is the most taken, and restored after
-    threads = min(cores.share(jobs), before)
-    budget = cores.Budget(threads) if jobs <= 1 else None  # one job: fewer threads while the machine is busy
-
     memo = _MEMO.get()
 
-    def score(item: tuple[LoraLayer, torch.Tensor, torch.Tensor]) -> LayerScore:
+    def score(item: tuple[LoraLayer, np.ndarray, np.ndarray]) -> LayerScore:
         if memo is None:
             return computed(item)
         key = _memo_key(item[0], item[1], item[2], options)
@@ -280,10 +319,23 @@ def iter_scores(adapter: Adapter, options: ScoreOptions, device: torch.device, j
             memo[key] = computed(item)
         return memo[key]
 
-    def computed(item: tuple[LoraLayer, torch.Tensor, torch.Tensor]) -> LayerScore:
+    budget: cores.Budget | None = None
+
+    def computed(item: tuple[LoraLayer, np.ndarray, np.ndarray]) -> LayerScore:
         if budget is not None:
             budget.adjust()
-        return score_layer(item[1], item[2], item[0], options)
+        return score_layer(item[1], item[2], item[0], options, device)
+
+    if options.method is Method.SVD:  # NumPy's small factorisations: no threads to share
+        yield from map(score, loaded())
+        return
+
+    import torch
+
+    before = torch.get_num_threads()  # a caller's own choice is the most taken, and restored after
+    threads = min(cores.share(jobs), before)
+    if jobs <= 1:  # one job: fewer threads while the machine is busy
+        budget = cores.Budget(threads)
 
     try:
         yield from cores.ordered_map(score, loaded(), jobs, start=lambda: cores.set_threads(threads))
@@ -303,7 +355,7 @@ def score_adapter(
     does not depend on it; see ``cores.default_jobs``).
     """
     options = options or ScoreOptions()
-    device = resolve_device(options.device)
+    device = scoring_device(options)
     with closing(open_adapter(path, options.input_format, options.adapter_name)) as adapter:
         scores = []
         total = len(adapter.layers)
@@ -333,7 +385,7 @@ def score_adapter(
         "exhaustive": options.exhaustive,
         "eps_norm": EPS_NORM,
         "eps_ssi": EPS_SSI,
-        "device": str(device),
+        "device": device,
         "dtype": options.dtype,
     }
-    return ScoreReport(info, options, str(device), tuple(sorted(scores, key=rank_key)), skipped, parameters=parameters)
+    return ScoreReport(info, options, device, tuple(sorted(scores, key=rank_key)), skipped, parameters=parameters)

@@ -333,3 +333,36 @@ def test_score_options_take_the_method_by_name(adapter):
         ScoreOptions(method="fancy")
     report = score_adapter(adapter, ScoreOptions(method="spsvd", device="cpu"))
     assert report.options.method is Method.SPSVD
+
+
+def test_svd_scores_without_loading_pytorch(tmp_path):
+    """``--method svd`` (and the report, the readers, the summary) never imports PyTorch or the compiled kernels:
+    its start-up is NumPy's. The default method loads both, and gives the same layers."""
+    code = (
+        "import sys, json\n"
+        "from typer.testing import CliRunner\n"
+        "from s3lora_cli.cli import app\n"
+        "result = CliRunner().invoke(app, sys.argv[1:])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(json.dumps([json.loads(result.stdout)['parameters']['device'], "
+        "sorted(m for m in ('torch', 'numba') if m in sys.modules)]))\n"
+    )
+
+    def loaded(*args: str) -> list:
+        out = subprocess.run(
+            [sys.executable, "-c", code, "score", "--demo", "-f", "json", "-q", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert loaded("--method", "svd") == ["cpu", []]
+    assert loaded("--method", "svd", "--device", "cuda") == ["cpu", []]  # svd's r x r work stays on the CPU
+    assert loaded("--method", "mas-svd", "--device", "cpu") == ["cpu", ["numba", "torch"]]
+
+
+def test_svd_refuses_a_misspelt_device():
+    result = run("score", "--demo", "--method", "svd", "--device", "gpu")
+    assert result.exit_code == EXIT_USAGE and "--device 'gpu': expected auto, cpu, cuda or cuda:N" in result.output

@@ -7,17 +7,25 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from adapter_factory import write_adapter
 from format_factory import hf_cache, kohya_conv_file, kohya_name, small_peft, to_diffusers, to_kohya, to_mlx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from profiles import examples
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from s3lora_cli.adapters import LayerKind, detect_format, find_adapters, open_adapter
+from s3lora_cli.adapters.base import scaled
+from s3lora_cli.adapters.peft import block_diagonal
+from s3lora_cli.adapters.safetensors_io import SafetensorsSource
 from s3lora_cli.cli import app
 from s3lora_cli.errors import AdapterInputError, UsageError
 from s3lora_cli.pruning import PruneMode, prune_adapter
@@ -121,7 +129,7 @@ def test_kohya_conv_alpha_and_lycoris(tmp_path):
         reasons = {s.key: s.reason for s in adapter.skipped}
         assert reasons["lora_unet_mid_block_attentions_0_proj_in.hada_w1_a"].startswith("LoHa")
         assert reasons["lora_unet_mid_block_attentions_0_proj_out.lokr_w1"].startswith("LoKr")
-        left, right = adapter.load_factors(conv, torch.float64, torch.device("cpu"))
+        left, right = (torch.from_numpy(x) for x in adapter.load_factors(conv, "float64"))
     tensors = load_file(str(tmp_path / "locon.safetensors"))
     down = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].double()
     up = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].double()
@@ -431,3 +439,72 @@ def test_prune_kohya_loads_with_diffusers_kohya_converter(diffusers_lora, tmp_pa
     wrapped = {kohya_name(name): m for name, m in unet.named_modules() if isinstance(m, PeftLoraLayer)}
     assert len(wrapped) == 31 and not {p["module"] for p in doc["pruned"]} & set(wrapped)  # 32 - tau 1
     assert {m.scaling["default_0"] for m in wrapped.values()} == {2.0}  # alpha 4 / r 2, as s3lora scales it
+
+
+# --- factors read without PyTorch: the same values as PyTorch's conversion, bit for bit ---------------------------
+
+_RAW = {"F64": ("<u8", 64), "F32": ("<u4", 32), "F16": ("<u2", 16), "BF16": ("<u2", 16)}
+_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _special_bits(name: str) -> list[int]:
+    """Zeros, infinities, NaNs, the smallest and largest subnormals and normals, and (for F64) values beyond
+    float32's range and halfway between two float32 values, by their bit patterns."""
+    width = _RAW[name][1]
+    exponent_bits = {64: 11, 32: 8, 16: 5 if name == "F16" else 8}[width]
+    mantissa = width - 1 - exponent_bits
+    sign, inf = 1 << (width - 1), ((1 << exponent_bits) - 1) << mantissa
+    patterns = [0, sign, inf, sign | inf, inf | 1, inf | (1 << (mantissa - 1)), 1, (1 << mantissa) - 1]
+    patterns += [1 << mantissa, inf - 1, sign | (inf - 1)]
+    if name == "F64":
+        patterns += [
+            struct.unpack("<Q", struct.pack("<d", x))[0]
+            for x in (3.5e38, -1e39, 1e-46, 1.0 + 2.0**-24, 1.0 + 3 * 2.0**-25, 2.0**-149 * 1.5)
+        ]
+    return patterns
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.sampled_from(sorted(_RAW)), st.sampled_from(["float32", "float64"]), st.data())
+def test_factors_read_without_pytorch_equal_its_conversion(tmp_path_factory, name, dtype, data):
+    """``get_float`` reads F64, F32, F16 and BF16 with NumPy alone; every value, special ones included, is the one
+    PyTorch's ``tensor.to(dtype)`` gives (NaNs compared as NaNs)."""
+    raw_dtype, width = _RAW[name]
+    bits = data.draw(st.lists(st.integers(0, (1 << width) - 1), min_size=1, max_size=24)) + _special_bits(name)
+    raw = np.array(bits, dtype=raw_dtype).tobytes()
+    head = json.dumps({"x": {"dtype": name, "shape": [len(bits)], "data_offsets": [0, len(raw)]}}).encode()
+    path = tmp_path_factory.mktemp("raw") / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + raw)
+    source = SafetensorsSource(path)
+    ours = source.get_float("x", dtype)
+    theirs = source.get("x").to(getattr(torch, dtype)).numpy()
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    assert np.array_equal(np.isnan(ours), np.isnan(theirs))
+    same = np.isnan(ours) | (ours.view(f"u{ours.itemsize}") == theirs.view(f"u{theirs.itemsize}"))
+    assert same.all(), f"differ at {np.flatnonzero(~same)[:5]}: {ours[~same][:5]} against {theirs[~same][:5]}"
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.floats(min_value=1e-6, max_value=1e6, allow_nan=False),
+    st.sampled_from(["float32", "float64"]),
+)
+def test_scaled_factor_equals_pytorchs_product(seed, scaling, dtype):
+    """A factor times its layer's scaling, in the factor's dtype, as PyTorch's ``scaling * tensor`` rounds it (the
+    scaling rounded to the dtype first, then one rounded product), on values of every magnitude."""
+    rng = np.random.default_rng(seed)
+    factor = (rng.standard_normal(256) * 10.0 ** rng.uniform(-8, 8, 256)).astype(dtype)
+    ours = scaled(factor, scaling)
+    theirs = (scaling * torch.from_numpy(factor.copy())).numpy()
+    assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+
+
+def test_grouped_lora_b_is_block_diagonal_as_torch_makes_it():
+    """PEFT's grouped convolution: lora_B split into G row blocks (``torch.chunk``) along the diagonal."""
+    b = np.arange(24, dtype=np.float64).reshape(6, 4)
+    for groups in (1, 2, 3, 6):
+        size = -(-b.shape[0] // groups)
+        ours = block_diagonal([b[i : i + size] for i in range(0, b.shape[0], size)])
+        theirs = torch.block_diag(*torch.from_numpy(b).chunk(groups, dim=0)).numpy()
+        assert np.array_equal(ours, theirs)

@@ -443,7 +443,7 @@ STREAM = """
 import resource, sys
 import torch
 from s3lora_cli.cli import app
-from s3lora_cli.spectral import mas_svd
+from s3lora_cli.engine import mas_svd
 mas_svd(torch.randn(8, 2), torch.randn(2, 8))  # what scoring the small layer loads and compiles, before the limit
 with open("/proc/self/status") as status:
     used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData:"))

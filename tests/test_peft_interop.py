@@ -40,7 +40,6 @@ from s3lora_cli.scoring import score_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # PEFT warns about grouped convs, lora_bias without bias, ...
 
-CPU = torch.device("cpu")
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -222,7 +221,7 @@ def test_reader_matches_peft(saved, name):
             assert layer.lora_alpha == module.lora_alpha[adapter_name]
             assert layer.scaling == pytest.approx(module.scaling[adapter_name], rel=1e-15)
             assert layer.dtype == str(s.dtype or torch.float32).removeprefix("torch.")
-            left, right = adapter.load_factors(layer, torch.float64, CPU)
+            left, right = (torch.from_numpy(x) for x in adapter.load_factors(layer, "float64"))
             assert left.dtype == right.dtype == torch.float64
             assert left.shape == (layer.shape[0], layer.r) and right.shape == (layer.r, layer.shape[1])
             expected = peft_delta(module, adapter_name)  # from the same stored values, computed in float64
@@ -248,7 +247,7 @@ def test_conv_delta_is_the_lora_path_of_the_forward_pass(saved):
             if not isinstance(base, nn.modules.conv._ConvNd):
                 continue
             x = torch.randn(2, base.in_channels, *([5] * (base.weight.dim() - 2)), generator=gen)
-            left, right = adapter.load_factors(layer, torch.float32, CPU)
+            left, right = (torch.from_numpy(x) for x in adapter.load_factors(layer, "float32"))
             kernel = (left @ right).reshape(base.out_channels, base.in_channels, *base.kernel_size)
             conv = {1: nn.functional.conv1d, 2: nn.functional.conv2d}[base.weight.dim() - 2]
             expected = conv(x, kernel, stride=base.stride, padding=base.padding)

@@ -14,14 +14,27 @@ from hypothesis import strategies as st
 from profiles import examples
 from reference import reference, weighted_lower_median
 
-from s3lora_cli.engine import bounds, exact, fit, kernels, residual, screening, state, tangents
+from s3lora_cli.engine import (
+    Method,
+    bounds,
+    exact,
+    fit,
+    kernels,
+    l1_fit,
+    mas_svd,
+    mas_svd_candidates,
+    residual,
+    screening,
+    ssi,
+    state,
+    tangents,
+)
 from s3lora_cli.engine.bounds import BOUND_POWERS
 from s3lora_cli.engine.residual import Residual, read_pass
 from s3lora_cli.engine.screening import lower_bounds
 from s3lora_cli.engine.tangents import envelope_bounds
 from s3lora_cli.engine.tangents import narrowed as narrowed_bracket
 from s3lora_cli.engine.tangents import tangents as tangents_of
-from s3lora_cli.spectral import Method, l1_fit, mas_svd, mas_svd_candidates, ssi
 
 B_CHECK = [[2, 1], [1, -1], [0, 3], [-1, 2], [4, 0.5]]
 A_CHECK = [[1, 0, -2, 1], [0.5, 1, 1, -1]]

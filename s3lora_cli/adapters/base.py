@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import torch
+import numpy as np
 
 from s3lora_cli.adapters.config import AdapterConfig
 from s3lora_cli.adapters.safetensors_io import TensorSource
@@ -80,10 +80,9 @@ class Adapter(Protocol):
     def sha256(self) -> str:
         """Hex sha256 of the weights file."""
 
-    def load_factors(
-        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(left [d, r], right [r, k]) with dW = left @ right, scaling included, in ``dtype`` on ``device``."""
+    def load_factors(self, layer: LoraLayer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+        """(left [d, r], right [r, k]) with dW = left @ right, scaling included, as NumPy arrays of ``dtype``
+        ("float32" or "float64")."""
 
     def close(self) -> None:
         """Release the file."""
@@ -112,15 +111,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def lowrank_factors(
-    down: torch.Tensor, up: torch.Tensor, scaling: float, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank_factors(down: np.ndarray, up: np.ndarray, scaling: float) -> tuple[np.ndarray, np.ndarray]:
     """(left [d, r], right [r, k]) with dW = left @ right = scaling * up @ down, for a LoRA stored the PEFT way
     round: ``down`` (lora_A, lora_down) [r, in] or [r, in, kh, kw], ``up`` (lora_B, lora_up) [out, r] or
-    [out, r, 1, 1]. A convolution's kernel is flattened into the columns: k = in * kh * kw."""
-    down = down.to(device=device, dtype=dtype)
-    up = up.to(device=device, dtype=dtype)
-    return scaling * up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    [out, r, 1, 1], both of the compute dtype. A convolution's kernel is flattened into the columns:
+    k = in * kh * kw. The scaling multiplies in that dtype (a float32 product rounded once, as in PyTorch)."""
+    return scaled(up.reshape(up.shape[0], -1), scaling), down.reshape(down.shape[0], -1)
+
+
+def scaled(factor: np.ndarray, scaling: float) -> np.ndarray:
+    """``scaling * factor`` in the factor's dtype (the scaling rounded to it first); past its range, inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return factor * factor.dtype.type(scaling)
 
 
 def lowrank_layer(
@@ -189,13 +191,10 @@ class FactorFile:
     def sha256(self) -> str:
         return file_sha256(self.weights_path)
 
-    def load_factors(
-        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(self, layer: LoraLayer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         """(left [d, r], right [r, k]) with dW = left @ right = scaling * up @ down."""
-        return lowrank_factors(
-            self._source.get(layer.keys["A"]), self._source.get(layer.keys["B"]), layer.scaling, dtype, device
-        )
+        get = self._source.get_float
+        return lowrank_factors(get(layer.keys["A"], dtype), get(layer.keys["B"], dtype), layer.scaling)
 
     def close(self) -> None:
         self._source.close()

@@ -37,10 +37,10 @@ _OTHER = {
 
 def alpha_value(source: TensorSource, key: str) -> float:
     """The scalar ``.alpha`` of a module (stored as a 0-d or one-element tensor)."""
-    tensor = source.get(key)
-    if tensor.numel() != 1:
-        raise AdapterInputError(f"{source.path}: {key!r} has shape {list(tensor.shape)}; alpha is one number")
-    value = float(tensor.float().item())
+    values = source.get_float(key, "float32")
+    if values.size != 1:
+        raise AdapterInputError(f"{source.path}: {key!r} has shape {list(values.shape)}; alpha is one number")
+    value = float(values.reshape(-1)[0])
     if not value == value or value in (float("inf"), float("-inf")):
         raise AdapterInputError(f"{source.path}: {key!r} is {value}; alpha must be a finite number")
     return value

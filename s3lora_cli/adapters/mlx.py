@@ -16,7 +16,7 @@ import math
 import re
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from s3lora_cli.adapters.base import (
     FactorFile,
@@ -24,6 +24,7 @@ from s3lora_cli.adapters.base import (
     LoraLayer,
     SkippedTensor,
     require_pair,
+    scaled,
     sorted_index,
     summary_config,
 )
@@ -161,13 +162,11 @@ class MlxAdapter(FactorFile):
             tuple(notes),
         )
 
-    def load_factors(
-        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(self, layer: LoraLayer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         """(left [d, r], right [r, k]): scale * lora_b^T, lora_a^T for a linear layer; scale * lora_a, lora_b for
         an embedding."""
-        a = self._source.get(layer.keys["A"]).to(device=device, dtype=dtype)
-        b = self._source.get(layer.keys["B"]).to(device=device, dtype=dtype)
+        a = self._source.get_float(layer.keys["A"], dtype)
+        b = self._source.get_float(layer.keys["B"], dtype)
         if layer.kind is LayerKind.EMBEDDING:
-            return layer.scaling * a, b
-        return layer.scaling * b.T, a.T.contiguous()
+            return scaled(a, layer.scaling), b
+        return scaled(b.T, layer.scaling), np.ascontiguousarray(a.T)

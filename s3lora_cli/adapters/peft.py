@@ -8,9 +8,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from s3lora_cli.adapters.base import FactorFile, LayerKind, LoraLayer, SkippedTensor, require_pair, sorted_index
+from s3lora_cli.adapters.base import (
+    FactorFile,
+    LayerKind,
+    LoraLayer,
+    SkippedTensor,
+    require_pair,
+    scaled,
+    sorted_index,
+)
 from s3lora_cli.adapters.config import CONFIG_NAME, AdapterConfig, read_config
 from s3lora_cli.adapters.detect import check_adapter_name, check_confined, resolve_snapshot
 from s3lora_cli.adapters.safetensors_io import PickleSource, SafetensorsSource, TensorSource
@@ -230,18 +238,28 @@ class PeftAdapter(FactorFile):
         scaling = self.config.scaling(module)
         return LoraLayer(module, kind, shape, rank, alpha, scaling, dtype, keys, tuple(notes), groups)
 
-    def load_factors(
-        self, layer: LoraLayer, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_factors(self, layer: LoraLayer, dtype: str) -> tuple[np.ndarray, np.ndarray]:
         """(left [d, r], right [r, k]) with dW = left @ right = scaling * B @ A in the spec's orientation."""
-        a = self._source.get(layer.keys["A"]).to(device=device, dtype=dtype)
-        b = self._source.get(layer.keys["B"]).to(device=device, dtype=dtype)
+        a = self._source.get_float(layer.keys["A"], dtype)
+        b = self._source.get_float(layer.keys["B"], dtype)
         if layer.kind is LayerKind.EMBEDDING:  # dW = scaling * (B @ A)^T = (scaling * A^T) @ B^T
-            return layer.scaling * a.T, b.T.contiguous()
+            return scaled(a.T, layer.scaling), np.ascontiguousarray(b.T)
         b = b.reshape(b.shape[0], -1)
         if layer.groups > 1:  # group g's outputs read only channels g * r/G .. (g+1) * r/G - 1 of lora_A's output
-            b = torch.block_diag(*b.chunk(layer.groups, dim=0))
-        return layer.scaling * b, a.reshape(a.shape[0], -1)
+            size = -(-b.shape[0] // layer.groups)  # as torch.chunk splits
+            b = block_diagonal([b[i : i + size] for i in range(0, b.shape[0], size)])
+        return scaled(b, layer.scaling), a.reshape(a.shape[0], -1)
+
+
+def block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    """The blocks along the diagonal of one matrix, zeros elsewhere (``torch.block_diag``)."""
+    rows, cols = sum(x.shape[0] for x in blocks), sum(x.shape[1] for x in blocks)
+    out = np.zeros((rows, cols), dtype=blocks[0].dtype)
+    i = j = 0
+    for x in blocks:
+        out[i : i + x.shape[0], j : j + x.shape[1]] = x
+        i, j = i + x.shape[0], j + x.shape[1]
+    return out
 
 
 # Wrappers PEFT puts between a module and its parameters; a raw model.state_dict() keeps them in the keys:

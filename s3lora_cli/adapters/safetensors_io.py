@@ -1,6 +1,8 @@
 """Tensor sources: a safetensors file, validated with bounded reads and then read lazily one tensor at a time,
 and a PyTorch pickle checkpoint loaded only with ``torch.load(weights_only=True)``. Both expose ``keys``,
-``shapes``, ``dtypes``, ``metadata``, ``path``, ``get(key)`` and ``close()``."""
+``shapes``, ``dtypes``, ``metadata``, ``path``, ``get(key)``, ``get_float(key, dtype)`` and ``close()``. A safetensors
+file of floating-point factors is read without PyTorch (``get_float``); PyTorch is imported for ``get``, for
+pickles and for the dtypes NumPy lacks."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+import numpy as np
 
 from s3lora_cli.errors import AdapterInputError, one_line
 
@@ -45,29 +47,33 @@ DTYPE_BYTES = {
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 _TORCH_DTYPES = {
-    name: getattr(torch, attr)
-    for name, attr in {
-        "BOOL": "bool",
-        "U8": "uint8",
-        "I8": "int8",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "I16": "int16",
-        "U16": "uint16",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "I32": "int32",
-        "U32": "uint32",
-        "F32": "float32",
-        "I64": "int64",
-        "U64": "uint64",
-        "F64": "float64",
-        "C64": "complex64",
-    }.items()
-    if hasattr(torch, attr)
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
+    "C64": "complex64",
 }
+"""PyTorch's name of each safetensors dtype (a PyTorch without one cannot read it)."""
+
+_NUMPY_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+"""The stored floating-point dtypes that NumPy reads as they are (little-endian, as safetensors stores them); BF16
+is read as the upper half of a float32, which it is."""
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -264,6 +270,11 @@ class TensorSource(Protocol):
         """The tensor ``key`` (a new tensor that owns its memory)."""
         ...
 
+    def get_float(self, key: str, dtype: str) -> np.ndarray:
+        """The tensor ``key``'s values in ``dtype`` ("float32" or "float64"), as a new NumPy array: each value
+        converted as PyTorch's ``tensor.to(dtype)`` converts it."""
+        ...
+
     def close(self) -> None:
         """Release the file."""
         ...
@@ -286,27 +297,16 @@ class SafetensorsSource:
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key``, read from the file now (a new tensor that owns its memory)."""
-        header = self._header
-        entry = header.tensors.get(key) if header is not None else None
-        if header is None or entry is None:
-            raise AdapterInputError(f"{self.path}: no tensor {short_repr(key)} open for reading")
-        dtype = _TORCH_DTYPES.get(entry.dtype)
+        import torch
+
+        entry = self._entry(key)
+        dtype = getattr(torch, _TORCH_DTYPES[entry.dtype], None)
         if dtype is None:
             raise AdapterInputError(
                 f"{self.path}: tensor {short_repr(key)} has dtype {entry.dtype}, which this "
                 f"version of PyTorch cannot read"
             )
-        buffer = bytearray(entry.end - entry.begin)
-        try:
-            with open_regular(self.path) as fh:
-                if os.fstat(fh.fileno()).st_size != self._size:
-                    raise AdapterInputError(f"{self.path}: the file changed while it was read")
-                fh.seek(header.data_start + entry.begin)
-                got = fh.readinto(buffer)
-        except OSError as exc:
-            raise AdapterInputError(f"{self.path}: tensor {short_repr(key)} cannot be read ({one_line(exc)})") from None
-        if got != len(buffer):
-            raise AdapterInputError(f"{self.path}: the file changed while it was read")
+        buffer = self._read(key, entry)
         if not buffer:
             return torch.empty(entry.shape, dtype=dtype)
         if dtype is torch.bool:  # any non-zero byte is true, as numpy reads it
@@ -314,12 +314,59 @@ class SafetensorsSource:
         tensor = torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
         return tensor if sys.byteorder == "little" else _from_little_endian(tensor)
 
+    def get_float(self, key: str, dtype: str) -> np.ndarray:
+        """The tensor ``key``'s values in ``dtype``, read from the file now: F64, F32, F16 and BF16 by NumPy alone
+        (every one of them converts exactly, or to the nearest float32, as PyTorch converts it), any other dtype
+        through ``get``."""
+        entry = self._entry(key)
+        if entry.dtype == "BF16":
+            halves = np.frombuffer(self._read(key, entry), dtype="<u2")
+            stored = (halves.astype(np.uint32) << 16).view(np.float32)
+        elif entry.dtype in _NUMPY_FLOATS:
+            stored = np.frombuffer(self._read(key, entry), dtype=_NUMPY_FLOATS[entry.dtype])
+        else:
+            return tensor_to_float(self.get(key), dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf; NaN stays NaN; as in PyTorch
+            return stored.astype(dtype).reshape(entry.shape)
+
+    def _entry(self, key: str) -> TensorEntry:
+        header = self._header
+        entry = header.tensors.get(key) if header is not None else None
+        if entry is None:
+            raise AdapterInputError(f"{self.path}: no tensor {short_repr(key)} open for reading")
+        return entry
+
+    def _read(self, key: str, entry: TensorEntry) -> bytearray:
+        """The bytes of tensor ``key`` (described by ``entry``), read with a bounded read."""
+        assert self._header is not None  # ``_entry`` found it open
+        buffer = bytearray(entry.end - entry.begin)
+        try:
+            with open_regular(self.path) as fh:
+                if os.fstat(fh.fileno()).st_size != self._size:
+                    raise AdapterInputError(f"{self.path}: the file changed while it was read")
+                fh.seek(self._header.data_start + entry.begin)
+                got = fh.readinto(buffer)
+        except OSError as exc:
+            raise AdapterInputError(f"{self.path}: tensor {short_repr(key)} cannot be read ({one_line(exc)})") from None
+        if got != len(buffer):
+            raise AdapterInputError(f"{self.path}: the file changed while it was read")
+        return buffer
+
     def close(self) -> None:
         self._header = None
 
 
+def tensor_to_float(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor's values in ``dtype`` ("float32" or "float64") as a new NumPy array, converted by PyTorch."""
+    import torch
+
+    return tensor.to(dtype=getattr(torch, dtype)).contiguous().numpy().copy()
+
+
 def _from_little_endian(tensor: torch.Tensor) -> torch.Tensor:
     """safetensors stores little-endian; on a big-endian machine reverse each element's bytes."""
+    import torch
+
     width = tensor.element_size()
     if width == 1:
         return tensor
@@ -331,6 +378,8 @@ class PickleSource:
     """adapter_model.bin, loaded only with ``torch.load(weights_only=True)``: plain tensors, no code."""
 
     def __init__(self, path: Path) -> None:
+        import torch
+
         try:
             open_regular(path).close()
         except OSError as exc:
@@ -366,6 +415,9 @@ class PickleSource:
         if key not in self._state:
             raise AdapterInputError(f"{self.path}: no tensor {short_repr(key)} open for reading")
         return self._state[key]
+
+    def get_float(self, key: str, dtype: str) -> np.ndarray:
+        return tensor_to_float(self.get(key), dtype)
 
     def close(self) -> None:
         self._state = {}

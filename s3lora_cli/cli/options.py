@@ -99,7 +99,13 @@ Exhaustive = Annotated[
         "--exhaustive", help="Evaluate every candidate pair exactly, without screening (same result, slower)."
     ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N. --method svd computes on the CPU.",
+    ),
+]
 Dtype = Annotated[str, typer.Option("--dtype", help="Compute dtype of the L1 fit: float32 or float64.")]
 InputFormatOption = Annotated[
     InputFormat, typer.Option("--input-format", help="Adapter format: auto (detect), peft, kohya, diffusers or mlx.")

@@ -48,8 +48,9 @@ the chunking or whether the kernels are compiled.
 
 The modules, in the order of the spec:
 
-- ``spectra``: the public entry (``mas_svd``), SSI, the candidates (steps 1-3), the fit's spectrum and magnitude
-  (steps 5-6);
+- ``spectra``: the public entry (``mas_svd``), the candidates (steps 1-3), the fit's spectrum and magnitude
+  (steps 5-6); the spec's constants, SSI and the ``svd`` ablation are in ``s3lora_cli.spectral`` (NumPy: ``svd``
+  needs no PyTorch);
 - ``fit``: the greedy fit (step 4): its steps, the pick, near ties decided in float64;
 - ``whole``: the steps of a small layer, each one compiled call over its whole residual that bounds every pair
   and fits exactly those the bounds leave;
@@ -61,13 +62,14 @@ The modules, in the order of the spec:
 - ``kernels``: the compiled CPU kernels (numba), with the tensor implementation as their fallback.
 """
 
-from s3lora_cli.engine.fit import Pick, l1_fit
+from s3lora_cli.engine.fit import l1_fit
 from s3lora_cli.engine.spectra import (
     DEFAULT_COMPONENTS,
     EPS_NORM,
     EPS_SSI,
     RANK_RTOL,
     Method,
+    Pick,
     Spectrum,
     col_norms,
     fit_spectrum,

@@ -11,7 +11,6 @@ ties are decided in float64 (``best``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,23 +20,13 @@ from s3lora_cli.engine import exact, kernels, screening
 from s3lora_cli.engine.residual import Residual, row_chunks
 from s3lora_cli.engine.state import FitState
 from s3lora_cli.engine.whole import WholeFit
+from s3lora_cli.spectral import Pick
 
 SCREEN_MIN_ENTRIES = 1 << 14
 """Below this many entries every pair is evaluated in one pass: screening would cost more than it saves."""
 
 WHOLE_MAX_ENTRIES = 1 << 18
 """Small layers: up to this many entries, each step forms the whole residual and is one compiled call (``whole``)."""
-
-
-@dataclass(frozen=True)
-class Pick:
-    """One greedy step of the L1 fit: candidate pair (a, b), 1-based as in the spec, and its scalar delta."""
-
-    a: int
-    b: int
-    delta: float
-    objective: float
-    """sum over all i, j of |R[i,j] - delta u_i v_j| at the time of the pick."""
 
 
 def l1_fit(

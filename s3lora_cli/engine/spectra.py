@@ -2,61 +2,50 @@
 
 Everything here works on the low-rank factors of the update, dW = left @ right with left: [d, q] and right:
 [q, k] (q is small): the norms and the three SVDs take QR factorisations of the factors and q x q SVDs, in
-float64, and never form a d x k matrix. Step 4, the greedy L1 fit, is ``fit.l1_fit``. Equation numbers refer
-to the paper; step numbers to ``shared/spec/MAS-SVD.md``.
+float64, and never form a d x k matrix. Step 4, the greedy L1 fit, is ``fit.l1_fit``. The spec's constants,
+SSI and the ``svd`` ablation are in ``s3lora_cli.spectral``, in NumPy, so that ``svd`` needs no PyTorch; the
+fit's factorisations stay in PyTorch, so that a process that fits uses one LAPACK (and its buffers). Equation
+numbers refer to the paper; step numbers to ``shared/spec/MAS-SVD.md``.
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
-from s3lora_cli.engine.fit import Pick, l1_fit
+from s3lora_cli.engine.fit import l1_fit
 from s3lora_cli.engine.rounding import Rounding
+from s3lora_cli.spectral import (
+    DEFAULT_COMPONENTS,
+    EPS_NORM,
+    EPS_SSI,
+    RANK_RTOL,
+    Method,
+    Pick,
+    Spectrum,
+    ssi,
+    svd_ablation,
+    svd_spectrum,
+)
 
-EPS_NORM = 1e-8
-"""eps_n: added to every row and column norm before dividing (paper Eq. 1-2)."""
-
-EPS_SSI = 1e-6
-"""eps_s: added to the denominator of SSI (paper Eq. 4)."""
-
-DEFAULT_COMPONENTS = 8
-"""M defaults to min(8, r) for a layer of rank r; h defaults to M."""
-
-RANK_RTOL = 1e-10
-"""A singular value below RANK_RTOL times the largest (of the float64 small-factor SVD) counts as zero:
-well above the rounding noise of a rank-deficient product of factors, far below any real direction."""
-
-
-class Method(str, enum.Enum):
-    """Which singular values feed SSI (paper Table 5)."""
-
-    MAS_SVD = "mas-svd"
-    SPSVD = "spsvd"
-    SVD = "svd"
-
-
-@dataclass(frozen=True)
-class Spectrum:
-    """The spectral analysis of one LoRA update.
-
-    sigma: the singular values S' that enter SSI, largest first ([h] at most).
-    ssi: S'_1 / (S'_1 + ... + S'_h + eps_s) (paper Eq. 4).
-    picks: the greedy L1 picks (empty for ``svd``).
-    candidates: (number of left candidates, number of right candidates) actually used; fewer than M when
-        dW has rank below M (directions with zero singular value are not unique and are left out).
-    pairs_exact: how many (pair, step) objectives were evaluated over every entry; the others were ruled
-        out by a certified lower bound.
-    """
-
-    sigma: tuple[float, ...]
-    ssi: float
-    picks: tuple[Pick, ...]
-    candidates: tuple[int, int]
-    pairs_exact: int
-    pairs_total: int
+__all__ = [  # the spec's names, defined in ``spectral`` (no PyTorch), and this module's own
+    "DEFAULT_COMPONENTS",
+    "EPS_NORM",
+    "EPS_SSI",
+    "RANK_RTOL",
+    "Method",
+    "Pick",
+    "Spectrum",
+    "col_norms",
+    "fit_spectrum",
+    "lowrank_svd",
+    "magnitude",
+    "mas_svd",
+    "mas_svd_candidates",
+    "row_norms",
+    "ssi",
+    "svd_spectrum",
+]
 
 
 def mas_svd(
@@ -78,27 +67,13 @@ def mas_svd(
     h = top_h if top_h is not None else m
     left64, right64 = left.to(torch.float64), right.to(torch.float64)
     if method is Method.SVD:
-        sigma = svd_spectrum(left64, right64)
-        return Spectrum(_as_tuple(sigma[:h]), ssi(sigma, h), (), (0, 0), 0, 0)
+        return svd_ablation(left64.cpu().numpy(), right64.cpu().numpy(), h)
     us, vs = mas_svd_candidates(left64, right64, m)
     picks, exact, total = l1_fit(left, right, us.to(left.dtype), vs.to(left.dtype), m, exhaustive=exhaustive)
     sigma = fit_spectrum(us, vs, picks)
     if method is Method.MAS_SVD:
         sigma = sigma * magnitude(left64, right64)
     return Spectrum(_as_tuple(sigma[:h]), ssi(sigma, h), tuple(picks), (us.shape[1], vs.shape[1]), exact, total)
-
-
-def ssi(sigma: torch.Tensor, top_h: int) -> float:
-    """SSI = sigma_1 / (sigma_1 + ... + sigma_h + eps_s) (paper Eq. 4); sigma sorted descending."""
-    s = sigma.to(torch.float64)[:top_h]
-    if s.numel() == 0:
-        return 0.0
-    return float(s[0] / (s.sum() + EPS_SSI))
-
-
-def svd_spectrum(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Singular values of dW = left @ right, largest first (the ``svd`` ablation)."""
-    return lowrank_svd(left, right)[1]
 
 
 def mas_svd_candidates(left: torch.Tensor, right: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,14 +94,16 @@ def mas_svd_candidates(left: torch.Tensor, right: torch.Tensor, components: int)
     return u_h[:, :n_u], v_t[:, :n_v]
 
 
-def fit_spectrum(us: torch.Tensor, vs: torch.Tensor, picks: list[Pick]) -> torch.Tensor:
-    """Step 5: singular values of F = sum_m delta_m u_{a_m} v_{b_m}^T, largest first, via its factors."""
+def fit_spectrum(us: torch.Tensor, vs: torch.Tensor, picks: list[Pick]) -> np.ndarray:
+    """Step 5: singular values of F = sum_m delta_m u_{a_m} v_{b_m}^T, largest first, via its factors (in
+    PyTorch's LAPACK, as the candidates: a process that fits loads no second one)."""
     if not picks:
-        return torch.zeros(0, dtype=torch.float64)
+        return np.zeros(0)
     idx_a = torch.tensor([pk.a - 1 for pk in picks], device=us.device)
     idx_b = torch.tensor([pk.b - 1 for pk in picks], device=vs.device)
     deltas = torch.tensor([pk.delta for pk in picks], dtype=us.dtype, device=us.device)
-    return svd_spectrum(us[:, idx_a] * deltas[None, :], vs[:, idx_b].T).to(torch.float64).cpu()
+    sigma = lowrank_svd(us[:, idx_a] * deltas[None, :], vs[:, idx_b].T)[1]
+    return sigma.to(torch.float64).cpu().numpy()
 
 
 def magnitude(left: torch.Tensor, right: torch.Tensor) -> float:
@@ -177,5 +154,5 @@ def _numerical_rank(s: torch.Tensor) -> int:
     return int((s > float(s[0]) * RANK_RTOL).sum())
 
 
-def _as_tuple(t: torch.Tensor) -> tuple[float, ...]:
-    return tuple(float(x) for x in t.to(torch.float64).cpu())
+def _as_tuple(sigma: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(x) for x in sigma)

@@ -8,14 +8,17 @@ from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from s3lora_cli.adapters import open_adapter
 from s3lora_cli.errors import UsageError
-from s3lora_cli.similarity import UpdateSet, pairwise_similarity
 from s3lora_cli.store.discovery import relative
 from s3lora_cli.store.results import Neighbour, ScanResult
+
+if TYPE_CHECKING:
+    from s3lora_cli.similarity import UpdateSet
 
 DEFAULT_NEIGHBOURS = 3
 DEFAULT_DUPLICATE_THRESHOLD = 0.95
@@ -29,12 +32,16 @@ Candidate = tuple[float, str, int]
 
 def load_updates(path: str | Path) -> UpdateSet:
     """The adapter's updates as float64 factors, scaling included; layers with NaN or Inf values left out."""
+    import torch
+
+    from s3lora_cli.similarity import UpdateSet
+
     modules = {}
     with closing(open_adapter(path)) as adapter:
         for layer in adapter.layers:
-            left, right = adapter.load_factors(layer, torch.float64, torch.device("cpu"))
-            if bool(torch.isfinite(left).all()) and bool(torch.isfinite(right).all()):
-                modules[layer.module] = (left, right)
+            left, right = adapter.load_factors(layer, "float64")
+            if np.isfinite(left).all() and np.isfinite(right).all():
+                modules[layer.module] = (torch.from_numpy(left), torch.from_numpy(right))
     return UpdateSet(modules)
 
 
@@ -72,6 +79,8 @@ def nearest_neighbours(
         raise UsageError(f"--neighbours must be at least 0, got {k}")
     if not queries or not keys:
         return {q: () for q in queries}
+    from s3lora_cli import similarity  # PyTorch, loaded when there is something to compare
+
     block = block_size(list({*queries, *keys}), budget_bytes)
     resolved = {p: str(Path(p).resolve()) for p in {*queries, *keys}}
     found: dict[Path, list[Candidate]] = {q: [] for q in queries}
@@ -81,7 +90,7 @@ def nearest_neighbours(
         for j in range(0, len(keys), block):
             k_paths = list(keys[j : j + block])
             k_sets = [mine[p] if p in mine else load_updates(p) for p in k_paths]
-            sim = pairwise_similarity([mine[p] for p in q_paths], k_sets)
+            sim = similarity.pairwise_similarity([mine[p] for p in q_paths], k_sets)
             cosine, shared = sim.cosine.tolist(), sim.shared.tolist()
             k_rel = [relative(Path(p), root) for p in k_paths]
             for a, q in enumerate(q_paths):

@@ -10,7 +10,7 @@ from typing import Any
 
 from s3lora_cli.errors import S3LoraError, UsageError, one_line
 from s3lora_cli.gate import Rule, evaluate, resolve_optional_policy
-from s3lora_cli.scoring import ScoreReport, resolve_device, score_adapter
+from s3lora_cli.scoring import ScoreReport, score_adapter, scoring_device
 from s3lora_cli.store.cache import check_cache_dir, score_cached
 from s3lora_cli.store.discovery import discover, relative
 from s3lora_cli.store.executors import run_here, run_in_processes, run_on_ray
@@ -82,7 +82,7 @@ def iter_scan(
     initialised in this process is used as it is)."""
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    resolve_device(settings.options.device)  # a bad device is one error, not one per adapter
+    scoring_device(settings.options)  # a bad device is one error, not one per adapter
     items = [str(p) for p in paths]
     args = (str(root), settings, None if cache_dir is None else str(cache_dir))
     if ray_address is not None:
