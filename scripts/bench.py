@@ -30,7 +30,9 @@ else) and score / floor; with --concurrent N, N processes at once against one al
 run on a sample of layers:
 - default (screened) against --exhaustive, with the picks compared;
 - default against the dense float64 reference of the tests, on layers it can finish;
-- --method svd against --method mas-svd (whole adapter).
+- --method svd against --method mas-svd (whole adapter);
+- start-up, once: `score --demo` (PyTorch, numba and the kernels loaded; 16 small layers) and the same with
+  `--method svd` (NumPy only), the fastest of 3 runs each; a case's fit per layer is its time less the first.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from s3lora_cli import cores
 
 cores.prepare_process()  # as the s3lora command does: the floor is measured under the same thread rules
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,17 +172,33 @@ def write_adapter(path: Path, case: str, blocks: int | None = None) -> Path:
     return path
 
 
+SCORE_WITH_PEAK = """
+import atexit, sys
+
+def peak() -> None:  # VmHWM: this process's own peak (ru_maxrss keeps the bench's, inherited at fork)
+    with open("/proc/self/status") as fh:
+        kib = next(line.split()[1] for line in fh if line.startswith("VmHWM:"))
+    sys.stderr.write(f"\\npeak-rss-kib {kib}\\n")
+
+atexit.register(peak)
+sys.argv[0] = "s3lora"
+from s3lora_cli.cli import run
+run()
+"""
+"""``s3lora`` that writes its own peak resident memory to stderr on exit (Linux)."""
+
+
 def run_score(adapter: Path, *extra: str) -> tuple[float, float, dict]:
     """Wall seconds, peak RSS (MiB) and the JSON report of one `s3lora score` process."""
-    cmd = [sys.executable, "-m", "s3lora_cli", "score", str(adapter), "--format", "json", "--quiet", *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    args = ["score", str(adapter), "--format", "json", "--quiet", *extra]
+    cmd = [sys.executable, "-c", SCORE_WITH_PEAK, *args]
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=THREAD_ENV)
     wall = time.perf_counter() - start
     if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024, json.loads(out.stdout)
+        raise SystemExit(f"s3lora {' '.join(args)} failed:\n{out.stderr}")
+    peak = int(out.stderr.rsplit("peak-rss-kib ", 1)[1].split()[0])
+    return wall, peak / 1024, json.loads(out.stdout)
 
 
 def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
@@ -190,37 +208,35 @@ def sample_ratios(adapter: Path, layers: int, crop: int, device: str) -> dict:
     from s3lora_cli import open_adapter
     from s3lora_cli.scoring import ScoreOptions, resolve_device, score_layer
 
-    dev = resolve_device(device)
+    dev = str(resolve_device(device))
     timings = {"default": 0.0, "exhaustive": 0.0, "reference": 0.0, "default_on_reference_layers": 0.0}
     same_picks, compared, ref_layers, ssi_err, same_picks_ref = 0, 0, 0, 0.0, 0
     with open_adapter(adapter) as opened:
         n = len(opened.layers)  # spread over the adapter, first and last included
         chosen = [opened.layers[round(i * (n - 1) / max(layers - 1, 1))] for i in range(min(layers, n))]
         # untimed: the first fit of a process loads (or compiles) the kernels, which would be charged to one mode
-        left, right = opened.load_factors(chosen[0], torch.float32, dev)
+        left, right = opened.load_factors(chosen[0], "float32")
         for exhaustive in (False, True):
-            score_layer(
-                left[:crop].contiguous(), right[:, :crop].contiguous(), chosen[0], ScoreOptions(exhaustive=exhaustive)
-            )
+            score_layer(left[:crop], right[:, :crop], chosen[0], ScoreOptions(exhaustive=exhaustive), dev)
         for layer in chosen:
-            left, right = opened.load_factors(layer, torch.float32, dev)
+            left, right = opened.load_factors(layer, "float32")
             start = time.perf_counter()
-            fast = score_layer(left, right, layer, ScoreOptions())
+            fast = score_layer(left, right, layer, ScoreOptions(), dev)
             t_fast = time.perf_counter() - start
             timings["default"] += t_fast
             start = time.perf_counter()
-            full = score_layer(left, right, layer, ScoreOptions(exhaustive=True))
+            full = score_layer(left, right, layer, ScoreOptions(exhaustive=True), dev)
             timings["exhaustive"] += time.perf_counter() - start
             compared += 1
             same_picks += [(p.a, p.b) for p in fast.picks] == [(p.a, p.b) for p in full.picks]
             # The dense reference cannot finish a 4096 x 4096 layer: it runs on the layer's top-left block
             # (rows and columns cropped to at most `crop`), and so does the default path it is compared with.
             rows, cols = min(layer.shape[0], crop), min(layer.shape[1], crop)
-            sub_left, sub_right = left[:rows].contiguous(), right[:, :cols].contiguous()
+            sub_left, sub_right = left[:rows], right[:, :cols]
             start = time.perf_counter()
-            sub = score_layer(sub_left, sub_right, layer, ScoreOptions())
+            sub = score_layer(sub_left, sub_right, layer, ScoreOptions(), dev)
             timings["default_on_reference_layers"] += time.perf_counter() - start
-            dw = (sub_left.double() @ sub_right.double()).cpu().numpy()
+            dw = sub_left.astype(np.float64) @ sub_right.astype(np.float64)
             start = time.perf_counter()
             ref = reference(dw, rank=layer.r)
             timings["reference"] += time.perf_counter() - start
@@ -372,6 +388,14 @@ def main() -> None:
     if args.layer_times:
         layer_times(args.layer_times, args.ranks, args.repeats)
         return
+    demo = ROOT / "s3lora_cli" / "demo"
+    # start-up of a process that fits: PyTorch, numba and the kernels loaded, 16 layers of at most 64 x 64 scored
+    startup = min(run_score(demo, "--device", args.device)[0] for _ in range(3))
+    svd_startup = min(run_score(demo, "--method", "svd")[0] for _ in range(3))
+    print(
+        f"start-up: score --demo {startup:.2f} s, score --demo --method svd {svd_startup:.2f} s "
+        "(fastest of 3 each; svd loads neither PyTorch nor the kernels)"
+    )
     with tempfile.TemporaryDirectory(prefix="s3lora-bench-") as tmp:
         for case in args.cases:
             if case == "store":  # s3lora scan on a generated store: see scripts/bench_store.py
@@ -389,7 +413,7 @@ def main() -> None:
                 )
                 continue
             if case == "demo":
-                adapter = ROOT / "s3lora_cli" / "demo"
+                adapter = demo
             else:
                 start = time.perf_counter()
                 adapter = write_adapter(Path(tmp) / case, case, args.blocks)
@@ -429,12 +453,12 @@ def main() -> None:
             wall_svd, rss_svd, _ = run_score(adapter, "--device", args.device, "--method", "svd")
             print(
                 f"[{case}] svd:     {wall_svd:.1f} s wall, peak RSS {rss_svd:.0f} MiB; "
-                f"mas-svd / svd = {wall / wall_svd:.1f}x; the fit alone (mas-svd minus svd) "
-                f"{(wall - wall_svd) / n * 1000:.1f} ms/layer"
+                f"mas-svd / svd = {wall / wall_svd:.1f}x; the fit alone (mas-svd minus the start-up) "
+                f"{(wall - startup) / n * 1000:.1f} ms/layer"
             )
             if args.blocks and case in CASES and args.blocks < CASES[case][0]:
-                # the svd run is start-up plus small-factor work: the rest scales with the number of blocks
-                full = wall_svd + (wall - wall_svd) * CASES[case][0] / args.blocks
+                # start-up is paid once: the rest scales with the number of blocks
+                full = startup + (wall - startup) * CASES[case][0] / args.blocks
                 print(f"[{case}] extrapolated to all {CASES[case][0]} blocks: {full:.0f} s ({full / 60:.1f} min)")
             if not args.skip_ratios:
                 r = sample_ratios(adapter, args.sample_layers, args.crop, args.device)
