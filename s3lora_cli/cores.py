@@ -19,6 +19,7 @@ Nothing here imports PyTorch or numba before they are needed.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +100,8 @@ def init_worker(threads: int) -> None:
     prepare_process()
     for name in THREAD_VARIABLES:  # the most any later budget in this process takes (``share``)
         os.environ[name] = str(threads)
-    set_threads(threads)
+    if "torch" in sys.modules or "numba" in sys.modules:  # a process that ran tasks before (Ray's workers)
+        set_threads(threads)
 
 
 class Budget:

@@ -68,9 +68,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
 def scoring_device(options: ScoreOptions) -> str:
     """Where the layers are scored: the device ``options.device`` resolves to; always the CPU for the ``svd``
     ablation, whose work (a QR of each factor and a q x q SVD) is too small for a GPU, and which needs no
-    PyTorch."""
-    if options.method is Method.SVD:
-        check_device(options.device)
+    PyTorch. Only ``auto`` and ``cuda`` load PyTorch here (a scan whose scores are all cached needs no more)."""
+    spec = check_device(options.device)
+    if options.method is Method.SVD or spec == "cpu":  # no PyTorch needed to say so
         return "cpu"
     return str(resolve_device(options.device))
 

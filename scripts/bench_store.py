@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +66,18 @@ def write_store(root: Path, n: int, blocks: int, hidden: int, r: int, mixed: boo
         (path / "adapter_config.json").write_text(json.dumps(config))
 
 
+def timed_cli(label: str, n: int, store: Path, method: str, *extra: str) -> tuple[str, float, float]:
+    """``s3lora scan`` as a user runs it: a new process, start-up (and its workers' start-up) included."""
+    cmd = [sys.executable, "-m", "s3lora_cli", "scan", str(store), "--method", method, "--device", "cpu"]
+    start = time.perf_counter()
+    out = subprocess.run([*cmd, "--max-ssi", "0.9", "--format", "json", "--quiet", *extra], capture_output=True)
+    seconds = time.perf_counter() - start
+    rows = json.loads(out.stdout)["adapters"]
+    assert out.returncode in (0, 1) and len(rows) == n and all(r["verdict"] != "error" for r in rows), label
+    print(f"{label:<28} {seconds:8.2f} s  {n / seconds:8.1f} adapters/s", flush=True)
+    return label, seconds, n / seconds
+
+
 def timed(label: str, n: int, run) -> tuple[str, float, float]:
     start = time.perf_counter()
     result = run()
@@ -102,8 +115,9 @@ def main() -> None:
         )
         settings = ScanSettings(ScoreOptions(method=Method(args.method), device="cpu"), GatePolicy(max_ssi=0.9))
         cache = tmp / "cache"
-        timed("1 worker, no cache", args.n, lambda: scan_store(store, settings))
-        timed("2 workers, no cache", args.n, lambda: scan_store(store, settings, workers=2))
+        # new processes, as users run them: in-process, a spawned worker would import this script (and PyTorch)
+        timed_cli("1 worker, no cache", args.n, store, args.method, "--no-cache", "--workers", "1")
+        timed_cli("2 workers, no cache", args.n, store, args.method, "--no-cache", "--workers", "2")
         if not args.no_ray:
             try:
                 import ray
@@ -115,8 +129,8 @@ def main() -> None:
                     timed("ray (2 CPUs), no cache", args.n, lambda: scan_store(store, settings, ray_address="auto"))
                 finally:
                     ray.shutdown()
-        timed("1 worker, filling the cache", args.n, lambda: scan_store(store, settings, cache))
-        timed("1 worker, cached re-scan", args.n, lambda: scan_store(store, settings, cache))
+        timed_cli("1 worker, filling the cache", args.n, store, args.method, "--cache-dir", str(cache))
+        timed_cli("1 worker, cached re-scan", args.n, store, args.method, "--cache-dir", str(cache))
         if args.similar:
             scanned = scan_store(store, settings, cache)
             start = time.perf_counter()

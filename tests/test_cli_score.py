@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -366,3 +367,18 @@ def test_svd_scores_without_loading_pytorch(tmp_path):
 def test_svd_refuses_a_misspelt_device():
     result = run("score", "--demo", "--method", "svd", "--device", "gpu")
     assert result.exit_code == EXIT_USAGE and "--device 'gpu': expected auto, cpu, cuda or cuda:N" in result.output
+
+
+def test_scan_workers_load_no_pytorch_for_svd(tmp_path):
+    """``scan --workers 2 --method svd``: neither the command nor its worker processes import PyTorch (each
+    process started with ``-X importtime`` reports every import on stderr)."""
+    for i in range(3):
+        write_adapter(tmp_path / "store" / f"a{i}")
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    cmd = [sys.executable, "-m", "s3lora_cli", "scan", str(tmp_path / "store"), "--workers", "2", "--no-cache"]
+    out = subprocess.run([*cmd, "--method", "svd", "-q", "-f", "json"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(json.loads(out.stdout)["adapters"]) == 3
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "s3lora_cli.store.scan" in imported and "numpy" in imported  # the workers' imports are seen
+    assert "torch" not in imported and "numba" not in imported
