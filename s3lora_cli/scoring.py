@@ -72,7 +72,7 @@ def scoring_device(options: ScoreOptions) -> str:
     spec = check_device(options.device)
     if options.method is Method.SVD or spec == "cpu":  # no PyTorch needed to say so
         return "cpu"
-    return str(resolve_device(options.device))
+    return str(resolve_device(spec))
 
 
 @dataclass(frozen=True)

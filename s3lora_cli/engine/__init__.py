@@ -64,13 +64,6 @@ The modules, in the order of the spec:
 
 from s3lora_cli.engine.fit import l1_fit
 from s3lora_cli.engine.spectra import (
-    DEFAULT_COMPONENTS,
-    EPS_NORM,
-    EPS_SSI,
-    RANK_RTOL,
-    Method,
-    Pick,
-    Spectrum,
     col_norms,
     fit_spectrum,
     lowrank_svd,
@@ -78,6 +71,15 @@ from s3lora_cli.engine.spectra import (
     mas_svd,
     mas_svd_candidates,
     row_norms,
+)
+from s3lora_cli.spectral import (
+    DEFAULT_COMPONENTS,
+    EPS_NORM,
+    EPS_SSI,
+    RANK_RTOL,
+    Method,
+    Pick,
+    Spectrum,
     ssi,
     svd_spectrum,
 )

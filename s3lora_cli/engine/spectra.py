@@ -15,37 +15,7 @@ import torch
 
 from s3lora_cli.engine.fit import l1_fit
 from s3lora_cli.engine.rounding import Rounding
-from s3lora_cli.spectral import (
-    DEFAULT_COMPONENTS,
-    EPS_NORM,
-    EPS_SSI,
-    RANK_RTOL,
-    Method,
-    Pick,
-    Spectrum,
-    ssi,
-    svd_ablation,
-    svd_spectrum,
-)
-
-__all__ = [  # the spec's names, defined in ``spectral`` (no PyTorch), and this module's own
-    "DEFAULT_COMPONENTS",
-    "EPS_NORM",
-    "EPS_SSI",
-    "RANK_RTOL",
-    "Method",
-    "Pick",
-    "Spectrum",
-    "col_norms",
-    "fit_spectrum",
-    "lowrank_svd",
-    "magnitude",
-    "mas_svd",
-    "mas_svd_candidates",
-    "row_norms",
-    "ssi",
-    "svd_spectrum",
-]
+from s3lora_cli.spectral import DEFAULT_COMPONENTS, EPS_NORM, RANK_RTOL, Method, Pick, Spectrum, ssi, svd_ablation
 
 
 def mas_svd(
